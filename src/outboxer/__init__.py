@@ -1,0 +1,64 @@
+"""outboxer: the transactional outbox for Python services."""
+
+from outboxer.backoff import RetryPolicy
+from outboxer.config import OutboxSettings, load_settings
+from outboxer.envelope import Envelope
+from outboxer.errors import (
+    ConfigurationError,
+    EnvelopeDecodeError,
+    EventNotRegisteredError,
+    EventServiceConflictError,
+    HandlerError,
+    InvalidEventError,
+    InvalidIdentifierError,
+    MessageNotFoundError,
+    OutboxError,
+    PayloadError,
+    PayloadNotSerializableError,
+    PayloadTooLargeError,
+    RouteConflictError,
+    RoutingError,
+    ServiceMismatchError,
+    StoreError,
+    TransactionRequiredError,
+    TransportError,
+)
+from outboxer.models import OutboxMessage, Status
+from outboxer.outbox import Outbox
+from outboxer.routing import RouteRegistry, ServiceRoute, default_route
+from outboxer.store import Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigurationError",
+    "Envelope",
+    "EnvelopeDecodeError",
+    "EventNotRegisteredError",
+    "EventServiceConflictError",
+    "HandlerError",
+    "InvalidEventError",
+    "InvalidIdentifierError",
+    "MessageNotFoundError",
+    "Outbox",
+    "OutboxError",
+    "OutboxMessage",
+    "OutboxSettings",
+    "PayloadError",
+    "PayloadNotSerializableError",
+    "PayloadTooLargeError",
+    "RetryPolicy",
+    "RouteConflictError",
+    "RouteRegistry",
+    "RoutingError",
+    "ServiceMismatchError",
+    "ServiceRoute",
+    "Status",
+    "Store",
+    "StoreError",
+    "TransactionRequiredError",
+    "TransportError",
+    "__version__",
+    "default_route",
+    "load_settings",
+]

@@ -1,0 +1,156 @@
+"""Configuration: the one place environment variables and ``outboxer.toml`` are read.
+
+Precedence, highest first: arguments given in code (``Outbox(...)`` keywords,
+``register_service(table=...)``), ``OUTBOXER_*`` environment variables, the TOML
+file, defaults. Nested keys use ``__`` in the environment::
+
+    OUTBOXER_URL=postgresql://app@db/app
+    OUTBOXER_TOPIC_PREFIX=shop
+    OUTBOXER_SERVICES__TASK__TOPIC=shop.tasks.v2   # service "task" (or "Task")
+    OUTBOXER_SERVICES__MY_SVC__TABLE=my_outbox     # service "my-svc": '-' is '_'
+
+and sections in the TOML file (``./outboxer.toml``, or the path in
+``OUTBOXER_CONFIG``)::
+
+    url = "postgresql://app@db/app"
+    topic_prefix = "shop"
+    [services.task]
+    topic = "shop.tasks.v2"
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from outboxer.envelope import DEFAULT_MAX_PAYLOAD_BYTES
+from outboxer.errors import ConfigurationError
+from outboxer.routing import ServiceOverride, validate_table_name, validate_topic_name
+
+CONFIG_ENV = "OUTBOXER_CONFIG"
+DEFAULT_CONFIG_FILE = "outboxer.toml"
+DEFAULT_URL = "sqlite:///outboxer.db"
+
+_config_file: ContextVar[Path | None] = ContextVar("outboxer_config_file", default=None)
+_isolated: ContextVar[bool] = ContextVar("outboxer_settings_isolated", default=False)
+
+
+class ServiceSettings(BaseModel):
+    """Per-service route overrides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    table: str | None = None
+    topic: str | None = None
+    group: str | None = None
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: str | None) -> str | None:
+        return None if v is None else validate_table_name(v)
+
+    @field_validator("topic", "group")
+    @classmethod
+    def _topic(cls, v: str | None) -> str | None:
+        return None if v is None else validate_topic_name(v)
+
+    def as_override(self) -> ServiceOverride:
+        return ServiceOverride(table=self.table, topic=self.topic, group=self.group)
+
+
+class OutboxSettings(BaseSettings):
+    """Everything that can be configured outside the code."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="OUTBOXER_",
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+    )
+
+    url: str = DEFAULT_URL
+    transport: str = "local"
+    topic_prefix: str = "outboxer"
+    max_retry: int = Field(default=20, ge=1)
+    retry_unit: float = Field(default=1.0, gt=0, description="backoff unit in seconds")
+    max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1)
+    strict_json: bool = True
+    services: dict[str, ServiceSettings] = Field(default_factory=dict)
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+    poll_interval: float = Field(default=1.0, gt=0)
+    lease: float = Field(default=30.0, gt=0, description="claim lease in seconds")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return v if v == "" else validate_topic_name(v, what="topic prefix")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if _isolated.get():
+            return (init_settings,)
+        path = _config_file.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def from_values(cls, **values: Any) -> OutboxSettings:
+        """Settings from ``values`` and defaults only: no environment, no file."""
+        token = _isolated.set(True)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(f"invalid outboxer configuration: {exc}") from exc
+        finally:
+            _isolated.reset(token)
+
+    def overrides(self) -> dict[str, ServiceOverride]:
+        return {name: s.as_override() for name, s in self.services.items()}
+
+
+def config_path(explicit: str | Path | None = None) -> Path | None:
+    """The TOML file to read: explicit, then ``$OUTBOXER_CONFIG``, then ``./outboxer.toml``."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigurationError(f"configuration file {str(path)!r} does not exist")
+        return path
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise ConfigurationError(f"{CONFIG_ENV}={env!r} does not name a file")
+        return path
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> OutboxSettings:
+    """Read settings from the environment and the TOML file; ``overrides`` win."""
+    token = _config_file.set(config_path(config_file))
+    try:
+        return OutboxSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigurationError(f"invalid outboxer configuration: {exc}") from exc
+    finally:
+        _config_file.reset(token)

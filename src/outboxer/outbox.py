@@ -1,0 +1,262 @@
+"""The public facade: routes, schema, publishing and stores."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, MetaData, Table
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+
+from outboxer.backoff import RetryPolicy
+from outboxer.config import OutboxSettings, load_settings
+from outboxer.db import Database, family_of
+from outboxer.envelope import DEFAULT_VERSION, JsonDefault, build_stored_envelope, encode_json
+from outboxer.errors import ConfigurationError, InvalidEventError, StoreError
+from outboxer.routing import RouteRegistry, ServiceRoute, validate_event_type
+from outboxer.runner import AsyncRunner, SyncRunner
+from outboxer.schema import outbox_table
+from outboxer.store import OpContext, Store, _check_async, _check_sync, _dialect_name, op_insert
+
+logger = logging.getLogger(__name__)
+
+
+class Outbox:
+    """An application's outbox: its routes, tables, publisher and stores.
+
+    ``url_or_engine`` is a database URL (see :mod:`outboxer.db` for the forms) or a
+    SQLAlchemy ``Engine``/``AsyncEngine``; when omitted, ``OUTBOXER_URL`` or the
+    configuration file decides. Keyword arguments override configuration.
+    """
+
+    def __init__(
+        self,
+        url_or_engine: str | URL | Engine | AsyncEngine | None = None,
+        *,
+        topic_prefix: str | None = None,
+        max_retry: int | None = None,
+        retry_unit: float | None = None,
+        max_payload_bytes: int | None = None,
+        strict_json: bool | None = None,
+        json_default: JsonDefault | None = None,
+        settings: OutboxSettings | None = None,
+        config_file: str | Path | None = None,
+    ) -> None:
+        if settings is None:
+            settings = load_settings(config_file)
+        updates = {
+            "topic_prefix": topic_prefix,
+            "max_retry": max_retry,
+            "retry_unit": retry_unit,
+            "max_payload_bytes": max_payload_bytes,
+            "strict_json": strict_json,
+        }
+        updates = {k: v for k, v in updates.items() if v is not None}
+        if updates:
+            settings = OutboxSettings.from_values(**{**settings.model_dump(), **updates})
+        self.settings = settings
+        self.retry_policy = RetryPolicy(max_retry=settings.max_retry, unit=settings.retry_unit)
+        self.max_payload_bytes = settings.max_payload_bytes
+        self.strict_json = settings.strict_json
+        self.json_default = json_default
+        self.routes = RouteRegistry(
+            topic_prefix=settings.topic_prefix, overrides=settings.overrides()
+        )
+        self.db = Database(url_or_engine if url_or_engine is not None else settings.url)
+        self.metadata = MetaData()
+        """Holds one table per registered service; give it to Alembic's target_metadata."""
+
+    # ------------------------------------------------------------------ routing
+
+    def register_service(
+        self,
+        name: str,
+        *,
+        table: str | None = None,
+        topic: str | None = None,
+        group: str | None = None,
+    ) -> ServiceRoute:
+        """Declare a service's route (defaults derived from its name)."""
+        route = self.routes.register_service(name, table=table, topic=topic, group=group)
+        outbox_table(route.table_name, self.metadata)
+        return route
+
+    def register_event(self, event_type: str, service: str) -> ServiceRoute:
+        """Make ``service`` the owner of ``event_type`` (its events go to its table)."""
+        route = self.routes.register_event(event_type, service)
+        outbox_table(route.table_name, self.metadata)
+        return route
+
+    def table_for(self, route: ServiceRoute | str) -> Table:
+        if isinstance(route, str):
+            route = self.routes.route_for_service(route)
+        return outbox_table(route.table_name, self.metadata)
+
+    # ------------------------------------------------------------------ schema
+
+    def migrate(self) -> None:
+        """Create every registered service's table and indexes that do not exist yet."""
+        try:
+            with self.db.sync_engine.begin() as conn:
+                self.metadata.create_all(conn, checkfirst=True)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"migration failed: {exc}", url=self.db.safe_url) from exc
+
+    async def migrate_async(self) -> None:
+        try:
+            async with self.db.async_engine.begin() as conn:
+                await conn.run_sync(self.metadata.create_all, checkfirst=True)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"migration failed: {exc}", url=self.db.safe_url) from exc
+
+    # ------------------------------------------------------------------ stores
+
+    def store(self, service: str | ServiceRoute | None = None) -> Store:
+        """The state machine bound to ``service`` (the only service when omitted)."""
+        if service is None:
+            routes = self.routes.routes()
+            if len(routes) != 1:
+                raise ConfigurationError(
+                    "store() needs a service name when there is not exactly one service"
+                )
+            route = routes[0]
+        elif isinstance(service, str):
+            route = self.routes.route_for_service(service)
+        else:
+            route = self.register_service(
+                service.service_name,
+                table=service.table_name,
+                topic=service.topic,
+                group=service.group_id,
+            )
+        self.table_for(route)
+        return Store(self, route)
+
+    # ------------------------------------------------------------------ publish
+
+    def _prepare_publish(
+        self,
+        event_type: str,
+        payload: Any,
+        key: str | None,
+        aggregate_id: str | None,
+        event_id: str | None,
+        version: str | None,
+        max_retry: int | None,
+    ) -> tuple[ServiceRoute, dict[str, Any]]:
+        event_type = validate_event_type(event_type)
+        route = self.routes.resolve_event(event_type)
+        for name, value in (
+            ("key", key),
+            ("aggregate_id", aggregate_id),
+            ("event_id", event_id),
+            ("version", version),
+        ):
+            if value is not None and not isinstance(value, str):
+                raise InvalidEventError(
+                    f"{name} must be a string, got {type(value).__name__}", event_type=event_type
+                )
+        if max_retry is not None and (
+            isinstance(max_retry, bool) or not isinstance(max_retry, int) or max_retry < 1
+        ):
+            raise InvalidEventError(
+                f"max_retry must be an int of at least 1, got {max_retry!r}",
+                event_type=event_type,
+            )
+        event_id = event_id.strip() if event_id is not None and event_id.strip() else None
+        resolved_key = (key or "").strip() or event_id or event_type
+        if len(resolved_key) > 255:
+            raise InvalidEventError(
+                "message key is longer than 255 characters", event_type=event_type
+            )
+        envelope = build_stored_envelope(
+            event_type=event_type,
+            payload=payload,
+            event_id=event_id,
+            version=(version or "").strip() or DEFAULT_VERSION,
+            aggregate_id=(aggregate_id or "").strip() or resolved_key,
+        )
+        text = encode_json(
+            envelope,
+            strict=self.strict_json,
+            json_default=self.json_default,
+            max_bytes=self.max_payload_bytes,
+            event_type=event_type,
+        )
+        return route, {
+            "event_type": event_type,
+            "service_name": route.service_name,
+            "topic": route.topic,
+            "message_key": resolved_key,
+            "payload": text,
+            "max_retry": max_retry if max_retry is not None else self.retry_policy.max_retry,
+        }
+
+    def _op_context(self, route: ServiceRoute, tx: Any) -> OpContext:
+        return OpContext(
+            table=self.table_for(route),
+            route=route,
+            family=family_of(_dialect_name(tx)),
+            policy=self.retry_policy,
+        )
+
+    def publish(
+        self,
+        tx: Session | Connection,
+        event_type: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        aggregate_id: str | None = None,
+        event_id: str | None = None,
+        version: str | None = None,
+        max_retry: int | None = None,
+    ) -> int:
+        """Write one event on the caller's transaction and return its outbox id.
+
+        Nothing is committed: the event becomes visible with the caller's commit and
+        disappears with its rollback. Every check runs before any SQL, so a rejected
+        event leaves the transaction usable.
+        """
+        _check_sync(tx)
+        route, values = self._prepare_publish(
+            event_type, payload, key, aggregate_id, event_id, version, max_retry
+        )
+        return int(SyncRunner(tx).run(op_insert(self._op_context(route, tx), values)))
+
+    async def publish_async(
+        self,
+        tx: AsyncSession | AsyncConnection,
+        event_type: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        aggregate_id: str | None = None,
+        event_id: str | None = None,
+        version: str | None = None,
+        max_retry: int | None = None,
+    ) -> int:
+        """Async twin of :meth:`publish` for ``AsyncSession``/``AsyncConnection``."""
+        _check_async(tx)
+        route, values = self._prepare_publish(
+            event_type, payload, key, aggregate_id, event_id, version, max_retry
+        )
+        runner = AsyncRunner(tx)
+        return int(await runner.run(op_insert(self._op_context(route, tx), values)))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Dispose of the connection pools outboxer created (sync engines)."""
+        self.db.dispose()
+
+    async def aclose(self) -> None:
+        """Dispose of every connection pool outboxer created."""
+        await self.db.dispose_async()
+
+    def __repr__(self) -> str:
+        return f"Outbox({self.db.safe_url!r}, services={[r.service_name for r in self.routes.routes()]})"

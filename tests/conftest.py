@@ -1,0 +1,156 @@
+"""Shared fixtures: one throw-away database per server per test session.
+
+Servers are found at ``OUTBOXER_TEST_PG_URL`` / ``OUTBOXER_TEST_MYSQL_URL``
+(defaults: the local PostgreSQL and MariaDB). A test that needs a server that is
+not there is skipped on a laptop and fails under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from outboxer import Outbox, OutboxSettings
+
+PG_ADMIN_URL = os.environ.get(
+    "OUTBOXER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+MYSQL_ADMIN_URL = os.environ.get(
+    "OUTBOXER_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"
+)
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+BACKENDS = ("sqlite", "postgresql", "mariadb")
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally, fail in CI: a missing server must never turn CI green."""
+    if IN_CI:
+        pytest.fail(f"required server unavailable under CI=true: {reason}")
+    pytest.skip(reason)
+
+
+@dataclass
+class ServerDatabase:
+    backend: str
+    url: str
+
+
+def _create_pg() -> tuple[str, str]:
+    name = f"outboxer_t_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return name, make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_pg(name: str) -> None:
+    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+def _create_mysql() -> tuple[str, str]:
+    name = f"outboxer_t_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(MYSQL_ADMIN_URL)
+    with engine.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+    engine.dispose()
+    return name, make_url(MYSQL_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_mysql(name: str) -> None:
+    engine = create_engine(MYSQL_ADMIN_URL)
+    with engine.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[ServerDatabase]:
+    try:
+        name, url = _create_pg()
+    except Exception as exc:  # noqa: BLE001 - any connection failure means "no server"
+        unavailable(f"PostgreSQL at {make_url(PG_ADMIN_URL).render_as_string()}: {exc}")
+    yield ServerDatabase("postgresql", url)
+    _drop_pg(name)
+
+
+@pytest.fixture(scope="session")
+def mysql_database() -> Iterator[ServerDatabase]:
+    try:
+        name, url = _create_mysql()
+    except Exception as exc:  # noqa: BLE001
+        unavailable(f"MariaDB/MySQL at {make_url(MYSQL_ADMIN_URL).render_as_string()}: {exc}")
+    yield ServerDatabase("mariadb", url)
+    _drop_mysql(name)
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database URL for each backend (SQLite: a fresh file per test)."""
+    backend = request.param
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'outbox.db'}"
+    fixture = "pg_database" if backend == "postgresql" else "mysql_database"
+    db: ServerDatabase = request.getfixturevalue(fixture)
+    return db.url
+
+
+@pytest.fixture(params=("postgresql", "mariadb"))
+def server_url(request: pytest.FixtureRequest) -> str:
+    fixture = "pg_database" if request.param == "postgresql" else "mysql_database"
+    db: ServerDatabase = request.getfixturevalue(fixture)
+    return db.url
+
+
+def unique_service() -> str:
+    return f"svc_{uuid.uuid4().hex[:10]}"
+
+
+def isolated_settings(**kw: object) -> OutboxSettings:
+    """Settings that ignore the environment and any outboxer.toml."""
+    return OutboxSettings.from_values(**kw)
+
+
+def make_outbox(url: str, **kw: object) -> Outbox:
+    settings = kw.pop("settings", None) or isolated_settings()
+    return Outbox(url, settings=settings, **kw)  # type: ignore[arg-type]
+
+
+def drop_tables(ob: Outbox) -> None:
+    with ob.db.sync_engine.begin() as conn:
+        ob.metadata.drop_all(conn, checkfirst=True)
+
+
+@pytest.fixture
+def service() -> str:
+    return unique_service()
+
+
+@pytest.fixture
+def outbox(db_url: str, service: str) -> Iterator[Outbox]:
+    """An Outbox with one migrated service (``service``) owning ``<service>.created``."""
+    ob = make_outbox(db_url, retry_unit=0.05)
+    ob.register_event(f"{service}.created", service)
+    ob.migrate()
+    yield ob
+    drop_tables(ob)
+    ob.close()
+
+
+@pytest.fixture
+async def aoutbox(outbox: Outbox) -> AsyncIterator[Outbox]:
+    """The same outbox, for async tests: its async pool is closed in the test's loop."""
+    yield outbox
+    if outbox.db._async is not None:
+        await outbox.db._async.dispose()
+        outbox.db._async = None

@@ -1,0 +1,429 @@
+"""The seed's state machine, transition by transition, on SQLite, PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, text
+from sqlalchemy.orm import Session
+
+from outboxer import (
+    MessageNotFoundError,
+    Outbox,
+    OutboxMessage,
+    ServiceMismatchError,
+    Status,
+    TransactionRequiredError,
+)
+from outboxer.store import Store
+
+
+def _store(ob: Outbox, service: str) -> Store:
+    return ob.store(service)
+
+
+def _create(ob: Outbox, service: str, key: str = "k", max_retry: int = 0) -> int:
+    return _store(ob, service).create_message(
+        f"{service}.created", key, {"n": 1}, max_retry=max_retry
+    )
+
+
+def _get(ob: Outbox, service: str, outbox_id: int) -> OutboxMessage:
+    msg = _store(ob, service).get_by_id(outbox_id)
+    assert msg is not None
+    return msg
+
+
+def test_create_defaults(outbox: Outbox, service: str) -> None:
+    oid = _store(outbox, service).create_message(f"{service}.created", "  key-1 \n", {"a": [1]})
+    msg = _get(outbox, service, oid)
+    assert msg.status is Status.PENDING
+    assert msg.retry_count == 0
+    assert msg.max_retry == 20
+    assert msg.message_key == "key-1"
+    assert msg.service_name == service
+    assert msg.topic == f"outboxer.{service}"
+    assert msg.event_type == f"{service}.created"
+    assert msg.payload == '{"a":[1]}'
+    assert msg.next_retry_at is not None
+    assert msg.published_at is None and msg.consumed_at is None and msg.last_error is None
+    assert msg.created_at.tzinfo is not None
+
+
+@pytest.mark.parametrize(("given", "stored"), [(0, 20), (-3, 20), (1, 1), (7, 7)])
+def test_create_max_retry(outbox: Outbox, service: str, given: int, stored: int) -> None:
+    assert _get(outbox, service, _create(outbox, service, max_retry=given)).max_retry == stored
+
+
+def test_get_missing_returns_none(outbox: Outbox, service: str) -> None:
+    assert _store(outbox, service).get_by_id(987654321) is None
+
+
+def test_due_order_limit_and_filter(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    ids = [_create(outbox, service, key=str(i)) for i in range(5)]
+    time.sleep(0.01)
+    due = st.list_due_messages()
+    assert [m.id for m in due] == ids
+    assert [m.id for m in st.list_due_messages(limit=2)] == ids[:2]
+    assert [m.id for m in st.list_due_messages(limit=0)] == ids  # <= 0 means 100
+    assert [m.id for m in st.list_due_messages(service_name=service)] == ids
+    assert st.list_due_messages(service_name="someone_else") == []
+    # next_retry_at in the future or NULL, or a status other than pending: not due.
+    st.mark_failed_for_retry(ids[0], "later")
+    st.mark_published(ids[1])
+    st.mark_dead(ids[2], "x")
+    assert [m.id for m in st.list_due_messages()] == ids[3:]
+
+
+def test_due_ordered_by_next_retry_at_then_id(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    first, second = _create(outbox, service), _create(outbox, service)
+    table = st.table
+    with outbox.db.sync_engine.begin() as conn:
+        # Make the later id due earlier.
+        old = conn.execute(select(table.c.next_retry_at).where(table.c.id == first)).scalar_one()
+        conn.execute(
+            table.update()
+            .where(table.c.id == second)
+            .values(next_retry_at=old - timedelta(seconds=5))
+        )
+    assert [m.id for m in st.list_due_messages()] == [second, first]
+
+
+def test_mark_published(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    oid = _create(outbox, service)
+    st.mark_failed_for_retry(oid, "first failure")
+    st.mark_published(oid)
+    msg = _get(outbox, service, oid)
+    assert msg.status is Status.PUBLISHED
+    assert msg.published_at is not None
+    assert msg.last_error is None and msg.next_retry_at is None
+    assert msg.retry_count == 1
+
+
+@pytest.mark.parametrize("final", ["consumed", "dead"])
+def test_mark_published_never_overwrites_final(outbox: Outbox, service: str, final: str) -> None:
+    st = _store(outbox, service)
+    oid = _create(outbox, service)
+    if final == "consumed":
+        st.mark_consumed(oid)
+    else:
+        st.mark_dead(oid, "poison")
+    st.mark_published(oid)
+    msg = _get(outbox, service, oid)
+    assert msg.status.value == final
+    assert msg.published_at is None
+
+
+def test_mark_published_with_expected_retry_count(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    oid = _create(outbox, service)
+    st.mark_failed_for_retry(oid, "consumer failed meanwhile")
+    assert st.mark_published_many([oid], expect_retry_count=0) == 0
+    assert _get(outbox, service, oid).status is Status.PENDING
+    assert st.mark_published_many([oid], expect_retry_count=1) == 1
+
+
+def test_mark_consumed(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    oid = _create(outbox, service)
+    st.mark_failed_for_retry(oid, "err")
+    st.mark_consumed(oid)
+    msg = _get(outbox, service, oid)
+    assert msg.status is Status.CONSUMED
+    assert msg.consumed_at is not None
+    assert msg.last_error is None and msg.next_retry_at is None
+
+
+def test_mark_dead_truncates(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    oid = _create(outbox, service)
+    st.mark_dead(oid, "é" * 2500)
+    msg = _get(outbox, service, oid)
+    assert msg.status is Status.DEAD
+    assert msg.next_retry_at is None
+    assert msg.last_error == "é" * 2000
+
+
+def test_failed_for_retry_backoff_and_dead(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    oid = _create(outbox, service, max_retry=3)
+    unit = outbox.retry_policy.unit
+    for attempt in (1, 2):
+        before = _get(outbox, service, oid)
+        assert st.mark_failed_for_retry(oid, f"failure {attempt}" + "x" * 3000) is Status.PENDING
+        msg = _get(outbox, service, oid)
+        assert msg.status is Status.PENDING
+        assert msg.retry_count == attempt
+        assert msg.last_error is not None and len(msg.last_error) == 2000
+        assert msg.last_error.startswith(f"failure {attempt}")
+        assert msg.next_retry_at is not None
+        delay = (msg.next_retry_at - msg.updated_at).total_seconds()
+        assert delay == pytest.approx(attempt * attempt * unit, abs=0.002)
+        assert msg.updated_at >= before.updated_at
+    assert st.mark_failed_for_retry(oid, "third") is Status.DEAD
+    msg = _get(outbox, service, oid)
+    assert msg.status is Status.DEAD
+    assert msg.retry_count == 3
+    assert msg.next_retry_at is None
+    assert msg.last_error == "third"
+
+
+@pytest.mark.parametrize("final", ["consumed", "dead"])
+def test_failed_for_retry_leaves_final_rows(outbox: Outbox, service: str, final: str) -> None:
+    st = _store(outbox, service)
+    oid = _create(outbox, service)
+    if final == "consumed":
+        st.mark_consumed(oid)
+    else:
+        st.mark_dead(oid, "poison")
+    before = _get(outbox, service, oid)
+    assert st.mark_failed_for_retry(oid, "late failure") is None
+    assert _get(outbox, service, oid) == before
+
+
+def test_failed_for_retry_missing_row(outbox: Outbox, service: str) -> None:
+    with pytest.raises(MessageNotFoundError) as info:
+        _store(outbox, service).mark_failed_for_retry(123456789, "x")
+    assert info.value.context["outbox_id"] == 123456789
+
+
+def test_failed_for_retry_from_published(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    oid = _create(outbox, service)
+    st.mark_published(oid)
+    st.mark_failed_for_retry(oid, "handler failed")
+    msg = _get(outbox, service, oid)
+    assert msg.status is Status.PENDING and msg.retry_count == 1
+
+
+def _effects_table(ob: Outbox, service: str) -> Table:
+    md = MetaData()
+    table = Table(
+        f"{service}_effects",
+        md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("note", String(50)),
+    )
+    with ob.db.sync_engine.begin() as conn:
+        md.create_all(conn)
+    return table
+
+
+def _count(ob: Outbox, table: Table) -> int:
+    with ob.db.sync_engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+def test_consume_and_mark_commits_together(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    effects = _effects_table(outbox, service)
+    oid = _create(outbox, service)
+    calls = []
+
+    def handler(tx: Session) -> None:
+        calls.append(1)
+        tx.execute(insert(effects).values(note="done"))
+
+    assert st.consume_and_mark_consumed(oid, handler) is True
+    assert _count(outbox, effects) == 1
+    msg = _get(outbox, service, oid)
+    assert msg.status is Status.CONSUMED and msg.consumed_at is not None
+    # Second delivery: nothing to do, the callback does not run.
+    assert st.consume_and_mark_consumed(oid, handler) is False
+    assert calls == [1]
+    assert _count(outbox, effects) == 1
+    effects.drop(outbox.db.sync_engine)
+
+
+def test_consume_and_mark_rolls_back_together(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    effects = _effects_table(outbox, service)
+    oid = _create(outbox, service)
+    before = _get(outbox, service, oid)
+
+    def failing(tx: Session) -> None:
+        tx.execute(insert(effects).values(note="half"))
+        raise RuntimeError("handler exploded")
+
+    with pytest.raises(RuntimeError, match="handler exploded"):
+        st.consume_and_mark_consumed(oid, failing)
+    assert _count(outbox, effects) == 0
+    assert _get(outbox, service, oid) == before
+    effects.drop(outbox.db.sync_engine)
+
+
+def test_consume_skips_missing_and_final(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    ran: list[int] = []
+    assert st.consume_and_mark_consumed(99999999, lambda tx: ran.append(1)) is False
+    dead = _create(outbox, service)
+    st.mark_dead(dead, "poison")
+    assert st.consume_and_mark_consumed(dead, lambda tx: ran.append(1)) is False
+    assert st.consume_in_tx(dead, lambda tx: ran.append(1)) is False
+    assert ran == []
+    assert _get(outbox, service, dead).status is Status.DEAD
+
+
+def test_consume_in_tx_does_not_mark(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    effects = _effects_table(outbox, service)
+    oid = _create(outbox, service)
+    assert st.consume_in_tx(oid, lambda tx: tx.execute(insert(effects).values(note="a")))
+    assert _count(outbox, effects) == 1
+    assert _get(outbox, service, oid).status is Status.PENDING
+    st.mark_consumed(oid)
+    assert st.consume_in_tx(oid, lambda tx: tx.execute(insert(effects).values(note="b"))) is False
+    assert _count(outbox, effects) == 1
+    effects.drop(outbox.db.sync_engine)
+
+
+def test_store_bound_to_caller_transaction(outbox: Outbox, service: str) -> None:
+    effects = _effects_table(outbox, service)
+    oid = _create(outbox, service)
+    with Session(outbox.db.sync_engine) as session:
+        with session.begin():
+            st = _store(outbox, service).with_tx(session)
+            # A failing callback rolls back to its savepoint; the transaction goes on.
+            with pytest.raises(ValueError, match="nope"):
+                st.consume_and_mark_consumed(oid, _raise_value_error)
+            session.execute(insert(effects).values(note="caller"))
+            assert st.consume_and_mark_consumed(
+                oid, lambda tx: tx.execute(insert(effects).values(note="effect"))
+            )
+            session.rollback()
+        assert _get(outbox, service, oid).status is Status.PENDING
+        assert _count(outbox, effects) == 0
+        with session.begin():
+            st = _store(outbox, service).with_tx(session)
+            st.mark_dead(oid, "decided in caller tx")
+        assert _get(outbox, service, oid).status is Status.DEAD
+    effects.drop(outbox.db.sync_engine)
+
+
+def _raise_value_error(tx: Session) -> None:
+    raise ValueError("nope")
+
+
+def test_store_refuses_other_service_events(outbox: Outbox, service: str) -> None:
+    other = service + "_b"
+    outbox.register_event(f"{other}.created", other)
+    with pytest.raises(ServiceMismatchError) as info:
+        _store(outbox, service).create_message(f"{other}.created", "k", {"a": 1})
+    assert other in str(info.value)
+    assert _store(outbox, service).list_due_messages() == []
+
+
+def test_with_tx_rejects_wrong_kind(outbox: Outbox, service: str) -> None:
+    with pytest.raises(TransactionRequiredError):
+        _store(outbox, service).with_tx("not a transaction")  # type: ignore[arg-type]
+
+
+def test_with_route_switches_table(outbox: Outbox, service: str) -> None:
+    other = service + "_r"
+    outbox.register_event(f"{other}.created", other)
+    outbox.migrate()
+    st = _store(outbox, service).with_route(other)
+    oid = st.create_message(f"{other}.created", "k", {"b": 2})
+    assert st.get_by_id(oid) is not None
+    assert st.table.name == f"{other}_outbox_messages"
+    assert _store(outbox, service).list_due_messages() == []
+
+
+def test_requeue_dead(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    oid = _create(outbox, service, max_retry=1)
+    assert st.mark_failed_for_retry(oid, "boom") is Status.DEAD
+    assert st.requeue([oid]) == 1
+    msg = _get(outbox, service, oid)
+    assert msg.status is Status.PENDING and msg.retry_count == 0
+    assert [m.id for m in st.list_due_messages()] == [oid]
+
+
+# ------------------------------------------------------------------ claim and lease
+
+
+def test_claim_moves_due_time_and_is_not_an_attempt(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    ids = [_create(outbox, service) for _ in range(5)]
+    claimed = st.claim_due(limit=3, lease=timedelta(seconds=30))
+    assert [m.id for m in claimed] == ids[:3]
+    for m in claimed:
+        assert m.status is Status.PENDING and m.retry_count == 0
+        assert m.next_retry_at is not None
+        assert (m.next_retry_at - m.updated_at).total_seconds() == pytest.approx(30, abs=0.01)
+        assert _get(outbox, service, m.id).next_retry_at == m.next_retry_at
+    assert [m.id for m in st.list_due_messages()] == ids[3:]
+    assert [m.id for m in st.claim_due(limit=100, lease=30.0)] == ids[3:]
+    assert st.claim_due() == []
+
+
+def test_expired_lease_makes_rows_due_again(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    oid = _create(outbox, service)
+    assert [m.id for m in st.claim_due(lease=0.3)] == [oid]
+    assert st.claim_due(lease=0.3) == []
+    time.sleep(0.45)
+    again = st.claim_due(lease=0.3)
+    assert [m.id for m in again] == [oid]
+    assert again[0].retry_count == 0
+
+
+def test_claim_rejects_bad_lease(outbox: Outbox, service: str) -> None:
+    with pytest.raises(ValueError, match="lease"):
+        _store(outbox, service).claim_due(lease=0)
+
+
+# ------------------------------------------------------------------ async face
+
+
+async def test_async_face_mirrors_sync(aoutbox: Outbox, service: str) -> None:
+    st = aoutbox.store(service)
+    oid = await st.create_message_async(f"{service}.created", "k", {"a": 1}, max_retry=2)
+    msg = await st.get_by_id_async(oid)
+    assert msg is not None and msg.status is Status.PENDING
+    assert [m.id for m in await st.list_due_messages_async()] == [oid]
+    assert [m.id for m in await st.claim_due_async(lease=0.2)] == [oid]
+    assert await st.mark_failed_for_retry_async(oid, "x") is Status.PENDING
+    assert await st.mark_failed_for_retry_async(oid, "y") is Status.DEAD
+    assert await st.requeue_async([oid]) == 1
+    await st.mark_published_async(oid)
+    assert (await st.get_by_id_async(oid)).status is Status.PUBLISHED  # type: ignore[union-attr]
+
+    async def effect(tx: object) -> None:
+        await asyncio.sleep(0)
+
+    assert await st.consume_and_mark_consumed_async(oid, effect) is True
+    assert await st.consume_and_mark_consumed_async(oid, effect) is False
+    assert (await st.get_by_id_async(oid)).status is Status.CONSUMED  # type: ignore[union-attr]
+    other = await st.create_message_async(f"{service}.created", "k", {"a": 2})
+    assert await st.consume_in_tx_async(other, lambda tx: tx.execute(text("SELECT 1")))
+    await st.mark_dead_async(other, "dead")
+    await st.mark_consumed_async(other)
+    assert (await st.get_by_id_async(other)).status is Status.CONSUMED  # type: ignore[union-attr]
+
+
+async def test_async_consume_rolls_back(aoutbox: Outbox, service: str) -> None:
+    st = aoutbox.store(service)
+    oid = await st.create_message_async(f"{service}.created", "k", {"a": 1})
+
+    async def boom(tx: object) -> None:
+        raise KeyError("async handler failed")
+
+    with pytest.raises(KeyError):
+        await st.consume_and_mark_consumed_async(oid, boom)
+    assert (await st.get_by_id_async(oid)).status is Status.PENDING  # type: ignore[union-attr]
+
+
+async def test_sync_method_on_async_tx_is_refused(aoutbox: Outbox, service: str) -> None:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    async with AsyncSession(aoutbox.db.async_engine) as session:
+        st = aoutbox.store(service).with_tx(session)
+        with pytest.raises(TransactionRequiredError):
+            st.get_by_id(1)
