@@ -78,7 +78,7 @@ def _drop_mysql(name: str) -> None:
 def pg_database() -> Iterator[ServerDatabase]:
     try:
         name, url = _create_pg()
-    except Exception as exc:  # noqa: BLE001 - any connection failure means "no server"
+    except Exception as exc:
         unavailable(f"PostgreSQL at {make_url(PG_ADMIN_URL).render_as_string()}: {exc}")
     yield ServerDatabase("postgresql", url)
     _drop_pg(name)
@@ -88,7 +88,7 @@ def pg_database() -> Iterator[ServerDatabase]:
 def mysql_database() -> Iterator[ServerDatabase]:
     try:
         name, url = _create_mysql()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         unavailable(f"MariaDB/MySQL at {make_url(MYSQL_ADMIN_URL).render_as_string()}: {exc}")
     yield ServerDatabase("mariadb", url)
     _drop_mysql(name)

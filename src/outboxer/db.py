@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -59,7 +59,7 @@ def _family(url: URL) -> str:
 def parse_url(url: str | URL) -> URL:
     try:
         parsed = make_url(url)
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises several types here
+    except Exception as exc:
         raise ConfigurationError(f"invalid database URL: {exc}") from exc
     family = _family(parsed)
     if family == "sqlite" and parsed.database in (None, "", ":memory:"):
@@ -129,8 +129,6 @@ def _tune_sqlite(engine: Engine) -> None:
 
 def create_sync_engine(url: str | URL, **kwargs: Any) -> Engine:
     """A synchronous engine for ``url`` with outboxer's tuning."""
-    from sqlalchemy import create_engine
-
     target = sync_url(url)
     engine = create_engine(target, **{**_engine_kwargs(target), **kwargs})
     if engine.dialect.name == "sqlite":
@@ -160,12 +158,15 @@ class Database:
         self._async: AsyncEngine | None = None
         self._owns_sync = True
         self._owns_async = True
-        if isinstance(url_or_engine, Engine):
-            self._sync, self._owns_sync = url_or_engine, False
+        if isinstance(url_or_engine, Engine | AsyncEngine):
             self.url = url_or_engine.url
-        elif isinstance(url_or_engine, AsyncEngine):
-            self._async, self._owns_async = url_or_engine, False
-            self.url = url_or_engine.url
+            # SQLite needs outboxer's own connection settings (BEGIN IMMEDIATE, WAL),
+            # so an application's SQLite engine only lends its URL.
+            if url_or_engine.dialect.name != "sqlite":
+                if isinstance(url_or_engine, Engine):
+                    self._sync, self._owns_sync = url_or_engine, False
+                else:
+                    self._async, self._owns_async = url_or_engine, False
         else:
             self.url = parse_url(url_or_engine)
         self.family = _family(self.url)

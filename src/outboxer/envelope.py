@@ -149,19 +149,19 @@ def encode_json(
             allow_nan=not strict,
             default=_default_hook(json_default),
         )
+        size = len(text.encode())
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        # UnicodeEncodeError (a lone surrogate in a string) is a ValueError too.
         raise PayloadNotSerializableError(
             f"payload is not JSON-serialisable: {exc}", event_type=event_type
         ) from exc
-    if max_bytes is not None:
-        size = len(text.encode())
-        if size > max_bytes:
-            raise PayloadTooLargeError(
-                f"encoded event is {size} bytes, larger than the limit of {max_bytes} bytes",
-                event_type=event_type,
-                size=size,
-                limit=max_bytes,
-            )
+    if max_bytes is not None and size > max_bytes:
+        raise PayloadTooLargeError(
+            f"encoded event is {size} bytes, larger than the limit of {max_bytes} bytes",
+            event_type=event_type,
+            size=size,
+            limit=max_bytes,
+        )
     return text
 
 

@@ -45,7 +45,7 @@ class OutboxMessage:
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any], **replace: Any) -> OutboxMessage:
-        values = {name: row[name] for name in cls.__slots__}  # type: ignore[attr-defined]
+        values = {name: row[name] for name in cls.__slots__}
         values.update(replace)
         values["status"] = Status(values["status"])
         return cls(**values)

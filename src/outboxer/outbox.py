@@ -20,7 +20,15 @@ from outboxer.errors import ConfigurationError, InvalidEventError, StoreError
 from outboxer.routing import RouteRegistry, ServiceRoute, validate_event_type
 from outboxer.runner import AsyncRunner, SyncRunner
 from outboxer.schema import outbox_table
-from outboxer.store import OpContext, Store, _check_async, _check_sync, _dialect_name, op_insert
+from outboxer.store import (
+    OpContext,
+    Store,
+    _check_async,
+    _check_sync,
+    _dialect_name,
+    clean_key,
+    op_insert,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -168,11 +176,9 @@ class Outbox:
                 event_type=event_type,
             )
         event_id = event_id.strip() if event_id is not None and event_id.strip() else None
-        resolved_key = (key or "").strip() or event_id or event_type
-        if len(resolved_key) > 255:
-            raise InvalidEventError(
-                "message key is longer than 255 characters", event_type=event_type
-            )
+        resolved_key = clean_key(key or "", event_type) or event_id or event_type
+        if event_id is not None:
+            clean_key(event_id, event_type)
         envelope = build_stored_envelope(
             event_type=event_type,
             payload=payload,
@@ -259,4 +265,5 @@ class Outbox:
         await self.db.dispose_async()
 
     def __repr__(self) -> str:
-        return f"Outbox({self.db.safe_url!r}, services={[r.service_name for r in self.routes.routes()]})"
+        services = [r.service_name for r in self.routes.routes()]
+        return f"Outbox({self.db.safe_url!r}, services={services})"

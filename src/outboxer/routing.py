@@ -35,11 +35,7 @@ DEFAULT_TOPIC_PREFIX = "outboxer"
 
 def validate_table_name(name: str) -> str:
     """Return ``name`` if it is a safe SQL identifier, else raise InvalidIdentifierError."""
-    if (
-        not isinstance(name, str)
-        or len(name) > TABLE_NAME_MAX
-        or not _TABLE_RE.fullmatch(name)
-    ):
+    if not isinstance(name, str) or len(name) > TABLE_NAME_MAX or not _TABLE_RE.fullmatch(name):
         raise InvalidIdentifierError(
             f"invalid table name {name!r}: must match [A-Za-z_][A-Za-z0-9_]* "
             f"and be at most {TABLE_NAME_MAX} characters",
@@ -151,6 +147,10 @@ def _default_names(service_name: str, topic_prefix: str) -> tuple[str, str, str]
     )
 
 
+def _pick(*values: str | None) -> str:
+    return next(v for v in values if v is not None)
+
+
 def _override_key(service_name: str) -> str:
     # Environment variables cannot carry '-', and are case-insensitive in practice.
     return service_name.lower().replace("-", "_")
@@ -199,9 +199,9 @@ class RouteRegistry:
                 )
         return ServiceRoute(
             service_name=name,
-            table_name=table or override.table or default_table,
-            topic=topic or override.topic or default_topic,
-            group_id=group or override.group or default_group,
+            table_name=_pick(table, override.table, default_table),
+            topic=_pick(topic, override.topic, default_topic),
+            group_id=_pick(group, override.group, default_group),
         )
 
     def register_service(

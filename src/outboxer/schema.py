@@ -84,7 +84,7 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-class db_now(FunctionElement[datetime]):  # noqa: N801 - reads as a SQL function
+class db_now(FunctionElement[datetime]):
     """The database's current UTC time."""
 
     type = UtcDateTime()
@@ -92,7 +92,7 @@ class db_now(FunctionElement[datetime]):  # noqa: N801 - reads as a SQL function
     name = "db_now"
 
 
-class db_now_plus(FunctionElement[datetime]):  # noqa: N801
+class db_now_plus(FunctionElement[datetime]):
     """The database's current UTC time plus ``seconds`` (a number or SQL expression)."""
 
     type = UtcDateTime()

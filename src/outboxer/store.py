@@ -46,8 +46,43 @@ DEFAULT_LEASE = timedelta(seconds=30)
 
 
 def truncate_error(reason: str) -> str:
-    """``reason`` cut to the first 2000 characters, as stored in ``last_error``."""
+    """``reason`` as stored in ``last_error``: its first 2000 characters.
+
+    NUL characters (PostgreSQL text cannot hold them) become ``\\0`` and unpaired
+    surrogates (not encodable as UTF-8) a backslash escape, so any exception text can
+    be recorded.
+    """
+    if "\x00" in reason:
+        reason = reason.replace("\x00", "\\0")
+    try:
+        reason.encode()
+    except UnicodeEncodeError:
+        reason = reason.encode("utf-8", "backslashreplace").decode()
     return reason[:MAX_ERROR_CHARS]
+
+
+def clean_key(key: object, event_type: str | None = None) -> str:
+    """A message key trimmed and checked: a string of at most 255 characters."""
+    if not isinstance(key, str):
+        raise InvalidEventError(
+            f"message key must be a string, got {type(key).__name__}", event_type=event_type
+        )
+    key = key.strip()
+    if len(key) > 255:
+        raise InvalidEventError(
+            f"message key is longer than 255 characters ({len(key)})", event_type=event_type
+        )
+    if any(ord(c) < 32 for c in key):
+        raise InvalidEventError(
+            f"message key {key[:40]!r} contains control characters", event_type=event_type
+        )
+    try:
+        key.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidEventError(
+            f"message key is not valid Unicode: {exc}", event_type=event_type
+        ) from exc
+    return key
 
 
 def lease_seconds(lease: timedelta | float) -> float:
@@ -138,10 +173,7 @@ def op_claim(
     t = c.table
     limit = limit if limit > 0 else DEFAULT_LIMIT
     pick = (
-        select(t.c.id)
-        .where(_due(c, service_name))
-        .order_by(t.c.next_retry_at, t.c.id)
-        .limit(limit)
+        select(t.c.id).where(_due(c, service_name)).order_by(t.c.next_retry_at, t.c.id).limit(limit)
     )
     ctx = c.ctx()
     if c.family in ("postgresql", "sqlite"):
@@ -192,9 +224,7 @@ def op_mark_published(
     t = c.table
     cond = and_(t.c.id.in_(list(ids)), t.c.status.not_in(FINAL_STATUSES))
     if expect_retry_count is not None:
-        cond = and_(
-            cond, t.c.status == Status.PENDING.value, t.c.retry_count == expect_retry_count
-        )
+        cond = and_(cond, t.c.status == Status.PENDING.value, t.c.retry_count == expect_retry_count)
     stmt = (
         update(t)
         .where(cond)
@@ -468,9 +498,7 @@ class Store:
                 raise StoreError(f"database error: {exc}", **self._ctx.ctx()) from exc
         _check_async(tx)
         assert isinstance(tx, AsyncSession | AsyncConnection)
-        cm: AbstractAsyncContextManager[Any] = (
-            tx.begin_nested() if savepoint else nullcontext()
-        )
+        cm: AbstractAsyncContextManager[Any] = tx.begin_nested() if savepoint else nullcontext()
         async with cm:
             return await AsyncRunner(tx).run(op)
 
@@ -489,8 +517,7 @@ class Store:
                 service=route.service_name,
                 store_service=self.route.service_name,
             )
-        if not isinstance(message_key, str):
-            raise InvalidEventError("message key must be a string", event_type=event_type)
+        message_key = clean_key(message_key, event_type)
         if isinstance(max_retry, bool) or not isinstance(max_retry, int):
             raise InvalidEventError(f"max_retry must be an int, got {max_retry!r}")
         if payload is None:
@@ -506,7 +533,7 @@ class Store:
             "event_type": event_type,
             "service_name": route.service_name,
             "topic": route.topic,
-            "message_key": message_key.strip()[:255],
+            "message_key": message_key,
             "payload": text,
             "max_retry": max_retry if max_retry > 0 else self._outbox.retry_policy.max_retry,
         }
@@ -654,7 +681,3 @@ def _svc(service_name: str | None) -> str | None:
 def _dialect_name(tx: SyncTx | AsyncTx) -> str:
     bind = tx.get_bind() if isinstance(tx, Session | AsyncSession) else tx
     return str(bind.dialect.name)
-
-
-
-

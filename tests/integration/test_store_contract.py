@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from outboxer import (
@@ -49,7 +50,9 @@ def test_create_defaults(outbox: Outbox, service: str) -> None:
     assert msg.event_type == f"{service}.created"
     assert msg.payload == '{"a":[1]}'
     assert msg.next_retry_at is not None
-    assert msg.published_at is None and msg.consumed_at is None and msg.last_error is None
+    assert msg.published_at is None
+    assert msg.consumed_at is None
+    assert msg.last_error is None
     assert msg.created_at.tzinfo is not None
 
 
@@ -102,7 +105,8 @@ def test_mark_published(outbox: Outbox, service: str) -> None:
     msg = _get(outbox, service, oid)
     assert msg.status is Status.PUBLISHED
     assert msg.published_at is not None
-    assert msg.last_error is None and msg.next_retry_at is None
+    assert msg.last_error is None
+    assert msg.next_retry_at is None
     assert msg.retry_count == 1
 
 
@@ -137,7 +141,8 @@ def test_mark_consumed(outbox: Outbox, service: str) -> None:
     msg = _get(outbox, service, oid)
     assert msg.status is Status.CONSUMED
     assert msg.consumed_at is not None
-    assert msg.last_error is None and msg.next_retry_at is None
+    assert msg.last_error is None
+    assert msg.next_retry_at is None
 
 
 def test_mark_dead_truncates(outbox: Outbox, service: str) -> None:
@@ -150,6 +155,13 @@ def test_mark_dead_truncates(outbox: Outbox, service: str) -> None:
     assert msg.last_error == "é" * 2000
 
 
+def test_error_text_with_nul_and_surrogates_is_stored(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    oid = _create(outbox, service)
+    st.mark_failed_for_retry(oid, "bad\x00byte \udcff end")
+    assert _get(outbox, service, oid).last_error == "bad\\0byte \\udcff end"
+
+
 def test_failed_for_retry_backoff_and_dead(outbox: Outbox, service: str) -> None:
     st = _store(outbox, service)
     oid = _create(outbox, service, max_retry=3)
@@ -160,7 +172,8 @@ def test_failed_for_retry_backoff_and_dead(outbox: Outbox, service: str) -> None
         msg = _get(outbox, service, oid)
         assert msg.status is Status.PENDING
         assert msg.retry_count == attempt
-        assert msg.last_error is not None and len(msg.last_error) == 2000
+        assert msg.last_error is not None
+        assert len(msg.last_error) == 2000
         assert msg.last_error.startswith(f"failure {attempt}")
         assert msg.next_retry_at is not None
         delay = (msg.next_retry_at - msg.updated_at).total_seconds()
@@ -199,7 +212,8 @@ def test_failed_for_retry_from_published(outbox: Outbox, service: str) -> None:
     st.mark_published(oid)
     st.mark_failed_for_retry(oid, "handler failed")
     msg = _get(outbox, service, oid)
-    assert msg.status is Status.PENDING and msg.retry_count == 1
+    assert msg.status is Status.PENDING
+    assert msg.retry_count == 1
 
 
 def _effects_table(ob: Outbox, service: str) -> Table:
@@ -233,7 +247,8 @@ def test_consume_and_mark_commits_together(outbox: Outbox, service: str) -> None
     assert st.consume_and_mark_consumed(oid, handler) is True
     assert _count(outbox, effects) == 1
     msg = _get(outbox, service, oid)
-    assert msg.status is Status.CONSUMED and msg.consumed_at is not None
+    assert msg.status is Status.CONSUMED
+    assert msg.consumed_at is not None
     # Second delivery: nothing to do, the callback does not run.
     assert st.consume_and_mark_consumed(oid, handler) is False
     assert calls == [1]
@@ -341,7 +356,8 @@ def test_requeue_dead(outbox: Outbox, service: str) -> None:
     assert st.mark_failed_for_retry(oid, "boom") is Status.DEAD
     assert st.requeue([oid]) == 1
     msg = _get(outbox, service, oid)
-    assert msg.status is Status.PENDING and msg.retry_count == 0
+    assert msg.status is Status.PENDING
+    assert msg.retry_count == 0
     assert [m.id for m in st.list_due_messages()] == [oid]
 
 
@@ -354,7 +370,8 @@ def test_claim_moves_due_time_and_is_not_an_attempt(outbox: Outbox, service: str
     claimed = st.claim_due(limit=3, lease=timedelta(seconds=30))
     assert [m.id for m in claimed] == ids[:3]
     for m in claimed:
-        assert m.status is Status.PENDING and m.retry_count == 0
+        assert m.status is Status.PENDING
+        assert m.retry_count == 0
         assert m.next_retry_at is not None
         assert (m.next_retry_at - m.updated_at).total_seconds() == pytest.approx(30, abs=0.01)
         assert _get(outbox, service, m.id).next_retry_at == m.next_retry_at
@@ -386,7 +403,8 @@ async def test_async_face_mirrors_sync(aoutbox: Outbox, service: str) -> None:
     st = aoutbox.store(service)
     oid = await st.create_message_async(f"{service}.created", "k", {"a": 1}, max_retry=2)
     msg = await st.get_by_id_async(oid)
-    assert msg is not None and msg.status is Status.PENDING
+    assert msg is not None
+    assert msg.status is Status.PENDING
     assert [m.id for m in await st.list_due_messages_async()] == [oid]
     assert [m.id for m in await st.claim_due_async(lease=0.2)] == [oid]
     assert await st.mark_failed_for_retry_async(oid, "x") is Status.PENDING
@@ -421,8 +439,6 @@ async def test_async_consume_rolls_back(aoutbox: Outbox, service: str) -> None:
 
 
 async def test_sync_method_on_async_tx_is_refused(aoutbox: Outbox, service: str) -> None:
-    from sqlalchemy.ext.asyncio import AsyncSession
-
     async with AsyncSession(aoutbox.db.async_engine) as session:
         st = aoutbox.store(service).with_tx(session)
         with pytest.raises(TransactionRequiredError):
