@@ -68,6 +68,20 @@ class ServiceSettings(BaseModel):
         return ServiceOverride(table=self.table, topic=self.topic, group=self.group)
 
 
+class KafkaSettings(BaseModel):
+    """Kafka transport settings (``OUTBOXER_KAFKA__*``, ``[kafka]`` in TOML)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    create_topics: bool = True
+    partitions: int = Field(default=3, ge=1)
+    replication_factor: int = Field(default=-1, description="-1: the broker's default")
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    topic_wait_timeout: float = Field(default=60.0, gt=0)
+    config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Extra librdkafka settings for producer and consumers (security, tuning)."""
+
+
 class OutboxSettings(BaseSettings):
     """Everything that can be configured outside the code."""
 
@@ -90,6 +104,8 @@ class OutboxSettings(BaseSettings):
     batch_size: int = Field(default=100, ge=1, le=10_000)
     poll_interval: float = Field(default=1.0, gt=0)
     lease: float = Field(default=30.0, gt=0, description="claim lease in seconds")
+    shutdown_timeout: float = Field(default=30.0, gt=0)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 
     @field_validator("topic_prefix")
     @classmethod

@@ -193,9 +193,16 @@ class Database:
             self._sync.dispose()
             self._sync = None
 
+    async def dispose_async_only(self) -> None:
+        """Close the async pool (its connections belong to the current event loop)."""
+        if self._async is not None:
+            if self._owns_async:
+                await self._async.dispose()
+                self._async = None
+            else:
+                await self._async.dispose(close=False)
+
     async def dispose_async(self) -> None:
         """Close the pools of every engine outboxer created."""
-        if self._async is not None and self._owns_async:
-            await self._async.dispose()
-            self._async = None
+        await self.dispose_async_only()
         self.dispose()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, MetaData, Table
 from sqlalchemy.engine import URL
@@ -14,9 +16,12 @@ from sqlalchemy.orm import Session
 
 from outboxer.backoff import RetryPolicy
 from outboxer.config import OutboxSettings, load_settings
+from outboxer.consumer import Handler
 from outboxer.db import Database, family_of
+from outboxer.engine import Runtime
 from outboxer.envelope import DEFAULT_VERSION, JsonDefault, build_stored_envelope, encode_json
 from outboxer.errors import ConfigurationError, InvalidEventError, StoreError
+from outboxer.metrics import Stats
 from outboxer.routing import RouteRegistry, ServiceRoute, validate_event_type
 from outboxer.runner import AsyncRunner, SyncRunner
 from outboxer.schema import outbox_table
@@ -29,8 +34,11 @@ from outboxer.store import (
     clean_key,
     op_insert,
 )
+from outboxer.transports.base import Transport
 
 logger = logging.getLogger(__name__)
+
+H = TypeVar("H", bound=Handler)
 
 
 class Outbox:
@@ -45,6 +53,7 @@ class Outbox:
         self,
         url_or_engine: str | URL | Engine | AsyncEngine | None = None,
         *,
+        transport: str | Transport | None = None,
         topic_prefix: str | None = None,
         max_retry: int | None = None,
         retry_unit: float | None = None,
@@ -77,6 +86,7 @@ class Outbox:
         self.db = Database(url_or_engine if url_or_engine is not None else settings.url)
         self.metadata = MetaData()
         """Holds one table per registered service; give it to Alembic's target_metadata."""
+        self._engine = Runtime(self, transport if transport is not None else settings.transport)
 
     # ------------------------------------------------------------------ routing
 
@@ -98,6 +108,83 @@ class Outbox:
         route = self.routes.register_event(event_type, service)
         outbox_table(route.table_name, self.metadata)
         return route
+
+    # ------------------------------------------------------------------ handlers
+
+    def handler(self, event_type: str, *, service: str | None = None) -> Callable[[H], H]:
+        """Decorator: ``fn(event, tx)`` handles ``event_type`` (see :meth:`register_handler`)."""
+        return self._engine.handler(event_type, service=service)
+
+    def register_handler(self, event_type: str, fn: Handler, *, service: str | None = None) -> None:
+        """Make ``fn`` the handler of ``event_type``.
+
+        ``async def fn(event: Envelope, tx: AsyncSession)`` or ``def fn(event, tx:
+        Session)``: it runs inside the transaction that marks the event consumed, so
+        its database writes and the mark commit together. Raising makes the event
+        fail for retry. ``service=`` also registers the event type to that service.
+        """
+        self._engine.register_handler(event_type, fn, service=service)
+
+    @property
+    def transport(self) -> Transport:
+        return self._engine.transport
+
+    @property
+    def stats(self) -> Stats:
+        """Counters of what this process's relays and consumers did."""
+        return self._engine.stats
+
+    # ------------------------------------------------------------------ running
+
+    async def run_async(
+        self,
+        *,
+        relay: bool = True,
+        consume: bool = True,
+        services: Sequence[str] | None = None,
+        handle_signals: bool = False,
+        ready: Callable[[], None] | None = None,
+    ) -> None:
+        """Run relays and consumers until :meth:`stop` or cancellation.
+
+        Stopping finishes the batch in flight, flushes the producer, commits consumer
+        offsets and closes connections, within ``shutdown_timeout`` seconds. Consumers
+        run for services that have handlers in this process; relays for every chosen
+        service (with the local transport: the consumed ones, since delivery is
+        in-process).
+        """
+        await self._engine.run(
+            relay=relay,
+            consume=consume,
+            services=services,
+            handle_signals=handle_signals,
+            ready=ready,
+        )
+
+    def run(
+        self,
+        *,
+        relay: bool = True,
+        consume: bool = True,
+        services: Sequence[str] | None = None,
+    ) -> None:
+        """Blocking :meth:`run_async` for scripts; SIGTERM and SIGINT stop it cleanly."""
+        asyncio.run(
+            self.run_async(relay=relay, consume=consume, services=services, handle_signals=True)
+        )
+
+    def stop(self) -> None:
+        """Ask a running :meth:`run_async` to stop (safe from any thread)."""
+        self._engine.stop()
+
+    def op_context(self, route: ServiceRoute) -> OpContext:
+        """The context the state-machine ops need for ``route`` on outboxer's engines."""
+        return OpContext(
+            table=self.table_for(route),
+            route=route,
+            family=self.db.family,
+            policy=self.retry_policy,
+        )
 
     def table_for(self, route: ServiceRoute | str) -> Table:
         if isinstance(route, str):
@@ -232,7 +319,10 @@ class Outbox:
         route, values = self._prepare_publish(
             event_type, payload, key, aggregate_id, event_id, version, max_retry
         )
-        return int(SyncRunner(tx).run(op_insert(self._op_context(route, tx), values)))
+        outbox_id = int(SyncRunner(tx).run(op_insert(self._op_context(route, tx), values)))
+        if self._engine.waker.active:
+            self._engine.commit_wake.arm(tx, route.service_name)
+        return outbox_id
 
     async def publish_async(
         self,
@@ -252,7 +342,10 @@ class Outbox:
             event_type, payload, key, aggregate_id, event_id, version, max_retry
         )
         runner = AsyncRunner(tx)
-        return int(await runner.run(op_insert(self._op_context(route, tx), values)))
+        outbox_id = int(await runner.run(op_insert(self._op_context(route, tx), values)))
+        if self._engine.waker.active:
+            self._engine.commit_wake.arm(tx, route.service_name)
+        return outbox_id
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -579,6 +579,9 @@ class Store:
     def mark_dead(self, outbox_id: int, reason: str) -> None:
         self._run(op_mark_dead(self._ctx, [outbox_id], reason))
 
+    def mark_dead_many(self, ids: Iterable[int], reason: str) -> int:
+        return int(self._run(op_mark_dead(self._ctx, list(ids), reason)))
+
     def mark_failed_for_retry(self, outbox_id: int, reason: str) -> Status | None:
         """One failed attempt; returns the new status, ``None`` if consumed/dead."""
         outcome = self._run(op_mark_failed(self._ctx, [(outbox_id, reason)]))
@@ -640,6 +643,9 @@ class Store:
 
     async def mark_dead_async(self, outbox_id: int, reason: str) -> None:
         await self._run_async(op_mark_dead(self._ctx, [outbox_id], reason))
+
+    async def mark_dead_many_async(self, ids: Iterable[int], reason: str) -> int:
+        return int(await self._run_async(op_mark_dead(self._ctx, list(ids), reason)))
 
     async def mark_failed_for_retry_async(self, outbox_id: int, reason: str) -> Status | None:
         outcome = await self._run_async(op_mark_failed(self._ctx, [(outbox_id, reason)]))

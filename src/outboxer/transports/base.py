@@ -1,0 +1,121 @@
+"""The transport protocol: the seam between the outbox and a broker.
+
+A transport sends batches of envelopes for a service route and reports, per message,
+whether the broker acknowledged it; and it hands out subscriptions that receive
+batches for a route and acknowledge (commit) them after the database transaction
+that processed them has committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from outboxer.envelope import Envelope
+from outboxer.routing import ServiceRoute
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """One claimed outbox row, ready to send."""
+
+    outbox_id: int
+    retry_count: int
+    key: str
+    envelope: Envelope
+    value: bytes
+
+    @classmethod
+    def from_envelope(cls, envelope: Envelope, *, key: str, retry_count: int) -> OutgoingMessage:
+        return cls(envelope.outbox_id, retry_count, key, envelope, envelope.to_json())
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        env = self.envelope
+        return [
+            ("event_id", env.event_id.encode()),
+            ("event_type", env.event_type.encode()),
+            ("event_version", env.event_version.encode()),
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What became of one sent message.
+
+    ``error`` is ``None`` when the broker acknowledged it. ``permanent`` errors (a
+    message larger than the broker accepts, say) will never succeed: the relay marks
+    the row dead instead of retrying. ``settled`` means the consumer side already
+    recorded the outcome in the database (the in-process transport), so the relay
+    must not mark the row published.
+    """
+
+    outbox_id: int
+    error: str | None = None
+    permanent: bool = False
+    settled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(slots=True)
+class IncomingMessage:
+    """One message received from the transport, not yet acknowledged."""
+
+    route: ServiceRoute
+    value: bytes | None
+    key: bytes | None = None
+    headers: Mapping[str, bytes] = field(default_factory=dict)
+    position: Any = None
+    """The transport's own marker (partition and offset for Kafka) used by ``ack``."""
+
+
+@runtime_checkable
+class Subscription(Protocol):
+    """Receives one route's messages (Kafka: one consumer in the route's group)."""
+
+    route: ServiceRoute
+
+    async def receive(self, max_messages: int, timeout: float) -> list[IncomingMessage]:
+        """Up to ``max_messages``, waiting at most ``timeout`` seconds for the first."""
+        ...
+
+    async def ack(self, messages: Sequence[IncomingMessage]) -> None:
+        """Acknowledge messages processed and committed in the database."""
+        ...
+
+    async def close(self) -> None:
+        """Stop receiving; unacknowledged messages will be delivered again later."""
+        ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """A broker (or the in-process handoff) that carries envelopes."""
+
+    name: str
+
+    @property
+    def delivers_in_process(self) -> bool:
+        """True when a send only completes once this process's consumer processed it."""
+        ...
+
+    async def start(self, routes: Sequence[ServiceRoute]) -> None:
+        """Connect and make sure the routes' topics are ready."""
+        ...
+
+    async def send(
+        self, route: ServiceRoute, messages: Sequence[OutgoingMessage]
+    ) -> list[Delivery]:
+        """Send a batch; one :class:`Delivery` per message, in the same order."""
+        ...
+
+    async def subscribe(self, route: ServiceRoute) -> Subscription:
+        """A subscription to ``route`` in the route's consumer group."""
+        ...
+
+    async def close(self) -> None:
+        """Flush what was sent and release every connection."""
+        ...
