@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Table, and_, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
@@ -390,6 +390,46 @@ def op_requeue(c: OpContext, ids: Sequence[int] | None, status: Status) -> Op[in
     return int(result.rowcount)
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    """A service's outbox at a glance (for ``outboxer status`` and dashboards)."""
+
+    service: str
+    table: str
+    counts: dict[str, int]
+    due: int
+    oldest_due_seconds: float | None
+    """Age of the oldest row that is due now (how far the relay is behind)."""
+
+    @property
+    def dead(self) -> int:
+        return self.counts.get(Status.DEAD.value, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def op_status(c: OpContext) -> Op[ServiceStatus]:
+    t = c.table
+    result = yield Execute(
+        select(t.c.status, func.count()).group_by(t.c.status), what="status", context=c.ctx()
+    )
+    counts = {s.value: 0 for s in Status}
+    counts.update({row[0]: int(row[1]) for row in result.all()})
+    due = _due(c, None)
+    result = yield Execute(
+        select(func.count(), func.min(t.c.next_retry_at), db_now()).where(due),
+        what="status",
+        context=c.ctx(),
+    )
+    n_due, oldest, now = result.one()
+    age = None
+    if n_due and oldest is not None and now is not None:
+        age = max(0.0, (now - oldest).total_seconds())
+    return ServiceStatus(c.route.service_name, t.name, counts, int(n_due), age)
+
+
 # ------------------------------------------------------------------------- faces
 
 
@@ -599,6 +639,13 @@ class Store:
     def consume_in_tx(self, outbox_id: int, fn: Callable[[Session], Any] | None) -> bool:
         """As :meth:`consume_and_mark_consumed` without the mark (caller marks later)."""
         return bool(self._run(op_consume(self._ctx, outbox_id, fn, False), savepoint=True))
+
+    def status(self) -> ServiceStatus:
+        """Counts by status, rows due now and the age of the oldest due row."""
+        return self._run(op_status(self._ctx))  # type: ignore[no-any-return]
+
+    async def status_async(self) -> ServiceStatus:
+        return await self._run_async(op_status(self._ctx))  # type: ignore[no-any-return]
 
     def requeue(self, ids: Sequence[int] | None = None, *, status: Status = Status.DEAD) -> int:
         return int(self._run(op_requeue(self._ctx, ids, status)))
