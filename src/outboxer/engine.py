@@ -219,7 +219,11 @@ class Runtime:
         relay_routes, consume_routes = self._plan(
             services, relay, consume, transport.delivers_in_process
         )
-        await self._check_tables([*relay_routes, *consume_routes])
+        try:
+            await self._check_tables([*relay_routes, *consume_routes])
+        except BaseException:
+            await self.outbox.db.dispose_async_only()
+            raise
         self.running = True
         self._loop = asyncio.get_running_loop()
         relay_stop = self._relay_stop = asyncio.Event()
@@ -277,14 +281,10 @@ class Runtime:
             if ready is not None:
                 ready()
             await _wait_any(relay_stop, [*relay_tasks, *consume_tasks])
-        except asyncio.CancelledError:
-            relay_stop.set()
-            await self._shutdown(relay_tasks, consume_tasks, subscriptions, transport)
-            raise
-        else:
-            relay_stop.set()
-            await self._shutdown(relay_tasks, consume_tasks, subscriptions, transport)
         finally:
+            # Reached on stop(), on cancellation and on a failed start alike.
+            relay_stop.set()
+            await self._shutdown(relay_tasks, consume_tasks, subscriptions, transport)
             for sig in installed:
                 self._loop.remove_signal_handler(sig)
             self.waker.unbind()

@@ -1,0 +1,340 @@
+"""End to end: publish -> relay -> transport -> consumer -> handler, on real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from sqlalchemy import select
+
+from outboxer import ConfigurationError, HandlerError, Outbox, OutboxMessage, Status
+from outboxer.testing import EmbeddedKafka
+from tests.conftest import isolated_settings
+from tests.integration.engine_helpers import (
+    App,
+    all_final,
+    build_app,
+    drop_app,
+    effects,
+    publish_many,
+    run_until,
+    status_counts,
+)
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _committed_and_end(broker: EmbeddedKafka, topic: str, group: str) -> tuple[int, int, int]:
+    """(sum of the group's committed offsets, sum of end offsets, messages in the topic).
+
+    End offsets are found by reading the topic from the start (this broker's
+    ListOffsets answer is not reliable), as last offset + 1 per partition.
+    """
+    reader = Consumer(
+        {
+            "bootstrap.servers": broker.bootstrap_servers,
+            "group.id": f"probe-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    probe = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": group})
+    try:
+        meta = reader.list_topics(topic, timeout=10)
+        parts = [TopicPartition(topic, p, 0) for p in meta.topics[topic].partitions]
+        reader.assign(parts)
+        end: dict[int, int] = {}
+        count, idle = 0, 0
+        while idle < 4:
+            batch = reader.consume(1000, 0.5)
+            idle = 0 if batch else idle + 1
+            for m in batch:
+                assert m.error() is None, m.error()
+                end[m.partition()] = m.offset() + 1
+                count += 1
+        committed = probe.committed([TopicPartition(topic, p) for p in end], timeout=10)
+        return sum(max(tp.offset, 0) for tp in committed), sum(end.values()), count
+    finally:
+        reader.close()
+        probe.close()
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["pg_database", "mysql_database"])
+async def test_ten_thousand_events_through_kafka(
+    request: pytest.FixtureRequest, kafka_broker: EmbeddedKafka, fixture: str
+) -> None:
+    url = request.getfixturevalue(fixture).url
+    app = build_app(url, kafka_broker.transport_url, n_services=3)
+    try:
+        publish_many(app, 10_000)
+        await run_until([app.outbox], lambda: all_final(app), timeout=300)
+        counts = status_counts(app)
+        assert counts["consumed"] == 10_000
+        assert counts["dead"] == 0
+        assert effects(app) == (10_000, 10_000)
+        sent = 0
+        for svc in app.services:
+            route = app.outbox.routes.route_for_service(svc)
+            committed, end, count = _committed_and_end(kafka_broker, route.topic, route.group_id)
+            assert committed == end, f"{svc}: committed {committed} of {end}"
+            sent += count
+        assert sent >= 10_000
+    finally:
+        drop_app(app)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "mariadb", "postgresql"])
+async def test_ten_thousand_events_local(
+    request: pytest.FixtureRequest, tmp_path: object, backend: str
+) -> None:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path}/local.db"
+    else:
+        fixture = "pg_database" if backend == "postgresql" else "mysql_database"
+        url = request.getfixturevalue(fixture).url
+    app = build_app(url, "local", n_services=3)
+    try:
+        publish_many(app, 10_000)
+        await run_until([app.outbox], lambda: all_final(app), timeout=300)
+        assert status_counts(app)["consumed"] == 10_000
+        assert effects(app) == (10_000, 10_000)
+        stats = app.outbox.stats
+        assert stats.get("consumed") == 10_000
+        assert stats.get("published") == 0  # in-process: rows go straight to consumed
+    finally:
+        drop_app(app)
+
+
+TRANSPORTS = ["local", "kafka"]
+
+
+def _transport(request: pytest.FixtureRequest, name: str) -> str:
+    if name == "local":
+        return "local"
+    broker: EmbeddedKafka = request.getfixturevalue("kafka_broker")
+    return broker.transport_url
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_retry_then_success_and_dead_after_max_retry(
+    request: pytest.FixtureRequest, db_url: str, transport: str
+) -> None:
+    app = build_app(db_url, _transport(request, transport), max_retry=4)
+    app.fail = {0: 2, 1: -1}
+    try:
+        publish_many(app, 3)
+        await run_until([app.outbox], lambda: all_final(app), timeout=120)
+        st = app.outbox.store(app.services[0])
+        rows = {m.envelope().payload["n"]: m for m in _all_rows(app)}
+        assert rows[0].status is Status.CONSUMED
+        assert rows[0].retry_count == 2
+        assert rows[1].status is Status.DEAD
+        assert rows[1].retry_count == 4
+        assert rows[1].last_error is not None
+        assert rows[1].last_error.startswith("RuntimeError: planned failure for n=1")
+        assert rows[2].status is Status.CONSUMED
+        assert rows[2].retry_count == 0
+        assert app.attempts[0] == 3
+        assert app.attempts[1] == 4
+        # Failed attempts' writes were rolled back with their savepoint.
+        assert effects(app) == (2, 2)
+        assert st.status().dead == 1
+    finally:
+        drop_app(app)
+
+
+def _all_rows(app: App) -> list[OutboxMessage]:
+    ob = app.outbox
+    out = []
+    for svc in app.services:
+        table = ob.table_for(svc)
+        with ob.db.sync_engine.connect() as conn:
+            out.extend(OutboxMessage.from_mapping(r._mapping) for r in conn.execute(select(table)))
+    return out
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_event_without_handler_ends_dead_with_reason(
+    request: pytest.FixtureRequest, db_url: str, transport: str
+) -> None:
+    app = build_app(db_url, _transport(request, transport))
+    orphan = f"{app.services[0]}.orphaned"
+    app.outbox.register_event(orphan, app.services[0])
+    try:
+        with app.outbox.db.sync_engine.begin() as conn:
+            oid = app.outbox.publish(conn, orphan, {"n": 1})
+        publish_many(app, 2)
+        await run_until([app.outbox], lambda: all_final(app), timeout=120)
+        msg = app.outbox.store(app.services[0]).get_by_id(oid)
+        assert msg is not None
+        assert msg.status is Status.DEAD
+        assert msg.last_error is not None
+        assert orphan in msg.last_error
+        assert "no handler" in msg.last_error
+        assert status_counts(app)["consumed"] == 2
+    finally:
+        drop_app(app)
+
+
+@pytest.mark.kafka
+async def test_garbage_on_the_topic_is_skipped_and_counted(
+    pg_database: object, kafka_broker: EmbeddedKafka
+) -> None:
+    app = build_app(pg_database.url, kafka_broker.transport_url)  # type: ignore[attr-defined]
+    route = app.outbox.routes.route_for_service(app.services[0])
+    try:
+        publish_many(app, 5)
+
+        async def produce_garbage() -> None:
+            await asyncio.sleep(0.5)
+            producer = Producer({"bootstrap.servers": kafka_broker.bootstrap_servers})
+            producer.produce(route.topic, value=b"\xff\x00 not json at all")
+            producer.produce(route.topic, value=b"[1, 2, 3]")
+            producer.produce(
+                route.topic,
+                value=json.dumps({"event_type": "x", "payload": {}}).encode(),
+            )
+            producer.produce(route.topic, value=None, key=b"tombstone")
+            producer.flush(10)
+
+        garbage = asyncio.create_task(produce_garbage())
+        stats = app.outbox.stats
+
+        def done() -> bool:
+            return (
+                all_final(app) and stats.get("undecodable") >= 3 and stats.get("no_outbox_id") >= 1
+            )
+
+        publish_later = asyncio.create_task(asyncio.to_thread(_later, app))
+        await run_until([app.outbox], done, timeout=120)
+        await garbage
+        await publish_later
+        assert stats.get("undecodable") == 3
+        assert stats.get("no_outbox_id") == 1
+        assert status_counts(app)["consumed"] == 10  # events after the garbage too
+        assert effects(app) == (10, 10)
+    finally:
+        drop_app(app)
+
+
+def _later(app: App) -> None:
+    time.sleep(1.5)
+    publish_many(app, 5, start=100)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_two_relays_two_consumers_no_double_effects(
+    request: pytest.FixtureRequest, server_url: str, transport: str
+) -> None:
+    spec = _transport(request, transport)
+    one = build_app(server_url, spec, n_services=2, batch_size=50)
+    two = build_app(
+        server_url, spec, n_services=2, batch_size=50, prefix=one.prefix, effects=one.effects
+    )
+    try:
+        publish_many(one, 3000)
+        await run_until([one.outbox, two.outbox], lambda: all_final(one), timeout=240)
+        assert status_counts(one)["consumed"] == 3000
+        assert effects(one) == (3000, 3000)
+        # Both processes did work.
+        assert one.outbox.stats.get("consumed") > 0
+        assert two.outbox.stats.get("consumed") > 0
+    finally:
+        two.outbox.close()
+        drop_app(one)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_stop_during_busy_run_then_restart_finishes(
+    request: pytest.FixtureRequest, server_url: str, transport: str
+) -> None:
+    spec = _transport(request, transport)
+    app = build_app(server_url, spec, n_services=2, batch_size=50)
+    try:
+        publish_many(app, 4000)
+
+        def some_done() -> bool:
+            return 0 < status_counts(app)["consumed"] < 4000
+
+        await run_until([app.outbox], some_done, timeout=120)
+        first = status_counts(app)["consumed"]
+        assert 0 < first < 4000
+        again = build_app(server_url, spec, n_services=2, prefix=app.prefix, effects=app.effects)
+        try:
+            await run_until([again.outbox], lambda: all_final(app), timeout=240)
+        finally:
+            again.outbox.close()
+        assert status_counts(app)["consumed"] == 4000
+        assert effects(app) == (4000, 4000)
+    finally:
+        drop_app(app)
+
+
+async def test_sync_handlers_run_off_the_event_loop(db_url: str) -> None:
+    app = build_app(db_url, "local", sync_handlers=True, n_services=2)
+    try:
+        publish_many(app, 500)
+        await run_until([app.outbox], lambda: all_final(app), timeout=120)
+        assert effects(app) == (500, 500)
+    finally:
+        drop_app(app)
+
+
+async def test_publish_wakes_the_relay(db_url: str) -> None:
+    # A poll interval far longer than the test: only the commit hook can wake the relay.
+    app = build_app(db_url, "local", poll_interval=30.0)
+    try:
+        task = asyncio.create_task(app.outbox.run_async())
+        await asyncio.sleep(1.0)
+        publish_many(app, 3)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while status_counts(app)["consumed"] < 3:
+            assert loop.time() - start < 10, "relay was not woken by the commit"
+            await asyncio.sleep(0.05)
+        app.outbox.stop()
+        await task
+    finally:
+        drop_app(app)
+
+
+def test_handler_registration_errors(tmp_path: object) -> None:
+    app = build_app(f"sqlite:///{tmp_path}/h.db", handlers=True)
+    ob = app.outbox
+    with pytest.raises(HandlerError, match="already has a handler"):
+        ob.register_handler(app.event(app.services[0]), lambda e, tx: None)
+    with pytest.raises(HandlerError, match="must accept"):
+        ob.register_handler("other.event", lambda e: None)  # type: ignore[arg-type,misc]
+
+    @ob.handler("orphan.event")
+    def orphan(event: object, tx: object) -> None: ...
+
+    with pytest.raises(HandlerError, match=r"orphan\.event"):
+        ob.run()
+    drop_app(app)
+
+
+def test_bad_transport_and_local_relay_only(tmp_path: object) -> None:
+    with pytest.raises(ConfigurationError, match="unknown transport"):
+        Outbox(f"sqlite:///{tmp_path}/t.db", transport="carrier-pigeon://x")
+    with pytest.raises(ConfigurationError, match="no bootstrap"):
+        Outbox(f"sqlite:///{tmp_path}/t.db", transport="kafka://")
+    app = build_app(f"sqlite:///{tmp_path}/t.db")
+    with pytest.raises(ConfigurationError, match="in-process"):
+        app.outbox.run(relay=True, consume=False)
+    drop_app(app)
+
+
+def test_run_refuses_missing_tables(tmp_path: object) -> None:
+    ob = Outbox(f"sqlite:///{tmp_path}/m.db", settings=isolated_settings())
+    ob.register_handler("a.b", lambda e, tx: None, service="svc_" + uuid.uuid4().hex[:6])
+    with pytest.raises(ConfigurationError, match="migrate"):
+        ob.run()
+    ob.close()
