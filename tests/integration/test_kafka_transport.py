@@ -1,0 +1,139 @@
+"""The Kafka transport against the real Kafka-protocol broker."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+from confluent_kafka import Consumer, KafkaError
+
+from outboxer import Envelope, Status, TransportError
+from outboxer.config import KafkaSettings
+from outboxer.routing import ServiceRoute
+from outboxer.testing import EmbeddedKafka
+from outboxer.transports.base import OutgoingMessage
+from outboxer.transports.kafka import KafkaTransport
+from tests.integration.engine_helpers import all_final, build_app, drop_app, run_until
+
+pytestmark = pytest.mark.kafka
+
+
+def _route() -> ServiceRoute:
+    name = f"k{uuid.uuid4().hex[:8]}"
+    return ServiceRoute(name, f"{name}_outbox", f"test.{name}", f"test.{name}.g")
+
+
+def _message(n: int, key: str = "key-1") -> OutgoingMessage:
+    env = Envelope(n, f"evt-{n}", "thing.happened", "v2", "agg-9", {"n": n})
+    return OutgoingMessage.from_envelope(env, key=key, retry_count=0)
+
+
+def _read(broker: EmbeddedKafka, topic: str, expect: int) -> list[object]:
+    c = Consumer(
+        {
+            "bootstrap.servers": broker.bootstrap_servers,
+            "group.id": f"reader-{uuid.uuid4().hex[:6]}",
+            "auto.offset.reset": "earliest",
+            # This broker holds a group's first join for about half the session timeout.
+            "session.timeout.ms": 6000,
+        }
+    )
+    c.subscribe([topic])
+    got: list[object] = []
+    try:
+        for _ in range(60):
+            got.extend(m for m in c.consume(100, 0.5) if m.error() is None)
+            if len(got) >= expect:
+                break
+    finally:
+        c.close()
+    return got
+
+
+async def test_send_carries_key_value_and_headers(kafka_broker: EmbeddedKafka) -> None:
+    route = _route()
+    transport = KafkaTransport(kafka_broker.bootstrap_servers)
+    await transport.start([route])
+    try:
+        deliveries = await transport.send(route, [_message(1), _message(2, key="other")])
+        assert [d.ok for d in deliveries] == [True, True]
+        assert [d.outbox_id for d in deliveries] == [1, 2]
+    finally:
+        await transport.close()
+    msgs = _read(kafka_broker, route.topic, 2)
+    assert len(msgs) == 2
+    by_id = {Envelope.from_json(m.value()).outbox_id: m for m in msgs}  # type: ignore[attr-defined]
+    first = by_id[1]
+    assert first.key() == b"key-1"  # type: ignore[attr-defined]
+    assert dict(first.headers()) == {  # type: ignore[attr-defined]
+        "event_id": b"evt-1",
+        "event_type": b"thing.happened",
+        "event_version": b"v2",
+    }
+    assert Envelope.from_json(first.value()).payload == {"n": 1}  # type: ignore[attr-defined]
+
+
+async def test_fatal_producer_error_recreates_the_producer(kafka_broker: EmbeddedKafka) -> None:
+    route = _route()
+    transport = KafkaTransport(kafka_broker.bootstrap_servers)
+    await transport.start([route])
+    try:
+        assert all(d.ok for d in await transport.send(route, [_message(1)]))
+        before = transport._producer
+        assert before is not None
+        # librdkafka reports fatal errors through error_cb; deliver one the same way.
+        before._on_error(KafkaError(KafkaError._FATAL, "injected fatal error", fatal=True))
+        assert all(d.ok for d in await transport.send(route, [_message(2)]))
+        assert transport._producer is not before
+        assert transport._producer is not None
+        assert transport._producer.fatal is None
+    finally:
+        await transport.close()
+    assert len(_read(kafka_broker, route.topic, 2)) == 2
+
+
+async def test_missing_topic_without_creation_is_a_clear_error(
+    kafka_broker: EmbeddedKafka, caplog: pytest.LogCaptureFixture
+) -> None:
+    route = _route()
+    transport = KafkaTransport(
+        kafka_broker.bootstrap_servers,
+        settings=KafkaSettings(create_topics=False, topic_wait_timeout=1.5),
+    )
+    with caplog.at_level(logging.WARNING), pytest.raises(TransportError, match=route.topic):
+        await transport.start([route])
+    assert "waiting for Kafka topics" in caplog.text
+    await transport.close()
+
+
+async def test_message_too_large_ends_dead_not_retried(
+    pg_database: object, kafka_broker: EmbeddedKafka
+) -> None:
+    # The outbox accepts up to 4 MB here, the producer only librdkafka's default 1 MB.
+    app = build_app(
+        pg_database.url,  # type: ignore[attr-defined]
+        kafka_broker.transport_url,
+        max_payload_bytes=4_000_000,
+        max_retry=20,
+    )
+    try:
+        with app.outbox.db.sync_engine.begin() as conn:
+            big = app.outbox.publish(
+                conn, app.event(app.services[0]), {"n": 1, "blob": "x" * 1_500_000}
+            )
+            small = app.outbox.publish(conn, app.event(app.services[0]), {"n": 2})
+        await run_until([app.outbox], lambda: all_final(app), timeout=120)
+        st = app.outbox.store(app.services[0])
+        dead = st.get_by_id(big)
+        assert dead is not None
+        assert dead.status is Status.DEAD
+        assert dead.retry_count == 0
+        assert dead.last_error is not None
+        assert "MSG_SIZE_TOO_LARGE" in dead.last_error
+        ok = st.get_by_id(small)
+        assert ok is not None
+        assert ok.status is Status.CONSUMED
+        assert app.outbox.stats.get("send_dead") == 1
+    finally:
+        drop_app(app)
