@@ -36,6 +36,8 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from outboxer.errors import ConfigurationError
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+READ_ONLY = {"outboxer_read_only": True}
+"""Execution options of a transaction that only reads (SQLite: no write lock)."""
 
 _SYNC_DRIVERS = {"sqlite": "pysqlite", "postgresql": "psycopg", "mysql": "pymysql"}
 _ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "psycopg", "mysql": "aiomysql"}
@@ -124,7 +126,9 @@ def _tune_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the lock up front; read-only work must not block them.
+        read_only = conn.get_execution_options().get("outboxer_read_only", False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def create_sync_engine(url: str | URL, **kwargs: Any) -> Engine:

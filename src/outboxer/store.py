@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import ColumnElement
 
 from outboxer.backoff import RetryPolicy
-from outboxer.db import family_of
+from outboxer.db import READ_ONLY, family_of
 from outboxer.envelope import encode_json
 from outboxer.errors import (
     ConfigurationError,
@@ -504,15 +504,18 @@ class Store:
 
     # -- running
 
-    def _run(self, op: Op[Any], *, savepoint: bool = False) -> Any:
+    def _run(self, op: Op[Any], *, savepoint: bool = False, read_only: bool = False) -> Any:
         tx = self._tx
         if tx is None:
             engine = self._outbox.db.sync_engine
             runner: SyncRunner | None = None
             try:
-                with engine.begin() as conn:
-                    runner = SyncRunner(conn)
-                    return runner.run(op)
+                with engine.connect() as conn:
+                    if read_only:
+                        conn.execution_options(**READ_ONLY)
+                    with conn.begin():
+                        runner = SyncRunner(conn)
+                        return runner.run(op)
             except SQLAlchemyError as exc:
                 if runner is not None and exc is runner.callback_error:
                     raise
@@ -523,15 +526,20 @@ class Store:
         with cm:
             return SyncRunner(tx).run(op)
 
-    async def _run_async(self, op: Op[Any], *, savepoint: bool = False) -> Any:
+    async def _run_async(
+        self, op: Op[Any], *, savepoint: bool = False, read_only: bool = False
+    ) -> Any:
         tx = self._tx
         if tx is None:
             engine = self._outbox.db.async_engine
             runner: AsyncRunner | None = None
             try:
-                async with engine.begin() as conn:
-                    runner = AsyncRunner(conn)
-                    return await runner.run(op)
+                async with engine.connect() as conn:
+                    if read_only:
+                        await conn.execution_options(**READ_ONLY)
+                    async with conn.begin():
+                        runner = AsyncRunner(conn)
+                        return await runner.run(op)
             except SQLAlchemyError as exc:
                 if runner is not None and exc is runner.callback_error:
                     raise
@@ -588,12 +596,12 @@ class Store:
         return int(self._run(op_insert(self._ctx, values)))
 
     def get_by_id(self, outbox_id: int) -> OutboxMessage | None:
-        return self._run(op_get(self._ctx, outbox_id))  # type: ignore[no-any-return]
+        return self._run(op_get(self._ctx, outbox_id), read_only=True)  # type: ignore[no-any-return]
 
     def list_due_messages(
         self, limit: int = DEFAULT_LIMIT, service_name: str | None = None
     ) -> list[OutboxMessage]:
-        return self._run(op_list_due(self._ctx, limit, _svc(service_name)))  # type: ignore[no-any-return]
+        return self._run(op_list_due(self._ctx, limit, _svc(service_name)), read_only=True)  # type: ignore[no-any-return]
 
     def claim_due(
         self,
@@ -642,10 +650,10 @@ class Store:
 
     def status(self) -> ServiceStatus:
         """Counts by status, rows due now and the age of the oldest due row."""
-        return self._run(op_status(self._ctx))  # type: ignore[no-any-return]
+        return self._run(op_status(self._ctx), read_only=True)  # type: ignore[no-any-return]
 
     async def status_async(self) -> ServiceStatus:
-        return await self._run_async(op_status(self._ctx))  # type: ignore[no-any-return]
+        return await self._run_async(op_status(self._ctx), read_only=True)  # type: ignore[no-any-return]
 
     def requeue(self, ids: Sequence[int] | None = None, *, status: Status = Status.DEAD) -> int:
         return int(self._run(op_requeue(self._ctx, ids, status)))
@@ -659,13 +667,13 @@ class Store:
         return int(await self._run_async(op_insert(self._ctx, values)))
 
     async def get_by_id_async(self, outbox_id: int) -> OutboxMessage | None:
-        return await self._run_async(op_get(self._ctx, outbox_id))  # type: ignore[no-any-return]
+        return await self._run_async(op_get(self._ctx, outbox_id), read_only=True)  # type: ignore[no-any-return]
 
     async def list_due_messages_async(
         self, limit: int = DEFAULT_LIMIT, service_name: str | None = None
     ) -> list[OutboxMessage]:
         op = op_list_due(self._ctx, limit, _svc(service_name))
-        return await self._run_async(op)  # type: ignore[no-any-return]
+        return await self._run_async(op, read_only=True)  # type: ignore[no-any-return]
 
     async def claim_due_async(
         self,

@@ -443,3 +443,22 @@ async def test_sync_method_on_async_tx_is_refused(aoutbox: Outbox, service: str)
         st = aoutbox.store(service).with_tx(session)
         with pytest.raises(TransactionRequiredError):
             st.get_by_id(1)
+
+
+def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path: object) -> None:
+    """On SQLite, status/get/list run while another connection holds the write lock."""
+    from tests.conftest import make_outbox
+
+    ob = make_outbox(f"sqlite:///{tmp_path}/locks.db")
+    ob.register_event("a.b", "svc")
+    ob.migrate()
+    st = ob.store("svc")
+    oid = st.create_message("a.b", "k", {"x": 1})
+    with ob.db.sync_engine.begin() as writer:  # BEGIN IMMEDIATE: holds the write lock
+        writer.execute(text("SELECT 1"))
+        started = time.monotonic()
+        assert st.get_by_id(oid) is not None
+        assert st.status().counts["pending"] == 1
+        assert [m.id for m in st.list_due_messages()] == [oid]
+        assert time.monotonic() - started < 2
+    ob.close()
