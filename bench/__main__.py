@@ -21,11 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, insert, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from outboxer import Outbox, OutboxSettings, Status
-from outboxer.schema import db_now
+from outboxer.testing import fill_due
 
 PG_ADMIN = os.environ.get(
     "OUTBOXER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -65,35 +65,6 @@ class StatementCounter:
         self.count += 1
 
 
-def seed_rows(ob: Outbox, service: str, n: int) -> None:
-    table = ob.table_for(service)
-    envelope = (
-        '{"event_id":null,"event_type":"bench.e","event_version":"v1",'
-        '"aggregate_id":"k","payload":{"n":1}}'
-    )
-    rows = [
-        {
-            "event_type": "bench.e",
-            "service_name": service,
-            "topic": "bench",
-            "message_key": f"k{i % 64}",
-            "payload": envelope,
-            "status": "pending",
-            "retry_count": 0,
-            "max_retry": 20,
-        }
-        for i in range(n)
-    ]
-    with ob.db.sync_engine.begin() as conn:
-        for lo in range(0, n, 5000):
-            conn.execute(
-                insert(table).values(
-                    next_retry_at=db_now(), created_at=db_now(), updated_at=db_now()
-                ),
-                rows[lo : lo + 5000],
-            )
-
-
 def seed_style_relay(ob: Outbox, service: str) -> None:
     """The seed's loop: list due rows, then per message: send, mark published."""
     st = ob.store(service)
@@ -129,7 +100,7 @@ def measure(url: str, n: int, relay: Callable[[Outbox, str], None]) -> Run:
     service = f"b{uuid.uuid4().hex[:8]}"
     ob.register_event("bench.e", service)
     ob.migrate()
-    seed_rows(ob, service, n)
+    fill_due(ob, service, n, event_type="bench.e")
     counter = StatementCounter(ob.db.sync_engine)
     start = time.perf_counter()
     relay(ob, service)
@@ -155,12 +126,12 @@ async def drain(url: str, n: int) -> float:
         tx.execute(text(f"INSERT INTO {effects} (outbox_id) VALUES (:o)"), {"o": event.outbox_id})
 
     ob.migrate()
-    seed_rows(ob, service, n)
+    fill_due(ob, service, n, event_type="bench.e")
     task = asyncio.create_task(ob.run_async())
     start = time.perf_counter()
     st = ob.store(service)
     while (await st.status_async()).counts[Status.CONSUMED.value] < n:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)  # polling the database is what is measured against
+        await asyncio.sleep(0.05)  # the database is the source of truth
     took = time.perf_counter() - start
     ob.stop()
     await task

@@ -8,6 +8,7 @@ any broker, use the default in-process transport (``Outbox(url)``).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,8 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+from sqlalchemy import insert
 
 from outboxer.errors import TransportError
+from outboxer.models import Status
+from outboxer.schema import db_now
+
+if TYPE_CHECKING:
+    from outboxer.outbox import Outbox
 
 
 def free_port() -> int:
@@ -112,3 +121,40 @@ class EmbeddedKafka:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def fill_due(outbox: Outbox, service: str, count: int, *, event_type: str | None = None) -> None:
+    """Insert ``count`` due rows straight into ``service``'s table (load tests, benchmarks).
+
+    The rows are what :meth:`Outbox.publish` would write for ``{"n": i}``, but inserted
+    5,000 per statement, so a large backlog is ready in moments.
+    """
+    event_type = event_type or f"{service}.filled"
+    table = outbox.table_for(service)
+    route = outbox.routes.route_for_service(service)
+    rows = [
+        {
+            "event_type": event_type,
+            "service_name": service,
+            "topic": route.topic,
+            "message_key": f"k{i % 64}",
+            "payload": json.dumps(
+                {
+                    "event_id": None,
+                    "event_type": event_type,
+                    "event_version": "v1",
+                    "aggregate_id": f"k{i % 64}",
+                    "payload": {"n": i},
+                },
+                separators=(",", ":"),
+            ),
+            "status": Status.PENDING.value,
+            "retry_count": 0,
+            "max_retry": outbox.retry_policy.max_retry,
+        }
+        for i in range(count)
+    ]
+    stmt = insert(table).values(next_retry_at=db_now(), created_at=db_now(), updated_at=db_now())
+    with outbox.db.sync_engine.begin() as conn:
+        for lo in range(0, count, 5000):
+            conn.execute(stmt, rows[lo : lo + 5000])

@@ -6,42 +6,11 @@ import threading
 import time
 from collections import Counter
 
-from sqlalchemy import insert
-
-from outboxer import Outbox
-from outboxer.schema import db_now
+from outboxer.testing import fill_due
 from tests.conftest import drop_tables, make_outbox, unique_service
 
 ROWS = 20_000
 WORKERS = 8
-
-
-def _seed(ob: Outbox, service: str, n: int) -> None:
-    table = ob.table_for(service)
-    payload = (
-        '{"event_id":null,"event_type":"e","event_version":"v1","aggregate_id":"k","payload":{}}'
-    )
-    rows = [
-        {
-            "event_type": f"{service}.created",
-            "service_name": service,
-            "topic": "t",
-            "message_key": str(i % 97),
-            "payload": payload,
-            "status": "pending",
-            "retry_count": 0,
-            "max_retry": 20,
-        }
-        for i in range(n)
-    ]
-    with ob.db.sync_engine.begin() as conn:
-        for start in range(0, n, 5000):
-            conn.execute(
-                insert(table).values(
-                    next_retry_at=db_now(), created_at=db_now(), updated_at=db_now()
-                ),
-                rows[start : start + 5000],
-            )
 
 
 def test_eight_claimers_claim_every_row_once(server_url: str) -> None:
@@ -49,7 +18,7 @@ def test_eight_claimers_claim_every_row_once(server_url: str) -> None:
     ob = make_outbox(server_url)
     ob.register_event(f"{service}.created", service)
     ob.migrate()
-    _seed(ob, service, ROWS)
+    fill_due(ob, service, ROWS)
     claims: list[list[int]] = [[] for _ in range(WORKERS)]
     errors: list[BaseException] = []
     start = threading.Barrier(WORKERS)
@@ -90,7 +59,7 @@ def test_lease_expiry_returns_rows_to_other_claimers(server_url: str) -> None:
     ob = make_outbox(server_url)
     ob.register_event(f"{service}.created", service)
     ob.migrate()
-    _seed(ob, service, 50)
+    fill_due(ob, service, 50)
     st = ob.store(service)
     crashed = st.claim_due(limit=50, lease=0.5)  # this worker "dies" now
     assert len(crashed) == 50

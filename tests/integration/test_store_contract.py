@@ -20,6 +20,7 @@ from outboxer import (
     TransactionRequiredError,
 )
 from outboxer.store import Store
+from tests.conftest import make_outbox
 
 
 def _store(ob: Outbox, service: str) -> Store:
@@ -447,8 +448,6 @@ async def test_sync_method_on_async_tx_is_refused(aoutbox: Outbox, service: str)
 
 def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path: object) -> None:
     """On SQLite, status/get/list run while another connection holds the write lock."""
-    from tests.conftest import make_outbox
-
     ob = make_outbox(f"sqlite:///{tmp_path}/locks.db")
     ob.register_event("a.b", "svc")
     ob.migrate()
