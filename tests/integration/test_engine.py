@@ -338,3 +338,35 @@ def test_run_refuses_missing_tables(tmp_path: object) -> None:
     with pytest.raises(ConfigurationError, match="migrate"):
         ob.run()
     ob.close()
+
+
+@pytest.mark.kafka
+async def test_relay_only_and_consume_only_processes(
+    pg_database: object, kafka_broker: EmbeddedKafka
+) -> None:
+    url = pg_database.url  # type: ignore[attr-defined]
+    relayer = build_app(url, kafka_broker.transport_url, n_services=2, handlers=False)
+    consumer = build_app(
+        url,
+        kafka_broker.transport_url,
+        n_services=2,
+        prefix=relayer.prefix,
+        effects=relayer.effects,
+    )
+    try:
+        publish_many(relayer, 300)
+        relay_task = asyncio.create_task(relayer.outbox.run_async(consume=False))
+        await run_until(
+            [consumer.outbox], lambda: all_final(relayer), timeout=120, run_kwargs={"relay": False}
+        )
+        relayer.outbox.stop()
+        await relay_task
+        assert status_counts(relayer)["consumed"] == 300
+        assert effects(relayer) == (300, 300)
+        assert relayer.outbox.stats.get("published") > 0
+        assert relayer.outbox.stats.get("consumed") == 0
+        assert consumer.outbox.stats.get("claimed") == 0
+        assert consumer.outbox.stats.get("consumed") == 300
+    finally:
+        consumer.outbox.close()
+        drop_app(relayer)
