@@ -20,6 +20,7 @@ from outboxer.errors import (
     RoutingError,
     ServiceMismatchError,
     StoreError,
+    TransactionAbortedError,
     TransactionRequiredError,
     TransportError,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "Status",
     "Store",
     "StoreError",
+    "TransactionAbortedError",
     "TransactionRequiredError",
     "TransportError",
     "__version__",

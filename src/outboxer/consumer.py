@@ -150,40 +150,48 @@ class Dispatcher:
     def _context(self) -> OpContext:
         return self.outbox.op_context(self.route)
 
-    def decode(self, batch: Sequence[IncomingMessage]) -> list[Envelope]:
-        """Valid envelopes of a batch; the rest are logged, counted and skipped."""
+    def decode(self, batch: Sequence[IncomingMessage], *, report: bool = True) -> list[Envelope]:
+        """Valid envelopes of a batch; the rest are skipped (logged and counted when
+        ``report``: a batch processed again does not count them twice)."""
         service = self.route.service_name
         envelopes: list[Envelope] = []
         for msg in batch:
             try:
                 obj = json.loads(msg.value) if msg.value is not None else None
             except (ValueError, UnicodeDecodeError):
-                logger.exception(
-                    "undecodable message skipped", extra={"service": service, "at": msg.position}
-                )
-                self.stats.add(service, "undecodable")
+                if report:
+                    logger.exception(
+                        "undecodable message skipped",
+                        extra={"service": service, "at": msg.position},
+                    )
+                    self.stats.add(service, "undecodable")
                 continue
             if isinstance(obj, dict) and obj.get("outbox_id") is None:
-                logger.warning(
-                    "message without outbox_id skipped",
-                    extra={"service": service, "at": msg.position},
-                )
-                self.stats.add(service, "no_outbox_id")
+                if report:
+                    logger.warning(
+                        "message without outbox_id skipped",
+                        extra={"service": service, "at": msg.position},
+                    )
+                    self.stats.add(service, "no_outbox_id")
                 continue
             try:
                 envelopes.append(Envelope.from_dict(obj))
             except EnvelopeDecodeError:
-                logger.exception(
-                    "invalid envelope skipped", extra={"service": service, "at": msg.position}
-                )
-                self.stats.add(service, "undecodable")
+                if report:
+                    logger.exception(
+                        "invalid envelope skipped", extra={"service": service, "at": msg.position}
+                    )
+                    self.stats.add(service, "undecodable")
         return envelopes
 
-    async def dispatch(self, batch: Sequence[IncomingMessage]) -> BatchOutcome:
+    async def dispatch(
+        self, batch: Sequence[IncomingMessage], *, first_pass: bool = True
+    ) -> BatchOutcome:
         """Process a batch and commit; raises only if the database transaction failed."""
         service = self.route.service_name
-        self.stats.add(service, "received", len(batch))
-        envelopes = self.decode(batch)
+        if first_pass:
+            self.stats.add(service, "received", len(batch))
+        envelopes = self.decode(batch, report=first_pass)
         if not envelopes:
             return BatchOutcome()
         ctx = self._context()
@@ -211,6 +219,32 @@ class Dispatcher:
         self.stats.add(service, "handler_errors", len(out.handler_errors))
         return out
 
+    async def dispatch_alone(self, message: IncomingMessage) -> None:
+        """One message in its own transaction; if that fails, a failed attempt is
+        recorded for it in a transaction of its own. Raises only if the database
+        cannot record anything."""
+        try:
+            await self.dispatch([message], first_pass=False)
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever broke it is recorded below
+            failure = exc
+        envelopes = self.decode([message], report=False)
+        if not envelopes:
+            return
+        env = envelopes[0]
+        logger.error(
+            "message %s breaks its own transaction; counted as a failed attempt",
+            env.outbox_id,
+            exc_info=failure,
+            extra={"service": self.route.service_name, "outbox_id": env.outbox_id},
+        )
+        store = self.outbox.store(self.route.service_name)
+        outcome = await store.mark_failed_many_async([(env.outbox_id, describe_error(failure))])
+        status = outcome.get(env.outbox_id)
+        if status is not None:
+            self.stats.add(self.route.service_name, "dead" if status.value == "dead" else "retried")
+            self.stats.add(self.route.service_name, "handler_errors")
+
     def _run_sync(self, op: Op[BatchOutcome]) -> BatchOutcome:
         with self.outbox.db.sync_engine.begin() as conn:
             return SyncRunner(conn).run(op)
@@ -227,30 +261,52 @@ async def consume_loop(
 ) -> None:
     """Receive, dispatch and acknowledge until ``stopping`` is set.
 
-    A batch whose database transaction fails is retried in place (with a delay), never
-    acknowledged before it committed; on stop, an unprocessed batch is left
-    unacknowledged and will be delivered again.
+    A batch is acknowledged only after its database transaction committed. When the
+    batch transaction fails, its messages are processed again one per transaction, so
+    one message that breaks its transaction (a handler that aborts it, an id the
+    database refuses) is recorded as a failed attempt of its own and cannot hold the
+    others back; when even that fails (the database is down), the batch is retried
+    after a growing delay. On stop, an unprocessed batch stays unacknowledged and is
+    delivered again.
     """
-    service = sub.route.service_name
     while not stopping.is_set():
         batch = await sub.receive(batch_size, poll_timeout)
         if not batch:
             continue
-        delay = retry_delay
-        while True:
-            try:
-                await dispatcher.dispatch(batch)
-                break
-            except Exception:
-                logger.exception(
-                    "consumer batch failed; retrying",
-                    extra={"service": service, "size": len(batch)},
-                )
-                if stopping.is_set():
-                    return
-                try:
-                    await asyncio.wait_for(stopping.wait(), delay)
-                    return
-                except TimeoutError:
-                    delay = min(delay * 2, 30.0)
-        await sub.ack(batch)
+        if await _process(batch, dispatcher, stopping, retry_delay):
+            await sub.ack(batch)
+
+
+async def _process(
+    batch: Sequence[IncomingMessage],
+    dispatcher: Dispatcher,
+    stopping: asyncio.Event,
+    retry_delay: float,
+) -> bool:
+    service = dispatcher.route.service_name
+    try:
+        await dispatcher.dispatch(batch)
+        return True
+    except Exception:
+        logger.exception(
+            "consumer batch failed; processing its messages one by one",
+            extra={"service": service, "size": len(batch)},
+        )
+    delay = retry_delay
+    while True:
+        try:
+            for message in batch:
+                await dispatcher.dispatch_alone(message)
+            return True
+        except Exception:
+            logger.exception(
+                "consumer cannot record its batch; retrying",
+                extra={"service": service, "size": len(batch)},
+            )
+        if stopping.is_set():
+            return False
+        try:
+            await asyncio.wait_for(stopping.wait(), delay)
+            return False
+        except TimeoutError:
+            delay = min(delay * 2, 30.0)

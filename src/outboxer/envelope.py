@@ -21,6 +21,7 @@ from outboxer.errors import EnvelopeDecodeError, PayloadNotSerializableError, Pa
 
 DEFAULT_VERSION = "v1"
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
+MAX_OUTBOX_ID = 2**63 - 1  # BIGINT
 
 JsonDefault = Callable[[Any], Any]
 
@@ -67,7 +68,7 @@ class Envelope:
         oid = obj.get("outbox_id", outbox_id)
         if oid is None:
             oid = outbox_id
-        if isinstance(oid, bool) or not isinstance(oid, int) or oid <= 0:
+        if isinstance(oid, bool) or not isinstance(oid, int) or not 0 < oid <= MAX_OUTBOX_ID:
             raise EnvelopeDecodeError(f"envelope has no valid outbox_id: {oid!r}", outbox_id=oid)
         event_type = obj.get("event_type")
         if not isinstance(event_type, str):

@@ -84,6 +84,10 @@ class StoreError(OutboxError):
     """The database rejected or failed an outbox operation (wraps the driver error)."""
 
 
+class TransactionAbortedError(StoreError):
+    """The database aborted the whole transaction; its batch must be retried."""
+
+
 class MessageNotFoundError(StoreError, LookupError):
     """No outbox row with that id in the store's table."""
 

@@ -112,7 +112,7 @@ class Relay:
         outgoing, broken = self._prepare(rows)
         if broken:
             for oid, reason in broken:
-                await self.store.mark_dead_many_async([oid], reason)
+                await self.store.mark_dead_many_async([oid], reason, unless_final=True)
             self.stats.add(service, "undecodable_rows", len(broken))
         if outgoing:
             deliveries = await self._send(outgoing)
@@ -189,7 +189,7 @@ class Relay:
                 extra={"service": service},
             )
         for reason, ids in dead.items():
-            await self.store.mark_dead_many_async(ids, reason)
+            await self.store.mark_dead_many_async(ids, reason, unless_final=True)
             self.stats.add(service, "send_dead", len(ids))
             logger.error("%s", reason, extra={"service": service, "outbox_ids": ids[:20]})
 

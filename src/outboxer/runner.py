@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
-from outboxer.errors import StoreError
+from outboxer.errors import StoreError, TransactionAbortedError
 
 T = TypeVar("T")
 
@@ -63,6 +63,16 @@ def _db_error(instr: Execute, exc: SQLAlchemyError) -> StoreError:
     return StoreError(f"database error during {instr.what}: {orig}", **instr.context)
 
 
+def _aborted(exc: BaseException) -> TransactionAbortedError:
+    # The savepoint could not be rolled back: the database already aborted the whole
+    # transaction (a MySQL/MariaDB deadlock, SQLite out of disk, a callback that
+    # rolled back its session). Nothing done in it may be kept or marked.
+    return TransactionAbortedError(
+        f"the transaction was aborted by the database during a callback: "
+        f"{type(exc).__name__}: {exc}"
+    )
+
+
 def is_async_callable(fn: Callable[..., Any]) -> bool:
     """True for ``async def`` functions and objects whose ``__call__`` is one."""
     if inspect.iscoroutinefunction(fn):
@@ -99,14 +109,24 @@ class SyncRunner:
 
     def _invoke(self, instr: Invoke) -> BaseException | None:
         session = self.session()
-        try:
-            if instr.savepoint:
-                with session.begin_nested():
-                    instr.fn(*instr.args, session)
-            else:
+        if not instr.savepoint:
+            try:
                 instr.fn(*instr.args, session)
                 session.flush()
+            except Exception as exc:
+                self.callback_error = exc
+                raise
+            return None
+        nested = session.begin_nested()
+        try:
+            instr.fn(*instr.args, session)
+            nested.commit()
         except Exception as exc:
+            if nested.is_active:
+                try:
+                    nested.rollback()
+                except Exception as lost:
+                    raise _aborted(exc) from lost
             if instr.capture:
                 return exc
             self.callback_error = exc
@@ -167,14 +187,24 @@ class AsyncRunner:
 
     async def _invoke(self, instr: Invoke) -> BaseException | None:
         session = self.session()
-        try:
-            if instr.savepoint:
-                async with session.begin_nested():
-                    await self._call(instr, session)
-            else:
+        if not instr.savepoint:
+            try:
                 await self._call(instr, session)
                 await session.flush()
+            except Exception as exc:
+                self.callback_error = exc
+                raise
+            return None
+        nested = await session.begin_nested()
+        try:
+            await self._call(instr, session)
+            await nested.commit()
         except Exception as exc:
+            if nested.is_active:
+                try:
+                    await nested.rollback()
+                except Exception as lost:
+                    raise _aborted(exc) from lost
             if instr.capture:
                 return exc
             self.callback_error = exc

@@ -4,7 +4,7 @@ Every table is built from one column template. Timestamps are always taken from 
 database's clock (:func:`db_now`, :func:`db_now_plus`) so many processes on many
 hosts agree on what is due, and are stored as UTC:
 
-- PostgreSQL: ``timestamptz`` and ``now()``;
+- PostgreSQL: ``timestamptz`` and ``statement_timestamp()``;
 - MySQL/MariaDB: ``DATETIME(6)`` holding UTC and ``UTC_TIMESTAMP(6)``;
 - SQLite: ISO-8601 text ``YYYY-MM-DD HH:MM:SS.SSS`` (UTC) from ``strftime('%f')``,
   which sorts and compares correctly as text.
@@ -106,7 +106,10 @@ class db_now_plus(FunctionElement[datetime]):
 
 @compiles(db_now, "postgresql")
 def _now_pg(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
-    return "now()"
+    # Not now(): that is the transaction's start, and a consumer batch can run long
+    # enough for a backoff computed from it to be in the past at commit. Not
+    # clock_timestamp() either: it is volatile, so the claim could not use its index.
+    return "statement_timestamp()"
 
 
 @compiles(db_now, "mysql")
@@ -127,7 +130,8 @@ def _seconds_arg(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
 
 @compiles(db_now_plus, "postgresql")
 def _plus_pg(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"(now() + make_interval(secs => {_seconds_arg(element, compiler, **kw)}))"
+    seconds = _seconds_arg(element, compiler, **kw)
+    return f"(statement_timestamp() + make_interval(secs => {seconds}))"
 
 
 @compiles(db_now_plus, "mysql")

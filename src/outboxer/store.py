@@ -263,13 +263,19 @@ def op_mark_consumed(c: OpContext, ids: Sequence[int]) -> Op[int]:
     return int(result.rowcount)
 
 
-def op_mark_dead(c: OpContext, ids: Sequence[int], reason: str) -> Op[int]:
+def op_mark_dead(
+    c: OpContext, ids: Sequence[int], reason: str, *, unless_final: bool = False
+) -> Op[int]:
+    """-> dead (the seed: unconditionally); ``unless_final`` leaves consumed/dead rows."""
     if not ids:
         return 0
     t = c.table
+    cond: ColumnElement[bool] = t.c.id.in_(list(ids))
+    if unless_final:
+        cond = and_(cond, t.c.status.not_in(FINAL_STATUSES))
     stmt = (
         update(t)
-        .where(t.c.id.in_(list(ids)))
+        .where(cond)
         .values(
             status=Status.DEAD.value,
             last_error=truncate_error(reason),
@@ -627,8 +633,10 @@ class Store:
     def mark_dead(self, outbox_id: int, reason: str) -> None:
         self._run(op_mark_dead(self._ctx, [outbox_id], reason))
 
-    def mark_dead_many(self, ids: Iterable[int], reason: str) -> int:
-        return int(self._run(op_mark_dead(self._ctx, list(ids), reason)))
+    def mark_dead_many(self, ids: Iterable[int], reason: str, *, unless_final: bool = False) -> int:
+        """Dead letters; ``unless_final`` leaves rows already consumed or dead alone."""
+        op = op_mark_dead(self._ctx, list(ids), reason, unless_final=unless_final)
+        return int(self._run(op))
 
     def mark_failed_for_retry(self, outbox_id: int, reason: str) -> Status | None:
         """One failed attempt; returns the new status, ``None`` if consumed/dead."""
@@ -699,8 +707,11 @@ class Store:
     async def mark_dead_async(self, outbox_id: int, reason: str) -> None:
         await self._run_async(op_mark_dead(self._ctx, [outbox_id], reason))
 
-    async def mark_dead_many_async(self, ids: Iterable[int], reason: str) -> int:
-        return int(await self._run_async(op_mark_dead(self._ctx, list(ids), reason)))
+    async def mark_dead_many_async(
+        self, ids: Iterable[int], reason: str, *, unless_final: bool = False
+    ) -> int:
+        op = op_mark_dead(self._ctx, list(ids), reason, unless_final=unless_final)
+        return int(await self._run_async(op))
 
     async def mark_failed_for_retry_async(self, outbox_id: int, reason: str) -> Status | None:
         outcome = await self._run_async(op_mark_failed(self._ctx, [(outbox_id, reason)]))

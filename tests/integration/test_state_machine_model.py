@@ -134,9 +134,17 @@ def make_machine(url: str) -> type[RuleBasedStateMachine]:
 
         @rule(limit=st.integers(1, 4))
         def claim(self, limit: int) -> None:
+            # Claim order is (next_retry_at, id); the model knows which rows are due, the
+            # database when each became due (a requeued row is due later than newer ones).
+            due_at = {}
+            for i, r in self.model.items():
+                if r.due:
+                    msg = self.store.get_by_id(i)
+                    assert msg is not None
+                    due_at[i] = msg.next_retry_at
             got = [m.id for m in self.store.claim_due(limit=limit, lease=1000)]
-            expected = sorted(i for i, r in self.model.items() if r.due)[:limit]
-            assert got == expected
+            expected = sorted(due_at, key=lambda i: (due_at[i], i))[:limit]
+            assert sorted(got) == sorted(expected)
             for i in got:
                 self.model[i].due = False
 

@@ -461,3 +461,12 @@ def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path: object) -> None:
         assert [m.id for m in st.list_due_messages()] == [oid]
         assert time.monotonic() - started < 2
     ob.close()
+
+
+def test_relay_dead_mark_leaves_final_rows(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    consumed, pending = _create(outbox, service), _create(outbox, service)
+    st.mark_consumed(consumed)
+    assert st.mark_dead_many([consumed, pending], "broker refused", unless_final=True) == 1
+    assert _get(outbox, service, consumed).status is Status.CONSUMED
+    assert _get(outbox, service, pending).status is Status.DEAD

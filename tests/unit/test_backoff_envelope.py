@@ -68,6 +68,7 @@ def test_stored_envelope_gets_ids() -> None:
         b'{"outbox_id":"12","event_type":"t","payload":1}',
         b'{"outbox_id":true,"event_type":"t","payload":1}',
         b'{"outbox_id":0,"event_type":"t","payload":1}',
+        b'{"outbox_id":9223372036854775808,"event_type":"t","payload":1}',
         b'{"outbox_id":5,"event_type":3,"payload":1}',
         b'{"outbox_id":5,"event_type":"t"}',
         b'{"outbox_id":5,"event_type":"t","event_version":4,"payload":1}',
