@@ -105,6 +105,11 @@ class OutboxSettings(BaseSettings):
     poll_interval: float = Field(default=1.0, gt=0)
     lease: float = Field(default=30.0, gt=0, description="claim lease in seconds")
     shutdown_timeout: float = Field(default=30.0, gt=0)
+    redeliver_after: float = Field(
+        default=600.0,
+        ge=0,
+        description="seconds after which a published, unconsumed row is sent again (0: never)",
+    )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 
     @field_validator("topic_prefix")

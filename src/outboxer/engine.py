@@ -244,6 +244,8 @@ class Runtime:
                 batch_size=settings.batch_size,
                 poll_interval=settings.poll_interval,
                 lease=settings.lease,
+                # In-process delivery never leaves rows published.
+                redeliver_after=0.0 if transport.delivers_in_process else settings.redeliver_after,
             )
             for route in consume_routes:
                 sub = await transport.subscribe(route)

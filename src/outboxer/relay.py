@@ -82,6 +82,8 @@ class RelayConfig:
     poll_interval: float = 1.0
     lease: float = 30.0
     error_delay: float = 1.0
+    redeliver_after: float = 0.0
+    """Send ``published`` rows again when unconsumed this long (0: never)."""
 
 
 class Relay:
@@ -101,19 +103,40 @@ class Relay:
         self.stats = stats
         self.waker = waker
         self.config = config
+        self._next_redelivery_check = 0.0
+
+    async def _claim(self) -> list[OutboxMessage]:
+        service = self.route.service_name
+        size = self.config.batch_size
+        rows = await self.store.claim_due_async(size, self.config.lease)
+        self.stats.add(service, "claimed", len(rows))
+        after = self.config.redeliver_after
+        now = asyncio.get_running_loop().time()
+        if after > 0 and len(rows) < size and now >= self._next_redelivery_check:
+            # Checked now and then, not every round: the hot path stays one statement.
+            self._next_redelivery_check = now + min(after / 2, 60.0)
+            again = await self.store.claim_unconsumed_async(size - len(rows), after)
+            if again:
+                logger.warning(
+                    "%d published message(s) not consumed within %.0fs; sending them again",
+                    len(again),
+                    after,
+                    extra={"service": service, "outbox_ids": [m.id for m in again[:20]]},
+                )
+                self.stats.add(service, "redelivered", len(again))
+                rows = [*rows, *again]
+        return rows
 
     async def run_once(self) -> int:
         """Claim, send and mark one batch; returns how many rows were claimed."""
-        service = self.route.service_name
-        rows = await self.store.claim_due_async(self.config.batch_size, self.config.lease)
+        rows = await self._claim()
         if not rows:
             return 0
-        self.stats.add(service, "claimed", len(rows))
         outgoing, broken = self._prepare(rows)
         if broken:
             for oid, reason in broken:
                 await self.store.mark_dead_many_async([oid], reason, unless_final=True)
-            self.stats.add(service, "undecodable_rows", len(broken))
+            self.stats.add(self.route.service_name, "undecodable_rows", len(broken))
         if outgoing:
             deliveries = await self._send(outgoing)
             await self._record(outgoing, deliveries)

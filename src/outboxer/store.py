@@ -171,44 +171,63 @@ def op_claim(
     one writer at a time.
     """
     t = c.table
+    order = (t.c.next_retry_at, t.c.id)
+    return (yield from _claim(c, limit, _due(c, service_name), order, lease))
+
+
+def op_claim_unconsumed(c: OpContext, limit: int, older_than: float) -> Op[list[OutboxMessage]]:
+    """Take ``published`` rows nobody consumed within ``older_than`` seconds, to send
+    them again (a broker that lost acknowledged messages, a topic's retention that
+    deleted them before a consumer came). They stay ``published``; the claim moves
+    their ``updated_at`` so they are not taken again for another ``older_than``.
+    """
+    t = c.table
+    cond = and_(t.c.status == Status.PUBLISHED.value, t.c.updated_at <= db_now_plus(-older_than))
+    return (yield from _claim(c, limit, cond, (t.c.updated_at, t.c.id), None))
+
+
+def _claim(
+    c: OpContext,
+    limit: int,
+    cond: ColumnElement[bool],
+    order: tuple[ColumnElement[Any], ...],
+    lease: float | None,
+) -> Op[list[OutboxMessage]]:
+    t = c.table
     limit = limit if limit > 0 else DEFAULT_LIMIT
-    pick = (
-        select(t.c.id).where(_due(c, service_name)).order_by(t.c.next_retry_at, t.c.id).limit(limit)
-    )
     ctx = c.ctx()
     if c.family in ("postgresql", "sqlite"):
+        pick = select(t.c.id).where(cond).order_by(*order).limit(limit)
         if c.family == "postgresql":
             pick = pick.with_for_update(skip_locked=True)
-        stmt = (
-            update(t)
-            .where(t.c.id.in_(pick.scalar_subquery()))
-            .values(next_retry_at=db_now_plus(lease), updated_at=db_now())
-            .returning(*t.c)
-        )
+        values: dict[str, Any] = {"updated_at": db_now()}
+        if lease is not None:
+            values["next_retry_at"] = db_now_plus(lease)
+        stmt = update(t).where(t.c.id.in_(pick.scalar_subquery())).values(**values).returning(*t.c)
         result = yield Execute(stmt, what="claim", context=ctx)
         return sorted((_message(r) for r in result.all()), key=lambda m: m.id)
     # MySQL/MariaDB: no UPDATE ... RETURNING and no LIMIT in an IN-subquery on the
     # updated table. Lock with SKIP LOCKED, then move exactly those rows.
+    columns: list[Any] = [t, db_now().label("_claimed_at")]
+    if lease is not None:
+        columns.append(db_now_plus(lease).label("_lease_until"))
     locked = (
-        select(t, db_now().label("_claimed_at"), db_now_plus(lease).label("_lease_until"))
-        .where(_due(c, service_name))
-        .order_by(t.c.next_retry_at, t.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+        select(*columns).where(cond).order_by(*order).limit(limit).with_for_update(skip_locked=True)
     )
     result = yield Execute(locked, what="claim", context=ctx)
     rows = result.all()
     if not rows:
         return []
-    claimed_at, lease_until = rows[0]._claimed_at, rows[0]._lease_until
+    claimed_at = rows[0]._claimed_at
+    values = {"updated_at": claimed_at}
+    if lease is not None:
+        values["next_retry_at"] = rows[0]._lease_until
     yield Execute(
-        update(t)
-        .where(t.c.id.in_([r.id for r in rows]))
-        .values(next_retry_at=lease_until, updated_at=claimed_at),
+        update(t).where(t.c.id.in_([r.id for r in rows])).values(**values),
         what="claim",
         context=ctx,
     )
-    return [_message(r, next_retry_at=lease_until, updated_at=claimed_at) for r in rows]
+    return [_message(r, **values) for r in rows]
 
 
 def op_mark_published(
@@ -224,7 +243,7 @@ def op_mark_published(
     t = c.table
     cond = and_(t.c.id.in_(list(ids)), t.c.status.not_in(FINAL_STATUSES))
     if expect_retry_count is not None:
-        cond = and_(cond, t.c.status == Status.PENDING.value, t.c.retry_count == expect_retry_count)
+        cond = and_(cond, t.c.retry_count == expect_retry_count)
     stmt = (
         update(t)
         .where(cond)
@@ -619,6 +638,10 @@ class Store:
         op = op_claim(self._ctx, limit, lease_seconds(lease), _svc(service_name))
         return self._run(op)  # type: ignore[no-any-return]
 
+    def claim_unconsumed(self, limit: int, older_than: float) -> list[OutboxMessage]:
+        """Published rows not consumed within ``older_than`` seconds (to send again)."""
+        return self._run(op_claim_unconsumed(self._ctx, limit, older_than))  # type: ignore[no-any-return]
+
     def mark_published(self, outbox_id: int) -> None:
         self._run(op_mark_published(self._ctx, [outbox_id]))
 
@@ -690,6 +713,10 @@ class Store:
         service_name: str | None = None,
     ) -> list[OutboxMessage]:
         op = op_claim(self._ctx, limit, lease_seconds(lease), _svc(service_name))
+        return await self._run_async(op)  # type: ignore[no-any-return]
+
+    async def claim_unconsumed_async(self, limit: int, older_than: float) -> list[OutboxMessage]:
+        op = op_claim_unconsumed(self._ctx, limit, older_than)
         return await self._run_async(op)  # type: ignore[no-any-return]
 
     async def mark_published_async(self, outbox_id: int) -> None:

@@ -370,3 +370,40 @@ async def test_relay_only_and_consume_only_processes(
     finally:
         consumer.outbox.close()
         drop_app(relayer)
+
+
+@pytest.mark.kafka
+async def test_messages_lost_by_the_broker_are_sent_again(pg_database: object) -> None:
+    url = pg_database.url  # type: ignore[attr-defined]
+    with EmbeddedKafka() as first_broker:
+        app = build_app(url, first_broker.transport_url, redeliver_after=1.0)
+        publish_many(app, 50)
+        await run_until(
+            [app.outbox],
+            lambda: status_counts(app)["published"] == 50,
+            timeout=60,
+            run_kwargs={"consume": False},
+        )
+    # The broker is gone with everything it acknowledged (it keeps nothing on disk).
+    try:
+        with EmbeddedKafka() as second_broker:
+            again = build_app(
+                url,
+                second_broker.transport_url,
+                redeliver_after=1.0,
+                prefix=app.prefix,
+                effects=app.effects,
+            )
+            try:
+                await run_until([again.outbox], lambda: all_final(app), timeout=120)
+            finally:
+                again.outbox.close()
+        assert status_counts(app)["consumed"] == 50
+        assert effects(app) == (50, 50)
+        # Every row was sent again at least once; while the new consumer group was still
+        # joining (longer than redeliver_after here), some were sent more than once,
+        # and the consumer skipped the repeats.
+        assert again.outbox.stats.get("redelivered") >= 50
+        assert again.outbox.stats.get("consumed") == 50
+    finally:
+        drop_app(app)

@@ -470,3 +470,25 @@ def test_relay_dead_mark_leaves_final_rows(outbox: Outbox, service: str) -> None
     assert st.mark_dead_many([consumed, pending], "broker refused", unless_final=True) == 1
     assert _get(outbox, service, consumed).status is Status.CONSUMED
     assert _get(outbox, service, pending).status is Status.DEAD
+
+
+def test_claim_unconsumed_takes_stale_published_rows(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    old, fresh, consumed = (_create(outbox, service) for _ in range(3))
+    for oid in (old, fresh, consumed):
+        st.mark_published(oid)
+    st.mark_consumed(consumed)
+    table = st.table
+    with outbox.db.sync_engine.begin() as conn:
+        stamp = conn.execute(select(table.c.updated_at).where(table.c.id == old)).scalar_one()
+        conn.execute(
+            table.update()
+            .where(table.c.id == old)
+            .values(updated_at=stamp - timedelta(seconds=120))
+        )
+    again = st.claim_unconsumed(limit=10, older_than=60)
+    assert [m.id for m in again] == [old]
+    assert again[0].status is Status.PUBLISHED
+    # The claim itself counts as activity: not taken again for another 60 s.
+    assert st.claim_unconsumed(limit=10, older_than=60) == []
+    assert st.mark_published_many([old], expect_retry_count=0) == 1
