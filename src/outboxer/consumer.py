@@ -153,36 +153,26 @@ class Dispatcher:
     def decode(self, batch: Sequence[IncomingMessage], *, report: bool = True) -> list[Envelope]:
         """Valid envelopes of a batch; the rest are skipped (logged and counted when
         ``report``: a batch processed again does not count them twice)."""
-        service = self.route.service_name
         envelopes: list[Envelope] = []
         for msg in batch:
             try:
                 obj = json.loads(msg.value) if msg.value is not None else None
-            except (ValueError, UnicodeDecodeError):
-                if report:
-                    logger.exception(
-                        "undecodable message skipped",
-                        extra={"service": service, "at": msg.position},
-                    )
-                    self.stats.add(service, "undecodable")
-                continue
-            if isinstance(obj, dict) and obj.get("outbox_id") is None:
-                if report:
-                    logger.warning(
-                        "message without outbox_id skipped",
-                        extra={"service": service, "at": msg.position},
-                    )
-                    self.stats.add(service, "no_outbox_id")
-                continue
-            try:
+                if isinstance(obj, dict) and obj.get("outbox_id") is None:
+                    if report:
+                        self._skipped(msg, "no_outbox_id", "message without outbox_id skipped")
+                    continue
                 envelopes.append(Envelope.from_dict(obj))
-            except EnvelopeDecodeError:
+            except (ValueError, UnicodeDecodeError, EnvelopeDecodeError) as exc:
                 if report:
-                    logger.exception(
-                        "invalid envelope skipped", extra={"service": service, "at": msg.position}
-                    )
-                    self.stats.add(service, "undecodable")
+                    self._skipped(msg, "undecodable", "undecodable message skipped", exc)
         return envelopes
+
+    def _skipped(
+        self, msg: IncomingMessage, counter: str, text: str, exc: BaseException | None = None
+    ) -> None:
+        service = self.route.service_name
+        logger.warning(text, exc_info=exc, extra={"service": service, "at": msg.position})
+        self.stats.add(service, counter)
 
     async def dispatch(
         self, batch: Sequence[IncomingMessage], *, first_pass: bool = True
