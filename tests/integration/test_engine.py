@@ -407,3 +407,23 @@ async def test_messages_lost_by_the_broker_are_sent_again(pg_database: object) -
         assert again.outbox.stats.get("consumed") == 50
     finally:
         drop_app(app)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_one_outbox_runs_again_after_a_stop(
+    request: pytest.FixtureRequest, tmp_path: object, transport: str
+) -> None:
+    """run() twice on the same Outbox, each in its own event loop (asyncio.run)."""
+    app = build_app(f"sqlite:///{tmp_path}/again.db", _transport(request, transport))
+    try:
+        for round_ in range(2):
+            publish_many(app, 20, start=round_ * 100)
+
+            async def until_done() -> None:
+                await run_until([app.outbox], lambda: all_final(app), timeout=60)
+
+            asyncio.run(until_done())
+        assert status_counts(app)["consumed"] == 40
+        assert effects(app) == (40, 40)
+    finally:
+        drop_app(app)

@@ -262,6 +262,8 @@ class KafkaTransport:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, routes: Sequence[ServiceRoute]) -> None:
+        # A lock belongs to the loop that first waits on it; each run may be a new loop.
+        self._producer_lock = asyncio.Lock()
         topics = sorted({r.topic for r in routes})
         if topics:
             await asyncio.to_thread(self._ensure_topics, topics)

@@ -81,8 +81,9 @@ class LocalTransport:
         return True
 
     async def start(self, routes: Sequence[ServiceRoute]) -> None:
-        for route in routes:
-            self._queues.setdefault(route.service_name, asyncio.Queue(maxsize=1))
+        # Fresh queues per run: an asyncio queue belongs to the loop that first used it.
+        self._queues = {r.service_name: asyncio.Queue(maxsize=1) for r in routes}
+        self._subscriptions = {}
 
     async def subscribe(self, route: ServiceRoute) -> LocalSubscription:
         queue = self._queues.setdefault(route.service_name, asyncio.Queue(maxsize=1))
