@@ -12,6 +12,7 @@ mistakes exit with status 2.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import logging
@@ -496,6 +497,9 @@ def demo(
     try:
         with _logging("WARNING", LogFormat.RICH, console, (HideDemoFailures(),)), _reported():
             summary = run_demo(events, transport.value, path, console)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        # SIGINT/SIGTERM: the demo stopped its engine (and broker) cleanly.
+        raise typer.Exit(130) from None
     finally:
         if scratch is not None:
             scratch.cleanup()

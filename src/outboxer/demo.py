@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
@@ -644,6 +646,23 @@ def render_summary(summary: DemoSummary, console: Console) -> None:
     console.print(f"SQLite database: {escape(str(summary.db_path))}")
 
 
+async def _until_signal(work: Coroutine[Any, Any, DemoSummary]) -> DemoSummary:
+    """Run ``work``; SIGINT/SIGTERM cancel it, so the engine stops cleanly and the
+    caller gets :class:`asyncio.CancelledError`."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+            installed.append(sig)
+    try:
+        return await task
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
 def run_demo(
     events: int = 3000,
     transport: str = "local",
@@ -664,16 +683,20 @@ def run_demo(
     if transport == "kafka":
         with EmbeddedKafka() as broker:
             summary = asyncio.run(
-                run_demo_async(
-                    events,
-                    transport,
-                    db_path,
-                    console,
-                    timeout=timeout,
-                    transport_url=broker.transport_url,
+                _until_signal(
+                    run_demo_async(
+                        events,
+                        transport,
+                        db_path,
+                        console,
+                        timeout=timeout,
+                        transport_url=broker.transport_url,
+                    )
                 )
             )
     else:
-        summary = asyncio.run(run_demo_async(events, transport, db_path, console, timeout=timeout))
+        summary = asyncio.run(
+            _until_signal(run_demo_async(events, transport, db_path, console, timeout=timeout))
+        )
     render_summary(summary, console)
     return summary

@@ -148,7 +148,9 @@ class Outbox:
         """Run relays and consumers until :meth:`stop` or cancellation.
 
         Stopping finishes the batch in flight, flushes the producer, commits consumer
-        offsets and closes connections, within ``shutdown_timeout`` seconds. Consumers
+        offsets and closes connections, within ``shutdown_timeout`` seconds.
+        ``ready`` is called once relays and consumers are started (Kafka consumer
+        groups may still be joining). Consumers
         run for services that have handlers in this process; relays for every chosen
         service (with the local transport: the consumed ones, since delivery is
         in-process).

@@ -109,6 +109,8 @@ class LocalTransport:
             for m in messages
         ]
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # The sender may be gone (cancelled) when the consumer side fails the batch.
+        done.add_done_callback(_retrieve)
         try:
             await asyncio.wait_for(
                 self._queues[route.service_name].put(_Batch(incoming, done)),
@@ -124,3 +126,8 @@ class LocalTransport:
     async def close(self) -> None:
         for sub in self._subscriptions.values():
             await sub.close()
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
