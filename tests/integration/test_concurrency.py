@@ -61,10 +61,10 @@ def test_lease_expiry_returns_rows_to_other_claimers(server_url: str) -> None:
     ob.migrate()
     fill_due(ob, service, 50)
     st = ob.store(service)
-    crashed = st.claim_due(limit=50, lease=0.5)  # this worker "dies" now
+    crashed = st.claim_due(limit=50, lease=1.5)  # this worker "dies" now
     assert len(crashed) == 50
     assert ob.store(service).claim_due(limit=50, lease=30) == []
-    time.sleep(0.7)
+    time.sleep(1.7)
     again = ob.store(service).claim_due(limit=100, lease=30)
     assert sorted(m.id for m in again) == sorted(m.id for m in crashed)
     drop_tables(ob)

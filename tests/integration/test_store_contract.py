@@ -384,10 +384,10 @@ def test_claim_moves_due_time_and_is_not_an_attempt(outbox: Outbox, service: str
 def test_expired_lease_makes_rows_due_again(outbox: Outbox, service: str) -> None:
     st = _store(outbox, service)
     oid = _create(outbox, service)
-    assert [m.id for m in st.claim_due(lease=0.3)] == [oid]
-    assert st.claim_due(lease=0.3) == []
-    time.sleep(0.45)
-    again = st.claim_due(lease=0.3)
+    assert [m.id for m in st.claim_due(lease=1.0)] == [oid]
+    assert st.claim_due(lease=1.0) == []
+    time.sleep(1.2)
+    again = st.claim_due(lease=1.0)
     assert [m.id for m in again] == [oid]
     assert again[0].retry_count == 0
 
