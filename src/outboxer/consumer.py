@@ -10,18 +10,20 @@ Only then is the batch acknowledged to the transport.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
+import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import select
 
 from outboxer.envelope import Envelope
-from outboxer.errors import EnvelopeDecodeError, HandlerError
+from outboxer.errors import HandlerError
 from outboxer.metrics import Stats
 from outboxer.models import FINAL_STATUSES
 from outboxer.routing import ServiceRoute
@@ -34,8 +36,43 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 Handler = Callable[..., Any]
 """``async def h(event: Envelope, tx: AsyncSession)`` or ``def h(event, tx: Session)``."""
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` on a daemon thread and await its result.
+
+    Not the default executor: its threads are joined at interpreter exit, so a
+    blocking sync handler could hold a stopping process beyond ``shutdown_timeout``.
+    A daemon thread dies with the process; its transaction is then rolled back by
+    the database and the batch is delivered again.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)  # type: ignore[arg-type]
+
+    def work() -> None:
+        value: T | None = None
+        error: BaseException | None = None
+        try:
+            value = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=work, name="outboxer-sync-batch", daemon=True).start()
+    return await future
 
 
 def check_handler(event_type: str, fn: Handler) -> None:
@@ -162,7 +199,7 @@ class Dispatcher:
                         self._skipped(msg, "no_outbox_id", "message without outbox_id skipped")
                     continue
                 envelopes.append(Envelope.from_dict(obj))
-            except (ValueError, UnicodeDecodeError, EnvelopeDecodeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any undecodable input (RecursionError too)
                 if report:
                     self._skipped(msg, "undecodable", "undecodable message skipped", exc)
         return envelopes
@@ -190,7 +227,7 @@ class Dispatcher:
         if used and not any(is_async_callable(h) for h in used if h is not None):
             # Only sync handlers: run the whole transaction in a worker thread on the
             # sync engine, so blocking handler code never stalls the event loop.
-            out = await asyncio.to_thread(self._run_sync, op)
+            out = await in_daemon_thread(self._run_sync, op)
         else:
             async with self.outbox.db.async_engine.begin() as conn:
                 out = await AsyncRunner(conn).run(op)

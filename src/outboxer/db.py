@@ -26,6 +26,7 @@ block concurrent publishers.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -162,6 +163,7 @@ class Database:
         self._async: AsyncEngine | None = None
         self._owns_sync = True
         self._owns_async = True
+        self._lock = threading.Lock()
         if isinstance(url_or_engine, Engine | AsyncEngine):
             self.url = url_or_engine.url
             # SQLite needs outboxer's own connection settings (BEGIN IMMEDIATE, WAL),
@@ -178,13 +180,17 @@ class Database:
     @property
     def sync_engine(self) -> Engine:
         if self._sync is None:
-            self._sync = create_sync_engine(self.url.render_as_string(hide_password=False))
+            with self._lock:  # consumer threads may ask at the same moment
+                if self._sync is None:
+                    self._sync = create_sync_engine(self.url.render_as_string(hide_password=False))
         return self._sync
 
     @property
     def async_engine(self) -> AsyncEngine:
         if self._async is None:
-            self._async = create_async(self.url.render_as_string(hide_password=False))
+            with self._lock:
+                if self._async is None:
+                    self._async = create_async(self.url.render_as_string(hide_password=False))
         return self._async
 
     @property

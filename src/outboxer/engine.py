@@ -12,6 +12,7 @@ import signal
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, event, inspect
@@ -19,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
 from outboxer.consumer import Dispatcher, Handler, check_handler, consume_loop
-from outboxer.errors import ConfigurationError, HandlerError
+from outboxer.errors import ConfigurationError, HandlerError, OutboxError
 from outboxer.metrics import Stats
 from outboxer.relay import Relay, RelayConfig, Waker
 from outboxer.routing import ServiceRoute
@@ -232,6 +233,7 @@ class Runtime:
         relay_tasks: list[asyncio.Task[None]] = []
         consume_tasks: list[asyncio.Task[None]] = []
         installed: list[signal.Signals] = []
+        ended: list[str] = []
         try:
             if handle_signals and threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -263,9 +265,17 @@ class Runtime:
                     )
                 )
             self.waker.bind(self._loop, [r.service_name for r in relay_routes])
+            consumed_here = {self.outbox.routes.service_of(e) for e in self.handlers}
             for route in relay_routes:
+                # Redelivery only where this app's handlers consume: a topic read by
+                # other systems would otherwise get every event again and again.
+                own = (
+                    config
+                    if route.service_name in consumed_here
+                    else replace(config, redeliver_after=0.0)
+                )
                 r = Relay(
-                    self.outbox.store(route.service_name), transport, self.stats, self.waker, config
+                    self.outbox.store(route.service_name), transport, self.stats, self.waker, own
                 )
                 relay_tasks.append(
                     asyncio.create_task(
@@ -283,6 +293,8 @@ class Runtime:
             if ready is not None:
                 ready()
             await _wait_any(relay_stop, [*relay_tasks, *consume_tasks])
+            if not relay_stop.is_set():
+                ended = [t.get_name() for t in [*relay_tasks, *consume_tasks] if t.done()]
         finally:
             # Reached on stop(), on cancellation and on a failed start alike.
             relay_stop.set()
@@ -293,6 +305,10 @@ class Runtime:
             self.running = False
             self._loop = None
         _raise_task_errors([*relay_tasks, *consume_tasks])
+        if ended:
+            # A loop ended without an error and without stop(): never return as if
+            # stopped on purpose while nothing is being delivered.
+            raise OutboxError(f"outboxer stopped: {', '.join(ended)} ended unexpectedly")
 
     async def _shutdown(
         self,

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from outboxer.errors import EnvelopeDecodeError
@@ -105,17 +106,20 @@ class Relay:
         self.config = config
         self._next_redelivery_check = 0.0
 
-    async def _claim(self) -> list[OutboxMessage]:
+    async def _claim(self) -> tuple[list[OutboxMessage], set[int]]:
+        """Due rows, plus now and then published rows nobody consumed (the second
+        item: their ids). The redelivery check has its own timer, so a steady
+        backlog cannot starve it; while it finds a full share it stays due."""
         service = self.route.service_name
         size = self.config.batch_size
-        rows = await self.store.claim_due_async(size, self.config.lease)
-        self.stats.add(service, "claimed", len(rows))
+        again: list[OutboxMessage] = []
         after = self.config.redeliver_after
         now = asyncio.get_running_loop().time()
-        if after > 0 and len(rows) < size and now >= self._next_redelivery_check:
-            # Checked now and then, not every round: the hot path stays one statement.
-            self._next_redelivery_check = now + min(after / 2, 60.0)
-            again = await self.store.claim_unconsumed_async(size - len(rows), after)
+        if after > 0 and now >= self._next_redelivery_check:
+            share = max(1, size // 2)
+            again = await self.store.claim_unconsumed_async(share, after)
+            if len(again) < share:
+                self._next_redelivery_check = now + min(after / 2, 60.0)
             if again:
                 logger.warning(
                     "%d published message(s) not consumed within %.0fs; sending them again",
@@ -124,12 +128,13 @@ class Relay:
                     extra={"service": service, "outbox_ids": [m.id for m in again[:20]]},
                 )
                 self.stats.add(service, "redelivered", len(again))
-                rows = [*rows, *again]
-        return rows
+        rows = await self.store.claim_due_async(size - len(again), self.config.lease)
+        self.stats.add(service, "claimed", len(rows))
+        return [*rows, *again], {m.id for m in again}
 
     async def run_once(self) -> int:
         """Claim, send and mark one batch; returns how many rows were claimed."""
-        rows = await self._claim()
+        rows, redelivered = await self._claim()
         if not rows:
             return 0
         outgoing, broken = self._prepare(rows)
@@ -139,7 +144,7 @@ class Relay:
             self.stats.add(self.route.service_name, "undecodable_rows", len(broken))
         if outgoing:
             deliveries = await self._send(outgoing)
-            await self._record(outgoing, deliveries)
+            await self._record(outgoing, deliveries, redelivered)
         return len(rows)
 
     def _prepare(
@@ -176,7 +181,12 @@ class Relay:
             )
         return deliveries
 
-    async def _record(self, outgoing: list[OutgoingMessage], deliveries: list[Delivery]) -> None:
+    async def _record(
+        self,
+        outgoing: list[OutgoingMessage],
+        deliveries: list[Delivery],
+        redelivered: AbstractSet[int] = frozenset(),
+    ) -> None:
         service = self.route.service_name
         published: dict[int, list[int]] = defaultdict(list)
         failed: list[tuple[int, str]] = []
@@ -194,6 +204,11 @@ class Relay:
                     self.stats.add(service, "sent")
             elif d.error is None:
                 published[msg.retry_count].append(msg.outbox_id)
+            elif msg.outbox_id in redelivered:
+                # A copy was delivered before; a failed resend must not become an
+                # attempt or a dead letter (the consumer would then skip that copy).
+                # The row stays published and is tried again after redeliver_after.
+                self.stats.add(service, "redeliver_failed")
             elif d.permanent:
                 dead[f"broker refused the message permanently: {d.error}"].append(msg.outbox_id)
             else:

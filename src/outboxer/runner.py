@@ -9,6 +9,7 @@ therefore exists once; the faces differ only in how they wait.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
-from outboxer.errors import StoreError, TransactionAbortedError
+from outboxer.errors import HandlerError, StoreError, TransactionAbortedError
 
 T = TypeVar("T")
 
@@ -73,6 +74,32 @@ def _aborted(exc: BaseException) -> TransactionAbortedError:
     )
 
 
+def _check_still_open(active: bool, fn: Callable[..., Any]) -> None:
+    if not active:
+        raise _aborted(
+            HandlerError(
+                f"{_name(fn)} committed or rolled back the transaction it was given; "
+                "handlers must leave that to outboxer (their writes commit with the "
+                "consumed mark)"
+            )
+        )
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _close(awaitable: Any) -> None:
+    close = getattr(awaitable, "close", None)
+    if callable(close):
+        close()  # no "coroutine was never awaited" warning for a refused result
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return str(getattr(fn, "__qualname__", None) or repr(fn))
+
+
 def is_async_callable(fn: Callable[..., Any]) -> bool:
     """True for ``async def`` functions and objects whose ``__call__`` is one."""
     if inspect.iscoroutinefunction(fn):
@@ -119,14 +146,24 @@ class SyncRunner:
             return None
         nested = session.begin_nested()
         try:
-            instr.fn(*instr.args, session)
+            result = instr.fn(*instr.args, session)
+            if inspect.isawaitable(result):
+                _close(result)
+                raise HandlerError(
+                    f"{_name(instr.fn)} returned an awaitable: declare it `async def` so "
+                    "it is awaited (a plain function runs synchronously)"
+                )
+            _check_still_open(nested.is_active, instr.fn)
             nested.commit()
+        except TransactionAbortedError:
+            raise
         except Exception as exc:
-            if nested.is_active:
-                try:
-                    nested.rollback()
-                except Exception as lost:
-                    raise _aborted(exc) from lost
+            if not nested.is_active:
+                raise _aborted(exc) from exc
+            try:
+                nested.rollback()
+            except Exception as lost:
+                raise _aborted(exc) from lost
             if instr.capture:
                 return exc
             self.callback_error = exc
@@ -180,10 +217,12 @@ class AsyncRunner:
     async def _call(self, instr: Invoke, session: AsyncSession) -> None:
         if is_async_callable(instr.fn):
             await instr.fn(*instr.args, session)
-        else:
-            # A sync callback gets a sync Session on the same connection; its database
-            # calls run through the async driver and do not block the event loop.
-            await session.run_sync(lambda sync_session: instr.fn(*instr.args, sync_session))
+            return
+        # A sync callback gets a sync Session on the same connection; its database
+        # calls run through the async driver and do not block the event loop.
+        result = await session.run_sync(lambda sync_session: instr.fn(*instr.args, sync_session))
+        if inspect.isawaitable(result):  # a wrapper around an async handler
+            await result
 
     async def _invoke(self, instr: Invoke) -> BaseException | None:
         session = self.session()
@@ -197,14 +236,24 @@ class AsyncRunner:
             return None
         nested = await session.begin_nested()
         try:
-            await self._call(instr, session)
+            try:
+                await self._call(instr, session)
+            except asyncio.CancelledError as exc:
+                if _being_cancelled():
+                    raise
+                # A handler's own awaited task was cancelled: its failure, not ours.
+                raise HandlerError(f"{_name(instr.fn)} raised CancelledError") from exc
+            _check_still_open(nested.is_active, instr.fn)
             await nested.commit()
+        except TransactionAbortedError:
+            raise
         except Exception as exc:
-            if nested.is_active:
-                try:
-                    await nested.rollback()
-                except Exception as lost:
-                    raise _aborted(exc) from lost
+            if not nested.is_active:
+                raise _aborted(exc) from exc
+            try:
+                await nested.rollback()
+            except Exception as lost:
+                raise _aborted(exc) from lost
             if instr.capture:
                 return exc
             self.callback_error = exc

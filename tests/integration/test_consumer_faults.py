@@ -194,3 +194,103 @@ async def test_backoff_counts_from_the_failure_not_the_batch_start(
         )
     finally:
         await _teardown(ob, service)
+
+
+async def _one_pass(ob: Outbox, service: str, handler: Any, ids: list[int]) -> Dispatcher:
+    """Process ``ids`` once through consume_loop (batch, then the one-by-one fallback)."""
+    st = ob.store(service)
+    dispatcher = Dispatcher(ob, st.route, {f"{service}.e": handler}, Stats())
+    stop = asyncio.Event()
+    sub = _OneBatch(st.route, _batch(ob, service, ids), stop)
+    await asyncio.wait_for(consume_loop(sub, dispatcher, stop, batch_size=10), 30)
+    return dispatcher
+
+
+async def test_handler_that_commits_applies_nothing_and_fails(db_url: str, service: str) -> None:
+    ob, (first, second) = _setup(db_url, service)
+
+    def handler(event: Envelope, tx: Session) -> None:
+        n = event.payload["n"]
+        tx.execute(text(f"INSERT INTO {service}_fx (n) VALUES (:n)"), {"n": n})
+        if n == 2:
+            tx.commit()  # forbidden: its writes must commit with the consumed mark
+
+    try:
+        for _ in range(2):  # a second delivery must not apply it either
+            await _one_pass(ob, service, handler, [first, second])
+        assert _effects(ob, service) == [1]
+        bad = ob.store(service).get_by_id(second)
+        assert bad is not None
+        assert bad.status is Status.PENDING
+        assert bad.retry_count == 2  # one failed attempt per delivery, no effect from either
+        assert bad.last_error is not None
+        assert "committed or rolled back" in bad.last_error
+    finally:
+        await _teardown(ob, service)
+
+
+async def test_sync_handler_returning_a_coroutine_is_not_marked_consumed(
+    db_url: str, service: str
+) -> None:
+    ob, (first, _) = _setup(db_url, service)
+
+    async def real(event: Envelope, tx: Any) -> None:
+        await tx.execute(text(f"INSERT INTO {service}_fx (n) VALUES (1)"))
+
+    def wrapper(event: Envelope, tx: Any) -> Any:  # a decorator that lost `async`
+        return real(event, tx)
+
+    try:
+        await _one_pass(ob, service, wrapper, [first])
+        assert _effects(ob, service) == []
+        row = ob.store(service).get_by_id(first)
+        assert row is not None
+        assert row.status is Status.PENDING
+        assert row.retry_count == 1
+        assert "returned an awaitable" in (row.last_error or "")
+    finally:
+        await _teardown(ob, service)
+
+
+async def test_handler_raising_cancelled_error_is_a_handler_failure(
+    db_url: str, service: str
+) -> None:
+    ob, (first, second) = _setup(db_url, service)
+
+    async def handler(event: Envelope, tx: Any) -> None:
+        if event.payload["n"] == 2:
+            raise asyncio.CancelledError  # e.g. a client library's cancelled request
+        await tx.execute(text(f"INSERT INTO {service}_fx (n) VALUES (1)"))
+
+    try:
+        dispatcher = Dispatcher(ob, ob.store(service).route, {f"{service}.e": handler}, Stats())
+        out = await dispatcher.dispatch(_batch(ob, service, [first, second]))
+        assert out.consumed == [first]
+        assert out.retried == [second]
+        row = ob.store(service).get_by_id(second)
+        assert row is not None
+        assert "CancelledError" in (row.last_error or "")
+    finally:
+        await _teardown(ob, service)
+
+
+async def test_unparseable_message_is_skipped_not_retried(db_url: str, service: str) -> None:
+    ob, (first, _) = _setup(db_url, service)
+    try:
+        st = ob.store(service)
+        nested = IncomingMessage(route=st.route, value=b"[" * 200_000, position="deep")
+        good = _batch(ob, service, [first])[0]
+        stats = Stats()
+
+        def handler(event: Envelope, tx: Session) -> None:
+            tx.execute(text(f"INSERT INTO {service}_fx (n) VALUES (:n)"), {"n": event.payload["n"]})
+
+        dispatcher = Dispatcher(ob, st.route, {f"{service}.e": handler}, stats)
+        stop = asyncio.Event()
+        sub = _OneBatch(st.route, [nested, good], stop)
+        await asyncio.wait_for(consume_loop(sub, dispatcher, stop, batch_size=10), 30)
+        assert sub.acked == [nested, good]
+        assert stats.get("undecodable") == 1
+        assert _effects(ob, service) == [1]
+    finally:
+        await _teardown(ob, service)

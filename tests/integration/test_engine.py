@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -427,3 +433,54 @@ def test_one_outbox_runs_again_after_a_stop(
         assert effects(app) == (40, 40)
     finally:
         drop_app(app)
+
+
+BLOCKING_APP = """
+import pathlib, sys, time
+from outboxer import Outbox, OutboxSettings
+
+db, marker = sys.argv[1], pathlib.Path(sys.argv[2])
+outbox = Outbox(f"sqlite:///{db}", settings=OutboxSettings.from_values(shutdown_timeout=1.0))
+outbox.register_event("slow.e", "slow")
+
+@outbox.handler("slow.e")
+def handle(event, tx):
+    marker.write_text("started")
+    time.sleep(60)  # a handler stuck on something without a timeout
+
+outbox.migrate()
+with outbox.db.sync_engine.begin() as conn:
+    outbox.publish(conn, "slow.e", {"n": 1})
+outbox.run()
+"""
+
+
+def test_stop_is_bounded_even_with_a_blocked_sync_handler(tmp_path: Path) -> None:
+    script = tmp_path / "blocking.py"
+    script.write_text(BLOCKING_APP)
+    marker = tmp_path / "started"
+    db = tmp_path / "slow.db"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(db), str(marker)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "handler never started"
+            time.sleep(0.05)
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=20)[0].decode()
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output
+    assert took < 10, f"stop took {took:.1f}s with shutdown_timeout=1"
+    with sqlite3.connect(db) as conn:
+        # The interrupted batch never committed: the row will be delivered again.
+        assert conn.execute("SELECT status FROM slow_outbox_messages").fetchall() == [("pending",)]

@@ -1,0 +1,160 @@
+"""Relay and engine rules, with a scripted transport and a SQLite file (no server)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from outboxer import Outbox, OutboxError, OutboxSettings, Status
+from outboxer.metrics import Stats
+from outboxer.relay import Relay, RelayConfig, Waker
+from outboxer.routing import ServiceRoute
+from outboxer.transports.base import Delivery, IncomingMessage, OutgoingMessage
+
+
+class ScriptedTransport:
+    """A broker double: answers every send with ``error`` (None: acknowledged)."""
+
+    name = "scripted"
+
+    def __init__(self, error: str | None = None, *, permanent: bool = False) -> None:
+        self.error = error
+        self.permanent = permanent
+        self.sent: list[int] = []
+        self.receive_raises: BaseException | None = None
+
+    @property
+    def delivers_in_process(self) -> bool:
+        return False
+
+    async def start(self, routes: Sequence[ServiceRoute]) -> None:
+        return None
+
+    async def send(
+        self, route: ServiceRoute, messages: Sequence[OutgoingMessage]
+    ) -> list[Delivery]:
+        self.sent.extend(m.outbox_id for m in messages)
+        return [Delivery(m.outbox_id, self.error, self.permanent) for m in messages]
+
+    async def subscribe(self, route: ServiceRoute) -> Any:
+        return _Sub(route, self)
+
+    async def close(self) -> None:
+        return None
+
+
+class _Sub:
+    def __init__(self, route: ServiceRoute, transport: ScriptedTransport) -> None:
+        self.route = route
+        self.transport = transport
+
+    async def receive(self, max_messages: int, timeout: float) -> list[IncomingMessage]:
+        if self.transport.receive_raises is not None:
+            raise self.transport.receive_raises
+        await asyncio.sleep(timeout)
+        return []
+
+    async def ack(self, messages: Sequence[IncomingMessage]) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _outbox(tmp_path: Path, transport: ScriptedTransport, **settings: Any) -> Outbox:
+    ob = Outbox(
+        f"sqlite:///{tmp_path}/relay.db",
+        transport=transport,
+        settings=OutboxSettings.from_values(poll_interval=0.05, **settings),
+    )
+    ob.register_event("a.e", "svc")
+    ob.migrate()
+    return ob
+
+
+def _age_published(ob: Outbox, oid: int, seconds: float) -> None:
+    table = ob.table_for("svc")
+    with ob.db.sync_engine.begin() as conn:
+        stamp = conn.execute(select(table.c.updated_at).where(table.c.id == oid)).scalar_one()
+        conn.execute(
+            table.update()
+            .where(table.c.id == oid)
+            .values(updated_at=stamp - timedelta(seconds=seconds))
+        )
+
+
+@pytest.mark.parametrize("permanent", [False, True])
+async def test_failed_resend_keeps_the_row_published(tmp_path: Path, permanent: bool) -> None:
+    transport = ScriptedTransport()
+    ob = _outbox(tmp_path, transport)
+    st = ob.store("svc")
+    oid = st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}}, max_retry=1)
+    st.mark_published(oid)
+    _age_published(ob, oid, 120)
+    transport.error, transport.permanent = "broker down", permanent
+    relay = Relay(st, transport, Stats(), Waker(), RelayConfig(redeliver_after=60.0))
+    assert await relay.run_once() == 1
+    assert transport.sent == [oid]
+    row = st.get_by_id(oid)
+    assert row is not None
+    # Not an attempt (max_retry=1 would have made it dead), not a dead letter.
+    assert row.status is Status.PUBLISHED
+    assert row.retry_count == 0
+    assert relay.stats.get("redeliver_failed") == 1
+    await ob.aclose()
+
+
+async def test_redelivery_check_is_not_starved_by_a_backlog(tmp_path: Path) -> None:
+    transport = ScriptedTransport()
+    ob = _outbox(tmp_path, transport)
+    st = ob.store("svc")
+    stale = st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}})
+    st.mark_published(stale)
+    _age_published(ob, stale, 120)
+    for _ in range(10):
+        st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}})
+    relay = Relay(st, transport, Stats(), Waker(), RelayConfig(batch_size=4, redeliver_after=60.0))
+    await relay.run_once()  # a full batch of pending rows is waiting, yet:
+    assert stale in transport.sent
+    assert len(transport.sent) == 4
+    await ob.aclose()
+
+
+async def _run_for(ob: Outbox, seconds: float, **kwargs: Any) -> None:
+    task = asyncio.create_task(ob.run_async(**kwargs))
+    await asyncio.sleep(seconds)
+    ob.stop()
+    await task
+
+
+async def test_redelivery_only_for_services_this_app_consumes(tmp_path: Path) -> None:
+    transport = ScriptedTransport()
+    ob = _outbox(tmp_path, transport, redeliver_after=0.5)
+    ob.register_event("b.e", "other")  # read by some other system: no handlers here
+    ob.migrate()
+    ob.register_handler("a.e", lambda event, tx: None)
+    for service, event_type in (("svc", "a.e"), ("other", "b.e")):
+        st = ob.store(service)
+        oid = st.create_message(event_type, "k", {"event_type": event_type, "payload": {}})
+        st.mark_published(oid)
+        _age_published(ob, oid, 60)
+    await _run_for(ob, 1.0, consume=False)
+    assert ob.stats.get("redelivered", "svc") >= 1
+    assert ob.stats.get("redelivered", "other") == 0
+    await ob.aclose()
+
+
+async def test_a_loop_that_ends_by_itself_is_an_error(tmp_path: Path) -> None:
+    transport = ScriptedTransport()
+    transport.receive_raises = asyncio.CancelledError()
+    ob = _outbox(tmp_path, transport)
+    ob.register_handler("a.e", lambda event, tx: None)
+    with pytest.raises(OutboxError, match="ended unexpectedly"):
+        await asyncio.wait_for(ob.run_async(), 30)
+    await ob.aclose()
