@@ -235,6 +235,7 @@ class Relay:
         """Loop until ``stopping`` is set; the batch in flight is always finished."""
         service = self.route.service_name
         delay = self.config.error_delay
+        woken = False
         while not stopping.is_set():
             try:
                 claimed = await self.run_once()
@@ -248,10 +249,17 @@ class Relay:
                 continue  # backlog: go again at once
             if stopping.is_set():
                 break
+            if woken and not claimed:
+                # A Connection's commit hook fires just before COMMIT: look once more
+                # shortly instead of waiting a whole poll interval.
+                woken = False
+                await _sleep_unless(stopping, 0.02)
+                continue
             wake = asyncio.ensure_future(self.waker.wait(service, self.config.poll_interval))
             stop = asyncio.ensure_future(stopping.wait())
             try:
                 await asyncio.wait({wake, stop}, return_when=asyncio.FIRST_COMPLETED)
+                woken = wake.done() and not wake.cancelled() and wake.result()
             finally:
                 for task in (wake, stop):
                     if not task.done():
