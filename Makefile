@@ -5,15 +5,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CODE := src tests $(wildcard bench)
 
-.PHONY: all demo test lint format bench services clean
+.PHONY: all demo test lint format bench services clean constraints
 
 all: lint test
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the versions CI was last green with (refresh: make constraints).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -c constraints.txt
 	touch $(STAMP)
+
+constraints:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^outboxer' > constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/outboxer demo
