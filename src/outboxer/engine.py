@@ -115,6 +115,12 @@ class Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.running = False
 
+    def wake_after_commit(self, tx: Any, service: str) -> None:
+        """After a publish on ``tx``: wake ``service``'s relay when ``tx`` commits
+        (nothing to do while no loops run in this process)."""
+        if self.waker.active:
+            self.commit_wake.arm(tx, service)
+
     # ---------------------------------------------------------------- handlers
 
     def register_handler(self, event_type: str, fn: Handler, *, service: str | None = None) -> None:

@@ -20,7 +20,12 @@ from outboxer.consumer import Handler
 from outboxer.db import Database, family_of
 from outboxer.engine import Runtime
 from outboxer.envelope import DEFAULT_VERSION, JsonDefault, build_stored_envelope, encode_json
-from outboxer.errors import ConfigurationError, InvalidEventError, StoreError
+from outboxer.errors import (
+    ConfigurationError,
+    InvalidEventError,
+    PayloadNotSerializableError,
+    StoreError,
+)
 from outboxer.metrics import Stats
 from outboxer.routing import RouteRegistry, ServiceRoute, validate_event_type
 from outboxer.runner import AsyncRunner, SyncRunner
@@ -179,14 +184,38 @@ class Outbox:
         """Ask a running :meth:`run_async` to stop (safe from any thread)."""
         self._engine.stop()
 
-    def op_context(self, route: ServiceRoute) -> OpContext:
-        """The context the state-machine ops need for ``route`` on outboxer's engines."""
+    def op_context(self, route: ServiceRoute, tx: Any = None) -> OpContext:
+        """The context the state-machine ops need for ``route``, on outboxer's engines
+        or on the caller's transaction ``tx``."""
         return OpContext(
             table=self.table_for(route),
             route=route,
-            family=self.db.family,
+            family=self.db.family if tx is None else family_of(_dialect_name(tx)),
             policy=self.retry_policy,
         )
+
+    def row_values(
+        self, route: ServiceRoute, event_type: str, key: str, document: Any, max_retry: int
+    ) -> dict[str, Any]:
+        """The columns of a new row: ``document`` encoded (checked against the JSON and
+        size rules) and the route's service and topic."""
+        if document is None:
+            raise PayloadNotSerializableError("payload is None", event_type=event_type)
+        text = encode_json(
+            document,
+            strict=self.strict_json,
+            json_default=self.json_default,
+            max_bytes=self.max_payload_bytes,
+            event_type=event_type,
+        )
+        return {
+            "event_type": event_type,
+            "service_name": route.service_name,
+            "topic": route.topic,
+            "message_key": key,
+            "payload": text,
+            "max_retry": max_retry,
+        }
 
     def table_for(self, route: ServiceRoute | str) -> Table:
         if isinstance(route, str):
@@ -275,29 +304,9 @@ class Outbox:
             version=(version or "").strip() or DEFAULT_VERSION,
             aggregate_id=(aggregate_id or "").strip() or resolved_key,
         )
-        text = encode_json(
-            envelope,
-            strict=self.strict_json,
-            json_default=self.json_default,
-            max_bytes=self.max_payload_bytes,
-            event_type=event_type,
-        )
-        return route, {
-            "event_type": event_type,
-            "service_name": route.service_name,
-            "topic": route.topic,
-            "message_key": resolved_key,
-            "payload": text,
-            "max_retry": max_retry if max_retry is not None else self.retry_policy.max_retry,
-        }
-
-    def _op_context(self, route: ServiceRoute, tx: Any) -> OpContext:
-        return OpContext(
-            table=self.table_for(route),
-            route=route,
-            family=family_of(_dialect_name(tx)),
-            policy=self.retry_policy,
-        )
+        if max_retry is None:
+            max_retry = self.retry_policy.max_retry
+        return route, self.row_values(route, event_type, resolved_key, envelope, max_retry)
 
     def publish(
         self,
@@ -321,9 +330,8 @@ class Outbox:
         route, values = self._prepare_publish(
             event_type, payload, key, aggregate_id, event_id, version, max_retry
         )
-        outbox_id = int(SyncRunner(tx).run(op_insert(self._op_context(route, tx), values)))
-        if self._engine.waker.active:
-            self._engine.commit_wake.arm(tx, route.service_name)
+        outbox_id = int(SyncRunner(tx).run(op_insert(self.op_context(route, tx), values)))
+        self._engine.wake_after_commit(tx, route.service_name)
         return outbox_id
 
     async def publish_async(
@@ -344,9 +352,8 @@ class Outbox:
             event_type, payload, key, aggregate_id, event_id, version, max_retry
         )
         runner = AsyncRunner(tx)
-        outbox_id = int(await runner.run(op_insert(self._op_context(route, tx), values)))
-        if self._engine.waker.active:
-            self._engine.commit_wake.arm(tx, route.service_name)
+        outbox_id = int(await runner.run(op_insert(self.op_context(route, tx), values)))
+        self._engine.wake_after_commit(tx, route.service_name)
         return outbox_id
 
     # ------------------------------------------------------------------ lifecycle

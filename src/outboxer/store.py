@@ -20,13 +20,11 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import ColumnElement
 
 from outboxer.backoff import RetryPolicy
-from outboxer.db import READ_ONLY, family_of
-from outboxer.envelope import encode_json
+from outboxer.db import READ_ONLY
 from outboxer.errors import (
     ConfigurationError,
     InvalidEventError,
     MessageNotFoundError,
-    PayloadNotSerializableError,
     ServiceMismatchError,
     StoreError,
     TransactionRequiredError,
@@ -495,14 +493,7 @@ class Store:
         self._outbox = outbox
         self.route = route
         self._tx = tx
-        self._ctx = OpContext(
-            table=outbox.table_for(route),
-            route=route,
-            family=family_of(outbox.db.url.get_dialect().name)
-            if tx is None
-            else family_of(_dialect_name(tx)),
-            policy=outbox.retry_policy,
-        )
+        self._ctx = outbox.op_context(route, tx)
 
     def with_route(self, route: ServiceRoute | str) -> Store:
         """The same store (and transaction) for another service route."""
@@ -593,23 +584,9 @@ class Store:
         message_key = clean_key(message_key, event_type)
         if isinstance(max_retry, bool) or not isinstance(max_retry, int):
             raise InvalidEventError(f"max_retry must be an int, got {max_retry!r}")
-        if payload is None:
-            raise PayloadNotSerializableError("payload is None", event_type=event_type)
-        text = encode_json(
-            payload,
-            strict=self._outbox.strict_json,
-            json_default=self._outbox.json_default,
-            max_bytes=self._outbox.max_payload_bytes,
-            event_type=event_type,
-        )
-        return {
-            "event_type": event_type,
-            "service_name": route.service_name,
-            "topic": route.topic,
-            "message_key": message_key,
-            "payload": text,
-            "max_retry": max_retry if max_retry > 0 else self._outbox.retry_policy.max_retry,
-        }
+        if max_retry <= 0:
+            max_retry = self._outbox.retry_policy.max_retry
+        return self._outbox.row_values(route, event_type, message_key, payload, max_retry)
 
     # -- the seed's repository, sync face
 
