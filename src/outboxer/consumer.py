@@ -10,11 +10,9 @@ Only then is the batch acknowledged to the transport.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import logging
-import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,10 +20,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import select
 
+from outboxer.aio import in_daemon_thread, sleep_unless
 from outboxer.envelope import Envelope
 from outboxer.errors import HandlerError
 from outboxer.metrics import Stats
-from outboxer.models import FINAL_STATUSES
+from outboxer.models import FINAL_STATUSES, Status
 from outboxer.routing import ServiceRoute
 from outboxer.runner import AsyncRunner, Execute, Invoke, Op, SyncRunner, is_async_callable
 from outboxer.store import OpContext, op_mark_consumed, op_mark_dead, op_mark_failed
@@ -40,39 +39,6 @@ T = TypeVar("T")
 
 Handler = Callable[..., Any]
 """``async def h(event: Envelope, tx: AsyncSession)`` or ``def h(event, tx: Session)``."""
-
-
-async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn`` on a daemon thread and await its result.
-
-    Not the default executor: its threads are joined at interpreter exit, so a
-    blocking sync handler could hold a stopping process beyond ``shutdown_timeout``.
-    A daemon thread dies with the process; its transaction is then rolled back by
-    the database and the batch is delivered again.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(value: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)  # type: ignore[arg-type]
-
-    def work() -> None:
-        value: T | None = None
-        error: BaseException | None = None
-        try:
-            value = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-            loop.call_soon_threadsafe(settle, value, error)
-
-    threading.Thread(target=work, name="outboxer-sync-batch", daemon=True).start()
-    return await future
 
 
 def check_handler(event_type: str, fn: Handler) -> None:
@@ -165,7 +131,7 @@ def op_dispatch(
         for oid, status in outcome.items():
             if status is None:
                 continue
-            (out.dead if status.value == "dead" else out.retried).append(oid)
+            (out.dead if status is Status.DEAD else out.retried).append(oid)
     for reason, dead_ids in dead.items():
         yield from op_mark_dead(c, dead_ids, reason)
         out.dead.extend(dead_ids)
@@ -182,10 +148,8 @@ class Dispatcher:
         self.route = route
         self.handlers = handlers
         self.stats = stats
-        self._ctx_async: OpContext | None = None
-
-    def _context(self) -> OpContext:
-        return self.outbox.op_context(self.route)
+        self._ctx = outbox.op_context(route)
+        self._async_types = {e for e, h in handlers.items() if is_async_callable(h)}
 
     def decode(self, batch: Sequence[IncomingMessage], *, report: bool = True) -> list[Envelope]:
         """Valid envelopes of a batch; the rest are skipped (logged and counted when
@@ -221,10 +185,8 @@ class Dispatcher:
         envelopes = self.decode(batch, report=first_pass)
         if not envelopes:
             return BatchOutcome()
-        ctx = self._context()
-        op = op_dispatch(ctx, envelopes, self.handlers)
-        used = {self.handlers.get(e.event_type) for e in envelopes} - {None}
-        if used and not any(is_async_callable(h) for h in used if h is not None):
+        op = op_dispatch(self._ctx, envelopes, self.handlers)
+        if not any(e.event_type in self._async_types for e in envelopes):
             # Only sync handlers: run the whole transaction in a worker thread on the
             # sync engine, so blocking handler code never stalls the event loop.
             out = await in_daemon_thread(self._run_sync, op)
@@ -269,7 +231,7 @@ class Dispatcher:
         outcome = await store.mark_failed_many_async([(env.outbox_id, describe_error(failure))])
         status = outcome.get(env.outbox_id)
         if status is not None:
-            self.stats.add(self.route.service_name, "dead" if status.value == "dead" else "retried")
+            self.stats.add(self.route.service_name, "dead" if status is Status.DEAD else "retried")
             self.stats.add(self.route.service_name, "handler_errors")
 
     def _run_sync(self, op: Op[BatchOutcome]) -> BatchOutcome:
@@ -330,10 +292,6 @@ async def _process(
                 "consumer cannot record its batch; retrying",
                 extra={"service": service, "size": len(batch)},
             )
-        if stopping.is_set():
+        if stopping.is_set() or await sleep_unless(stopping, delay):
             return False
-        try:
-            await asyncio.wait_for(stopping.wait(), delay)
-            return False
-        except TimeoutError:
-            delay = min(delay * 2, 30.0)
+        delay = min(delay * 2, 30.0)

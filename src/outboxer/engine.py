@@ -11,7 +11,7 @@ import logging
 import signal
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,7 +24,8 @@ from outboxer.errors import ConfigurationError, HandlerError, OutboxError
 from outboxer.metrics import Stats
 from outboxer.relay import Relay, RelayConfig, Waker
 from outboxer.routing import ServiceRoute
-from outboxer.transports.base import Subscription, Transport
+from outboxer.runner import callable_name
+from outboxer.transports.base import Transport
 from outboxer.transports.local import LocalTransport
 
 if TYPE_CHECKING:
@@ -111,7 +112,6 @@ class Runtime:
         self.waker = Waker()
         self.commit_wake = _CommitWake(self.waker)
         self._relay_stop: asyncio.Event | None = None
-        self._consume_stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.running = False
 
@@ -131,7 +131,7 @@ class Runtime:
         existing = self.handlers.get(event_type)
         if existing is not None and existing is not fn:
             raise HandlerError(
-                f"event type {event_type!r} already has a handler ({_name(existing)})",
+                f"event type {event_type!r} already has a handler ({callable_name(existing)})",
                 event_type=event_type,
             )
         self.handlers[event_type] = fn
@@ -143,19 +143,31 @@ class Runtime:
 
         return decorate
 
-    # ---------------------------------------------------------------- planning
-
-    def _plan(
-        self, services: Sequence[str] | None, relay: bool, consume: bool, local: bool
-    ) -> tuple[list[ServiceRoute], list[ServiceRoute]]:
-        routes = self.outbox.routes
-        for event_type in self.handlers:
-            if routes.service_of(event_type) is None:
+    def handlers_by_service(self) -> dict[str, dict[str, Handler]]:
+        """This app's handlers grouped by the service owning their event type."""
+        grouped: dict[str, dict[str, Handler]] = {}
+        for event_type, fn in self.handlers.items():
+            service = self.outbox.routes.service_of(event_type)
+            if service is None:
                 raise HandlerError(
                     f"handler registered for {event_type!r}, which belongs to no service; "
                     "call register_event(event_type, service) or pass service=",
                     event_type=event_type,
                 )
+            grouped.setdefault(service, {})[event_type] = fn
+        return grouped
+
+    # ---------------------------------------------------------------- planning
+
+    def _plan(
+        self,
+        services: Sequence[str] | None,
+        relay: bool,
+        consume: bool,
+        local: bool,
+        with_handlers: Collection[str],
+    ) -> tuple[list[ServiceRoute], list[ServiceRoute]]:
+        routes = self.outbox.routes
         if services:
             chosen = []
             for name in services:
@@ -164,7 +176,6 @@ class Runtime:
                 chosen.append(routes.route_for_service(name))
         else:
             chosen = routes.routes()
-        with_handlers = {routes.service_of(e) for e in self.handlers}
         consume_routes = [r for r in chosen if r.service_name in with_handlers] if consume else []
         if local:
             if not (relay and consume):
@@ -223,8 +234,9 @@ class Runtime:
             raise ConfigurationError("this Outbox is already running")
         settings = self.outbox.settings
         transport = self.transport
+        by_service = self.handlers_by_service()
         relay_routes, consume_routes = self._plan(
-            services, relay, consume, transport.delivers_in_process
+            services, relay, consume, transport.delivers_in_process, by_service
         )
         try:
             await self._check_tables([*relay_routes, *consume_routes])
@@ -234,8 +246,7 @@ class Runtime:
         self.running = True
         self._loop = asyncio.get_running_loop()
         relay_stop = self._relay_stop = asyncio.Event()
-        consume_stop = self._consume_stop = asyncio.Event()
-        subscriptions: list[Subscription] = []
+        consume_stop = asyncio.Event()
         relay_tasks: list[asyncio.Task[None]] = []
         consume_tasks: list[asyncio.Task[None]] = []
         installed: list[signal.Signals] = []
@@ -257,13 +268,9 @@ class Runtime:
             )
             for route in consume_routes:
                 sub = await transport.subscribe(route)
-                subscriptions.append(sub)
-                handlers = {
-                    e: h
-                    for e, h in self.handlers.items()
-                    if self.outbox.routes.service_of(e) == route.service_name
-                }
-                dispatcher = Dispatcher(self.outbox, route, handlers, self.stats)
+                dispatcher = Dispatcher(
+                    self.outbox, route, by_service[route.service_name], self.stats
+                )
                 consume_tasks.append(
                     asyncio.create_task(
                         consume_loop(sub, dispatcher, consume_stop, batch_size=settings.batch_size),
@@ -271,13 +278,12 @@ class Runtime:
                     )
                 )
             self.waker.bind(self._loop, [r.service_name for r in relay_routes])
-            consumed_here = {self.outbox.routes.service_of(e) for e in self.handlers}
             for route in relay_routes:
                 # Redelivery only where this app's handlers consume: a topic read by
                 # other systems would otherwise get every event again and again.
                 own = (
                     config
-                    if route.service_name in consumed_here
+                    if route.service_name in by_service
                     else replace(config, redeliver_after=0.0)
                 )
                 r = Relay(
@@ -304,7 +310,7 @@ class Runtime:
         finally:
             # Reached on stop(), on cancellation and on a failed start alike.
             relay_stop.set()
-            await self._shutdown(relay_tasks, consume_tasks, subscriptions, transport)
+            await self._shutdown(relay_tasks, consume_tasks, consume_stop, transport)
             for sig in installed:
                 self._loop.remove_signal_handler(sig)
             self.waker.unbind()
@@ -320,7 +326,7 @@ class Runtime:
         self,
         relay_tasks: list[asyncio.Task[None]],
         consume_tasks: list[asyncio.Task[None]],
-        subscriptions: list[Subscription],
+        consume_stop: asyncio.Event,
         transport: Transport,
     ) -> None:
         timeout = self.outbox.settings.shutdown_timeout
@@ -328,15 +334,9 @@ class Runtime:
         deadline = loop.time() + timeout
         # Relays first: an in-flight batch may still need the consumers (local transport).
         await _finish(relay_tasks, deadline - loop.time())
-        if self._consume_stop is not None:
-            self._consume_stop.set()
+        consume_stop.set()
         await _finish(consume_tasks, deadline - loop.time())
-        for sub in subscriptions:
-            try:
-                await sub.close()
-            except Exception:
-                logger.exception("closing a subscription failed")
-        try:
+        try:  # closes the subscriptions too
             await transport.close()
         except Exception:
             logger.exception("closing the transport failed")
@@ -368,7 +368,3 @@ def _raise_task_errors(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
-
-
-def _name(fn: Any) -> str:
-    return getattr(fn, "__qualname__", repr(fn))

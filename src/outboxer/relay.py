@@ -11,12 +11,12 @@ the transport is waiting on the broker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
+from outboxer.aio import sleep_unless
 from outboxer.errors import EnvelopeDecodeError
 from outboxer.metrics import Stats
 from outboxer.models import OutboxMessage
@@ -50,15 +50,15 @@ class Waker:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
+        try:
+            same_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:  # published from another thread
+            same_loop = False
         for service in services:
             ev = self._events.get(service)
             if ev is None:
                 continue
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is loop:
+            if same_loop:
                 ev.set()
             else:
                 loop.call_soon_threadsafe(ev.set)
@@ -242,7 +242,7 @@ class Relay:
                 delay = self.config.error_delay
             except Exception:
                 logger.exception("relay round failed", extra={"service": service})
-                await _sleep_unless(stopping, delay)
+                await sleep_unless(stopping, delay)
                 delay = min(delay * 2, 30.0)
                 continue
             if claimed >= self.config.batch_size:
@@ -253,7 +253,7 @@ class Relay:
                 # A Connection's commit hook fires just before COMMIT: look once more
                 # shortly instead of waiting a whole poll interval.
                 woken = False
-                await _sleep_unless(stopping, 0.02)
+                await sleep_unless(stopping, 0.02)
                 continue
             wake = asyncio.ensure_future(self.waker.wait(service, self.config.poll_interval))
             stop = asyncio.ensure_future(stopping.wait())
@@ -264,8 +264,3 @@ class Relay:
                 for task in (wake, stop):
                     if not task.done():
                         task.cancel()
-
-
-async def _sleep_unless(stopping: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stopping.wait(), seconds)

@@ -174,7 +174,6 @@ class RouteRegistry:
         self.topic_prefix = topic_prefix
         self._overrides = {_override_key(k): v for k, v in (overrides or {}).items()}
         self._routes: dict[str, ServiceRoute] = {}
-        self._explicit: dict[str, tuple[str | None, str | None, str | None]] = {}
         self._events: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -226,7 +225,6 @@ class RouteRegistry:
                 )
             self._check_table_unused(route)
             self._routes[name] = route
-            self._explicit[name] = (table, topic, group)
         return route
 
     def _check_table_unused(self, route: ServiceRoute) -> None:

@@ -78,7 +78,7 @@ def _check_still_open(active: bool, fn: Callable[..., Any]) -> None:
     if not active:
         raise _aborted(
             HandlerError(
-                f"{_name(fn)} committed or rolled back the transaction it was given; "
+                f"{callable_name(fn)} committed or rolled back the transaction it was given; "
                 "handlers must leave that to outboxer (their writes commit with the "
                 "consumed mark)"
             )
@@ -96,7 +96,8 @@ def _close(awaitable: Any) -> None:
         close()  # no "coroutine was never awaited" warning for a refused result
 
 
-def _name(fn: Callable[..., Any]) -> str:
+def callable_name(fn: Callable[..., Any]) -> str:
+    """A callable's qualified name, for messages."""
     return str(getattr(fn, "__qualname__", None) or repr(fn))
 
 
@@ -150,7 +151,7 @@ class SyncRunner:
             if inspect.isawaitable(result):
                 _close(result)
                 raise HandlerError(
-                    f"{_name(instr.fn)} returned an awaitable: declare it `async def` so "
+                    f"{callable_name(instr.fn)} returned an awaitable: declare it `async def` so "
                     "it is awaited (a plain function runs synchronously)"
                 )
             _check_still_open(nested.is_active, instr.fn)
@@ -242,7 +243,7 @@ class AsyncRunner:
                 if _being_cancelled():
                     raise
                 # A handler's own awaited task was cancelled: its failure, not ours.
-                raise HandlerError(f"{_name(instr.fn)} raised CancelledError") from exc
+                raise HandlerError(f"{callable_name(instr.fn)} raised CancelledError") from exc
             _check_still_open(nested.is_active, instr.fn)
             await nested.commit()
         except TransactionAbortedError:

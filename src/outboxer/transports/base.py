@@ -117,5 +117,5 @@ class Transport(Protocol):
         ...
 
     async def close(self) -> None:
-        """Flush what was sent and release every connection."""
+        """Flush what was sent, close every subscription, release every connection."""
         ...
