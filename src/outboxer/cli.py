@@ -214,20 +214,11 @@ def _opened(ctx: typer.Context) -> Iterator[Outbox]:
 
 
 def _routes(outbox: Outbox, services: list[str] | None = None) -> list[ServiceRoute]:
-    routes = outbox.routes.routes()
-    if not routes:
+    if not outbox.routes.routes():
         raise ConfigurationError(
             f"{outbox!r} registers no services (register_event/register_service)"
         )
-    if not services:
-        return routes
-    chosen = []
-    for name in services:
-        if not outbox.routes.has_service(name):
-            known = ", ".join(r.service_name for r in routes)
-            raise ConfigurationError(f"unknown service {name!r}; the app has: {known}")
-        chosen.append(outbox.routes.route_for_service(name))
-    return chosen
+    return outbox.routes.select(services)
 
 
 def _existing_tables(outbox: Outbox) -> set[str]:

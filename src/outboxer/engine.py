@@ -167,15 +167,7 @@ class Runtime:
         local: bool,
         with_handlers: Collection[str],
     ) -> tuple[list[ServiceRoute], list[ServiceRoute]]:
-        routes = self.outbox.routes
-        if services:
-            chosen = []
-            for name in services:
-                if not routes.has_service(name):
-                    raise ConfigurationError(f"unknown service {name!r}", service=name)
-                chosen.append(routes.route_for_service(name))
-        else:
-            chosen = routes.routes()
+        chosen = self.outbox.routes.select(services)
         consume_routes = [r for r in chosen if r.service_name in with_handlers] if consume else []
         if local:
             if not (relay and consume):

@@ -10,10 +10,11 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from outboxer.errors import (
+    ConfigurationError,
     EventNotRegisteredError,
     EventServiceConflictError,
     InvalidEventError,
@@ -281,6 +282,22 @@ class RouteRegistry:
     def routes(self) -> list[ServiceRoute]:
         """Every registered route, in registration order."""
         return list(self._routes.values())
+
+    def select(self, services: Sequence[str] | None = None) -> list[ServiceRoute]:
+        """The routes of ``services`` (every registered one when empty or None); an
+        unknown name is a ConfigurationError listing the known ones."""
+        if not services:
+            return self.routes()
+        chosen = []
+        for name in services:
+            route = self._routes.get(name)
+            if route is None:
+                known = ", ".join(self._routes) or "none"
+                raise ConfigurationError(
+                    f"unknown service {name!r}; registered services: {known}", service=name
+                )
+            chosen.append(route)
+        return chosen
 
     def events_of(self, service: str) -> list[str]:
         """Event types owned by ``service``."""
