@@ -32,12 +32,10 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import inspect
-from sqlalchemy.exc import SQLAlchemyError
 
 from outboxer.config import CONFIG_ENV, config_path
 from outboxer.demo import HideDemoFailures, run_demo
-from outboxer.errors import ConfigurationError, OutboxError, StoreError
+from outboxer.errors import ConfigurationError, OutboxError
 from outboxer.models import Status
 from outboxer.outbox import Outbox
 from outboxer.routing import ServiceRoute
@@ -221,15 +219,6 @@ def _routes(outbox: Outbox, services: list[str] | None = None) -> list[ServiceRo
     return outbox.routes.select(services)
 
 
-def _existing_tables(outbox: Outbox) -> set[str]:
-    try:
-        with outbox.db.sync_engine.connect() as conn:
-            return set(inspect(conn).get_table_names())
-    except SQLAlchemyError as exc:
-        orig = getattr(exc, "orig", None) or exc
-        raise StoreError(f"cannot read the database: {orig}", url=outbox.db.safe_url) from exc
-
-
 # ---------------------------------------------------------------------- logging
 
 
@@ -321,9 +310,9 @@ def migrate(ctx: typer.Context) -> None:
     """Create the registered services' outbox tables and indexes (idempotent)."""
     with _opened(ctx) as outbox:
         routes = _routes(outbox)
-        before = _existing_tables(outbox)
+        before = outbox.db.table_names()
         outbox.migrate()
-        after = _existing_tables(outbox)
+        after = outbox.db.table_names()
     console = Console()
     console.print(f"database {escape(outbox.db.safe_url)}", highlight=False)
     table = Table("service", "table", "state")
@@ -426,7 +415,7 @@ def status(
     """Counts by status, rows due now and the age of the oldest due row, per service."""
     results: list[tuple[ServiceRoute, ServiceStatus | None]] = []
     with _opened(ctx) as outbox:
-        existing = _existing_tables(outbox)
+        existing = outbox.db.table_names()
         for route in _routes(outbox, service):
             migrated = route.table_name in existing
             results.append((route, outbox.store(route.service_name).status() if migrated else None))

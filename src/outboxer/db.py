@@ -29,12 +29,13 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from outboxer.errors import ConfigurationError
+from outboxer.errors import ConfigurationError, StoreError
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 READ_ONLY = {"outboxer_read_only": True}
@@ -192,6 +193,15 @@ class Database:
                 if self._async is None:
                     self._async = create_async(self.url.render_as_string(hide_password=False))
         return self._async
+
+    def table_names(self) -> set[str]:
+        """Tables that exist in the database (blocking; wrapped driver errors)."""
+        try:
+            with self.sync_engine.connect() as conn:
+                return set(inspect(conn).get_table_names())
+        except SQLAlchemyError as exc:
+            orig = getattr(exc, "orig", None) or exc
+            raise StoreError(f"cannot read the database: {orig}", url=self.safe_url) from exc
 
     @property
     def safe_url(self) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, event, inspect
+from sqlalchemy import Connection, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
@@ -194,10 +194,8 @@ class Runtime:
         return relay_routes, consume_routes
 
     async def _check_tables(self, routes: Sequence[ServiceRoute]) -> None:
-        names = {r.table_name for r in routes}
-        async with self.outbox.db.async_engine.connect() as conn:
-            existing = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
-        missing = sorted(names - existing)
+        existing = await asyncio.to_thread(self.outbox.db.table_names)
+        missing = sorted({r.table_name for r in routes} - existing)
         if missing:
             raise ConfigurationError(
                 f"outbox tables missing: {', '.join(missing)}; run `outboxer migrate` "
@@ -230,11 +228,7 @@ class Runtime:
         relay_routes, consume_routes = self._plan(
             services, relay, consume, transport.delivers_in_process, by_service
         )
-        try:
-            await self._check_tables([*relay_routes, *consume_routes])
-        except BaseException:
-            await self.outbox.db.dispose_async_only()
-            raise
+        await self._check_tables([*relay_routes, *consume_routes])
         self.running = True
         self._loop = asyncio.get_running_loop()
         relay_stop = self._relay_stop = asyncio.Event()
