@@ -11,10 +11,11 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from outboxer import Outbox, OutboxSettings
@@ -125,6 +126,29 @@ def isolated_settings(**kw: object) -> OutboxSettings:
 def make_outbox(url: str, **kw: object) -> Outbox:
     settings = kw.pop("settings", None) or isolated_settings()
     return Outbox(url, settings=settings, **kw)  # type: ignore[arg-type]
+
+
+def backdate(
+    ob: Outbox,
+    service: str,
+    outbox_id: int,
+    column: str,
+    seconds: float,
+    *,
+    relative_to: int | None = None,
+) -> None:
+    """Set a row's timestamp ``column`` to ``seconds`` before its current value (or
+    before that of row ``relative_to``): time travel without waiting."""
+    table = ob.table_for(service)
+    col = table.c[column]
+    source = outbox_id if relative_to is None else relative_to
+    with ob.db.sync_engine.begin() as conn:
+        stamp = conn.execute(select(col).where(table.c.id == source)).scalar_one()
+        conn.execute(
+            table.update()
+            .where(table.c.id == outbox_id)
+            .values({column: stamp - timedelta(seconds=seconds)})
+        )
 
 
 def drop_tables(ob: Outbox) -> None:

@@ -20,7 +20,7 @@ from outboxer import (
     TransactionRequiredError,
 )
 from outboxer.store import Store
-from tests.conftest import make_outbox
+from tests.conftest import backdate, make_outbox
 
 
 def _store(ob: Outbox, service: str) -> Store:
@@ -86,15 +86,8 @@ def test_due_order_limit_and_filter(outbox: Outbox, service: str) -> None:
 def test_due_ordered_by_next_retry_at_then_id(outbox: Outbox, service: str) -> None:
     st = _store(outbox, service)
     first, second = _create(outbox, service), _create(outbox, service)
-    table = st.table
-    with outbox.db.sync_engine.begin() as conn:
-        # Make the later id due earlier.
-        old = conn.execute(select(table.c.next_retry_at).where(table.c.id == first)).scalar_one()
-        conn.execute(
-            table.update()
-            .where(table.c.id == second)
-            .values(next_retry_at=old - timedelta(seconds=5))
-        )
+    # Make the later id due earlier.
+    backdate(outbox, service, second, "next_retry_at", 5, relative_to=first)
     assert [m.id for m in st.list_due_messages()] == [second, first]
 
 
@@ -478,14 +471,7 @@ def test_claim_unconsumed_takes_stale_published_rows(outbox: Outbox, service: st
     for oid in (old, fresh, consumed):
         st.mark_published(oid)
     st.mark_consumed(consumed)
-    table = st.table
-    with outbox.db.sync_engine.begin() as conn:
-        stamp = conn.execute(select(table.c.updated_at).where(table.c.id == old)).scalar_one()
-        conn.execute(
-            table.update()
-            .where(table.c.id == old)
-            .values(updated_at=stamp - timedelta(seconds=120))
-        )
+    backdate(outbox, service, old, "updated_at", 120)
     again = st.claim_unconsumed(limit=10, older_than=60)
     assert [m.id for m in again] == [old]
     assert again[0].status is Status.PUBLISHED

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
 from outboxer import Outbox, OutboxError, OutboxSettings, Status
 from outboxer.metrics import Stats
 from outboxer.relay import Relay, RelayConfig, Waker
 from outboxer.routing import ServiceRoute
 from outboxer.transports.base import Delivery, IncomingMessage, OutgoingMessage
+from tests.conftest import backdate
 
 
 class ScriptedTransport:
@@ -78,17 +77,6 @@ def _outbox(tmp_path: Path, transport: ScriptedTransport, **settings: Any) -> Ou
     return ob
 
 
-def _age_published(ob: Outbox, oid: int, seconds: float) -> None:
-    table = ob.table_for("svc")
-    with ob.db.sync_engine.begin() as conn:
-        stamp = conn.execute(select(table.c.updated_at).where(table.c.id == oid)).scalar_one()
-        conn.execute(
-            table.update()
-            .where(table.c.id == oid)
-            .values(updated_at=stamp - timedelta(seconds=seconds))
-        )
-
-
 @pytest.mark.parametrize("permanent", [False, True])
 async def test_failed_resend_keeps_the_row_published(tmp_path: Path, permanent: bool) -> None:
     transport = ScriptedTransport()
@@ -96,7 +84,7 @@ async def test_failed_resend_keeps_the_row_published(tmp_path: Path, permanent: 
     st = ob.store("svc")
     oid = st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}}, max_retry=1)
     st.mark_published(oid)
-    _age_published(ob, oid, 120)
+    backdate(ob, "svc", oid, "updated_at", 120)
     transport.error, transport.permanent = "broker down", permanent
     relay = Relay(st, transport, Stats(), Waker(), RelayConfig(redeliver_after=60.0))
     assert await relay.run_once() == 1
@@ -116,7 +104,7 @@ async def test_redelivery_check_is_not_starved_by_a_backlog(tmp_path: Path) -> N
     st = ob.store("svc")
     stale = st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}})
     st.mark_published(stale)
-    _age_published(ob, stale, 120)
+    backdate(ob, "svc", stale, "updated_at", 120)
     for _ in range(10):
         st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}})
     relay = Relay(st, transport, Stats(), Waker(), RelayConfig(batch_size=4, redeliver_after=60.0))
@@ -143,7 +131,7 @@ async def test_redelivery_only_for_services_this_app_consumes(tmp_path: Path) ->
         st = ob.store(service)
         oid = st.create_message(event_type, "k", {"event_type": event_type, "payload": {}})
         st.mark_published(oid)
-        _age_published(ob, oid, 60)
+        backdate(ob, service, oid, "updated_at", 60)
     await _run_for(ob, 1.0, consume=False)
     assert ob.stats.get("redelivered", "svc") >= 1
     assert ob.stats.get("redelivered", "other") == 0
