@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Table, and_, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Insert, Table, and_, bindparam, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
@@ -110,19 +110,30 @@ def _message(row: Any, **replace: Any) -> OutboxMessage:
 # --------------------------------------------------------------------------- ops
 
 
-def op_insert(c: OpContext, values: dict[str, Any]) -> Op[int]:
-    """INSERT one row; ``values`` holds every column but id and the timestamps."""
-    t = c.table
-    stmt = insert(t).values(
-        **values,
+def _new_rows(t: Table) -> Insert:
+    # A new row is pending, has had no attempt and is due now (database clock).
+    return insert(t).values(
         status=Status.PENDING.value,
         retry_count=0,
         next_retry_at=db_now(),
         created_at=db_now(),
         updated_at=db_now(),
     )
+
+
+def op_insert(c: OpContext, values: dict[str, Any]) -> Op[int]:
+    """INSERT one row; ``values`` holds every column but id and the timestamps."""
+    stmt = _new_rows(c.table).values(**values)
     result = yield Execute(stmt, what="insert", context=c.ctx(event_type=values["event_type"]))
     return int(result.inserted_primary_key[0])
+
+
+def op_insert_many(c: OpContext, rows: Sequence[dict[str, Any]], chunk: int = 5000) -> Op[None]:
+    """INSERT many rows (``values`` as for :func:`op_insert`), ``chunk`` per statement."""
+    for lo in range(0, len(rows), chunk):
+        yield Execute(
+            _new_rows(c.table), list(rows[lo : lo + chunk]), what="insert", context=c.ctx()
+        )
 
 
 def op_get(c: OpContext, outbox_id: int) -> Op[OutboxMessage | None]:

@@ -8,7 +8,6 @@ any broker, use the default in-process transport (``Outbox(url)``).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -19,11 +18,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from sqlalchemy import insert
-
+from outboxer.envelope import DEFAULT_VERSION, build_stored_envelope
 from outboxer.errors import TransportError
-from outboxer.models import Status
-from outboxer.schema import db_now
+from outboxer.runner import SyncRunner
+from outboxer.store import op_insert_many
 
 if TYPE_CHECKING:
     from outboxer.outbox import Outbox
@@ -130,31 +128,18 @@ def fill_due(outbox: Outbox, service: str, count: int, *, event_type: str | None
     5,000 per statement, so a large backlog is ready in moments.
     """
     event_type = event_type or f"{service}.filled"
-    table = outbox.table_for(service)
     route = outbox.routes.route_for_service(service)
-    rows = [
-        {
-            "event_type": event_type,
-            "service_name": service,
-            "topic": route.topic,
-            "message_key": f"k{i % 64}",
-            "payload": json.dumps(
-                {
-                    "event_id": None,
-                    "event_type": event_type,
-                    "event_version": "v1",
-                    "aggregate_id": f"k{i % 64}",
-                    "payload": {"n": i},
-                },
-                separators=(",", ":"),
-            ),
-            "status": Status.PENDING.value,
-            "retry_count": 0,
-            "max_retry": outbox.retry_policy.max_retry,
-        }
-        for i in range(count)
-    ]
-    stmt = insert(table).values(next_retry_at=db_now(), created_at=db_now(), updated_at=db_now())
+    max_retry = outbox.retry_policy.max_retry
+    rows = []
+    for i in range(count):
+        key = f"k{i % 64}"
+        envelope = build_stored_envelope(
+            event_type=event_type,
+            payload={"n": i},
+            event_id=None,
+            version=DEFAULT_VERSION,
+            aggregate_id=key,
+        )
+        rows.append(outbox.row_values(route, event_type, key, envelope, max_retry))
     with outbox.db.sync_engine.begin() as conn:
-        for lo in range(0, count, 5000):
-            conn.execute(stmt, rows[lo : lo + 5000])
+        SyncRunner(conn).run(op_insert_many(outbox.op_context(route), rows))
