@@ -21,11 +21,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, event, text
 
 from outboxer import Outbox, OutboxSettings, Status
-from outboxer.testing import fill_due
+from outboxer.testing import fill_due, scratch_database
 
 PG_ADMIN = os.environ.get(
     "OUTBOXER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -40,20 +39,9 @@ def database(backend: str) -> Iterator[str]:
         with tempfile.TemporaryDirectory() as tmp:
             yield f"sqlite:///{tmp}/bench.db"
         return
-    name = f"outboxer_bench_{uuid.uuid4().hex[:10]}"
-    admin_url = PG_ADMIN if backend == "postgresql" else MYSQL_ADMIN
-    quote = '"' if backend == "postgresql" else "`"
-    opts = {"isolation_level": "AUTOCOMMIT"} if backend == "postgresql" else {}
-    admin = create_engine(admin_url, **opts)
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {quote}{name}{quote}"))
-    try:
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        drop = f"DROP DATABASE IF EXISTS {quote}{name}{quote}"
-        with admin.connect() as conn:
-            conn.execute(text(drop + (" WITH (FORCE)" if backend == "postgresql" else "")))
-        admin.dispose()
+    admin = PG_ADMIN if backend == "postgresql" else MYSQL_ADMIN
+    with scratch_database(admin, prefix="outboxer_bench") as url:
+        yield url
 
 
 class StatementCounter:

@@ -10,16 +10,17 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from outboxer import Outbox, OutboxSettings
-from outboxer.testing import EmbeddedKafka
+from outboxer.testing import EmbeddedKafka, scratch_database
 
 PG_ADMIN_URL = os.environ.get(
     "OUTBOXER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -44,56 +45,23 @@ class ServerDatabase:
     url: str
 
 
-def _create_pg() -> tuple[str, str]:
-    name = f"outboxer_t_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return name, make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-
-
-def _drop_pg(name: str) -> None:
-    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    engine.dispose()
-
-
-def _create_mysql() -> tuple[str, str]:
-    name = f"outboxer_t_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(MYSQL_ADMIN_URL)
-    with engine.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
-    engine.dispose()
-    return name, make_url(MYSQL_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-
-
-def _drop_mysql(name: str) -> None:
-    engine = create_engine(MYSQL_ADMIN_URL)
-    with engine.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
-    engine.dispose()
+def _server_database(backend: str, admin_url: str) -> Iterator[ServerDatabase]:
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(scratch_database(admin_url, prefix="outboxer_t"))
+        except Exception as exc:
+            unavailable(f"{backend} at {make_url(admin_url).render_as_string()}: {exc}")
+        yield ServerDatabase(backend, url)
 
 
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[ServerDatabase]:
-    try:
-        name, url = _create_pg()
-    except Exception as exc:
-        unavailable(f"PostgreSQL at {make_url(PG_ADMIN_URL).render_as_string()}: {exc}")
-    yield ServerDatabase("postgresql", url)
-    _drop_pg(name)
+    yield from _server_database("postgresql", PG_ADMIN_URL)
 
 
 @pytest.fixture(scope="session")
 def mysql_database() -> Iterator[ServerDatabase]:
-    try:
-        name, url = _create_mysql()
-    except Exception as exc:
-        unavailable(f"MariaDB/MySQL at {make_url(MYSQL_ADMIN_URL).render_as_string()}: {exc}")
-    yield ServerDatabase("mariadb", url)
-    _drop_mysql(name)
+    yield from _server_database("mariadb", MYSQL_ADMIN_URL)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -14,9 +14,15 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from outboxer.envelope import DEFAULT_VERSION, build_stored_envelope
 from outboxer.errors import TransportError
@@ -119,6 +125,31 @@ class EmbeddedKafka:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextmanager
+def scratch_database(admin_url: str, *, prefix: str = "outboxer_scratch") -> Iterator[str]:
+    """A new, uniquely named database on the PostgreSQL or MySQL/MariaDB server of
+    ``admin_url`` (a URL with the right to create databases); yields its URL and
+    drops it afterwards."""
+    url = make_url(admin_url)
+    postgres = url.get_backend_name() == "postgresql"
+    admin = create_engine(url, **({"isolation_level": "AUTOCOMMIT"} if postgres else {}))
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    # CREATE/DROP DATABASE have no Core construct; the name is ours and dialect-quoted.
+    quoted = admin.dialect.identifier_preparer.quote_identifier(name)
+    create = f"CREATE DATABASE {quoted}" + ("" if postgres else " CHARACTER SET utf8mb4")
+    drop = f"DROP DATABASE IF EXISTS {quoted}" + (" WITH (FORCE)" if postgres else "")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(create))
+        try:
+            yield url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(drop))
+    finally:
+        admin.dispose()
 
 
 def fill_due(outbox: Outbox, service: str, count: int, *, event_type: str | None = None) -> None:
