@@ -267,9 +267,7 @@ class KafkaTransport:
         topics = sorted({r.topic for r in routes})
         if topics:
             await asyncio.to_thread(self._ensure_topics, topics)
-        async with self._producer_lock:
-            if self._producer is None:
-                self._producer = _ProducerHandle(self.producer_config())
+        await self._current_producer()
 
     def _ensure_topics(self, topics: list[str]) -> None:
         admin = AdminClient(self._common())
