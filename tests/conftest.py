@@ -1,48 +1,29 @@
 """Shared fixtures: one throw-away database per server per test session.
 
-Servers are found at ``OUTBOXER_TEST_PG_URL`` / ``OUTBOXER_TEST_MYSQL_URL``
-(defaults: the local PostgreSQL and MariaDB). A test that needs a server that is
-not there is skipped on a laptop and fails under ``CI=true``.
+Helpers that tests import are in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from outboxer import Outbox, OutboxSettings
+from outboxer import Outbox
 from outboxer.testing import EmbeddedKafka, scratch_database
-
-PG_ADMIN_URL = os.environ.get(
-    "OUTBOXER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+from tests.helpers import (
+    BACKENDS,
+    MYSQL_ADMIN_URL,
+    PG_ADMIN_URL,
+    ServerDatabase,
+    drop_tables,
+    make_outbox,
+    unavailable,
+    unique_service,
 )
-MYSQL_ADMIN_URL = os.environ.get(
-    "OUTBOXER_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"
-)
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-BACKENDS = ("sqlite", "postgresql", "mariadb")
-
-
-def unavailable(reason: str) -> None:
-    """Skip locally, fail in CI: a missing server must never turn CI green."""
-    if IN_CI:
-        pytest.fail(f"required server unavailable under CI=true: {reason}")
-    pytest.skip(reason)
-
-
-@dataclass
-class ServerDatabase:
-    backend: str
-    url: str
 
 
 def _server_database(backend: str, admin_url: str) -> Iterator[ServerDatabase]:
@@ -80,48 +61,6 @@ def server_url(request: pytest.FixtureRequest) -> str:
     fixture = "pg_database" if request.param == "postgresql" else "mysql_database"
     db: ServerDatabase = request.getfixturevalue(fixture)
     return db.url
-
-
-def unique_service() -> str:
-    return f"svc_{uuid.uuid4().hex[:10]}"
-
-
-def isolated_settings(**kw: object) -> OutboxSettings:
-    """Settings that ignore the environment and any outboxer.toml."""
-    return OutboxSettings.from_values(**kw)
-
-
-def make_outbox(url: str, **kw: object) -> Outbox:
-    settings = kw.pop("settings", None) or isolated_settings()
-    return Outbox(url, settings=settings, **kw)  # type: ignore[arg-type]
-
-
-def backdate(
-    ob: Outbox,
-    service: str,
-    outbox_id: int,
-    column: str,
-    seconds: float,
-    *,
-    relative_to: int | None = None,
-) -> None:
-    """Set a row's timestamp ``column`` to ``seconds`` before its current value (or
-    before that of row ``relative_to``): time travel without waiting."""
-    table = ob.table_for(service)
-    col = table.c[column]
-    source = outbox_id if relative_to is None else relative_to
-    with ob.db.sync_engine.begin() as conn:
-        stamp = conn.execute(select(col).where(table.c.id == source)).scalar_one()
-        conn.execute(
-            table.update()
-            .where(table.c.id == outbox_id)
-            .values({column: stamp - timedelta(seconds=seconds)})
-        )
-
-
-def drop_tables(ob: Outbox) -> None:
-    with ob.db.sync_engine.begin() as conn:
-        ob.metadata.drop_all(conn, checkfirst=True)
 
 
 @pytest.fixture(scope="session")

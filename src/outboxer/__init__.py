@@ -1,7 +1,6 @@
 """outboxer: the transactional outbox for Python services."""
 
 from outboxer.backoff import RetryPolicy
-from outboxer.config import OutboxSettings, load_settings
 from outboxer.envelope import Envelope
 from outboxer.errors import (
     ConfigurationError,
@@ -24,9 +23,11 @@ from outboxer.errors import (
     TransactionRequiredError,
     TransportError,
 )
-from outboxer.models import OutboxMessage, Status
+from outboxer.hooks import Observer, Stats
+from outboxer.models import OutboxMessage, ServiceStatus, Status
 from outboxer.outbox import Outbox
 from outboxer.routing import RouteRegistry, ServiceRoute, default_route
+from outboxer.settings import OutboxSettings, load_settings
 from outboxer.store import Store
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     "MessageNotFoundError",
     "Outbox",
     "OutboxError",
+    "Observer",
     "OutboxMessage",
     "OutboxSettings",
     "PayloadError",
@@ -54,6 +56,8 @@ __all__ = [
     "RoutingError",
     "ServiceMismatchError",
     "ServiceRoute",
+    "ServiceStatus",
+    "Stats",
     "Status",
     "Store",
     "StoreError",

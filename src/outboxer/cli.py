@@ -33,13 +33,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from outboxer.config import CONFIG_ENV, config_path
 from outboxer.demo import HideDemoFailures, run_demo
 from outboxer.errors import ConfigurationError, OutboxError
-from outboxer.models import Status
+from outboxer.models import ServiceStatus, Status
 from outboxer.outbox import Outbox
 from outboxer.routing import ServiceRoute
-from outboxer.store import ServiceStatus
+from outboxer.settings import CONFIG_ENV, config_path
 
 logger = logging.getLogger(__name__)
 

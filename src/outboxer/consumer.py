@@ -1,10 +1,10 @@
-"""Consumer dispatch: receive -> lock rows -> run handlers -> mark -> commit -> ack.
+"""Consumers: receive -> lock rows -> run handlers -> mark -> commit -> ack.
 
-A batch from one route is processed in one database transaction: the batch's outbox
-rows are locked (in id order, so concurrent consumers cannot deadlock), each live
-message's handler runs in its own SAVEPOINT (one failure does not undo another's
-work), then consumed/failed/dead marks are written and everything commits at once.
-Only then is the batch acknowledged to the transport.
+A batch from one route is processed in one database transaction
+(:func:`outboxer.database.ops.op_dispatch`): the batch's outbox rows are locked,
+each live message's handler runs in its own SAVEPOINT, then consumed/failed/dead
+marks are written and everything commits at once. Only then is the batch
+acknowledged to the transport.
 """
 
 from __future__ import annotations
@@ -13,32 +13,22 @@ import asyncio
 import inspect
 import json
 import logging
-import traceback
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
-
-from sqlalchemy import select
+from collections.abc import Mapping, Sequence
 
 from outboxer.aio import in_daemon_thread, sleep_unless
+from outboxer.backoff import ErrorBackoff
+from outboxer.database.ops import BatchOutcome, Handler, Outcome, op_dispatch
+from outboxer.database.runner import AsyncRunner, Op, SyncRunner, callable_name, is_async_callable
 from outboxer.envelope import Envelope
-from outboxer.errors import HandlerError
-from outboxer.metrics import Stats
-from outboxer.models import FINAL_STATUSES, Status
-from outboxer.routing import ServiceRoute
-from outboxer.runner import AsyncRunner, Execute, Invoke, Op, SyncRunner, is_async_callable
-from outboxer.store import OpContext, op_mark_consumed, op_mark_dead, op_mark_failed
+from outboxer.errors import HandlerError, describe_error
+from outboxer.hooks import Observer
+from outboxer.models import Status
+from outboxer.routing import RouteRegistry, ServiceRoute
+from outboxer.settings import OutboxSettings
+from outboxer.store import Storage
 from outboxer.transports.base import IncomingMessage, Subscription
 
-if TYPE_CHECKING:
-    from outboxer.outbox import Outbox
-
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-Handler = Callable[..., Any]
-"""``async def h(event: Envelope, tx: AsyncSession)`` or ``def h(event, tx: Session)``."""
 
 
 def check_handler(event_type: str, fn: Handler) -> None:
@@ -55,100 +45,56 @@ def check_handler(event_type: str, fn: Handler) -> None:
         pass
 
 
-def describe_error(exc: BaseException, limit: int = 6) -> str:
-    """``Type: message`` followed by the innermost frames, for ``last_error``."""
-    head = f"{type(exc).__name__}: {exc}"
-    frames = traceback.format_tb(exc.__traceback__)[-limit:]
-    return head + ("\n" + "".join(frames) if frames else "")
+class Handlers:
+    """Event type -> handler, for the consumers of one application."""
 
+    def __init__(self) -> None:
+        self._by_type: dict[str, Handler] = {}
 
-@dataclass
-class BatchOutcome:
-    consumed: list[int] = field(default_factory=list)
-    retried: list[int] = field(default_factory=list)
-    dead: list[int] = field(default_factory=list)
-    skipped: int = 0
-    handler_errors: list[tuple[int, BaseException]] = field(default_factory=list)
-
-
-def op_dispatch(
-    c: OpContext, envelopes: Sequence[Envelope], handlers: Mapping[str, Handler]
-) -> Op[BatchOutcome]:
-    """The consumer's batch transaction (see the module docstring)."""
-    t = c.table
-    out = BatchOutcome()
-    ids = sorted({e.outbox_id for e in envelopes})
-    result = yield Execute(
-        select(t.c.id, t.c.status, t.c.event_type)
-        .where(t.c.id.in_(ids))
-        .order_by(t.c.id)
-        .with_for_update(),
-        what="lock batch",
-        context=c.ctx(),
-    )
-    rows = {r.id: r for r in result.all()}
-    seen: set[int] = set()
-    failures: list[tuple[int, str]] = []
-    dead: dict[str, list[int]] = {}
-    for env in envelopes:
-        row = rows.get(env.outbox_id)
-        if row is None or row.status in FINAL_STATUSES or env.outbox_id in seen:
-            out.skipped += 1
-            continue
-        seen.add(env.outbox_id)
-        if row.event_type != env.event_type and env.event_type.strip():
-            # An envelope whose id points at another event (produced to the wrong
-            # topic, or by hand): never touch a row that is not its own.
-            logger.warning(
-                "envelope %s says event type %r but the row holds %r; skipped",
-                env.outbox_id,
-                env.event_type,
-                row.event_type,
-                extra={"service": c.route.service_name, "outbox_id": env.outbox_id},
+    def register(self, event_type: str, fn: Handler) -> None:
+        event_type = event_type.strip()
+        check_handler(event_type, fn)
+        existing = self._by_type.get(event_type)
+        if existing is not None and existing is not fn:
+            raise HandlerError(
+                f"event type {event_type!r} already has a handler ({callable_name(existing)})",
+                event_type=event_type,
             )
-            out.skipped += 1
-            continue
-        if not env.event_type.strip():
-            dead.setdefault("envelope has no event type", []).append(env.outbox_id)
-            continue
-        handler = handlers.get(env.event_type)
-        if handler is None:
-            reason = (
-                f"no handler registered for event type {env.event_type!r} "
-                f"in service {c.route.service_name!r}"
-            )
-            dead.setdefault(reason, []).append(env.outbox_id)
-            continue
-        error = yield Invoke(handler, (env,), savepoint=True, capture=True)
-        if error is None:
-            out.consumed.append(env.outbox_id)
-        else:
-            failures.append((env.outbox_id, describe_error(error)))
-            out.handler_errors.append((env.outbox_id, error))
-    yield from op_mark_consumed(c, out.consumed)
-    if failures:
-        outcome = yield from op_mark_failed(c, failures)
-        for oid, status in outcome.items():
-            if status is None:
-                continue
-            (out.dead if status is Status.DEAD else out.retried).append(oid)
-    for reason, dead_ids in dead.items():
-        yield from op_mark_dead(c, dead_ids, reason)
-        out.dead.extend(dead_ids)
-    return out
+        self._by_type[event_type] = fn
+
+    def __bool__(self) -> bool:
+        return bool(self._by_type)
+
+    def by_service(self, routes: RouteRegistry) -> dict[str, dict[str, Handler]]:
+        """The handlers grouped by the service owning their event type."""
+        grouped: dict[str, dict[str, Handler]] = {}
+        for event_type, fn in self._by_type.items():
+            service = routes.service_of(event_type)
+            if service is None:
+                raise HandlerError(
+                    f"handler registered for {event_type!r}, which belongs to no service; "
+                    "call register_event(event_type, service) or pass service=",
+                    event_type=event_type,
+                )
+            grouped.setdefault(service, {})[event_type] = fn
+        return grouped
 
 
 class Dispatcher:
     """Runs one route's batches through the handlers, in the database."""
 
     def __init__(
-        self, outbox: Outbox, route: ServiceRoute, handlers: Mapping[str, Handler], stats: Stats
+        self,
+        storage: Storage,
+        route: ServiceRoute,
+        handlers: Mapping[str, Handler],
+        hooks: Observer,
     ) -> None:
-        self.outbox = outbox
+        self.storage = storage
         self.route = route
         self.handlers = handlers
-        self.stats = stats
-        self._ctx = outbox.op_context(route)
+        self.hooks = hooks
+        self._ctx = storage.op_context(route)
         self._async_types = {e for e, h in handlers.items() if is_async_callable(h)}
 
     def decode(self, batch: Sequence[IncomingMessage], *, report: bool = True) -> list[Envelope]:
@@ -169,19 +115,18 @@ class Dispatcher:
         return envelopes
 
     def _skipped(
-        self, msg: IncomingMessage, counter: str, text: str, exc: BaseException | None = None
+        self, msg: IncomingMessage, reason: str, text: str, exc: BaseException | None = None
     ) -> None:
         service = self.route.service_name
         logger.warning(text, exc_info=exc, extra={"service": service, "at": msg.position})
-        self.stats.add(service, counter)
+        self.hooks.messages_skipped(service, reason, 1)
 
     async def dispatch(
         self, batch: Sequence[IncomingMessage], *, first_pass: bool = True
     ) -> BatchOutcome:
         """Process a batch and commit; raises only if the database transaction failed."""
-        service = self.route.service_name
         if first_pass:
-            self.stats.add(service, "received", len(batch))
+            self.hooks.messages_received(self.route.service_name, len(batch))
         envelopes = self.decode(batch, report=first_pass)
         if not envelopes:
             return BatchOutcome()
@@ -191,8 +136,16 @@ class Dispatcher:
             # sync engine, so blocking handler code never stalls the event loop.
             out = await in_daemon_thread(self._run_sync, op)
         else:
-            async with self.outbox.db.async_engine.begin() as conn:
+            async with self.storage.database.async_engine.begin() as conn:
                 out = await AsyncRunner(conn).run(op)
+        self._report(out)
+        return out
+
+    def _report(self, out: BatchOutcome) -> None:
+        service = self.route.service_name
+        hooks = self.hooks
+        for event_type, seconds, error in out.timings:
+            hooks.handler_finished(service, event_type, seconds, error)
         for oid, exc in out.handler_errors:
             logger.warning(
                 "handler failed for outbox id %s: %s",
@@ -201,12 +154,14 @@ class Dispatcher:
                 exc_info=exc,
                 extra={"service": service, "outbox_id": oid},
             )
-        self.stats.add(service, "consumed", len(out.consumed))
-        self.stats.add(service, "retried", len(out.retried))
-        self.stats.add(service, "dead", len(out.dead))
-        self.stats.add(service, "skipped", out.skipped)
-        self.stats.add(service, "handler_errors", len(out.handler_errors))
-        return out
+        if out.consumed:
+            hooks.messages_consumed(service, len(out.consumed))
+        for o in out.retried:
+            hooks.message_retried(service, o.outbox_id, o.attempts, o.reason)
+        for o in out.dead:
+            hooks.message_dead(service, o.outbox_id, o.attempts, o.reason)
+        if out.skipped:
+            hooks.messages_skipped(service, "settled", out.skipped)
 
     async def dispatch_alone(self, message: IncomingMessage) -> None:
         """One message in its own transaction; if that fails, a failed attempt is
@@ -227,15 +182,23 @@ class Dispatcher:
             exc_info=failure,
             extra={"service": self.route.service_name, "outbox_id": env.outbox_id},
         )
-        store = self.outbox.store(self.route.service_name)
-        outcome = await store.mark_failed_many_async([(env.outbox_id, describe_error(failure))])
+        reason = describe_error(failure)
+        store = self.storage.store(self.route)
+        outcome = await store.mark_failed_many_async([(env.outbox_id, reason)])
         status = outcome.get(env.outbox_id)
         if status is not None:
-            self.stats.add(self.route.service_name, "dead" if status is Status.DEAD else "retried")
-            self.stats.add(self.route.service_name, "handler_errors")
+            after = await store.get_by_id_async(env.outbox_id)
+            attempts = after.retry_count if after is not None else 0
+            done = Outcome(env.outbox_id, env.event_type, attempts, reason)
+            out = BatchOutcome(
+                retried=[done] if status is Status.PENDING else [],
+                dead=[done] if status is Status.DEAD else [],
+                timings=[(env.event_type, 0.0, failure)],
+            )
+            self._report(out)
 
     def _run_sync(self, op: Op[BatchOutcome]) -> BatchOutcome:
-        with self.outbox.db.sync_engine.begin() as conn:
+        with self.storage.database.sync_engine.begin() as conn:
             return SyncRunner(conn).run(op)
 
 
@@ -243,10 +206,9 @@ async def consume_loop(
     sub: Subscription,
     dispatcher: Dispatcher,
     stopping: asyncio.Event,
+    settings: OutboxSettings,
     *,
-    batch_size: int,
     poll_timeout: float = 0.5,
-    retry_delay: float = 1.0,
 ) -> None:
     """Receive, dispatch and acknowledge until ``stopping`` is set.
 
@@ -259,10 +221,10 @@ async def consume_loop(
     delivered again.
     """
     while not stopping.is_set():
-        batch = await sub.receive(batch_size, poll_timeout)
+        batch = await sub.receive(settings.batch_size, poll_timeout)
         if not batch:
             continue
-        if await _process(batch, dispatcher, stopping, retry_delay):
+        if await _process(batch, dispatcher, stopping, settings):
             await sub.ack(batch)
 
 
@@ -270,28 +232,29 @@ async def _process(
     batch: Sequence[IncomingMessage],
     dispatcher: Dispatcher,
     stopping: asyncio.Event,
-    retry_delay: float,
+    settings: OutboxSettings,
 ) -> bool:
     service = dispatcher.route.service_name
     try:
         await dispatcher.dispatch(batch)
         return True
-    except Exception:
+    except Exception as exc:
         logger.exception(
             "consumer batch failed; processing its messages one by one",
             extra={"service": service, "size": len(batch)},
         )
-    delay = retry_delay
+        dispatcher.hooks.loop_error(service, "consumer", exc)
+    backoff = ErrorBackoff(settings.error_delay, settings.error_delay_max)
     while True:
         try:
             for message in batch:
                 await dispatcher.dispatch_alone(message)
             return True
-        except Exception:
+        except Exception as exc:
             logger.exception(
                 "consumer cannot record its batch; retrying",
                 extra={"service": service, "size": len(batch)},
             )
-        if stopping.is_set() or await sleep_unless(stopping, delay):
+            dispatcher.hooks.loop_error(service, "consumer", exc)
+        if stopping.is_set() or await sleep_unless(stopping, backoff.next()):
             return False
-        delay = min(delay * 2, 30.0)

@@ -1,6 +1,6 @@
 """``outboxer demo``: four services exchanging a few thousand events through outboxer.
 
-The system is modelled on the seed's services (agent, task, memory, notification),
+The system has four services (agent, task, memory, notification), running
 on SQLite with the in-process transport by default, or through the embedded
 Kafka-protocol broker. Every event is published in the business transaction that
 inserts its row; every handler writes its effect in the transaction that marks the
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
@@ -45,12 +43,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert, Update
 
-from outboxer.config import OutboxSettings
-from outboxer.db import create_async, create_sync_engine
+from outboxer.database.engines import create_async, create_sync_engine
 from outboxer.envelope import Envelope
 from outboxer.errors import ConfigurationError, OutboxError
+from outboxer.models import ServiceStatus
 from outboxer.outbox import Outbox
-from outboxer.store import ServiceStatus
+from outboxer.settings import OutboxSettings
+from outboxer.signals import stop_on_signals
 from outboxer.testing import EmbeddedKafka
 
 TRANSPORTS = ("local", "kafka")
@@ -650,17 +649,8 @@ async def _until_signal(work: Coroutine[Any, Any, DemoSummary]) -> DemoSummary:
     """Run ``work``; SIGINT/SIGTERM cancel it, so the engine stops cleanly and the
     caller gets :class:`asyncio.CancelledError`."""
     task = asyncio.ensure_future(work)
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-            installed.append(sig)
-    try:
+    with stop_on_signals(asyncio.get_running_loop(), task.cancel):
         return await task
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
 
 
 def run_demo(

@@ -8,6 +8,7 @@ carry the fields a person on call needs.
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 
@@ -102,3 +103,10 @@ class TransportError(OutboxError):
 
 class HandlerError(OutboxError):
     """Handler registration is invalid (duplicate handler, bad signature)."""
+
+
+def describe_error(exc: BaseException, limit: int = 6) -> str:
+    """``Type: message`` followed by the innermost frames, for ``last_error``."""
+    head = f"{type(exc).__name__}: {exc}"
+    frames = traceback.format_tb(exc.__traceback__)[-limit:]
+    return head + ("\n" + "".join(frames) if frames else "")

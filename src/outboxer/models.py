@@ -1,9 +1,9 @@
-"""Value types shared by the store, the relay and the consumer."""
+"""Value types shared by the store, the relay, the consumer and the tools."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -54,7 +54,22 @@ class OutboxMessage:
         """The envelope the relay sends for this row (raises EnvelopeDecodeError)."""
         return Envelope.from_stored(self.payload, self.id, self.message_key)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["status"] = self.status.value
-        return data
+
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    """A service's outbox at a glance (for ``outboxer status`` and dashboards)."""
+
+    service: str
+    table: str
+    counts: dict[str, int]
+    due: int
+    oldest_due_seconds: float | None
+    """Age of the oldest row that is due now (how far the relay is behind)."""
+
+    @property
+    def dead(self) -> int:
+        return self.counts.get(Status.DEAD.value, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())

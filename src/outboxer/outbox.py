@@ -1,9 +1,14 @@
-"""The public facade: routes, schema, publishing and stores."""
+"""The public facade: one :class:`Outbox` per application.
+
+It builds the parts and wires them together (settings, routes, database, tables,
+the store's row rules, publisher, handlers, transport, hooks, runtime), and offers
+them through one object. Nothing below it knows it exists: the parts receive each
+other, never the facade.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,43 +20,32 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from outboxer.backoff import RetryPolicy
-from outboxer.config import OutboxSettings, load_settings
-from outboxer.consumer import Handler
-from outboxer.db import Database, family_of
-from outboxer.engine import Runtime
-from outboxer.envelope import DEFAULT_VERSION, JsonDefault, build_stored_envelope, encode_json
-from outboxer.errors import (
-    ConfigurationError,
-    InvalidEventError,
-    PayloadNotSerializableError,
-    StoreError,
-)
-from outboxer.metrics import Stats
-from outboxer.routing import RouteRegistry, ServiceRoute, validate_event_type
-from outboxer.runner import AsyncRunner, SyncRunner
-from outboxer.schema import outbox_table
-from outboxer.store import (
-    OpContext,
-    Store,
-    _check_async,
-    _check_sync,
-    _dialect_name,
-    clean_key,
-    op_insert,
-)
+from outboxer.consumer import Handlers
+from outboxer.database.engines import Database
+from outboxer.database.ops import Handler
+from outboxer.database.schema import Tables
+from outboxer.envelope import JsonDefault
+from outboxer.errors import ConfigurationError, StoreError
+from outboxer.hooks import Hooks, Observer, Stats
+from outboxer.publish import Publisher
+from outboxer.routing import RouteRegistry, ServiceRoute
+from outboxer.runtime import Runtime
+from outboxer.settings import OutboxSettings, load_settings
+from outboxer.store import RowBuilder, Storage, Store
 from outboxer.transports.base import Transport
-
-logger = logging.getLogger(__name__)
+from outboxer.transports.registry import make_transport
 
 H = TypeVar("H", bound=Handler)
 
 
 class Outbox:
-    """An application's outbox: its routes, tables, publisher and stores.
+    """An application's outbox: its routes, tables, publisher, stores and loops.
 
-    ``url_or_engine`` is a database URL (see :mod:`outboxer.db` for the forms) or a
-    SQLAlchemy ``Engine``/``AsyncEngine``; when omitted, ``OUTBOXER_URL`` or the
-    configuration file decides. Keyword arguments override configuration.
+    ``url_or_engine`` is a database URL (see :mod:`outboxer.database.engines` for the
+    forms) or a SQLAlchemy ``Engine``/``AsyncEngine``; when omitted, ``OUTBOXER_URL``
+    or the configuration file decides. Keyword arguments override configuration.
+    ``observers`` listen to what the loops and ``publish`` do (see
+    :mod:`outboxer.hooks`); ``stats`` is always one of them.
     """
 
     def __init__(
@@ -67,6 +61,7 @@ class Outbox:
         json_default: JsonDefault | None = None,
         settings: OutboxSettings | None = None,
         config_file: str | Path | None = None,
+        observers: Sequence[Observer] = (),
     ) -> None:
         if settings is None:
             settings = load_settings(config_file)
@@ -82,16 +77,37 @@ class Outbox:
             settings = OutboxSettings.from_values(**{**settings.model_dump(), **updates})
         self.settings = settings
         self.retry_policy = RetryPolicy(max_retry=settings.max_retry, unit=settings.retry_unit)
-        self.max_payload_bytes = settings.max_payload_bytes
-        self.strict_json = settings.strict_json
-        self.json_default = json_default
         self.routes = RouteRegistry(
             topic_prefix=settings.topic_prefix, overrides=settings.overrides()
         )
         self.db = Database(url_or_engine if url_or_engine is not None else settings.url)
-        self.metadata = MetaData()
+        self.tables = Tables()
+        self.stats = Stats()
+        """Counters of what this process's relays, consumers and publishes did."""
+        self.hooks = Hooks([self.stats, *observers])
+        self.storage = Storage(
+            self.db,
+            self.tables,
+            self.routes,
+            RowBuilder(
+                policy=self.retry_policy,
+                strict_json=settings.strict_json,
+                json_default=json_default,
+                max_payload_bytes=settings.max_payload_bytes,
+            ),
+        )
+        self._publisher = Publisher(self.storage, self.hooks)
+        self._handlers = Handlers()
+        # Built now so a bad transport is refused at construction; it connects on run.
+        self.transport: Transport = make_transport(
+            transport if transport is not None else settings.transport, settings
+        )
+        self._runtime = Runtime(self.storage, self._handlers, self.transport, settings, self.hooks)
+
+    @property
+    def metadata(self) -> MetaData:
         """Holds one table per registered service; give it to Alembic's target_metadata."""
-        self._engine = Runtime(self, transport if transport is not None else settings.transport)
+        return self.tables.metadata
 
     # ------------------------------------------------------------------ routing
 
@@ -105,20 +121,31 @@ class Outbox:
     ) -> ServiceRoute:
         """Declare a service's route (defaults derived from its name)."""
         route = self.routes.register_service(name, table=table, topic=topic, group=group)
-        outbox_table(route.table_name, self.metadata)
+        self.tables.table(route)
         return route
 
     def register_event(self, event_type: str, service: str) -> ServiceRoute:
         """Make ``service`` the owner of ``event_type`` (its events go to its table)."""
         route = self.routes.register_event(event_type, service)
-        outbox_table(route.table_name, self.metadata)
+        self.tables.table(route)
         return route
+
+    def table_for(self, route: ServiceRoute | str) -> Table:
+        """The outbox table of a service (or route)."""
+        if isinstance(route, str):
+            route = self.routes.route_for_service(route)
+        return self.tables.table(route)
 
     # ------------------------------------------------------------------ handlers
 
     def handler(self, event_type: str, *, service: str | None = None) -> Callable[[H], H]:
         """Decorator: ``fn(event, tx)`` handles ``event_type`` (see :meth:`register_handler`)."""
-        return self._engine.handler(event_type, service=service)
+
+        def decorate(fn: H) -> H:
+            self.register_handler(event_type, fn, service=service)
+            return fn
+
+        return decorate
 
     def register_handler(self, event_type: str, fn: Handler, *, service: str | None = None) -> None:
         """Make ``fn`` the handler of ``event_type``.
@@ -128,16 +155,17 @@ class Outbox:
         its database writes and the mark commit together. Raising makes the event
         fail for retry. ``service=`` also registers the event type to that service.
         """
-        self._engine.register_handler(event_type, fn, service=service)
+        if service is not None:
+            self.register_event(event_type.strip(), service)
+        self._handlers.register(event_type, fn)
 
-    @property
-    def transport(self) -> Transport:
-        return self._engine.transport
+    def handled_services(self) -> set[str]:
+        """The services that have handlers registered in this process."""
+        return set(self._handlers.by_service(self.routes))
 
-    @property
-    def stats(self) -> Stats:
-        """Counters of what this process's relays and consumers did."""
-        return self._engine.stats
+    def add_observer(self, observer: Observer) -> None:
+        """Listen to the loops and to ``publish`` (see :class:`outboxer.hooks.Observer`)."""
+        self.hooks.add(observer)
 
     # ------------------------------------------------------------------ running
 
@@ -155,12 +183,11 @@ class Outbox:
         Stopping finishes the batch in flight, flushes the producer, commits consumer
         offsets and closes connections, within ``shutdown_timeout`` seconds.
         ``ready`` is called once relays and consumers are started (Kafka consumer
-        groups may still be joining). Consumers
-        run for services that have handlers in this process; relays for every chosen
-        service (with the local transport: the consumed ones, since delivery is
-        in-process).
+        groups may still be joining). Consumers run for services that have handlers
+        in this process; relays for every chosen service (with the local transport:
+        the consumed ones, since delivery is in-process).
         """
-        await self._engine.run(
+        await self._runtime.run(
             relay=relay,
             consume=consume,
             services=services,
@@ -182,45 +209,7 @@ class Outbox:
 
     def stop(self) -> None:
         """Ask a running :meth:`run_async` to stop (safe from any thread)."""
-        self._engine.stop()
-
-    def op_context(self, route: ServiceRoute, tx: Any = None) -> OpContext:
-        """The context the state-machine ops need for ``route``, on outboxer's engines
-        or on the caller's transaction ``tx``."""
-        return OpContext(
-            table=self.table_for(route),
-            route=route,
-            family=self.db.family if tx is None else family_of(_dialect_name(tx)),
-            policy=self.retry_policy,
-        )
-
-    def row_values(
-        self, route: ServiceRoute, event_type: str, key: str, document: Any, max_retry: int
-    ) -> dict[str, Any]:
-        """The columns of a new row: ``document`` encoded (checked against the JSON and
-        size rules) and the route's service and topic."""
-        if document is None:
-            raise PayloadNotSerializableError("payload is None", event_type=event_type)
-        text = encode_json(
-            document,
-            strict=self.strict_json,
-            json_default=self.json_default,
-            max_bytes=self.max_payload_bytes,
-            event_type=event_type,
-        )
-        return {
-            "event_type": event_type,
-            "service_name": route.service_name,
-            "topic": route.topic,
-            "message_key": key,
-            "payload": text,
-            "max_retry": max_retry,
-        }
-
-    def table_for(self, route: ServiceRoute | str) -> Table:
-        if isinstance(route, str):
-            route = self.routes.route_for_service(route)
-        return outbox_table(route.table_name, self.metadata)
+        self._runtime.stop()
 
     # ------------------------------------------------------------------ schema
 
@@ -259,54 +248,9 @@ class Outbox:
                 topic=service.topic,
                 group=service.group_id,
             )
-        self.table_for(route)
-        return Store(self, route)
+        return self.storage.store(route)
 
     # ------------------------------------------------------------------ publish
-
-    def _prepare_publish(
-        self,
-        event_type: str,
-        payload: Any,
-        key: str | None,
-        aggregate_id: str | None,
-        event_id: str | None,
-        version: str | None,
-        max_retry: int | None,
-    ) -> tuple[ServiceRoute, dict[str, Any]]:
-        event_type = validate_event_type(event_type)
-        route = self.routes.resolve_event(event_type)
-        for name, value in (
-            ("key", key),
-            ("aggregate_id", aggregate_id),
-            ("event_id", event_id),
-            ("version", version),
-        ):
-            if value is not None and not isinstance(value, str):
-                raise InvalidEventError(
-                    f"{name} must be a string, got {type(value).__name__}", event_type=event_type
-                )
-        if max_retry is not None and (
-            isinstance(max_retry, bool) or not isinstance(max_retry, int) or max_retry < 1
-        ):
-            raise InvalidEventError(
-                f"max_retry must be an int of at least 1, got {max_retry!r}",
-                event_type=event_type,
-            )
-        event_id = event_id.strip() if event_id is not None and event_id.strip() else None
-        resolved_key = clean_key(key or "", event_type) or event_id or event_type
-        if event_id is not None:
-            clean_key(event_id, event_type)
-        envelope = build_stored_envelope(
-            event_type=event_type,
-            payload=payload,
-            event_id=event_id,
-            version=(version or "").strip() or DEFAULT_VERSION,
-            aggregate_id=(aggregate_id or "").strip() or resolved_key,
-        )
-        if max_retry is None:
-            max_retry = self.retry_policy.max_retry
-        return route, self.row_values(route, event_type, resolved_key, envelope, max_retry)
 
     def publish(
         self,
@@ -326,13 +270,16 @@ class Outbox:
         disappears with its rollback. Every check runs before any SQL, so a rejected
         event leaves the transaction usable.
         """
-        _check_sync(tx)
-        route, values = self._prepare_publish(
-            event_type, payload, key, aggregate_id, event_id, version, max_retry
+        return self._publisher.publish(
+            tx,
+            event_type,
+            payload,
+            key=key,
+            aggregate_id=aggregate_id,
+            event_id=event_id,
+            version=version,
+            max_retry=max_retry,
         )
-        outbox_id = int(SyncRunner(tx).run(op_insert(self.op_context(route, tx), values)))
-        self._engine.wake_after_commit(tx, route.service_name)
-        return outbox_id
 
     async def publish_async(
         self,
@@ -347,14 +294,16 @@ class Outbox:
         max_retry: int | None = None,
     ) -> int:
         """Async twin of :meth:`publish` for ``AsyncSession``/``AsyncConnection``."""
-        _check_async(tx)
-        route, values = self._prepare_publish(
-            event_type, payload, key, aggregate_id, event_id, version, max_retry
+        return await self._publisher.publish_async(
+            tx,
+            event_type,
+            payload,
+            key=key,
+            aggregate_id=aggregate_id,
+            event_id=event_id,
+            version=version,
+            max_retry=max_retry,
         )
-        runner = AsyncRunner(tx)
-        outbox_id = int(await runner.run(op_insert(self.op_context(route, tx), values)))
-        self._engine.wake_after_commit(tx, route.service_name)
-        return outbox_id
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -12,79 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 
 from outboxer.aio import sleep_unless
+from outboxer.backoff import ErrorBackoff
 from outboxer.errors import EnvelopeDecodeError
-from outboxer.metrics import Stats
+from outboxer.hooks import Observer
 from outboxer.models import OutboxMessage
 from outboxer.routing import ServiceRoute
+from outboxer.settings import OutboxSettings
 from outboxer.store import Store
 from outboxer.transports.base import Delivery, OutgoingMessage, Transport
+from outboxer.wake import Waker
 
 logger = logging.getLogger(__name__)
 
-
-class Waker:
-    """Wakes relays when this process commits a publish (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def bind(self, loop: asyncio.AbstractEventLoop, services: list[str]) -> None:
-        self._loop = loop
-        self._events = {s: asyncio.Event() for s in services}
-
-    def unbind(self) -> None:
-        self._loop = None
-        self._events = {}
-
-    @property
-    def active(self) -> bool:
-        return self._loop is not None
-
-    def notify(self, services: set[str] | frozenset[str]) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            same_loop = asyncio.get_running_loop() is loop
-        except RuntimeError:  # published from another thread
-            same_loop = False
-        for service in services:
-            ev = self._events.get(service)
-            if ev is None:
-                continue
-            if same_loop:
-                ev.set()
-            else:
-                loop.call_soon_threadsafe(ev.set)
-
-    async def wait(self, service: str, timeout: float) -> bool:
-        ev = self._events.get(service)
-        if ev is None:
-            await asyncio.sleep(timeout)
-            return False
-        try:
-            await asyncio.wait_for(ev.wait(), timeout)
-        except TimeoutError:
-            return False
-        finally:
-            ev.clear()
-        return True
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RelayConfig:
-    batch_size: int = 100
-    poll_interval: float = 1.0
-    lease: float = 30.0
-    error_delay: float = 1.0
-    redeliver_after: float = 0.0
-    """Send ``published`` rows again when unconsumed this long (0: never)."""
+COMMIT_RECHECK = 0.02
+"""A Connection's commit hook fires just before COMMIT: after a wake-up that found
+nothing, look once more this much later instead of waiting a whole poll."""
 
 
 class Relay:
@@ -94,26 +41,29 @@ class Relay:
         self,
         store: Store,
         transport: Transport,
-        stats: Stats,
+        settings: OutboxSettings,
+        *,
+        hooks: Observer,
         waker: Waker,
-        config: RelayConfig,
+        redeliver_after: float = 0.0,
     ) -> None:
         self.store = store
         self.route: ServiceRoute = store.route
         self.transport = transport
-        self.stats = stats
+        self.settings = settings
+        self.hooks = hooks
         self.waker = waker
-        self.config = config
+        self.redeliver_after = redeliver_after
+        """Send ``published`` rows again when unconsumed this long (0: never)."""
         self._next_redelivery_check = 0.0
 
     async def _claim(self) -> tuple[list[OutboxMessage], set[int]]:
         """Due rows, plus now and then published rows nobody consumed (the second
         item: their ids). The redelivery check has its own timer, so a steady
         backlog cannot starve it; while it finds a full share it stays due."""
-        service = self.route.service_name
-        size = self.config.batch_size
+        size = self.settings.batch_size
         again: list[OutboxMessage] = []
-        after = self.config.redeliver_after
+        after = self.redeliver_after
         now = asyncio.get_running_loop().time()
         if after > 0 and now >= self._next_redelivery_check:
             share = max(1, size // 2)
@@ -125,15 +75,18 @@ class Relay:
                     "%d published message(s) not consumed within %.0fs; sending them again",
                     len(again),
                     after,
-                    extra={"service": service, "outbox_ids": [m.id for m in again[:20]]},
+                    extra={
+                        "service": self.route.service_name,
+                        "outbox_ids": [m.id for m in again[:20]],
+                    },
                 )
-                self.stats.add(service, "redelivered", len(again))
-        rows = await self.store.claim_due_async(size - len(again), self.config.lease)
-        self.stats.add(service, "claimed", len(rows))
+        rows = await self.store.claim_due_async(size - len(again), self.settings.lease)
+        self.hooks.batch_claimed(self.route.service_name, len(rows), len(again))
         return [*rows, *again], {m.id for m in again}
 
     async def run_once(self) -> int:
         """Claim, send and mark one batch; returns how many rows were claimed."""
+        started = time.perf_counter()
         rows, redelivered = await self._claim()
         if not rows:
             return 0
@@ -141,10 +94,12 @@ class Relay:
         if broken:
             for oid, reason in broken:
                 await self.store.mark_dead_many_async([oid], reason, unless_final=True)
-            self.stats.add(self.route.service_name, "undecodable_rows", len(broken))
+            self.hooks.rows_undecodable(self.route.service_name, len(broken))
         if outgoing:
+            sent_at = time.perf_counter()
             deliveries = await self._send(outgoing)
-            await self._record(outgoing, deliveries, redelivered)
+            await self._record(outgoing, deliveries, redelivered, time.perf_counter() - sent_at)
+        self.hooks.relay_round(self.route.service_name, len(rows), time.perf_counter() - started)
         return len(rows)
 
     def _prepare(
@@ -186,40 +141,52 @@ class Relay:
         outgoing: list[OutgoingMessage],
         deliveries: list[Delivery],
         redelivered: AbstractSet[int] = frozenset(),
+        seconds: float = 0.0,
     ) -> None:
         service = self.route.service_name
         published: dict[int, list[int]] = defaultdict(list)
+        handed_over = 0
+        handoff_failed: list[str] = []
         failed: list[tuple[int, str]] = []
         dead: dict[str, list[int]] = defaultdict(list)
+        resend_failed: list[str] = []
         for msg, d in zip(outgoing, deliveries, strict=True):
             if d.settled:
                 if d.error is not None:
-                    self.stats.add(service, "send_failed")
-                    logger.warning(
-                        "in-process handoff failed; rows return after their lease: %s",
-                        d.error,
-                        extra={"service": service, "outbox_id": msg.outbox_id},
-                    )
+                    handoff_failed.append(d.error)
                 else:
-                    self.stats.add(service, "sent")
+                    handed_over += 1
             elif d.error is None:
                 published[msg.retry_count].append(msg.outbox_id)
             elif msg.outbox_id in redelivered:
                 # A copy was delivered before; a failed resend must not become an
                 # attempt or a dead letter (the consumer would then skip that copy).
                 # The row stays published and is tried again after redeliver_after.
-                self.stats.add(service, "redeliver_failed")
+                resend_failed.append(d.error)
             elif d.permanent:
                 dead[f"broker refused the message permanently: {d.error}"].append(msg.outbox_id)
             else:
                 failed.append((msg.outbox_id, f"send failed: {d.error}"))
+        marked = 0
         for retry_count, ids in published.items():
-            marked = await self.store.mark_published_many_async(ids, expect_retry_count=retry_count)
-            self.stats.add(service, "sent", len(ids))
-            self.stats.add(service, "published", marked)
+            marked += await self.store.mark_published_many_async(
+                ids, expect_retry_count=retry_count
+            )
+        sent = handed_over + sum(len(ids) for ids in published.values())
+        if sent:
+            self.hooks.batch_sent(service, sent, marked, seconds)
+        if handoff_failed:
+            logger.warning(
+                "in-process handoff of %d message(s) failed; their rows return after the lease: %s",
+                len(handoff_failed),
+                handoff_failed[0],
+                extra={"service": service},
+            )
+            self.hooks.batch_failed(service, len(handoff_failed), 0, handoff_failed[0])
+        if resend_failed:
+            self.hooks.resend_failed(service, len(resend_failed), resend_failed[0])
         if failed:
             await self.store.mark_failed_many_async(failed)
-            self.stats.add(service, "send_failed", len(failed))
             logger.warning(
                 "%d message(s) not acknowledged by the broker; will retry: %s",
                 len(failed),
@@ -228,39 +195,47 @@ class Relay:
             )
         for reason, ids in dead.items():
             await self.store.mark_dead_many_async(ids, reason, unless_final=True)
-            self.stats.add(service, "send_dead", len(ids))
             logger.error("%s", reason, extra={"service": service, "outbox_ids": ids[:20]})
+        if failed or dead:
+            first = failed[0][1] if failed else next(iter(dead))
+            self.hooks.batch_failed(
+                service, len(failed), sum(len(ids) for ids in dead.values()), first
+            )
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Loop until ``stopping`` is set; the batch in flight is always finished."""
         service = self.route.service_name
-        delay = self.config.error_delay
+        backoff = ErrorBackoff(self.settings.error_delay, self.settings.error_delay_max)
         woken = False
         while not stopping.is_set():
             try:
                 claimed = await self.run_once()
-                delay = self.config.error_delay
-            except Exception:
+                backoff.reset()
+            except Exception as exc:
                 logger.exception("relay round failed", extra={"service": service})
-                await sleep_unless(stopping, delay)
-                delay = min(delay * 2, 30.0)
+                self.hooks.loop_error(service, "relay", exc)
+                await sleep_unless(stopping, backoff.next())
                 continue
-            if claimed >= self.config.batch_size:
+            if claimed >= self.settings.batch_size:
                 continue  # backlog: go again at once
             if stopping.is_set():
                 break
             if woken and not claimed:
-                # A Connection's commit hook fires just before COMMIT: look once more
-                # shortly instead of waiting a whole poll interval.
                 woken = False
-                await sleep_unless(stopping, 0.02)
+                await sleep_unless(stopping, COMMIT_RECHECK)
                 continue
-            wake = asyncio.ensure_future(self.waker.wait(service, self.config.poll_interval))
-            stop = asyncio.ensure_future(stopping.wait())
-            try:
-                await asyncio.wait({wake, stop}, return_when=asyncio.FIRST_COMPLETED)
-                woken = wake.done() and not wake.cancelled() and wake.result()
-            finally:
-                for task in (wake, stop):
-                    if not task.done():
-                        task.cancel()
+            woken = await self._wait_for_work(stopping)
+
+    async def _wait_for_work(self, stopping: asyncio.Event) -> bool:
+        """Until a wake-up (True), a stop or the poll interval (False)."""
+        wake = asyncio.ensure_future(
+            self.waker.wait(self.route.service_name, self.settings.poll_interval)
+        )
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            await asyncio.wait({wake, stop}, return_when=asyncio.FIRST_COMPLETED)
+            return wake.done() and not wake.cancelled() and wake.result()
+        finally:
+            for task in (wake, stop):
+                if not task.done():
+                    task.cancel()

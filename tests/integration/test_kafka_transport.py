@@ -9,11 +9,10 @@ import pytest
 from confluent_kafka import Consumer, KafkaError
 
 from outboxer import Envelope, Status, TransportError
-from outboxer.config import KafkaSettings
 from outboxer.routing import ServiceRoute
 from outboxer.testing import EmbeddedKafka
 from outboxer.transports.base import OutgoingMessage
-from outboxer.transports.kafka import KafkaTransport
+from outboxer.transports.kafka import KafkaSettings, KafkaTransport
 from tests.integration.engine_helpers import all_final, build_app, drop_app, run_until
 
 pytestmark = pytest.mark.kafka

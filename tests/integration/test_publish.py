@@ -25,8 +25,8 @@ from outboxer import (
     Status,
     TransactionRequiredError,
 )
-from outboxer.db import sync_url
-from tests.conftest import isolated_settings, make_outbox
+from outboxer.database.engines import sync_url
+from tests.helpers import isolated_settings, make_outbox
 
 
 def _rows(ob: Outbox, service: str) -> int:

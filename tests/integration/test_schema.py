@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from sqlalchemy import inspect
 
-from outboxer import Outbox
-from outboxer.schema import COLUMNS
-from tests.conftest import drop_tables, make_outbox
+from outboxer import Outbox, OutboxMessage
+from tests.helpers import drop_tables, make_outbox
+
+# The row model and the table must agree column for column, in order.
+COLUMNS = tuple(f.name for f in fields(OutboxMessage))
 
 
 def _describe(ob: Outbox, table: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from outboxer import (
     TransactionRequiredError,
 )
 from outboxer.store import Store
-from tests.conftest import backdate, make_outbox
+from tests.helpers import backdate, make_outbox
 
 
 def _store(ob: Outbox, service: str) -> Store:

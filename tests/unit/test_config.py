@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from outboxer import ConfigurationError, Outbox, OutboxSettings, load_settings
-from outboxer.db import async_url, safe_url, sync_url
+from outboxer.database.engines import async_url, safe_url, sync_url
 
 
 def test_defaults_ignore_environment(monkeypatch: pytest.MonkeyPatch) -> None:

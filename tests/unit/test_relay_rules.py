@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 
 from outboxer import Outbox, OutboxError, OutboxSettings, Status
-from outboxer.metrics import Stats
-from outboxer.relay import Relay, RelayConfig, Waker
+from outboxer.hooks import Stats
+from outboxer.relay import Relay
 from outboxer.routing import ServiceRoute
 from outboxer.transports.base import Delivery, IncomingMessage, OutgoingMessage
-from tests.conftest import backdate
+from outboxer.wake import Waker
+from tests.helpers import backdate
 
 
 class ScriptedTransport:
@@ -86,7 +87,7 @@ async def test_failed_resend_keeps_the_row_published(tmp_path: Path, permanent: 
     st.mark_published(oid)
     backdate(ob, "svc", oid, "updated_at", 120)
     transport.error, transport.permanent = "broker down", permanent
-    relay = Relay(st, transport, Stats(), Waker(), RelayConfig(redeliver_after=60.0))
+    relay = Relay(st, transport, ob.settings, hooks=Stats(), waker=Waker(), redeliver_after=60.0)
     assert await relay.run_once() == 1
     assert transport.sent == [oid]
     row = st.get_by_id(oid)
@@ -94,7 +95,8 @@ async def test_failed_resend_keeps_the_row_published(tmp_path: Path, permanent: 
     # Not an attempt (max_retry=1 would have made it dead), not a dead letter.
     assert row.status is Status.PUBLISHED
     assert row.retry_count == 0
-    assert relay.stats.get("redeliver_failed") == 1
+    assert isinstance(relay.hooks, Stats)
+    assert relay.hooks.get("redeliver_failed") == 1
     await ob.aclose()
 
 
@@ -107,7 +109,8 @@ async def test_redelivery_check_is_not_starved_by_a_backlog(tmp_path: Path) -> N
     backdate(ob, "svc", stale, "updated_at", 120)
     for _ in range(10):
         st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}})
-    relay = Relay(st, transport, Stats(), Waker(), RelayConfig(batch_size=4, redeliver_after=60.0))
+    settings = OutboxSettings.from_values(batch_size=4)
+    relay = Relay(st, transport, settings, hooks=Stats(), waker=Waker(), redeliver_after=60.0)
     await relay.run_once()  # a full batch of pending rows is waiting, yet:
     assert stale in transport.sent
     assert len(transport.sent) == 4

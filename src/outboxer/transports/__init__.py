@@ -1,7 +1,9 @@
 """Transports: how envelopes travel from the relay to the consumers.
 
-``local`` (in-process, the embedded default) and ``kafka`` implement the one
-protocol in :mod:`outboxer.transports.base`.
+Every transport implements the one protocol in :mod:`outboxer.transports.base`;
+:mod:`outboxer.transports.registry` builds one from a URL. ``local`` (in-process,
+the embedded default), ``memory`` (an in-memory broker for tests) and ``kafka``
+ship with outboxer.
 """
 
 from outboxer.transports.base import (
@@ -12,12 +14,17 @@ from outboxer.transports.base import (
     Transport,
 )
 from outboxer.transports.local import LocalTransport
+from outboxer.transports.memory import InMemoryTransport
+from outboxer.transports.registry import make_transport, register_transport
 
 __all__ = [
     "Delivery",
+    "InMemoryTransport",
     "IncomingMessage",
     "LocalTransport",
     "OutgoingMessage",
     "Subscription",
     "Transport",
+    "make_transport",
+    "register_transport",
 ]

@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, cast
 
-from outboxer.config import KafkaSettings
 from outboxer.errors import ConfigurationError, TransportError
 from outboxer.routing import ServiceRoute
 from outboxer.transports.base import Delivery, IncomingMessage, OutgoingMessage
+from outboxer.transports.kafka.settings import KafkaSettings
 
 try:
     from confluent_kafka import (

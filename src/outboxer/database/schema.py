@@ -1,13 +1,8 @@
 """The outbox table (one per service route), its indexes, and the database clock.
 
 Every table is built from one column template. Timestamps are always taken from the
-database's clock (:func:`db_now`, :func:`db_now_plus`) so many processes on many
-hosts agree on what is due, and are stored as UTC:
-
-- PostgreSQL: ``timestamptz`` and ``statement_timestamp()``;
-- MySQL/MariaDB: ``DATETIME(6)`` holding UTC and ``UTC_TIMESTAMP(6)``;
-- SQLite: ISO-8601 text ``YYYY-MM-DD HH:MM:SS.SSS`` (UTC) from ``strftime('%f')``,
-  which sorts and compares correctly as text.
+database's clock (:class:`db_now`, :class:`db_now_plus`, compiled by each dialect)
+so many processes on many hosts agree on what is due, and are stored as UTC.
 """
 
 from __future__ import annotations
@@ -29,18 +24,19 @@ from sqlalchemy import (
     Text,
     literal,
 )
-from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from outboxer.routing import index_name, validate_table_name
+from outboxer.database.dialects import dialect_for
+from outboxer.database.dialects.sqlite import parse_timestamp
+from outboxer.routing import ServiceRoute, index_name, validate_table_name
 
-SQLITE_TS_FORMAT = "%Y-%m-%d %H:%M:%f"
-_SQLITE_PY_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 MAX_ERROR_CHARS = 2000
+MAX_KEY_CHARS = 255
+MAX_EVENT_TYPE_CHARS = 255
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -54,13 +50,7 @@ class UtcDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name == "sqlite":
-            return dialect.type_descriptor(String(23))
-        if dialect.name in ("mysql", "mariadb"):
-            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
-        if dialect.name == "postgresql":
-            return dialect.type_descriptor(postgresql.TIMESTAMP(timezone=True))
-        return dialect.type_descriptor(DateTime(timezone=True))
+        return dialect.type_descriptor(dialect_for(dialect.name).timestamp_type())
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
@@ -68,18 +58,13 @@ class UtcDateTime(TypeDecorator[datetime]):
         if not isinstance(value, datetime):
             raise TypeError(f"expected a datetime, got {type(value).__name__}")
         value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        if dialect.name == "sqlite":
-            return value.strftime(_SQLITE_PY_FORMAT)[:23]
-        if dialect.name in ("mysql", "mariadb"):
-            return value.replace(tzinfo=None)
-        return value
+        return dialect_for(dialect.name).to_db_timestamp(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         if isinstance(value, str):
-            text = value if "." in value else value + ".000"
-            return datetime.strptime(text, _SQLITE_PY_FORMAT).replace(tzinfo=UTC)
+            return parse_timestamp(value)
         assert isinstance(value, datetime)
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
@@ -104,57 +89,31 @@ class db_now_plus(FunctionElement[datetime]):
         super().__init__(arg)
 
 
-@compiles(db_now, "postgresql")
-def _now_pg(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
-    # Not now(): that is the transaction's start, and a consumer batch can run long
-    # enough for a backoff computed from it to be in the past at commit. Not
-    # clock_timestamp() either: it is volatile, so the claim could not use its index.
-    return "statement_timestamp()"
+@compiles(db_now)
+def _compile_now(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return dialect_for(compiler.dialect.name).now_sql()
 
 
-@compiles(db_now, "mysql")
-@compiles(db_now, "mariadb")
-def _now_mysql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
-    return "UTC_TIMESTAMP(6)"
-
-
-@compiles(db_now, "sqlite")
-def _now_sqlite(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"strftime('{SQLITE_TS_FORMAT}', 'now')"
-
-
-def _seconds_arg(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
+@compiles(db_now_plus)
+def _compile_now_plus(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
     (arg,) = element.clauses
-    return compiler.process(arg, **kw)
+    return dialect_for(compiler.dialect.name).now_plus_sql(compiler.process(arg, **kw))
 
 
-@compiles(db_now_plus, "postgresql")
-def _plus_pg(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
-    seconds = _seconds_arg(element, compiler, **kw)
-    return f"(statement_timestamp() + make_interval(secs => {seconds}))"
+class _Payload(TypeDecorator[str]):
+    """Text large enough for an envelope of the configured size on every database."""
 
+    impl = Text
+    cache_ok = True
 
-@compiles(db_now_plus, "mysql")
-@compiles(db_now_plus, "mariadb")
-def _plus_mysql(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
-    micros = f"CAST(ROUND({_seconds_arg(element, compiler, **kw)} * 1000000) AS SIGNED)"
-    return f"TIMESTAMPADD(MICROSECOND, {micros}, UTC_TIMESTAMP(6))"
-
-
-@compiles(db_now_plus, "sqlite")
-def _plus_sqlite(element: db_now_plus, compiler: SQLCompiler, **kw: Any) -> str:
-    modifier = f"printf('%+.3f seconds', {_seconds_arg(element, compiler, **kw)})"
-    return f"strftime('{SQLITE_TS_FORMAT}', 'now', {modifier})"
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        special = dialect_for(dialect.name).text_type(long=True)
+        return dialect.type_descriptor(special if special is not None else Text())
 
 
 def _id_type() -> TypeEngine[int]:
     # SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid alias).
     return BigInteger().with_variant(Integer(), "sqlite")
-
-
-def _payload_type() -> TypeEngine[str]:
-    # MySQL's TEXT holds 64 KiB; envelopes may be up to the configured limit (1 MB).
-    return Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 
 
 def outbox_table(name: str, metadata: MetaData) -> Table:
@@ -167,11 +126,11 @@ def outbox_table(name: str, metadata: MetaData) -> Table:
         name,
         metadata,
         Column("id", _id_type(), primary_key=True, autoincrement=True),
-        Column("event_type", String(255), nullable=False),
+        Column("event_type", String(MAX_EVENT_TYPE_CHARS), nullable=False),
         Column("service_name", String(64), nullable=False),
         Column("topic", String(249), nullable=False),
-        Column("message_key", String(255), nullable=False),
-        Column("payload", _payload_type(), nullable=False),
+        Column("message_key", String(MAX_KEY_CHARS), nullable=False),
+        Column("payload", _Payload(), nullable=False),
         Column("status", String(16), nullable=False),
         Column("retry_count", Integer, nullable=False),
         Column("max_retry", Integer, nullable=False),
@@ -188,20 +147,12 @@ def outbox_table(name: str, metadata: MetaData) -> Table:
     )
 
 
-COLUMNS = (
-    "id",
-    "event_type",
-    "service_name",
-    "topic",
-    "message_key",
-    "payload",
-    "status",
-    "retry_count",
-    "max_retry",
-    "next_retry_at",
-    "published_at",
-    "consumed_at",
-    "last_error",
-    "created_at",
-    "updated_at",
-)
+class Tables:
+    """The outbox tables of one application, in one ``MetaData`` (give it to Alembic)."""
+
+    def __init__(self, metadata: MetaData | None = None) -> None:
+        self.metadata = metadata if metadata is not None else MetaData()
+
+    def table(self, route: ServiceRoute) -> Table:
+        """The table of ``route`` (built on first use)."""
+        return outbox_table(route.table_name, self.metadata)

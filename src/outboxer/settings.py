@@ -33,6 +33,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from outboxer.backoff import DEFAULT_MAX_RETRY, check_max_retry
 from outboxer.envelope import DEFAULT_MAX_PAYLOAD_BYTES
 from outboxer.errors import ConfigurationError
 from outboxer.routing import ServiceOverride, validate_table_name, validate_topic_name
@@ -40,6 +41,13 @@ from outboxer.routing import ServiceOverride, validate_table_name, validate_topi
 CONFIG_ENV = "OUTBOXER_CONFIG"
 DEFAULT_CONFIG_FILE = "outboxer.toml"
 DEFAULT_URL = "sqlite:///outboxer.db"
+
+# Every default of the engine, defined once; the loops read them from the settings.
+DEFAULT_BATCH_SIZE = 100
+DEFAULT_POLL_INTERVAL = 1.0
+DEFAULT_LEASE = 30.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_REDELIVER_AFTER = 600.0
 
 _config_file: ContextVar[Path | None] = ContextVar("outboxer_config_file", default=None)
 _isolated: ContextVar[bool] = ContextVar("outboxer_settings_isolated", default=False)
@@ -68,20 +76,6 @@ class ServiceSettings(BaseModel):
         return ServiceOverride(table=self.table, topic=self.topic, group=self.group)
 
 
-class KafkaSettings(BaseModel):
-    """Kafka transport settings (``OUTBOXER_KAFKA__*``, ``[kafka]`` in TOML)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    create_topics: bool = True
-    partitions: int = Field(default=3, ge=1)
-    replication_factor: int = Field(default=-1, description="-1: the broker's default")
-    session_timeout_ms: int = Field(default=10_000, ge=1000)
-    topic_wait_timeout: float = Field(default=60.0, gt=0)
-    config: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    """Extra librdkafka settings for producer and consumers (security, tuning)."""
-
-
 class OutboxSettings(BaseSettings):
     """Everything that can be configured outside the code."""
 
@@ -95,22 +89,32 @@ class OutboxSettings(BaseSettings):
 
     url: str = DEFAULT_URL
     transport: str = "local"
+    """``local``, ``memory`` or a broker URL such as ``kafka://host:port``."""
     topic_prefix: str = "outboxer"
-    max_retry: int = Field(default=20, ge=1)
+    max_retry: int = DEFAULT_MAX_RETRY
     retry_unit: float = Field(default=1.0, gt=0, description="backoff unit in seconds")
     max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1)
     strict_json: bool = True
     services: dict[str, ServiceSettings] = Field(default_factory=dict)
-    batch_size: int = Field(default=100, ge=1, le=10_000)
-    poll_interval: float = Field(default=1.0, gt=0)
-    lease: float = Field(default=30.0, gt=0, description="claim lease in seconds")
-    shutdown_timeout: float = Field(default=30.0, gt=0)
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=10_000)
+    poll_interval: float = Field(default=DEFAULT_POLL_INTERVAL, gt=0)
+    lease: float = Field(default=DEFAULT_LEASE, gt=0, description="claim lease in seconds")
+    shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, gt=0)
     redeliver_after: float = Field(
-        default=600.0,
+        default=DEFAULT_REDELIVER_AFTER,
         ge=0,
         description="seconds after which a published, unconsumed row is sent again (0: never)",
     )
-    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    error_delay: float = Field(default=1.0, gt=0, description="first wait after a failed round")
+    error_delay_max: float = Field(default=30.0, gt=0, description="longest wait after failures")
+    kafka: dict[str, Any] = Field(default_factory=dict)
+    """Settings of the Kafka transport (``OUTBOXER_KAFKA__*``, ``[kafka]``), validated by
+    it: see :class:`outboxer.transports.kafka.KafkaSettings`."""
+
+    @field_validator("max_retry")
+    @classmethod
+    def _max_retry(cls, v: int) -> int:
+        return check_max_retry(v)
 
     @field_validator("topic_prefix")
     @classmethod

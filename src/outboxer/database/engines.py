@@ -1,7 +1,7 @@
 """Database URLs, drivers and the engines outboxer opens for itself.
 
 One URL is enough: outboxer derives the synchronous and the asynchronous driver
-from it.
+from it (see each dialect module for the drivers and the tuning of its engines).
 
 =============  ==========================================  =====================
 database       URL forms accepted                           drivers used
@@ -16,12 +16,6 @@ MySQL/MariaDB  ``mysql://``, ``mariadb://``,                PyMySQL / aiomysql,
                ``mysql+asyncmy://`` (and the same with
                ``mariadb+``)
 =============  ==========================================  =====================
-
-Engines outboxer creates are tuned for the outbox: SQLite runs in WAL mode and
-every transaction starts with ``BEGIN IMMEDIATE`` (writers are serialised, so a
-read-then-write transaction never fails with a busy snapshot); MySQL/MariaDB run at
-``READ COMMITTED`` so the claim's ``SKIP LOCKED`` does not take gap locks that
-block concurrent publishers.
 """
 
 from __future__ import annotations
@@ -29,71 +23,60 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry
 
+from outboxer.database.dialects import Dialect, dialect_for
+from outboxer.database.dialects.sqlite import READ_ONLY_OPTION
 from outboxer.errors import ConfigurationError, StoreError
 
-SQLITE_BUSY_TIMEOUT_S = 30.0
-READ_ONLY = {"outboxer_read_only": True}
+READ_ONLY = {READ_ONLY_OPTION: True}
 """Execution options of a transaction that only reads (SQLite: no write lock)."""
-
-_SYNC_DRIVERS = {"sqlite": "pysqlite", "postgresql": "psycopg", "mysql": "pymysql"}
-_ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "psycopg", "mysql": "aiomysql"}
-_KNOWN_ASYNC = {"aiosqlite", "asyncpg", "psycopg", "aiomysql", "asyncmy", "psycopg_async"}
-
-
-def _family(url: URL) -> str:
-    backend = url.get_backend_name()
-    if backend in ("mysql", "mariadb"):
-        return "mysql"
-    if backend in ("postgresql", "postgres"):
-        return "postgresql"
-    if backend == "sqlite":
-        return "sqlite"
-    raise ConfigurationError(
-        f"unsupported database {backend!r}: use sqlite, postgresql, mysql or mariadb",
-        url=url.render_as_string(hide_password=True),
-    )
 
 
 def parse_url(url: str | URL) -> URL:
+    """``url`` parsed and checked: a supported database that outboxer can share."""
     try:
         parsed = make_url(url)
     except Exception as exc:
         raise ConfigurationError(f"invalid database URL: {exc}") from exc
-    family = _family(parsed)
-    if family == "sqlite" and parsed.database in (None, "", ":memory:"):
-        raise ConfigurationError(
-            "an in-memory SQLite database cannot be shared between outboxer's "
-            "connections; use a file, e.g. sqlite:///outbox.db"
-        )
+    dialect_of(parsed).check_url(parsed)
     return parsed
 
 
-def _with_driver(url: URL, driver: str) -> URL:
+def dialect_of(url: URL) -> Dialect:
+    try:
+        return dialect_for(url.get_backend_name())
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            exc.message, url=url.render_as_string(hide_password=True)
+        ) from None
+
+
+def _with_driver(url: URL, dialect: Dialect, driver: str) -> URL:
     backend = url.get_backend_name()
-    if backend == "postgres":
-        backend = "postgresql"
+    if backend not in ("mysql", "mariadb"):
+        backend = dialect.family
     return url.set(drivername=f"{backend}+{driver}")
 
 
 def sync_url(url: str | URL) -> URL:
     """The URL with a synchronous driver outboxer supports."""
     parsed = parse_url(url)
-    return _with_driver(parsed, _SYNC_DRIVERS[_family(parsed)])
+    dialect = dialect_of(parsed)
+    return _with_driver(parsed, dialect, dialect.sync_driver)
 
 
 def async_url(url: str | URL) -> URL:
     """The URL with an asynchronous driver (asyncpg/asyncmy kept when named)."""
     parsed = parse_url(url)
+    dialect = dialect_of(parsed)
     driver = parsed.get_driver_name()
-    if driver in ("asyncpg", "asyncmy", "aiosqlite", "aiomysql"):
-        return _with_driver(parsed, driver)
-    return _with_driver(parsed, _ASYNC_DRIVERS[_family(parsed)])
+    if driver not in dialect.async_drivers:
+        driver = dialect.async_driver
+    return _with_driver(parsed, dialect, driver)
 
 
 def safe_url(url: str | URL) -> str:
@@ -101,53 +84,21 @@ def safe_url(url: str | URL) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def family_of(dialect_name: str) -> str:
-    """``sqlite``, ``postgresql`` or ``mysql`` (MariaDB included)."""
-    return "mysql" if dialect_name in ("mysql", "mariadb") else dialect_name
-
-
-def _engine_kwargs(url: URL) -> dict[str, Any]:
-    family = _family(url)
-    if family == "sqlite":
-        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    if family == "mysql":
-        return {"isolation_level": "READ COMMITTED", "pool_pre_ping": True, "pool_recycle": 3600}
-    return {"pool_pre_ping": True}
-
-
-def _tune_sqlite(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        # Take transaction control from the driver so SAVEPOINT and BEGIN IMMEDIATE work.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        # Writers take the lock up front; read-only work must not block them.
-        read_only = conn.get_execution_options().get("outboxer_read_only", False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
-
-
 def create_sync_engine(url: str | URL, **kwargs: Any) -> Engine:
     """A synchronous engine for ``url`` with outboxer's tuning."""
     target = sync_url(url)
-    engine = create_engine(target, **{**_engine_kwargs(target), **kwargs})
-    if engine.dialect.name == "sqlite":
-        _tune_sqlite(engine)
+    dialect = dialect_of(target)
+    engine = create_engine(target, **{**dialect.engine_options(target), **kwargs})
+    dialect.tune(engine)
     return engine
 
 
 def create_async(url: str | URL, **kwargs: Any) -> AsyncEngine:
     """An asynchronous engine for ``url`` with outboxer's tuning."""
     target = async_url(url)
-    engine = create_async_engine(target, **{**_engine_kwargs(target), **kwargs})
-    if engine.dialect.name == "sqlite":
-        _tune_sqlite(engine.sync_engine)
+    dialect = dialect_of(target)
+    engine = create_async_engine(target, **{**dialect.engine_options(target), **kwargs})
+    dialect.tune(engine.sync_engine)
     return engine
 
 
@@ -176,7 +127,12 @@ class Database:
                     self._async, self._owns_async = url_or_engine, False
         else:
             self.url = parse_url(url_or_engine)
-        self.family = _family(self.url)
+        self.dialect = dialect_of(self.url)
+
+    @property
+    def family(self) -> str:
+        """``sqlite``, ``postgresql`` or ``mysql`` (MariaDB included)."""
+        return self.dialect.family
 
     @property
     def sync_engine(self) -> Engine:

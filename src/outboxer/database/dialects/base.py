@@ -1,0 +1,135 @@
+"""What differs per database, behind one small interface.
+
+Each supported database family has one module in this package with one
+:class:`Dialect` subclass: how outboxer opens its engines, the SQL of the database
+clock, the column types that differ, the claim statement (``SKIP LOCKED`` or a
+single writer) and how tests create and drop a throw-away database. Adding a
+database means adding one module here and one entry in the test matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+from sqlalchemy import Engine, Row, Select, Table, create_engine, select, text, update
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.sql import ColumnElement
+from sqlalchemy.types import TypeEngine
+
+from outboxer.database.runner import Execute, Op
+
+
+class Dialect:
+    """One database family (``sqlite``, ``postgresql`` or ``mysql``, MariaDB included)."""
+
+    family: ClassVar[str]
+    backends: ClassVar[tuple[str, ...]]
+    """SQLAlchemy backend names of this family (``mariadb`` is ``mysql``'s)."""
+    sync_driver: ClassVar[str]
+    async_driver: ClassVar[str]
+    async_drivers: ClassVar[frozenset[str]] = frozenset()
+    """Async drivers kept when a URL names them (``asyncpg``, ``asyncmy``)."""
+    skip_locked: ClassVar[bool] = True
+
+    # ------------------------------------------------------------------ engines
+
+    def check_url(self, url: URL) -> None:
+        """Refuse a URL outboxer cannot work with (raise ConfigurationError)."""
+
+    def engine_options(self, url: URL) -> dict[str, Any]:
+        """Keyword arguments for ``create_engine`` / ``create_async_engine``."""
+        return {"pool_pre_ping": True}
+
+    def tune(self, engine: Engine) -> None:
+        """Event listeners on a sync engine outboxer created (SQLite's pragmas)."""
+
+    # ------------------------------------------------------------------ SQL
+
+    def now_sql(self) -> str:
+        """The database's current UTC time."""
+        raise NotImplementedError
+
+    def now_plus_sql(self, seconds: str) -> str:
+        """The database's current UTC time plus ``seconds`` (compiled SQL)."""
+        raise NotImplementedError
+
+    def timestamp_type(self) -> TypeEngine[Any]:
+        """The column type of a UTC timestamp with sub-second precision."""
+        raise NotImplementedError
+
+    def to_db_timestamp(self, value: Any) -> Any:
+        """A UTC-aware datetime as the driver stores it."""
+        return value
+
+    def text_type(self, long: bool) -> TypeEngine[Any] | None:
+        """A type for large text (the payload), or None for the generic TEXT."""
+        return None
+
+    def claim(
+        self,
+        table: Table,
+        cond: ColumnElement[bool],
+        order: Sequence[ColumnElement[Any]],
+        limit: int,
+        values: dict[str, Any],
+        context: dict[str, Any],
+    ) -> Op[list[tuple[Row[Any], dict[str, Any]]]]:
+        """Take up to ``limit`` rows matching ``cond`` (in ``order``) that no other
+        claimer holds, set ``values`` on them, and return each row as it was read
+        with the values it now has (the second item: overrides for that read).
+
+        This default is one ``UPDATE ... WHERE id IN (SELECT ... LIMIT n [FOR UPDATE
+        SKIP LOCKED]) RETURNING *`` (PostgreSQL, SQLite).
+        """
+        pick = select_ids(table, cond, order, limit)
+        if self.skip_locked:
+            pick = pick.with_for_update(skip_locked=True)
+        stmt = (
+            update(table)
+            .where(table.c.id.in_(pick.scalar_subquery()))
+            .values(**values)
+            .returning(*table.c)
+        )
+        result = yield Execute(stmt, what="claim", context=context)
+        return [(row, {}) for row in result.all()]
+
+    # ------------------------------------------------------------------ tests
+
+    def scratch_options(self) -> dict[str, Any]:
+        """Options of the admin engine that creates and drops scratch databases."""
+        return {}
+
+    def create_database_sql(self, quoted: str) -> str:
+        return f"CREATE DATABASE {quoted}"
+
+    def drop_database_sql(self, quoted: str) -> str:
+        return f"DROP DATABASE IF EXISTS {quoted}"
+
+    @contextmanager
+    def scratch_database(self, admin_url: str | URL, name: str) -> Iterator[str]:
+        """Create database ``name`` on the server of ``admin_url``, yield its URL and
+        drop it afterwards."""
+        url = make_url(admin_url)
+        admin = create_engine(url, **self.scratch_options())
+        # CREATE/DROP DATABASE have no Core construct; the name is ours and quoted.
+        quoted = admin.dialect.identifier_preparer.quote_identifier(name)
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(self.create_database_sql(quoted)))
+                conn.commit()
+            try:
+                yield url.set(database=name).render_as_string(hide_password=False)
+            finally:
+                with admin.connect() as conn:
+                    conn.execute(text(self.drop_database_sql(quoted)))
+                    conn.commit()
+        finally:
+            admin.dispose()
+
+
+def select_ids(
+    table: Table, cond: ColumnElement[bool], order: Sequence[ColumnElement[Any]], limit: int
+) -> Select[Any]:
+    return select(table.c.id).where(cond).order_by(*order).limit(limit)

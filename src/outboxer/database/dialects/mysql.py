@@ -1,0 +1,86 @@
+"""MySQL 8 and MariaDB >= 10.6 (PyMySQL / aiomysql; asyncmy when the URL names it).
+
+Outboxer's engines run at ``READ COMMITTED``, so the claim's ``SKIP LOCKED`` scan
+takes no gap locks that would block concurrent publishers. Timestamps are
+``DATETIME(6)`` holding UTC, from ``UTC_TIMESTAMP(6)``. There is no ``UPDATE ...
+RETURNING`` and no ``LIMIT`` in an ``IN`` sub-select of the updated table, so the
+claim locks the rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` and then updates
+exactly those (two statements in one transaction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row, Table, select, update
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import URL
+from sqlalchemy.sql import ColumnElement
+from sqlalchemy.types import TypeEngine
+
+from outboxer.database.dialects.base import Dialect
+from outboxer.database.runner import Execute, Op
+
+
+class MySQLDialect(Dialect):
+    family = "mysql"
+    backends = ("mysql", "mariadb")
+    sync_driver = "pymysql"
+    async_driver = "aiomysql"
+    async_drivers = frozenset({"aiomysql", "asyncmy"})
+
+    def engine_options(self, url: URL) -> dict[str, Any]:
+        return {"isolation_level": "READ COMMITTED", "pool_pre_ping": True, "pool_recycle": 3600}
+
+    def now_sql(self) -> str:
+        return "UTC_TIMESTAMP(6)"
+
+    def now_plus_sql(self, seconds: str) -> str:
+        micros = f"CAST(ROUND({seconds} * 1000000) AS SIGNED)"
+        return f"TIMESTAMPADD(MICROSECOND, {micros}, UTC_TIMESTAMP(6))"
+
+    def timestamp_type(self) -> TypeEngine[Any]:
+        return mysql.DATETIME(fsp=6)
+
+    def to_db_timestamp(self, value: datetime) -> Any:
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def text_type(self, long: bool) -> TypeEngine[Any] | None:
+        # TEXT holds 64 KiB; envelopes may be up to the configured limit (1 MB).
+        return mysql.LONGTEXT() if long else None
+
+    def claim(
+        self,
+        table: Table,
+        cond: ColumnElement[bool],
+        order: Sequence[ColumnElement[Any]],
+        limit: int,
+        values: dict[str, Any],
+        context: dict[str, Any],
+    ) -> Op[list[tuple[Row[Any], dict[str, Any]]]]:
+        # Read the new values with the locked rows (the clock once), then write them.
+        labels = {f"_new_{k}": k for k in values}
+        locked = (
+            select(table, *(values[k].label(label) for label, k in labels.items()))
+            .where(cond)
+            .order_by(*order)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        result = yield Execute(locked, what="claim", context=context)
+        rows = result.all()
+        if not rows:
+            return []
+        first = rows[0]._mapping
+        concrete = {k: first[label] for label, k in labels.items()}
+        yield Execute(
+            update(table).where(table.c.id.in_([r.id for r in rows])).values(**concrete),
+            what="claim",
+            context=context,
+        )
+        return [(row, concrete) for row in rows]
+
+    def create_database_sql(self, quoted: str) -> str:
+        return f"CREATE DATABASE {quoted} CHARACTER SET utf8mb4"

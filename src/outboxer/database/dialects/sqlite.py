@@ -1,0 +1,90 @@
+"""SQLite: the embedded default.
+
+Outboxer's own engines run in WAL mode with ``synchronous=NORMAL`` and a busy
+timeout, and every writing transaction starts with ``BEGIN IMMEDIATE``: writers are
+serialised up front, so a read-then-write transaction never fails with a busy
+snapshot, and the claim needs no ``SKIP LOCKED``. Read-only transactions use a
+plain ``BEGIN`` so they never wait for the write lock. Timestamps are ISO-8601 text
+``YYYY-MM-DD HH:MM:SS.SSS`` (UTC), which compares correctly as text.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, String, event
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.types import TypeEngine
+
+from outboxer.database.dialects.base import Dialect
+from outboxer.errors import ConfigurationError
+
+BUSY_TIMEOUT_S = 30.0
+TS_FORMAT = "%Y-%m-%d %H:%M:%f"
+"""strftime format of a stored timestamp (``%f`` is seconds with milliseconds)."""
+PY_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+READ_ONLY_OPTION = "outboxer_read_only"
+
+
+class SQLiteDialect(Dialect):
+    family = "sqlite"
+    backends = ("sqlite",)
+    sync_driver = "pysqlite"
+    async_driver = "aiosqlite"
+    async_drivers = frozenset({"aiosqlite"})
+    skip_locked = False  # one writer at a time: nothing to skip
+
+    def check_url(self, url: URL) -> None:
+        if url.database in (None, "", ":memory:"):
+            raise ConfigurationError(
+                "an in-memory SQLite database cannot be shared between outboxer's "
+                "connections; use a file, e.g. sqlite:///outbox.db"
+            )
+
+    def engine_options(self, url: URL) -> dict[str, Any]:
+        return {"connect_args": {"timeout": BUSY_TIMEOUT_S}}
+
+    def tune(self, engine: Engine) -> None:
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            # Take transaction control from the driver so SAVEPOINT and BEGIN IMMEDIATE work.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            # Writers take the lock up front; read-only work must not block them.
+            read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    def now_sql(self) -> str:
+        return f"strftime('{TS_FORMAT}', 'now')"
+
+    def now_plus_sql(self, seconds: str) -> str:
+        return f"strftime('{TS_FORMAT}', 'now', printf('%+.3f seconds', {seconds}))"
+
+    def timestamp_type(self) -> TypeEngine[Any]:
+        return String(23)
+
+    def to_db_timestamp(self, value: datetime) -> Any:
+        return value.astimezone(UTC).strftime(PY_FORMAT)[:23]
+
+    @contextmanager
+    def scratch_database(self, admin_url: str | URL, name: str) -> Iterator[str]:
+        with tempfile.TemporaryDirectory(prefix="outboxer-") as tmp:
+            yield f"sqlite:///{Path(tmp) / name}.db"
+
+
+def parse_timestamp(text: str) -> datetime:
+    """A stored SQLite timestamp as an aware UTC datetime."""
+    return datetime.strptime(text if "." in text else text + ".000", PY_FORMAT).replace(tzinfo=UTC)

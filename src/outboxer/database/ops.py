@@ -1,0 +1,486 @@
+"""Every SQL statement of the outbox state machine, written once.
+
+Each operation is a generator (an *op*) that yields the statements it needs and
+receives their results (see :mod:`outboxer.database.runner`); the store runs it on
+its own connection or on the caller's transaction, sync or async. The consumer's
+batch transaction (:func:`op_dispatch`) lives here too, so this module is the one
+place to read to know what outboxer asks of a database. Statements are SQLAlchemy
+Core expressions; what differs per database comes from the dialect
+(:mod:`outboxer.database.dialects`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from sqlalchemy import Insert, Table, and_, bindparam, func, insert, select, update
+from sqlalchemy.sql import ColumnElement
+
+from outboxer.backoff import RetryPolicy
+from outboxer.database.dialects import Dialect
+from outboxer.database.runner import Callback, Execute, Invoke, Op
+from outboxer.database.schema import MAX_ERROR_CHARS, db_now, db_now_plus
+from outboxer.envelope import Envelope
+from outboxer.errors import describe_error
+from outboxer.models import FINAL_STATUSES, OutboxMessage, ServiceStatus, Status
+from outboxer.routing import ServiceRoute
+from outboxer.settings import DEFAULT_BATCH_SIZE
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[..., Any]
+"""``async def h(event: Envelope, tx: AsyncSession)`` or ``def h(event, tx: Session)``."""
+
+
+def truncate_error(reason: str) -> str:
+    """``reason`` as stored in ``last_error``: its first 2000 characters.
+
+    NUL characters (PostgreSQL text cannot hold them) become ``\\0`` and unpaired
+    surrogates (not encodable as UTF-8) a backslash escape, so any exception text can
+    be recorded.
+    """
+    if "\x00" in reason:
+        reason = reason.replace("\x00", "\\0")
+    try:
+        reason.encode()
+    except UnicodeEncodeError:
+        reason = reason.encode("utf-8", "backslashreplace").decode()
+    return reason[:MAX_ERROR_CHARS]
+
+
+@dataclass(frozen=True, slots=True)
+class OpContext:
+    """What an op needs to know: the table, the route, the database and the retry policy."""
+
+    table: Table
+    route: ServiceRoute
+    dialect: Dialect
+    policy: RetryPolicy
+
+    def ctx(self, **extra: Any) -> dict[str, Any]:
+        return {"service": self.route.service_name, "table": self.table.name, **extra}
+
+
+def _message(row: Any, **replace: Any) -> OutboxMessage:
+    return OutboxMessage.from_mapping(row._mapping, **replace)
+
+
+def _new_rows(t: Table) -> Insert:
+    # A new row is pending, has had no attempt and is due now (database clock).
+    return insert(t).values(
+        status=Status.PENDING.value,
+        retry_count=0,
+        next_retry_at=db_now(),
+        created_at=db_now(),
+        updated_at=db_now(),
+    )
+
+
+def op_insert(c: OpContext, values: dict[str, Any]) -> Op[int]:
+    """INSERT one row; ``values`` holds every column but id and the timestamps."""
+    stmt = _new_rows(c.table).values(**values)
+    result = yield Execute(stmt, what="insert", context=c.ctx(event_type=values["event_type"]))
+    return int(result.inserted_primary_key[0])
+
+
+def op_insert_many(c: OpContext, rows: Sequence[dict[str, Any]], chunk: int = 5000) -> Op[None]:
+    """INSERT many rows (``values`` as for :func:`op_insert`), ``chunk`` per statement."""
+    for lo in range(0, len(rows), chunk):
+        yield Execute(
+            _new_rows(c.table), list(rows[lo : lo + chunk]), what="insert", context=c.ctx()
+        )
+
+
+def op_get(c: OpContext, outbox_id: int) -> Op[OutboxMessage | None]:
+    t = c.table
+    result = yield Execute(
+        select(t).where(t.c.id == outbox_id), what="get", context=c.ctx(outbox_id=outbox_id)
+    )
+    row = result.first()
+    return None if row is None else _message(row)
+
+
+def _due(c: OpContext, service_name: str | None) -> ColumnElement[bool]:
+    t = c.table
+    cond = and_(
+        t.c.status == Status.PENDING.value,
+        t.c.next_retry_at.is_not(None),
+        t.c.next_retry_at <= db_now(),
+    )
+    if service_name:
+        cond = and_(cond, t.c.service_name == service_name)
+    return cond
+
+
+def op_list_due(c: OpContext, limit: int, service_name: str | None) -> Op[list[OutboxMessage]]:
+    t = c.table
+    stmt = (
+        select(t)
+        .where(_due(c, service_name))
+        .order_by(t.c.next_retry_at, t.c.id)
+        .limit(limit if limit > 0 else DEFAULT_BATCH_SIZE)
+    )
+    result = yield Execute(stmt, what="list due", context=c.ctx())
+    return [_message(r) for r in result.all()]
+
+
+def op_claim(
+    c: OpContext, limit: int, lease: float, service_name: str | None
+) -> Op[list[OutboxMessage]]:
+    """Take up to ``limit`` due rows for this worker: push their due time by ``lease``.
+
+    Rows stay ``pending`` and the claim is not an attempt; a worker that dies
+    simply lets the lease run out. Concurrent claimers never get the same row:
+    PostgreSQL and MySQL/MariaDB skip rows another claimer has locked, SQLite runs
+    one writer at a time.
+    """
+    t = c.table
+    order = (t.c.next_retry_at, t.c.id)
+    return (yield from _claim(c, limit, _due(c, service_name), order, lease))
+
+
+def op_claim_unconsumed(c: OpContext, limit: int, older_than: float) -> Op[list[OutboxMessage]]:
+    """Take ``published`` rows nobody consumed within ``older_than`` seconds, to send
+    them again (a broker that lost acknowledged messages, a topic's retention that
+    deleted them before a consumer came). They stay ``published``; the claim moves
+    their ``updated_at`` so they are not taken again for another ``older_than``.
+    """
+    t = c.table
+    cond = and_(t.c.status == Status.PUBLISHED.value, t.c.updated_at <= db_now_plus(-older_than))
+    return (yield from _claim(c, limit, cond, (t.c.updated_at, t.c.id), None))
+
+
+def _claim(
+    c: OpContext,
+    limit: int,
+    cond: ColumnElement[bool],
+    order: tuple[ColumnElement[Any], ...],
+    lease: float | None,
+) -> Op[list[OutboxMessage]]:
+    values: dict[str, Any] = {"updated_at": db_now()}
+    if lease is not None:
+        values["next_retry_at"] = db_now_plus(lease)
+    limit = limit if limit > 0 else DEFAULT_BATCH_SIZE
+    claimed = yield from c.dialect.claim(c.table, cond, order, limit, values, c.ctx())
+    return sorted((_message(row, **now) for row, now in claimed), key=lambda m: m.id)
+
+
+def op_mark_published(
+    c: OpContext, ids: Sequence[int], expect_retry_count: int | None = None
+) -> Op[int]:
+    """pending -> published; never overwrites consumed or dead.
+
+    ``expect_retry_count`` (the relay passes the value it claimed) also skips rows
+    that failed meanwhile, so a consumer's retry is never hidden by a late mark.
+    """
+    if not ids:
+        return 0
+    t = c.table
+    cond = and_(t.c.id.in_(list(ids)), t.c.status.not_in(FINAL_STATUSES))
+    if expect_retry_count is not None:
+        cond = and_(cond, t.c.retry_count == expect_retry_count)
+    stmt = (
+        update(t)
+        .where(cond)
+        .values(
+            status=Status.PUBLISHED.value,
+            published_at=db_now(),
+            last_error=None,
+            next_retry_at=None,
+            updated_at=db_now(),
+        )
+    )
+    result = yield Execute(stmt, what="mark published", context=c.ctx(outbox_id=_first(ids)))
+    return int(result.rowcount)
+
+
+def _first(ids: Sequence[int]) -> int | None:
+    return ids[0] if len(ids) == 1 else None
+
+
+def op_mark_consumed(c: OpContext, ids: Sequence[int]) -> Op[int]:
+    if not ids:
+        return 0
+    t = c.table
+    stmt = (
+        update(t)
+        .where(t.c.id.in_(list(ids)))
+        .values(
+            status=Status.CONSUMED.value,
+            consumed_at=db_now(),
+            last_error=None,
+            next_retry_at=None,
+            updated_at=db_now(),
+        )
+    )
+    result = yield Execute(stmt, what="mark consumed", context=c.ctx(outbox_id=_first(ids)))
+    return int(result.rowcount)
+
+
+def op_mark_dead(
+    c: OpContext, ids: Sequence[int], reason: str, *, unless_final: bool = False
+) -> Op[int]:
+    """-> dead, whatever the status; ``unless_final`` leaves consumed/dead rows alone."""
+    if not ids:
+        return 0
+    t = c.table
+    cond: ColumnElement[bool] = t.c.id.in_(list(ids))
+    if unless_final:
+        cond = and_(cond, t.c.status.not_in(FINAL_STATUSES))
+    stmt = (
+        update(t)
+        .where(cond)
+        .values(
+            status=Status.DEAD.value,
+            last_error=truncate_error(reason),
+            next_retry_at=None,
+            updated_at=db_now(),
+        )
+    )
+    result = yield Execute(stmt, what="mark dead", context=c.ctx(outbox_id=_first(ids)))
+    return int(result.rowcount)
+
+
+class Attempt(NamedTuple):
+    """What one recorded failure did to its row."""
+
+    status: Status | None
+    """``pending`` (retried later), ``dead``, or None: the row was consumed/dead."""
+    attempts: int
+    """The row's ``retry_count`` afterwards."""
+
+
+def op_mark_failed(c: OpContext, failures: Sequence[tuple[int, str]]) -> Op[dict[int, Attempt]]:
+    """Record one failed attempt per ``(id, reason)``, under a row lock.
+
+    consumed/dead rows are untouched (status ``None``); otherwise retry_count + 1 and
+    the row becomes ``dead`` when it reaches max_retry, else stays ``pending`` and is
+    due again after the policy's backoff. Missing ids are absent from the result.
+    """
+    if not failures:
+        return {}
+    t = c.table
+    reasons = dict(failures)
+    ctx = c.ctx(outbox_id=failures[0][0] if len(failures) == 1 else None)
+    result = yield Execute(
+        select(t.c.id, t.c.status, t.c.retry_count, t.c.max_retry)
+        .where(t.c.id.in_(list(reasons)))
+        .with_for_update(),
+        what="lock for retry",
+        context=ctx,
+    )
+    outcome: dict[int, Attempt] = {}
+    retry_rows: list[dict[str, Any]] = []
+    dead_rows: list[dict[str, Any]] = []
+    for row in result.all():
+        if row.status in FINAL_STATUSES:
+            outcome[row.id] = Attempt(None, row.retry_count)
+            continue
+        attempts = row.retry_count + 1
+        params = {"_id": row.id, "_rc": attempts, "_err": truncate_error(reasons[row.id])}
+        if attempts >= row.max_retry:
+            dead_rows.append(params)
+            outcome[row.id] = Attempt(Status.DEAD, attempts)
+        else:
+            params["_delay"] = c.policy.delay(attempts)
+            retry_rows.append(params)
+            outcome[row.id] = Attempt(Status.PENDING, attempts)
+    base = update(t).where(t.c.id == bindparam("_id"))
+    if retry_rows:
+        yield Execute(
+            base.values(
+                status=Status.PENDING.value,
+                retry_count=bindparam("_rc"),
+                last_error=bindparam("_err"),
+                next_retry_at=db_now_plus(bindparam("_delay")),
+                updated_at=db_now(),
+            ),
+            retry_rows,
+            what="mark failed for retry",
+            context=ctx,
+        )
+    if dead_rows:
+        yield Execute(
+            base.values(
+                status=Status.DEAD.value,
+                retry_count=bindparam("_rc"),
+                last_error=bindparam("_err"),
+                next_retry_at=None,
+                updated_at=db_now(),
+            ),
+            dead_rows,
+            what="mark failed for retry",
+            context=ctx,
+        )
+    return outcome
+
+
+def op_consume(c: OpContext, outbox_id: int, fn: Callback | None, mark: bool) -> Op[bool]:
+    """Lock the row; skip missing/consumed/dead; run ``fn(tx)``; mark consumed.
+
+    Returns True when the callback ran (and, with ``mark``, the row is consumed).
+    A callback exception propagates and the caller's transaction rolls back.
+    """
+    t = c.table
+    result = yield Execute(
+        select(t.c.status).where(t.c.id == outbox_id).with_for_update(),
+        what="lock for consume",
+        context=c.ctx(outbox_id=outbox_id),
+    )
+    row = result.first()
+    if row is None or row.status in FINAL_STATUSES:
+        return False
+    if fn is not None:
+        yield Invoke(fn)
+    if mark:
+        yield from op_mark_consumed(c, [outbox_id])
+    return True
+
+
+def op_requeue(c: OpContext, ids: Sequence[int] | None, status: Status) -> Op[int]:
+    """Make rows of ``status`` due now with a fresh retry budget (ops tooling)."""
+    t = c.table
+    cond = t.c.status == status.value
+    if ids is not None:
+        cond = and_(cond, t.c.id.in_(list(ids)))
+    stmt = (
+        update(t)
+        .where(cond)
+        .values(
+            status=Status.PENDING.value,
+            retry_count=0,
+            next_retry_at=db_now(),
+            updated_at=db_now(),
+        )
+    )
+    result = yield Execute(stmt, what="requeue", context=c.ctx())
+    return int(result.rowcount)
+
+
+def op_status(c: OpContext) -> Op[ServiceStatus]:
+    t = c.table
+    result = yield Execute(
+        select(t.c.status, func.count()).group_by(t.c.status), what="status", context=c.ctx()
+    )
+    counts = {s.value: 0 for s in Status}
+    counts.update({row[0]: int(row[1]) for row in result.all()})
+    due = _due(c, None)
+    result = yield Execute(
+        select(func.count(), func.min(t.c.next_retry_at), db_now()).where(due),
+        what="status",
+        context=c.ctx(),
+    )
+    n_due, oldest, now = result.one()
+    age = None
+    if n_due and oldest is not None and now is not None:
+        age = max(0.0, (now - oldest).total_seconds())
+    return ServiceStatus(c.route.service_name, t.name, counts, int(n_due), age)
+
+
+# ----------------------------------------------------------- the consumer's batch
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one message of a batch that was not consumed."""
+
+    outbox_id: int
+    event_type: str
+    attempts: int
+    reason: str
+
+
+@dataclass
+class BatchOutcome:
+    """What one consumer batch transaction did (valid once it committed)."""
+
+    consumed: list[int] = field(default_factory=list)
+    retried: list[Outcome] = field(default_factory=list)
+    dead: list[Outcome] = field(default_factory=list)
+    skipped: int = 0
+    handler_errors: list[tuple[int, BaseException]] = field(default_factory=list)
+    timings: list[tuple[str, float, BaseException | None]] = field(default_factory=list)
+    """(event type, seconds, error) of every handler call."""
+
+
+def op_dispatch(
+    c: OpContext, envelopes: Sequence[Envelope], handlers: Mapping[str, Handler]
+) -> Op[BatchOutcome]:
+    """The consumer's batch transaction.
+
+    The batch's rows are locked in id order (concurrent consumers cannot deadlock);
+    each live message's handler runs in its own SAVEPOINT (one failure does not undo
+    another's work); then consumed/failed/dead marks are written. Rows missing,
+    already consumed or dead, or named twice in the batch are skipped.
+    """
+    t = c.table
+    out = BatchOutcome()
+    ids = sorted({e.outbox_id for e in envelopes})
+    result = yield Execute(
+        select(t.c.id, t.c.status, t.c.event_type, t.c.retry_count)
+        .where(t.c.id.in_(ids))
+        .order_by(t.c.id)
+        .with_for_update(),
+        what="lock batch",
+        context=c.ctx(),
+    )
+    rows = {r.id: r for r in result.all()}
+    seen: set[int] = set()
+    failures: list[tuple[int, str]] = []
+    types: dict[int, str] = {}
+    dead: dict[str, list[int]] = {}
+    clock = time.perf_counter
+    for env in envelopes:
+        row = rows.get(env.outbox_id)
+        if row is None or row.status in FINAL_STATUSES or env.outbox_id in seen:
+            out.skipped += 1
+            continue
+        seen.add(env.outbox_id)
+        if row.event_type != env.event_type and env.event_type.strip():
+            # An envelope whose id points at another event (produced to the wrong
+            # topic, or by hand): never touch a row that is not its own.
+            logger.warning(
+                "envelope %s says event type %r but the row holds %r; skipped",
+                env.outbox_id,
+                env.event_type,
+                row.event_type,
+                extra={"service": c.route.service_name, "outbox_id": env.outbox_id},
+            )
+            out.skipped += 1
+            continue
+        handler = handlers.get(env.event_type) if env.event_type.strip() else None
+        if handler is None:
+            reason = (
+                f"no handler registered for event type {env.event_type!r} "
+                f"in service {c.route.service_name!r}"
+                if env.event_type.strip()
+                else "envelope has no event type"
+            )
+            dead.setdefault(reason, []).append(env.outbox_id)
+            out.dead.append(Outcome(env.outbox_id, env.event_type, row.retry_count, reason))
+            continue
+        started = clock()
+        error = yield Invoke(handler, (env,), savepoint=True, capture=True)
+        out.timings.append((env.event_type, clock() - started, error))
+        if error is None:
+            out.consumed.append(env.outbox_id)
+        else:
+            failures.append((env.outbox_id, describe_error(error)))
+            types[env.outbox_id] = env.event_type
+            out.handler_errors.append((env.outbox_id, error))
+    yield from op_mark_consumed(c, out.consumed)
+    if failures:
+        marked = yield from op_mark_failed(c, failures)
+        reasons = dict(failures)
+        for oid, (status, attempts) in marked.items():
+            if status is None:
+                continue
+            outcome = Outcome(oid, types[oid], attempts, reasons[oid])
+            (out.dead if status is Status.DEAD else out.retried).append(outcome)
+    for reason, dead_ids in dead.items():
+        yield from op_mark_dead(c, dead_ids, reason)
+    return out

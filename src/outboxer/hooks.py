@@ -1,0 +1,207 @@
+"""Hooks: what the relay, the consumers and ``publish`` report, and who listens.
+
+The loops call one :class:`Hooks` object; it passes each report to every
+:class:`Observer` attached to it. An observer subclasses :class:`Observer` and
+overrides the methods it cares about (the rest do nothing): :class:`Stats` (the
+in-process counters behind ``Outbox.stats``) is one, and metrics or tracing
+exporters are others. Reports are made per batch where possible, so the hot path
+pays one call per batch, not per message.
+
+An observer must be quick and must not raise: an exception from it is logged (with
+its traceback) and otherwise ignored, so a broken exporter never stops delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class Observer:
+    """Base class of everything that listens to the loops (every method a no-op)."""
+
+    # ---------------------------------------------------------------- publish
+
+    def event_published(self, service: str, event_type: str, tx: Any) -> None:
+        """``publish`` wrote an event on the caller's transaction ``tx`` (not yet
+        committed: it may still roll back)."""
+
+    # ---------------------------------------------------------------- relay
+
+    def batch_claimed(self, service: str, due: int, redelivered: int) -> None:
+        """A relay claimed ``due`` due rows and ``redelivered`` published rows nobody
+        consumed (sent again)."""
+
+    def batch_sent(self, service: str, sent: int, published: int, seconds: float) -> None:
+        """``sent`` messages were acknowledged by the transport (or handed over
+        in-process) in ``seconds``; ``published`` rows were marked published."""
+
+    def batch_failed(self, service: str, failed: int, dead: int, reason: str) -> None:
+        """The transport refused messages: ``failed`` will be retried, ``dead`` never
+        can be (``reason`` is the first error)."""
+
+    def resend_failed(self, service: str, count: int, reason: str) -> None:
+        """Sending published rows again failed; they stay published (no attempt is
+        counted: a copy was delivered before) and are tried again later."""
+
+    def rows_undecodable(self, service: str, count: int) -> None:
+        """Stored rows whose envelope cannot be decoded were marked dead."""
+
+    def relay_round(self, service: str, claimed: int, seconds: float) -> None:
+        """One relay round (claim, send, mark) took ``seconds``."""
+
+    # ---------------------------------------------------------------- consumer
+
+    def messages_received(self, service: str, count: int) -> None:
+        """A consumer received a batch of ``count`` messages."""
+
+    def messages_skipped(self, service: str, reason: str, count: int) -> None:
+        """Messages not handled: ``undecodable``, ``no_outbox_id``, or ``settled``
+        (missing row, already consumed or dead, a duplicate, another event's id)."""
+
+    def messages_consumed(self, service: str, count: int) -> None:
+        """Messages consumed (their handlers' effects committed with the mark)."""
+
+    def message_retried(self, service: str, outbox_id: int, attempts: int, error: str) -> None:
+        """A failed attempt; the message will be delivered again after its backoff."""
+
+    def message_dead(self, service: str, outbox_id: int, attempts: int, reason: str) -> None:
+        """A message became a dead letter after ``attempts`` attempts."""
+
+    def handler_finished(
+        self, service: str, event_type: str, seconds: float, error: BaseException | None
+    ) -> None:
+        """A handler returned (``error`` None) or raised, after ``seconds``."""
+
+    # ---------------------------------------------------------------- both
+
+    def loop_error(self, service: str, loop: str, error: BaseException) -> None:
+        """A whole round of a ``relay`` or ``consumer`` loop failed; it will retry."""
+
+
+_METHODS = tuple(
+    name for name, value in vars(Observer).items() if callable(value) and not name.startswith("_")
+)
+
+
+class Hooks(Observer):
+    """Passes every report to the attached observers, in the order they were added.
+
+    Calls go straight to the observers' own methods: a method an observer does not
+    override costs a no-op call; with no observer a report costs one empty loop.
+    """
+
+    def __init__(self, observers: Iterable[Observer] = ()) -> None:
+        self._observers: list[Observer] = []
+        for observer in observers:
+            self.add(observer)
+
+    def add(self, observer: Observer) -> None:
+        if not isinstance(observer, Observer):
+            raise TypeError(f"an observer must subclass outboxer.hooks.Observer: {observer!r}")
+        self._observers = [*self._observers, observer]  # copy: safe while reporting
+
+    def remove(self, observer: Observer) -> None:
+        self._observers = [o for o in self._observers if o is not observer]
+
+    @property
+    def observers(self) -> tuple[Observer, ...]:
+        return tuple(self._observers)
+
+
+def _fan_out(name: str) -> Any:
+    def report(self: Hooks, *args: Any) -> None:
+        for observer in self._observers:
+            try:
+                getattr(observer, name)(*args)
+            except Exception:
+                logger.exception("observer %r failed in %s", observer, name)
+
+    report.__name__ = name
+    report.__doc__ = getattr(Observer, name).__doc__
+    return report
+
+
+for _name in _METHODS:
+    setattr(Hooks, _name, _fan_out(_name))
+
+
+@dataclass
+class Stats(Observer):
+    """Per-service counters of this process; ``totals()`` sums them over services.
+
+    relay: ``claimed``, ``redelivered``, ``sent``, ``published``, ``send_failed``,
+    ``send_dead``, ``redeliver_failed``, ``undecodable_rows``. consumer: ``received``, ``consumed``,
+    ``retried``, ``dead``, ``skipped`` (already consumed/dead, missing row,
+    duplicate), ``undecodable``, ``no_outbox_id``, ``handler_errors``. publish:
+    ``published_events``.
+    """
+
+    by_service: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def add(self, service: str, name: str, n: int = 1) -> None:
+        if n:
+            counter = self.by_service.get(service)
+            if counter is None:
+                counter = self.by_service[service] = Counter()
+            counter[name] += n
+
+    def get(self, name: str, service: str | None = None) -> int:
+        if service is not None:
+            return self.by_service.get(service, Counter())[name]
+        return sum(c[name] for c in self.by_service.values())
+
+    def totals(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for c in self.by_service.values():
+            total.update(c)
+        return total
+
+    # -- as an observer
+
+    def event_published(self, service: str, event_type: str, tx: Any) -> None:
+        self.add(service, "published_events")
+
+    def batch_claimed(self, service: str, due: int, redelivered: int) -> None:
+        self.add(service, "claimed", due)
+        self.add(service, "redelivered", redelivered)
+
+    def batch_sent(self, service: str, sent: int, published: int, seconds: float) -> None:
+        self.add(service, "sent", sent)
+        self.add(service, "published", published)
+
+    def batch_failed(self, service: str, failed: int, dead: int, reason: str) -> None:
+        self.add(service, "send_failed", failed)
+        self.add(service, "send_dead", dead)
+
+    def resend_failed(self, service: str, count: int, reason: str) -> None:
+        self.add(service, "redeliver_failed", count)
+
+    def rows_undecodable(self, service: str, count: int) -> None:
+        self.add(service, "undecodable_rows", count)
+
+    def messages_received(self, service: str, count: int) -> None:
+        self.add(service, "received", count)
+
+    def messages_skipped(self, service: str, reason: str, count: int) -> None:
+        self.add(service, "skipped" if reason == "settled" else reason, count)
+
+    def messages_consumed(self, service: str, count: int) -> None:
+        self.add(service, "consumed", count)
+
+    def message_retried(self, service: str, outbox_id: int, attempts: int, error: str) -> None:
+        self.add(service, "retried")
+
+    def message_dead(self, service: str, outbox_id: int, attempts: int, reason: str) -> None:
+        self.add(service, "dead")
+
+    def handler_finished(
+        self, service: str, event_type: str, seconds: float, error: BaseException | None
+    ) -> None:
+        if error is not None:
+            self.add(service, "handler_errors")

@@ -1,0 +1,59 @@
+"""Publishing: one INSERT on the caller's transaction, after every check.
+
+``publish`` never opens, commits or rolls back a transaction: the event becomes
+visible with the caller's commit and disappears with its rollback. Every check
+(registered event type, key, ids, ``max_retry``, JSON and size of the payload)
+runs before any SQL, so a rejected event raises a typed error and leaves the
+caller's transaction usable. After the INSERT the hooks hear of it
+(``event_published``), which is how a running relay in this process is woken when
+that transaction commits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session
+
+from outboxer.database.ops import op_insert
+from outboxer.database.runner import AsyncRunner, SyncRunner
+from outboxer.hooks import Observer
+from outboxer.routing import ServiceRoute, validate_event_type
+from outboxer.store import Storage, check_async, check_sync
+
+
+class Publisher:
+    """Writes events on callers' transactions (``Outbox.publish`` / ``publish_async``)."""
+
+    def __init__(self, storage: Storage, hooks: Observer) -> None:
+        self.storage = storage
+        self.hooks = hooks
+
+    def _prepare(
+        self, event_type: str, payload: Any, options: dict[str, Any]
+    ) -> tuple[ServiceRoute, dict[str, Any]]:
+        event_type = validate_event_type(event_type)
+        route = self.storage.routes.resolve_event(event_type)
+        return route, self.storage.rows.event(route, event_type, payload, **options)
+
+    def publish(
+        self, tx: Session | Connection, event_type: str, payload: Any, **options: Any
+    ) -> int:
+        check_sync(tx)
+        route, values = self._prepare(event_type, payload, options)
+        op = op_insert(self.storage.op_context(route, tx), values)
+        outbox_id = int(SyncRunner(tx).run(op))
+        self.hooks.event_published(route.service_name, values["event_type"], tx)
+        return outbox_id
+
+    async def publish_async(
+        self, tx: AsyncSession | AsyncConnection, event_type: str, payload: Any, **options: Any
+    ) -> int:
+        check_async(tx)
+        route, values = self._prepare(event_type, payload, options)
+        op = op_insert(self.storage.op_context(route, tx), values)
+        outbox_id = int(await AsyncRunner(tx).run(op))
+        self.hooks.event_published(route.service_name, values["event_type"], tx)
+        return outbox_id

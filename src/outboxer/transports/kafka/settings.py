@@ -1,0 +1,37 @@
+"""Settings of the Kafka transport (``OUTBOXER_KAFKA__*``, ``[kafka]`` in TOML).
+
+Kept apart from the client code so configuration can be validated without
+confluent-kafka installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from outboxer.errors import ConfigurationError
+
+
+class KafkaSettings(BaseModel):
+    """How outboxer talks to Kafka; ``config`` passes any librdkafka setting through."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    create_topics: bool = True
+    partitions: int = Field(default=3, ge=1)
+    replication_factor: int = Field(default=-1, description="-1: the broker's default")
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    topic_wait_timeout: float = Field(default=60.0, gt=0)
+    config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Extra librdkafka settings for producer and consumers (security, tuning)."""
+
+    @classmethod
+    def parse(cls, values: KafkaSettings | dict[str, Any] | None) -> KafkaSettings:
+        """Validated settings from the ``kafka`` section of the outbox settings."""
+        if isinstance(values, KafkaSettings):
+            return values
+        try:
+            return cls.model_validate(values or {})
+        except ValidationError as exc:
+            raise ConfigurationError(f"invalid Kafka settings: {exc}") from exc

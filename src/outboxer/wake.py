@@ -1,0 +1,123 @@
+"""Wake-ups: how a relay learns that there is new work before its next poll.
+
+Today's sources: :class:`CommitWake`, an observer of ``publish`` that wakes this
+process's relays when a transaction that published commits. Polling every
+``poll_interval`` stays as the fallback that covers everything else. A new wake
+source (a database notification, say) calls :meth:`Waker.notify` with the services
+that have new rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Connection, event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session
+
+from outboxer.hooks import Observer
+
+
+class Waker:
+    """One wake-up flag per service's relay, settable from any thread."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop, services: Iterable[str]) -> None:
+        self._loop = loop
+        self._events = {s: asyncio.Event() for s in services}
+
+    def unbind(self) -> None:
+        self._loop = None
+        self._events = {}
+
+    @property
+    def active(self) -> bool:
+        return self._loop is not None
+
+    def notify(self, services: Iterable[str]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            same_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:  # published from another thread
+            same_loop = False
+        for service in services:
+            ev = self._events.get(service)
+            if ev is None:
+                continue
+            if same_loop:
+                ev.set()
+            else:
+                loop.call_soon_threadsafe(ev.set)
+
+    async def wait(self, service: str, timeout: float) -> bool:
+        """Wait for a wake-up of ``service`` (True) or ``timeout`` seconds (False)."""
+        ev = self._events.get(service)
+        if ev is None:
+            await asyncio.sleep(timeout)
+            return False
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            ev.clear()
+        return True
+
+
+class CommitWake(Observer):
+    """Wakes this process's relays when a transaction that published commits.
+
+    Attached to the hooks only while loops run in this process, so publisher-only
+    processes pay nothing. One one-shot listener per transaction object; a rollback
+    forgets what it published.
+    """
+
+    def __init__(self, waker: Waker) -> None:
+        self.waker = waker
+        self._armed: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def event_published(self, service: str, event_type: str, tx: Any) -> None:
+        target: Session | Connection
+        if isinstance(tx, AsyncSession):
+            target = tx.sync_session
+        elif isinstance(tx, AsyncConnection):
+            target = tx.sync_connection  # type: ignore[assignment]
+        else:
+            target = tx
+        with self._lock:
+            pending = self._armed.get(target)
+            if pending is None:
+                pending = set()
+                self._armed[target] = pending
+                name = "after_commit" if isinstance(target, Session) else "commit"
+                event.listen(target, name, self._fire)
+                rollback = "after_soft_rollback" if isinstance(target, Session) else "rollback"
+                event.listen(target, rollback, self._discard)
+            pending.add(service)
+
+    def _take(self, target: Any) -> set[str]:
+        with self._lock:
+            pending = self._armed.get(target)
+            if not pending:
+                return set()
+            taken = set(pending)
+            pending.clear()
+            return taken
+
+    def _fire(self, target: Any) -> None:
+        services = self._take(target)
+        if services:
+            self.waker.notify(services)
+
+    def _discard(self, target: Any, *args: Any) -> None:
+        self._take(target)
