@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 
 from outboxer.aio import in_daemon_thread, sleep_unless
 from outboxer.backoff import ErrorBackoff
+from outboxer.database.instructions import Op
 from outboxer.database.ops import BatchOutcome, Handler, Outcome, op_dispatch
-from outboxer.database.runner import AsyncRunner, Op, SyncRunner, callable_name, is_async_callable
+from outboxer.database.runner import AsyncRunner, SyncRunner, callable_name, is_async_callable
 from outboxer.envelope import Envelope
 from outboxer.errors import HandlerError, describe_error
 from outboxer.hooks import Observer
@@ -89,11 +90,15 @@ class Dispatcher:
         route: ServiceRoute,
         handlers: Mapping[str, Handler],
         hooks: Observer,
+        *,
+        isolate: bool = False,
     ) -> None:
         self.storage = storage
         self.route = route
         self.handlers = handlers
         self.hooks = hooks
+        self.isolate = isolate
+        """Skip the fast path: every handler in its own savepoint from the start."""
         self._ctx = storage.op_context(route)
         self._async_types = {e for e, h in handlers.items() if is_async_callable(h)}
 
@@ -124,22 +129,75 @@ class Dispatcher:
     async def dispatch(
         self, batch: Sequence[IncomingMessage], *, first_pass: bool = True
     ) -> BatchOutcome:
-        """Process a batch and commit; raises only if the database transaction failed."""
+        """Process a batch and commit; raises only if a database transaction failed.
+
+        The batch runs in one transaction per run of consecutive messages whose
+        handlers are of one kind: sync handlers on a worker thread with the sync
+        engine (blocking code in them never stalls the event loop), async handlers on
+        the loop with the async engine. Each transaction first tries the fast path
+        (no savepoints); if anything in it fails, it is rolled back and run again
+        with a savepoint per handler, which isolates the failing message.
+        """
         if first_pass:
             self.hooks.messages_received(self.route.service_name, len(batch))
         envelopes = self.decode(batch, report=first_pass)
-        if not envelopes:
-            return BatchOutcome()
-        op = op_dispatch(self._ctx, envelopes, self.handlers)
-        if not any(e.event_type in self._async_types for e in envelopes):
-            # Only sync handlers: run the whole transaction in a worker thread on the
-            # sync engine, so blocking handler code never stalls the event loop.
-            out = await in_daemon_thread(self._run_sync, op)
-        else:
-            async with self.storage.database.async_engine.begin() as conn:
-                out = await AsyncRunner(conn).run(op)
-        self._report(out)
+        total = BatchOutcome()
+        for is_async, segment in self._segments(envelopes):
+            out = await self._transaction(segment, is_async)
+            self._report(out)
+            total.consumed.extend(out.consumed)
+            total.retried.extend(out.retried)
+            total.dead.extend(out.dead)
+            total.skipped += out.skipped
+            total.handler_errors.extend(out.handler_errors)
+            total.timings.extend(out.timings)
+        return total
+
+    def _segments(self, envelopes: Sequence[Envelope]) -> list[tuple[bool, list[Envelope]]]:
+        """Consecutive runs of messages by handler kind (async or not), in order."""
+        segments: list[tuple[bool, list[Envelope]]] = []
+        for env in envelopes:
+            if env.event_type in self.handlers:
+                is_async = env.event_type in self._async_types
+            else:  # marked dead or skipped: no handler runs, any transaction will do
+                is_async = segments[-1][0] if segments else False
+            if segments and segments[-1][0] == is_async:
+                segments[-1][1].append(env)
+            else:
+                segments.append((is_async, [env]))
+        return segments
+
+    async def _transaction(self, envelopes: list[Envelope], is_async: bool) -> BatchOutcome:
+        failed: tuple[int, BaseException] | None = None
+        timings: list[tuple[str, float, BaseException | None]] = []
+        if not self.isolate:
+            fast = await self._run(
+                op_dispatch(self._ctx, envelopes, self.handlers, isolate=False), is_async
+            )
+            if fast.failed_fast is None:
+                return fast
+            # Rolled back: run again with a savepoint per handler; the failed message
+            # keeps the error of its one call.
+            failed, timings = fast.failed_fast, fast.timings
+        op = op_dispatch(self._ctx, envelopes, self.handlers, isolate=True, failed=failed)
+        out = await self._run(op, is_async)
+        out.timings[:0] = timings
         return out
+
+    async def _run(self, op: Op[BatchOutcome], is_async: bool) -> BatchOutcome:
+        """Run a batch op in a transaction of its own; commit it, unless the op says
+        the fast path failed (then roll it back)."""
+        if not is_async:
+            return await in_daemon_thread(self._run_sync, op)
+        conn = await self.storage.database.async_engine.connect()
+        try:
+            async with conn.begin() as tx:
+                out = await AsyncRunner(conn).run(op)
+                if out.failed_fast is not None:
+                    await tx.rollback()
+            return out
+        finally:
+            await conn.close()
 
     def _report(self, out: BatchOutcome) -> None:
         service = self.route.service_name
@@ -198,8 +256,11 @@ class Dispatcher:
             self._report(out)
 
     def _run_sync(self, op: Op[BatchOutcome]) -> BatchOutcome:
-        with self.storage.database.sync_engine.begin() as conn:
-            return SyncRunner(conn).run(op)
+        with self.storage.database.sync_engine.connect() as conn, conn.begin() as tx:
+            out = SyncRunner(conn).run(op)
+            if out.failed_fast is not None:
+                tx.rollback()
+            return out
 
 
 async def consume_loop(

@@ -158,7 +158,11 @@ class Runtime:
         for route in plan.consume:
             sub = await transport.subscribe(route)
             dispatcher = Dispatcher(
-                self.storage, route, plan.handlers[route.service_name], self.hooks
+                self.storage,
+                route,
+                plan.handlers[route.service_name],
+                self.hooks,
+                isolate=self.settings.isolate_handlers,
             )
             running.consumers.append(
                 asyncio.create_task(

@@ -105,6 +105,10 @@ class OutboxSettings(BaseSettings):
         ge=0,
         description="seconds after which a published, unconsumed row is sent again (0: never)",
     )
+    isolate_handlers: bool = False
+    """Run every handler in its own SAVEPOINT from the start. By default a consumer
+    batch first runs its handlers without savepoints (one transaction, the fast
+    path) and only runs it again isolated when something fails."""
     error_delay: float = Field(default=1.0, gt=0, description="first wait after a failed round")
     error_delay_max: float = Field(default=30.0, gt=0, description="longest wait after failures")
     kafka: dict[str, Any] = Field(default_factory=dict)

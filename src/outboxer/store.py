@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from outboxer.backoff import RetryPolicy, check_max_retry
 from outboxer.database.dialects import dialect_for
 from outboxer.database.engines import READ_ONLY, Database
+from outboxer.database.instructions import Callback, Op
 from outboxer.database.ops import (
     Attempt,
     OpContext,
@@ -41,7 +42,7 @@ from outboxer.database.ops import (
     op_requeue,
     op_status,
 )
-from outboxer.database.runner import AsyncRunner, Callback, Op, SyncRunner
+from outboxer.database.runner import AsyncRunner, SyncRunner
 from outboxer.database.schema import MAX_KEY_CHARS, Tables
 from outboxer.envelope import DEFAULT_VERSION, JsonDefault, build_stored_envelope, encode_json
 from outboxer.errors import (

@@ -8,11 +8,12 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from outboxer import Envelope, Outbox, Status, TransactionAbortedError
 from outboxer.consumer import Dispatcher, consume_loop
+from outboxer.database.schema import db_now
 from outboxer.hooks import Stats
 from outboxer.transports.base import IncomingMessage
 from outboxer.transports.local import LocalSubscription
@@ -30,8 +31,8 @@ def _batch(ob: Outbox, service: str, ids: list[int]) -> list[IncomingMessage]:
     return out
 
 
-def _setup(url: str, service: str) -> tuple[Outbox, list[int]]:
-    ob = make_outbox(url, retry_unit=1.0)
+def _setup(url: str, service: str, retry_unit: float = 1.0) -> tuple[Outbox, list[int]]:
+    ob = make_outbox(url, retry_unit=retry_unit)
     ob.register_event(f"{service}.e", service)
     ob.migrate()
     with ob.db.sync_engine.begin() as conn:
@@ -151,8 +152,9 @@ async def test_mariadb_deadlock_in_one_handler_loses_no_effect(
         tx.execute(text(f"INSERT INTO {service}_fx (n) VALUES (2)"))
 
     try:
+        # Isolated from the start: the deadlock must hit a handler inside its savepoint.
         dispatcher = Dispatcher(
-            ob.storage, ob.store(service).route, {f"{service}.e": handler}, Stats()
+            ob.storage, ob.store(service).route, {f"{service}.e": handler}, Stats(), isolate=True
         )
         batch = _batch(ob, service, [first, second])
         thread = threading.Thread(target=other)
@@ -175,7 +177,7 @@ async def test_mariadb_deadlock_in_one_handler_loses_no_effect(
 async def test_backoff_counts_from_the_failure_not_the_batch_start(
     db_url: str, service: str
 ) -> None:
-    ob, (first, second) = _setup(db_url, service)
+    ob, (first, second) = _setup(db_url, service, retry_unit=60.0)
 
     def handler(event: Envelope, tx: Session) -> None:
         if event.payload["n"] == 1:
@@ -187,17 +189,20 @@ async def test_backoff_counts_from_the_failure_not_the_batch_start(
         dispatcher = Dispatcher(
             ob.storage, ob.store(service).route, {f"{service}.e": handler}, Stats()
         )
+        with ob.db.sync_engine.connect() as conn:
+            batch_start = conn.execute(select(db_now())).scalar_one()
         await dispatcher.dispatch(_batch(ob, service, [first, second]))
         st = ob.store(service)
         failed = st.get_by_id(second)
         assert failed is not None
         assert failed.status is Status.PENDING
-        # Backoff 1 s from the failure (after the 1.5 s handler), so not due yet.
-        assert st.list_due_messages() == []
         assert failed.next_retry_at is not None
         assert (failed.next_retry_at - failed.updated_at).total_seconds() == pytest.approx(
-            1.0, abs=0.01
+            60.0, abs=0.01
         )
+        # Backoff 60 s from the failure, which came after the 1.5 s handler: a clock
+        # read at the transaction's start would give less than 61.5 s.
+        assert (failed.next_retry_at - batch_start).total_seconds() >= 61.4
     finally:
         await _teardown(ob, service)
 

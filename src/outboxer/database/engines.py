@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from outboxer.database.dialects import Dialect, dialect_for
 from outboxer.database.dialects.sqlite import READ_ONLY_OPTION
+from outboxer.database.runner import install_statement_guard
 from outboxer.errors import ConfigurationError, StoreError
 
 READ_ONLY = {READ_ONLY_OPTION: True}
@@ -90,6 +91,7 @@ def create_sync_engine(url: str | URL, **kwargs: Any) -> Engine:
     dialect = dialect_of(target)
     engine = create_engine(target, **{**dialect.engine_options(target), **kwargs})
     dialect.tune(engine)
+    install_statement_guard(engine)
     return engine
 
 
@@ -99,6 +101,7 @@ def create_async(url: str | URL, **kwargs: Any) -> AsyncEngine:
     dialect = dialect_of(target)
     engine = create_async_engine(target, **{**dialect.engine_options(target), **kwargs})
     dialect.tune(engine.sync_engine)
+    install_statement_guard(engine.sync_engine)
     return engine
 
 
@@ -123,8 +126,10 @@ class Database:
             if url_or_engine.dialect.name != "sqlite":
                 if isinstance(url_or_engine, Engine):
                     self._sync, self._owns_sync = url_or_engine, False
+                    install_statement_guard(url_or_engine)
                 else:
                     self._async, self._owns_async = url_or_engine, False
+                    install_statement_guard(url_or_engine.sync_engine)
         else:
             self.url = parse_url(url_or_engine)
         self.dialect = dialect_of(self.url)

@@ -22,7 +22,7 @@ from sqlalchemy.sql import ColumnElement
 
 from outboxer.backoff import RetryPolicy
 from outboxer.database.dialects import Dialect
-from outboxer.database.runner import Callback, Execute, Invoke, Op
+from outboxer.database.instructions import Callback, Execute, Invoke, Op
 from outboxer.database.schema import MAX_ERROR_CHARS, db_now, db_now_plus
 from outboxer.envelope import Envelope
 from outboxer.errors import describe_error
@@ -405,17 +405,34 @@ class BatchOutcome:
     handler_errors: list[tuple[int, BaseException]] = field(default_factory=list)
     timings: list[tuple[str, float, BaseException | None]] = field(default_factory=list)
     """(event type, seconds, error) of every handler call."""
+    failed_fast: tuple[int, BaseException] | None = None
+    """Fast path only: the message whose handler raised; nothing was marked and the
+    transaction must be rolled back, then the batch run isolated."""
 
 
 def op_dispatch(
-    c: OpContext, envelopes: Sequence[Envelope], handlers: Mapping[str, Handler]
+    c: OpContext,
+    envelopes: Sequence[Envelope],
+    handlers: Mapping[str, Handler],
+    *,
+    isolate: bool = True,
+    failed: tuple[int, BaseException] | None = None,
 ) -> Op[BatchOutcome]:
     """The consumer's batch transaction.
 
     The batch's rows are locked in id order (concurrent consumers cannot deadlock);
-    each live message's handler runs in its own SAVEPOINT (one failure does not undo
-    another's work); then consumed/failed/dead marks are written. Rows missing,
-    already consumed or dead, or named twice in the batch are skipped.
+    rows missing, already consumed or dead, or named twice in the batch are skipped;
+    messages without a handler are marked dead. Then the handlers run, and their
+    messages are marked consumed in one statement:
+
+    - ``isolate=False`` (the fast path): handlers run one after the other with no
+      savepoint; at the first exception the op stops and reports it in
+      ``failed_fast``, and the caller rolls the whole transaction back (and runs the
+      batch again isolated).
+    - ``isolate=True``: each handler runs in its own SAVEPOINT, so a failure undoes
+      only its own work and is recorded as a failed attempt of its message.
+      ``failed`` is the fast path's failure: that message's attempt is recorded with
+      that error instead of running its handler a second time.
     """
     t = c.table
     out = BatchOutcome()
@@ -430,10 +447,8 @@ def op_dispatch(
     )
     rows = {r.id: r for r in result.all()}
     seen: set[int] = set()
-    failures: list[tuple[int, str]] = []
-    types: dict[int, str] = {}
+    live: list[tuple[Envelope, Handler]] = []
     dead: dict[str, list[int]] = {}
-    clock = time.perf_counter
     for env in envelopes:
         row = rows.get(env.outbox_id)
         if row is None or row.status in FINAL_STATUSES or env.outbox_id in seen:
@@ -463,9 +478,25 @@ def op_dispatch(
             dead.setdefault(reason, []).append(env.outbox_id)
             out.dead.append(Outcome(env.outbox_id, env.event_type, row.retry_count, reason))
             continue
+        live.append((env, handler))
+    clock = time.perf_counter
+    failures: list[tuple[int, str]] = []
+    types: dict[int, str] = {}
+    for env, handler in live:
         started = clock()
-        error = yield Invoke(handler, (env,), savepoint=True, capture=True)
-        out.timings.append((env.event_type, clock() - started, error))
+        if not isolate:
+            error = yield Invoke(handler, (env,), capture=True, guard=True)
+            out.timings.append((env.event_type, clock() - started, error))
+            if error is not None:
+                out.failed_fast = (env.outbox_id, error)
+                return out
+            out.consumed.append(env.outbox_id)
+            continue
+        if failed is not None and failed[0] == env.outbox_id:
+            error = failed[1]  # it ran and failed in the fast path: one call, one attempt
+        else:
+            error = yield Invoke(handler, (env,), savepoint=True, capture=True, guard=True)
+            out.timings.append((env.event_type, clock() - started, error))
         if error is None:
             out.consumed.append(env.outbox_id)
         else:

@@ -1,62 +1,89 @@
 """One implementation of each database operation, two faces (sync and async).
 
-Operations are generators that *yield* what they need done (:class:`Execute` a
-statement, :class:`Invoke` a caller's callback) and receive the result. A runner
-performs the instructions on a synchronous ``Connection``/``Session`` or an
-asynchronous ``AsyncConnection``/``AsyncSession``. The logic of the state machine
-therefore exists once; the faces differ only in how they wait.
+Operations are generators that *yield* what they need done (an
+:class:`~outboxer.database.instructions.Execute` of a statement, an
+:class:`~outboxer.database.instructions.Invoke` of a caller's callback) and receive
+the result. A runner performs the instructions on a synchronous
+``Connection``/``Session`` or an asynchronous ``AsyncConnection``/``AsyncSession``.
+The logic of the state machine therefore exists once; the faces differ only in how
+they wait.
+
+Handlers run guarded: statements that would end the transaction they were given
+are refused before they reach the database, and a transaction ended anyway (the
+driver's own commit, say) aborts the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
-from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass, field
+import re
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.sql import Executable
 
+from outboxer.database.dialects import dialect_for
+from outboxer.database.instructions import Execute, Invoke, Op
 from outboxer.errors import HandlerError, StoreError, TransactionAbortedError
 
 T = TypeVar("T")
 
 SyncCallback = Callable[[Session], Any]
 AsyncCallback = Callable[[AsyncSession], Awaitable[Any]]
-Callback = Callable[..., Any]
+
+GUARD_KEY = "outboxer_handler"
+"""``Connection.info`` key set while a guarded callback (a handler) runs."""
+
+_LITERALS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/", re.DOTALL)
+_ENDS_TRANSACTION = re.compile(
+    r"(COMMIT|END|ABORT|ROLLBACK(?!\s+(WORK\s+)?TO\b)|BEGIN|START\s+TRANSACTION"
+    r"|SET\s+(SESSION\s+|@@)?AUTOCOMMIT)\b",
+    re.IGNORECASE,
+)
 
 
-@dataclass(slots=True)
-class Execute:
-    """Run a statement; the op receives the (buffered) result."""
-
-    statement: Executable
-    params: Any = None
-    what: str = "statement"
-    context: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Invoke:
-    """Call a callback with a session joined to the op's transaction.
-
-    ``savepoint``: run it inside a SAVEPOINT. ``capture``: an exception does not
-    propagate; the op receives it (``None`` on success) and the savepoint is
-    rolled back.
-    """
-
-    fn: Callback
-    args: tuple[Any, ...] = ()
-    savepoint: bool = False
-    capture: bool = False
+def ends_transaction(sql: str, dialect_name: str) -> bool:
+    """Whether ``sql`` would end (or restart) the open transaction: COMMIT, ROLLBACK
+    (not ``ROLLBACK TO SAVEPOINT``), BEGIN, autocommit changes, and the statements a
+    database commits implicitly (MySQL DDL). Literals and comments are ignored."""
+    dialect = dialect_for(dialect_name)
+    for part in _LITERALS.sub("''", sql).split(";"):
+        statement = part.strip()
+        if statement and (
+            _ENDS_TRANSACTION.match(statement) or dialect.implicitly_commits(statement)
+        ):
+            return True
+    return False
 
 
-Instruction = Execute | Invoke
-Op = Generator[Instruction, Any, T]
+def _refuse_transaction_control(
+    conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+) -> None:
+    handler = conn.info.get(GUARD_KEY)
+    if handler is not None and ends_transaction(statement, conn.dialect.name):
+        raise HandlerError(
+            f"{handler} tried to end the transaction it was given ({statement.strip()[:60]!r}); "
+            "handlers must leave commit and rollback to outboxer (their writes commit with "
+            "the consumed mark)"
+        )
+
+
+def install_statement_guard(engine: Engine) -> None:
+    """Refuse statements that end the transaction while a handler runs on ``engine``'s
+    connections (idempotent; costs one dict lookup per statement otherwise)."""
+    if not event.contains(engine, "before_cursor_execute", _refuse_transaction_control):
+        event.listen(engine, "before_cursor_execute", _refuse_transaction_control)
+
+
+def _driver_in_transaction(conn: Connection) -> bool | None:
+    """What the driver says of the connection's transaction (None: it does not say)."""
+    driver = conn.connection.driver_connection
+    return dialect_for(conn.dialect.name).in_transaction(driver)
 
 
 def _db_error(instr: Execute, exc: SQLAlchemyError) -> StoreError:
@@ -94,6 +121,48 @@ def _close(awaitable: Any) -> None:
     close = getattr(awaitable, "close", None)
     if callable(close):
         close()  # no "coroutine was never awaited" warning for a refused result
+
+
+@contextlib.contextmanager
+def _guarded(conn: Connection, instr: Invoke) -> Iterator[list[bool | None]]:
+    """While a guarded callback runs: refuse statements that end the transaction, and
+    yield what the driver said of the transaction before the callback."""
+    if not instr.guard:
+        yield [None]
+        return
+    conn.info[GUARD_KEY] = callable_name(instr.fn)
+    try:
+        yield [_driver_in_transaction(conn)]
+    finally:
+        conn.info.pop(GUARD_KEY, None)
+
+
+def _refuse_awaitable(result: Any, fn: Callable[..., Any]) -> None:
+    if inspect.isawaitable(result):
+        _close(result)
+        raise HandlerError(
+            f"{callable_name(fn)} returned an awaitable: declare it `async def` so "
+            "it is awaited (a plain function runs synchronously)"
+        )
+
+
+def _check_transaction(
+    session_open: bool, conn: Connection, fn: Callable[..., Any], before: list[bool | None]
+) -> None:
+    """After a guarded callback: its session and the database transaction are open.
+
+    The driver's word counts only as a change: MySQL reports a transaction only once
+    it has written, so "not in a transaction" before the callback says nothing.
+    """
+    _check_still_open(session_open, fn)
+    if not conn.in_transaction() or (before[0] is True and _driver_in_transaction(conn) is False):
+        raise _aborted(
+            HandlerError(
+                f"{callable_name(fn)} ended the database transaction it was given (through "
+                "the driver, or a statement the database commits implicitly); what it "
+                "committed cannot be undone, the rest of the batch is abandoned"
+            )
+        )
 
 
 def callable_name(fn: Callable[..., Any]) -> str:
@@ -137,24 +206,29 @@ class SyncRunner:
 
     def _invoke(self, instr: Invoke) -> BaseException | None:
         session = self.session()
+        conn = session.connection()
         if not instr.savepoint:
             try:
-                instr.fn(*instr.args, session)
+                with _guarded(conn, instr) as before:
+                    _refuse_awaitable(instr.fn(*instr.args, session), instr.fn)
+                if instr.guard:
+                    _check_transaction(session.in_transaction(), conn, instr.fn, before)
                 session.flush()
+            except TransactionAbortedError:
+                raise
             except Exception as exc:
+                if instr.capture:  # the op decides; the transaction must not commit
+                    return exc
                 self.callback_error = exc
                 raise
             return None
         nested = session.begin_nested()
         try:
-            result = instr.fn(*instr.args, session)
-            if inspect.isawaitable(result):
-                _close(result)
-                raise HandlerError(
-                    f"{callable_name(instr.fn)} returned an awaitable: declare it `async def` so "
-                    "it is awaited (a plain function runs synchronously)"
-                )
+            with _guarded(conn, instr) as before:
+                _refuse_awaitable(instr.fn(*instr.args, session), instr.fn)
             _check_still_open(nested.is_active, instr.fn)
+            if instr.guard:
+                _check_transaction(True, conn, instr.fn, before)
             nested.commit()
         except TransactionAbortedError:
             raise
@@ -225,26 +299,41 @@ class AsyncRunner:
         if inspect.isawaitable(result):  # a wrapper around an async handler
             await result
 
+    async def _call_handler(self, instr: Invoke, session: AsyncSession) -> None:
+        try:
+            await self._call(instr, session)
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():
+                raise
+            # A handler's own awaited task was cancelled: its failure, not ours.
+            raise HandlerError(f"{callable_name(instr.fn)} raised CancelledError") from exc
+
     async def _invoke(self, instr: Invoke) -> BaseException | None:
         session = self.session()
+        conn = (await session.connection()).sync_connection
+        assert conn is not None
         if not instr.savepoint:
             try:
-                await self._call(instr, session)
+                with _guarded(conn, instr) as before:
+                    await self._call_handler(instr, session)
+                if instr.guard:
+                    _check_transaction(session.in_transaction(), conn, instr.fn, before)
                 await session.flush()
+            except TransactionAbortedError:
+                raise
             except Exception as exc:
+                if instr.capture:  # the op decides; the transaction must not commit
+                    return exc
                 self.callback_error = exc
                 raise
             return None
         nested = await session.begin_nested()
         try:
-            try:
-                await self._call(instr, session)
-            except asyncio.CancelledError as exc:
-                if _being_cancelled():
-                    raise
-                # A handler's own awaited task was cancelled: its failure, not ours.
-                raise HandlerError(f"{callable_name(instr.fn)} raised CancelledError") from exc
+            with _guarded(conn, instr) as before:
+                await self._call_handler(instr, session)
             _check_still_open(nested.is_active, instr.fn)
+            if instr.guard:
+                _check_transaction(True, conn, instr.fn, before)
             await nested.commit()
         except TransactionAbortedError:
             raise

@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.types import TypeEngine
 
-from outboxer.database.runner import Execute, Op
+from outboxer.database.instructions import Execute, Op
 
 
 class Dialect:
@@ -44,6 +44,18 @@ class Dialect:
 
     def tune(self, engine: Engine) -> None:
         """Event listeners on a sync engine outboxer created (SQLite's pragmas)."""
+
+    # ------------------------------------------------------------------ transactions
+
+    def in_transaction(self, driver_connection: Any) -> bool | None:
+        """Whether the driver's connection is inside a transaction, read from the
+        driver's own state (no round trip); None when the driver does not say."""
+        return None
+
+    def implicitly_commits(self, statement: str) -> bool:
+        """Whether a statement makes the database commit the open transaction (beyond
+        COMMIT/ROLLBACK/BEGIN, which every database treats so)."""
+        return False
 
     # ------------------------------------------------------------------ SQL
 

@@ -10,6 +10,7 @@ exactly those (two statements in one transaction).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +22,16 @@ from sqlalchemy.sql import ColumnElement
 from sqlalchemy.types import TypeEngine
 
 from outboxer.database.dialects.base import Dialect
-from outboxer.database.runner import Execute, Op
+from outboxer.database.instructions import Execute, Op
+
+_SERVER_STATUS_IN_TRANS = 1
+# Statements after which MySQL/MariaDB commit the open transaction themselves
+# ("Statements That Cause an Implicit Commit"); temporary tables are the exception.
+_IMPLICIT_COMMIT = re.compile(
+    r"(CREATE|ALTER|DROP|TRUNCATE|RENAME|LOCK|UNLOCK|GRANT|REVOKE|ANALYZE|OPTIMIZE|REPAIR)\b"
+    r"(?!\s+TEMPORARY\b)",
+    re.IGNORECASE,
+)
 
 
 class MySQLDialect(Dialect):
@@ -33,6 +43,13 @@ class MySQLDialect(Dialect):
 
     def engine_options(self, url: URL) -> dict[str, Any]:
         return {"isolation_level": "READ COMMITTED", "pool_pre_ping": True, "pool_recycle": 3600}
+
+    def in_transaction(self, driver_connection: Any) -> bool | None:
+        status = getattr(driver_connection, "server_status", None)  # PyMySQL, aiomysql
+        return bool(status & _SERVER_STATUS_IN_TRANS) if isinstance(status, int) else None
+
+    def implicitly_commits(self, statement: str) -> bool:
+        return _IMPLICIT_COMMIT.match(statement) is not None
 
     def now_sql(self) -> str:
         return "UTC_TIMESTAMP(6)"

@@ -16,6 +16,9 @@ from sqlalchemy.types import TypeEngine
 
 from outboxer.database.dialects.base import Dialect
 
+_PQ_TRANS_IDLE = 0
+"""libpq's PQTRANS_IDLE: connected, not in a transaction block."""
+
 
 class PostgreSQLDialect(Dialect):
     family = "postgresql"
@@ -23,6 +26,14 @@ class PostgreSQLDialect(Dialect):
     sync_driver = "psycopg"
     async_driver = "psycopg"
     async_drivers = frozenset({"asyncpg"})
+
+    def in_transaction(self, driver_connection: Any) -> bool | None:
+        info = getattr(driver_connection, "info", None)  # psycopg, sync and async
+        status = getattr(info, "transaction_status", None)
+        if status is not None:
+            return int(status) != _PQ_TRANS_IDLE
+        probe = getattr(driver_connection, "is_in_transaction", None)  # asyncpg
+        return bool(probe()) if callable(probe) else None
 
     def now_sql(self) -> str:
         return "statement_timestamp()"

@@ -67,6 +67,10 @@ class SQLiteDialect(Dialect):
             read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
             conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
+    def in_transaction(self, driver_connection: Any) -> bool | None:
+        state = getattr(driver_connection, "in_transaction", None)  # sqlite3 and aiosqlite
+        return state if isinstance(state, bool) else None
+
     def now_sql(self) -> str:
         return f"strftime('{TS_FORMAT}', 'now')"
 
