@@ -52,6 +52,13 @@ class Observer:
     def rows_undecodable(self, service: str, count: int) -> None:
         """Stored rows whose envelope cannot be decoded were marked dead."""
 
+    def outage_started(self, service: str, reason: str) -> None:
+        """The transport failed as a whole; the relay holds its rows (no attempt is
+        counted) and probes again with a growing delay."""
+
+    def outage_ended(self, service: str, seconds: float) -> None:
+        """The transport accepted messages again after ``seconds`` of outage."""
+
     def relay_round(self, service: str, claimed: int, seconds: float) -> None:
         """One relay round (claim, send, mark) took ``seconds``."""
 
@@ -184,6 +191,9 @@ class Stats(Observer):
 
     def rows_undecodable(self, service: str, count: int) -> None:
         self.add(service, "undecodable_rows", count)
+
+    def outage_started(self, service: str, reason: str) -> None:
+        self.add(service, "outages")
 
     def messages_received(self, service: str, count: int) -> None:
         self.add(service, "received", count)

@@ -56,6 +56,10 @@ class Relay:
         self.redeliver_after = redeliver_after
         """Send ``published`` rows again when unconsumed this long (0: never)."""
         self._next_redelivery_check = 0.0
+        self._outage = ErrorBackoff(settings.error_delay, settings.error_delay_max)
+        self.outage_since: float | None = None
+        """Monotonic time the current transport outage began (None: no outage)."""
+        self.next_delay = 0.0
 
     async def _claim(self) -> tuple[list[OutboxMessage], set[int]]:
         """Due rows, plus now and then published rows nobody consumed (the second
@@ -98,6 +102,10 @@ class Relay:
         if outgoing:
             sent_at = time.perf_counter()
             deliveries = await self._send(outgoing)
+            if deliveries is None:
+                await self._hold(outgoing, redelivered)
+                return len(rows)
+            self._outage_over()
             await self._record(outgoing, deliveries, redelivered, time.perf_counter() - sent_at)
         self.hooks.relay_round(self.route.service_name, len(rows), time.perf_counter() - started)
         return len(rows)
@@ -122,19 +130,57 @@ class Relay:
             )
         return outgoing, broken
 
-    async def _send(self, outgoing: list[OutgoingMessage]) -> list[Delivery]:
+    async def _send(self, outgoing: list[OutgoingMessage]) -> list[Delivery] | None:
+        """The transport's deliveries, or None when it failed as a whole (it raised,
+        or every message failed with a transient, broker-side error)."""
         try:
             deliveries = await self.transport.send(self.route, outgoing)
-        except Exception as exc:
-            logger.exception("transport send failed", extra={"service": self.route.service_name})
-            reason = f"transport error: {type(exc).__name__}: {exc}"
-            return [Delivery(m.outbox_id, error=reason) for m in outgoing]
+        except Exception as exc:  # noqa: BLE001 - a send that raises is an outage
+            self._outage_begins(f"{type(exc).__name__}: {exc}", exc)
+            return None
         if len(deliveries) != len(outgoing):
             raise RuntimeError(
                 f"transport {self.transport.name} returned {len(deliveries)} results "
                 f"for {len(outgoing)} messages"
             )
+        if all(d.error is not None and d.transient and not d.settled for d in deliveries):
+            self._outage_begins(str(deliveries[0].error), None)
+            return None
         return deliveries
+
+    def _outage_begins(self, reason: str, exc: BaseException | None) -> None:
+        service = self.route.service_name
+        if self.outage_since is not None:
+            logger.debug("transport still unavailable: %s", reason, extra={"service": service})
+            return
+        self.outage_since = time.monotonic()
+        logger.warning(
+            "transport unavailable, holding messages without counting attempts: %s",
+            reason,
+            exc_info=exc,
+            extra={"service": service, "transport": self.transport.name},
+        )
+        self.hooks.outage_started(service, reason)
+
+    def _outage_over(self) -> None:
+        since, self.outage_since = self.outage_since, None
+        if since is None:
+            return
+        self._outage.reset()
+        seconds = time.monotonic() - since
+        logger.warning(
+            "transport available again after %.1fs",
+            seconds,
+            extra={"service": self.route.service_name, "transport": self.transport.name},
+        )
+        self.hooks.outage_ended(self.route.service_name, seconds)
+
+    async def _hold(self, outgoing: list[OutgoingMessage], redelivered: AbstractSet[int]) -> None:
+        """An outage: give the claimed rows back, due again when the relay will probe
+        again; nothing is an attempt. Rows sent again stay published."""
+        self.next_delay = self._outage.next()
+        due = [m.outbox_id for m in outgoing if m.outbox_id not in redelivered]
+        await self.store.release_async(due, self.next_delay)
 
     async def _record(
         self,
@@ -215,6 +261,9 @@ class Relay:
                 logger.exception("relay round failed", extra={"service": service})
                 self.hooks.loop_error(service, "relay", exc)
                 await sleep_unless(stopping, backoff.next())
+                continue
+            if self.outage_since is not None and claimed:
+                await sleep_unless(stopping, self.next_delay)  # then probe again
                 continue
             if claimed >= self.settings.batch_size:
                 continue  # backlog: go again at once

@@ -39,6 +39,7 @@ from outboxer.database.ops import (
     op_mark_dead,
     op_mark_failed,
     op_mark_published,
+    op_release,
     op_requeue,
     op_status,
 )
@@ -452,6 +453,10 @@ class Store:
     ) -> int:
         op = op_mark_published(self._ctx, list(ids), expect_retry_count)
         return int(await self._run_async(op))
+
+    async def release_async(self, ids: Iterable[int], delay: float = 0.0) -> int:
+        """Claimed rows due again in ``delay`` seconds, no attempt counted."""
+        return int(await self._run_async(op_release(self._ctx, list(ids), delay)))
 
     async def mark_consumed_async(self, outbox_id: int) -> None:
         await self._run_async(op_mark_consumed(self._ctx, [outbox_id]))

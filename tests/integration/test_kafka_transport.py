@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
 import pytest
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import Consumer
 
 from outboxer import Envelope, Status, TransportError
 from outboxer.routing import ServiceRoute
-from outboxer.testing import EmbeddedKafka
+from outboxer.testing import EmbeddedKafka, free_port
 from outboxer.transports.base import OutgoingMessage
 from outboxer.transports.kafka import KafkaSettings, KafkaTransport
 from tests.integration.engine_helpers import all_final, build_app, drop_app, run_until
@@ -73,23 +74,64 @@ async def test_send_carries_key_value_and_headers(kafka_broker: EmbeddedKafka) -
     assert Envelope.from_json(first.value()).payload == {"n": 1}  # type: ignore[attr-defined]
 
 
-async def test_fatal_producer_error_recreates_the_producer(kafka_broker: EmbeddedKafka) -> None:
+async def _send_until_delivered(
+    transport: KafkaTransport, route: ServiceRoute, first: int, within: float
+) -> int:
+    """Send one message at a time until one is acknowledged; the next free number."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    n = first
+    while True:
+        (delivery,) = await transport.send(route, [_message(n)])
+        n += 1
+        if delivery.ok:
+            return n
+        assert delivery.transient, delivery.error  # the broker's trouble, not the message's
+        assert loop.time() < deadline, f"nothing delivered {within}s after the broker came back"
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("gap", [0.0, 8.0], ids=["instant-swap", "down-8s"])
+async def test_producer_recovers_when_the_broker_is_replaced(gap: float) -> None:
+    """A fresh broker on the same address has lost every topic and producer id: the
+    idempotent producer is stuck (instant swap) or fails fatally (after a gap); either
+    way it is rebuilt and delivers again without a restart."""
     route = _route()
-    transport = KafkaTransport(kafka_broker.bootstrap_servers)
-    await transport.start([route])
+    broker = EmbeddedKafka().start()
+    transport = KafkaTransport(broker.bootstrap_servers, lease=5.0)
     try:
-        assert all(d.ok for d in await transport.send(route, [_message(1)]))
-        before = transport._producer
-        assert before is not None
-        # librdkafka reports fatal errors through error_cb; deliver one the same way.
-        before._on_error(KafkaError(KafkaError._FATAL, "injected fatal error", fatal=True))
-        assert all(d.ok for d in await transport.send(route, [_message(2)]))
-        assert transport._producer is not before
-        assert transport._producer is not None
-        assert transport._producer.fatal is None
+        await transport.start([route])
+        n = await _send_until_delivered(transport, route, 1, 30)
+        broker.stop()
+        if gap:
+            sending = asyncio.ensure_future(transport.send(route, [_message(n)]))
+            await asyncio.sleep(gap)
+        broker = EmbeddedKafka(port=broker.port).start()
+        if gap:
+            (lost,) = await sending
+            assert lost.transient
+            n += 1
+        await _send_until_delivered(transport, route, n, 60)
+        assert transport.producer_rebuilds >= 1
     finally:
         await transport.close()
-    assert len(_read(kafka_broker, route.topic, 2)) == 2
+        broker.stop()
+
+
+async def test_an_unreachable_broker_is_a_clear_error_within_the_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    route = _route()
+    transport = KafkaTransport(
+        f"127.0.0.1:{free_port()}", settings=KafkaSettings(topic_wait_timeout=3.0)
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TransportError, match="unreachable"):
+        await transport.start([route])
+    # Bounded by topic_wait_timeout (plus one metadata request), not librdkafka's defaults.
+    assert loop.time() - started < 30
+    await transport.close()
 
 
 async def test_missing_topic_without_creation_is_a_clear_error(

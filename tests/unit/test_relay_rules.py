@@ -13,6 +13,7 @@ from outboxer import Outbox, OutboxError, OutboxSettings, Status
 from outboxer.hooks import Stats
 from outboxer.relay import Relay
 from outboxer.routing import ServiceRoute
+from outboxer.testing import InMemoryTransport
 from outboxer.transports.base import Delivery, IncomingMessage, OutgoingMessage
 from outboxer.wake import Waker
 from tests.helpers import backdate
@@ -23,9 +24,14 @@ class ScriptedTransport:
 
     name = "scripted"
 
-    def __init__(self, error: str | None = None, *, permanent: bool = False) -> None:
+    def __init__(
+        self, error: str | None = None, *, permanent: bool = False, transient: bool = False
+    ) -> None:
         self.error = error
         self.permanent = permanent
+        self.transient = transient
+        self.ok_ids: set[int] = set()
+        """Ids acknowledged whatever ``error`` says."""
         self.sent: list[int] = []
         self.receive_raises: BaseException | None = None
 
@@ -40,7 +46,12 @@ class ScriptedTransport:
         self, route: ServiceRoute, messages: Sequence[OutgoingMessage]
     ) -> list[Delivery]:
         self.sent.extend(m.outbox_id for m in messages)
-        return [Delivery(m.outbox_id, self.error, self.permanent) for m in messages]
+        return [
+            Delivery(m.outbox_id)
+            if m.outbox_id in self.ok_ids
+            else Delivery(m.outbox_id, self.error, self.permanent, transient=self.transient)
+            for m in messages
+        ]
 
     async def subscribe(self, route: ServiceRoute) -> Any:
         return _Sub(route, self)
@@ -148,4 +159,73 @@ async def test_a_loop_that_ends_by_itself_is_an_error(tmp_path: Path) -> None:
     ob.register_handler("a.e", lambda event, tx: None)
     with pytest.raises(OutboxError, match="ended unexpectedly"):
         await asyncio.wait_for(ob.run_async(), 30)
+    await ob.aclose()
+
+
+async def test_an_outage_spends_no_attempts(tmp_path: Path) -> None:
+    transport = InMemoryTransport()
+    ob = Outbox(
+        f"sqlite:///{tmp_path}/outage.db",
+        transport=transport,
+        settings=OutboxSettings.from_values(
+            poll_interval=0.05, error_delay=0.05, error_delay_max=0.2, max_retry=2
+        ),
+    )
+    ob.register_event("a.e", "svc")
+    ob.migrate()
+    seen: list[int] = []
+    ob.register_handler("a.e", lambda event, tx: seen.append(event.outbox_id))
+    st = ob.store("svc")
+    ids = [st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}}) for _ in range(5)]
+    transport.down = True
+    task = asyncio.create_task(ob.run_async())
+    while ob.stats.get("outages") == 0:  # noqa: ASYNC110 - polling the in-process counter
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)  # many probes (max_retry is 2): none may count
+    rows = [st.get_by_id(i) for i in ids]
+    assert all(r is not None and r.status is Status.PENDING and r.retry_count == 0 for r in rows)
+    assert ob.stats.get("outages") == 1  # reported once, however many probes
+    transport.down = False
+    while ob.stats.get("consumed") < 5:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    ob.stop()
+    await task
+    assert sorted(seen) == ids
+    assert all(st.get_by_id(i).retry_count == 0 for i in ids)  # type: ignore[union-attr]
+    await ob.aclose()
+
+
+async def test_a_batch_failing_only_transiently_is_an_outage(tmp_path: Path) -> None:
+    transport = ScriptedTransport("_MSG_TIMED_OUT: Local: Message timed out", transient=True)
+    ob = _outbox(tmp_path, transport)
+    st = ob.store("svc")
+    oid = st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}}, max_retry=1)
+    stats = Stats()
+    relay = Relay(st, transport, ob.settings, hooks=stats, waker=Waker())
+    assert await relay.run_once() == 1
+    row = st.get_by_id(oid)
+    assert row is not None
+    assert (row.status, row.retry_count) == (Status.PENDING, 0)
+    assert relay.outage_since is not None
+    assert stats.get("outages") == 1
+    transport.error = None
+    backdate(ob, "svc", oid, "next_retry_at", 60)
+    assert await relay.run_once() == 1
+    assert relay.outage_since is None
+    assert st.get_by_id(oid).status is Status.PUBLISHED  # type: ignore[union-attr]
+    await ob.aclose()
+
+
+async def test_a_transient_error_beside_successes_counts_an_attempt(tmp_path: Path) -> None:
+    transport = ScriptedTransport("_MSG_TIMED_OUT", transient=True)
+    ob = _outbox(tmp_path, transport)
+    st = ob.store("svc")
+    good = st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}})
+    bad = st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}})
+    transport.ok_ids = {good}
+    relay = Relay(st, transport, ob.settings, hooks=Stats(), waker=Waker())
+    await relay.run_once()
+    assert relay.outage_since is None
+    assert st.get_by_id(good).status is Status.PUBLISHED  # type: ignore[union-attr]
+    assert st.get_by_id(bad).retry_count == 1  # type: ignore[union-attr]
     await ob.aclose()

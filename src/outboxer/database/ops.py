@@ -202,6 +202,21 @@ def _first(ids: Sequence[int]) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
+def op_release(c: OpContext, ids: Sequence[int], delay: float) -> Op[int]:
+    """Give claimed rows back, due again in ``delay`` seconds, without an attempt
+    (the transport was down: nothing was sent). Rows no longer pending are left."""
+    if not ids:
+        return 0
+    t = c.table
+    stmt = (
+        update(t)
+        .where(t.c.id.in_(list(ids)), t.c.status == Status.PENDING.value)
+        .values(next_retry_at=db_now_plus(delay), updated_at=db_now())
+    )
+    result = yield Execute(stmt, what="release", context=c.ctx(outbox_id=_first(ids)))
+    return int(result.rowcount)
+
+
 def op_mark_consumed(c: OpContext, ids: Sequence[int]) -> Op[int]:
     if not ids:
         return 0

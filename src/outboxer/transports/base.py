@@ -45,15 +45,18 @@ class Delivery:
 
     ``error`` is ``None`` when the broker acknowledged it. ``permanent`` errors (a
     message larger than the broker accepts, say) will never succeed: the relay marks
-    the row dead instead of retrying. ``settled`` means the consumer side already
-    recorded the outcome in the database (the in-process transport), so the relay
-    must not mark the row published.
+    the row dead instead of retrying. ``transient`` errors are the broker's, not the
+    message's (unreachable, timed out, no leader, producer state): when every message
+    of a batch fails so, the relay treats it as an outage and counts no attempt.
+    ``settled`` means the consumer side already recorded the outcome in the database
+    (the in-process transport), so the relay must not mark the row published.
     """
 
     outbox_id: int
     error: str | None = None
     permanent: bool = False
     settled: bool = False
+    transient: bool = False
 
     @property
     def ok(self) -> bool:
@@ -109,7 +112,10 @@ class Transport(Protocol):
     async def send(
         self, route: ServiceRoute, messages: Sequence[OutgoingMessage]
     ) -> list[Delivery]:
-        """Send a batch; one :class:`Delivery` per message, in the same order."""
+        """Send a batch; one :class:`Delivery` per message, in the same order.
+
+        Raising means the transport failed as a whole (an outage): the relay gives
+        the rows back without counting an attempt and backs off."""
         ...
 
     async def subscribe(self, route: ServiceRoute) -> Subscription:

@@ -23,6 +23,9 @@ class KafkaSettings(BaseModel):
     replication_factor: int = Field(default=-1, description="-1: the broker's default")
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     topic_wait_timeout: float = Field(default=60.0, gt=0)
+    unassigned_rebuild_after: float = Field(default=15.0, gt=0)
+    """Seconds a consumer may have no partition (while its group does not cover the
+    topic) before it is closed and built again; doubles after each rebuild."""
     config: dict[str, str | int | float | bool] = Field(default_factory=dict)
     """Extra librdkafka settings for producer and consumers (security, tuning)."""
 
