@@ -114,6 +114,68 @@ class Envelope:
         return cls.from_dict(obj, outbox_id=outbox_id)
 
 
+_NO_EVENT_ID = '{"event_id":null,'
+
+
+@dataclass(frozen=True, slots=True)
+class WireEvent:
+    """A stored row made ready to send: the wire bytes and the fields headers need."""
+
+    value: bytes
+    event_id: str
+    event_type: str
+    event_version: str
+
+
+def wire_event(stored: str, outbox_id: int, message_key: str) -> WireEvent:
+    """The wire form of an outbox row's stored envelope (EnvelopeDecodeError if it is
+    not one), without re-encoding the payload.
+
+    Rows written by outboxer store ``{"event_id":..., "event_type":..., ...}``; the
+    wire form is the same object with ``outbox_id`` first and ``event_id`` filled,
+    byte for byte what :meth:`Envelope.to_json` gives. Anything else (a row written by
+    hand) takes the slow path through :class:`Envelope`.
+    """
+    try:
+        obj = json.loads(stored)
+    except ValueError as exc:
+        raise EnvelopeDecodeError(
+            f"stored envelope is not valid JSON: {exc}", outbox_id=outbox_id
+        ) from exc
+    if not (isinstance(obj, dict) and "payload" in obj and "outbox_id" not in obj):
+        return _wire_slowly(stored, outbox_id, message_key)
+    event_type, event_id, version = (
+        obj.get("event_type"),
+        obj.get("event_id"),
+        obj.get("event_version"),
+    )
+    aggregate_id = obj.get("aggregate_id")
+    if not (
+        isinstance(event_type, str)
+        and isinstance(version, str)
+        and version
+        and isinstance(aggregate_id, str)
+        and aggregate_id
+        and (event_id is None or (isinstance(event_id, str) and event_id))
+    ):
+        return _wire_slowly(stored, outbox_id, message_key)
+    if event_id is None:
+        if not stored.startswith(_NO_EVENT_ID):
+            return _wire_slowly(stored, outbox_id, message_key)
+        event_id = str(outbox_id)
+        text = f'{{"outbox_id":{outbox_id},"event_id":"{event_id}",{stored[len(_NO_EVENT_ID) :]}'
+    elif stored.startswith('{"event_id":'):
+        text = f'{{"outbox_id":{outbox_id},{stored[1:]}'
+    else:
+        return _wire_slowly(stored, outbox_id, message_key)
+    return WireEvent(text.encode(), event_id, event_type, version)
+
+
+def _wire_slowly(stored: str, outbox_id: int, message_key: str) -> WireEvent:
+    env = Envelope.from_stored(stored, outbox_id, message_key)
+    return WireEvent(env.to_json(), env.event_id, env.event_type, env.event_version)
+
+
 def _default_hook(user_default: JsonDefault | None) -> JsonDefault:
     def default(value: Any) -> Any:
         dump = getattr(value, "model_dump", None)

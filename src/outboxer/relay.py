@@ -6,6 +6,11 @@ them as one batch, then mark every acknowledged row published in one statement
 (guarded by the claimed ``retry_count``), failed ones failed-for-retry and
 permanently refused or undecodable ones dead. No database transaction is open while
 the transport is waiting on the broker.
+
+Batches are pipelined: while the broker acknowledges one batch, the relay claims
+and sends the next ones, up to ``relay_pipeline`` batches in flight, so the
+database and the broker work at the same time. A row is marked published only
+after its own acknowledgement; the lease bounds how long a crashed relay holds it.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
 
 from outboxer.aio import sleep_unless
 from outboxer.backoff import ErrorBackoff
+from outboxer.database.ops import Claimed
+from outboxer.envelope import wire_event
 from outboxer.errors import EnvelopeDecodeError
 from outboxer.hooks import Observer
-from outboxer.models import OutboxMessage
 from outboxer.routing import ServiceRoute
 from outboxer.settings import OutboxSettings
 from outboxer.store import Store
@@ -32,6 +39,14 @@ logger = logging.getLogger(__name__)
 COMMIT_RECHECK = 0.02
 """A Connection's commit hook fires just before COMMIT: after a wake-up that found
 nothing, look once more this much later instead of waiting a whole poll."""
+
+
+@dataclass(slots=True)
+class _Batch:
+    claimed: int
+    outgoing: list[OutgoingMessage]
+    redelivered: set[int] = field(default_factory=set)
+    started: float = 0.0
 
 
 class Relay:
@@ -61,74 +76,94 @@ class Relay:
         """Monotonic time the current transport outage began (None: no outage)."""
         self.next_delay = 0.0
 
-    async def _claim(self) -> tuple[list[OutboxMessage], set[int]]:
-        """Due rows, plus now and then published rows nobody consumed (the second
-        item: their ids). The redelivery check has its own timer, so a steady
-        backlog cannot starve it; while it finds a full share it stays due."""
+    # ---------------------------------------------------------------- one batch
+
+    async def run_once(self) -> int:
+        """Claim, send and mark one batch; returns how many rows were claimed."""
+        batch = await self._claim()
+        if batch is None:
+            return 0
+        await self._deliver(batch)
+        return batch.claimed
+
+    async def _claim(self) -> _Batch | None:
+        """Due rows, plus now and then published rows nobody consumed. The redelivery
+        check has its own timer, so a steady backlog cannot starve it; while it finds
+        a full share it stays due."""
+        started = time.perf_counter()
         size = self.settings.batch_size
-        again: list[OutboxMessage] = []
+        again: list[Claimed] = []
         after = self.redeliver_after
         now = asyncio.get_running_loop().time()
         if after > 0 and now >= self._next_redelivery_check:
             share = max(1, size // 2)
-            again = await self.store.claim_unconsumed_async(share, after)
-            if len(again) < share:
+            found = await self.store.claim_unconsumed_async(share, after)
+            if len(found) < share:
                 self._next_redelivery_check = now + min(after / 2, 60.0)
-            if again:
+            if found:
                 logger.warning(
                     "%d published message(s) not consumed within %.0fs; sending them again",
-                    len(again),
+                    len(found),
                     after,
                     extra={
                         "service": self.route.service_name,
-                        "outbox_ids": [m.id for m in again[:20]],
+                        "outbox_ids": [m.id for m in found[:20]],
                     },
                 )
-        rows = await self.store.claim_due_async(size - len(again), self.settings.lease)
+            again = [Claimed(m.id, m.message_key, m.payload, m.retry_count) for m in found]
+        rows = await self.store.claim_to_send_async(size - len(again), self.settings.lease)
         self.hooks.batch_claimed(self.route.service_name, len(rows), len(again))
-        return [*rows, *again], {m.id for m in again}
+        if not rows and not again:
+            return None
+        outgoing = await self._prepare([*rows, *again])
+        return _Batch(len(rows) + len(again), outgoing, {m.id for m in again}, started)
 
-    async def run_once(self) -> int:
-        """Claim, send and mark one batch; returns how many rows were claimed."""
-        started = time.perf_counter()
-        rows, redelivered = await self._claim()
-        if not rows:
-            return 0
-        outgoing, broken = self._prepare(rows)
-        if broken:
-            for oid, reason in broken:
-                await self.store.mark_dead_many_async([oid], reason, unless_final=True)
-            self.hooks.rows_undecodable(self.route.service_name, len(broken))
-        if outgoing:
-            sent_at = time.perf_counter()
-            deliveries = await self._send(outgoing)
-            if deliveries is None:
-                await self._hold(outgoing, redelivered)
-                return len(rows)
-            self._outage_over()
-            await self._record(outgoing, deliveries, redelivered, time.perf_counter() - sent_at)
-        self.hooks.relay_round(self.route.service_name, len(rows), time.perf_counter() - started)
-        return len(rows)
-
-    def _prepare(
-        self, rows: list[OutboxMessage]
-    ) -> tuple[list[OutgoingMessage], list[tuple[int, str]]]:
+    async def _prepare(self, rows: list[Claimed]) -> list[OutgoingMessage]:
+        """Wire messages for the rows; undecodable rows are marked dead."""
         outgoing: list[OutgoingMessage] = []
         broken: list[tuple[int, str]] = []
         for row in rows:
             try:
-                env = row.envelope()
+                wire = wire_event(row.payload, row.id, row.message_key)
             except EnvelopeDecodeError as exc:
                 logger.error(
                     "stored envelope cannot be decoded; marking dead",
-                    extra={"service": row.service_name, "outbox_id": row.id},
+                    extra={"service": self.route.service_name, "outbox_id": row.id},
                 )
                 broken.append((row.id, f"stored payload is not a valid envelope: {exc}"))
                 continue
             outgoing.append(
-                OutgoingMessage.from_envelope(env, key=row.message_key, retry_count=row.retry_count)
+                OutgoingMessage(
+                    row.id,
+                    row.retry_count,
+                    row.message_key,
+                    wire.value,
+                    wire.event_id,
+                    wire.event_type,
+                    wire.event_version,
+                )
             )
-        return outgoing, broken
+        for oid, reason in broken:
+            await self.store.mark_dead_many_async([oid], reason, unless_final=True)
+        if broken:
+            self.hooks.rows_undecodable(self.route.service_name, len(broken))
+        return outgoing
+
+    async def _deliver(self, batch: _Batch) -> None:
+        """Send a claimed batch and record the outcome (or hold it: an outage)."""
+        if batch.outgoing:
+            sent_at = time.perf_counter()
+            deliveries = await self._send(batch.outgoing)
+            if deliveries is None:
+                await self._hold(batch.outgoing, batch.redelivered)
+                return
+            self._outage_over()
+            await self._record(
+                batch.outgoing, deliveries, batch.redelivered, time.perf_counter() - sent_at
+            )
+        self.hooks.relay_round(
+            self.route.service_name, batch.claimed, time.perf_counter() - batch.started
+        )
 
     async def _send(self, outgoing: list[OutgoingMessage]) -> list[Delivery] | None:
         """The transport's deliveries, or None when it failed as a whole (it raised,
@@ -147,6 +182,8 @@ class Relay:
             self._outage_begins(str(deliveries[0].error), None)
             return None
         return deliveries
+
+    # ---------------------------------------------------------------- outages
 
     def _outage_begins(self, reason: str, exc: BaseException | None) -> None:
         service = self.route.service_name
@@ -181,6 +218,8 @@ class Relay:
         self.next_delay = self._outage.next()
         due = [m.outbox_id for m in outgoing if m.outbox_id not in redelivered]
         await self.store.release_async(due, self.next_delay)
+
+    # ---------------------------------------------------------------- marks
 
     async def _record(
         self,
@@ -248,32 +287,67 @@ class Relay:
                 service, len(failed), sum(len(ids) for ids in dead.values()), first
             )
 
+    # ---------------------------------------------------------------- the loop
+
     async def run(self, stopping: asyncio.Event) -> None:
-        """Loop until ``stopping`` is set; the batch in flight is always finished."""
+        """Loop until ``stopping`` is set; batches in flight are always finished."""
         service = self.route.service_name
         backoff = ErrorBackoff(self.settings.error_delay, self.settings.error_delay_max)
+        slots = asyncio.Semaphore(self.settings.relay_pipeline)
+        in_flight: set[asyncio.Task[None]] = set()
         woken = False
-        while not stopping.is_set():
-            try:
-                claimed = await self.run_once()
-                backoff.reset()
-            except Exception as exc:
-                logger.exception("relay round failed", extra={"service": service})
+
+        def finished(task: asyncio.Task[None]) -> None:
+            in_flight.discard(task)
+            slots.release()
+            if not task.cancelled() and task.exception() is not None:
+                exc = task.exception()
+                assert exc is not None
+                logger.error(
+                    "relay batch failed; its rows return after the lease",
+                    exc_info=exc,
+                    extra={"service": service},
+                )
                 self.hooks.loop_error(service, "relay", exc)
-                await sleep_unless(stopping, backoff.next())
-                continue
-            if self.outage_since is not None and claimed:
-                await sleep_unless(stopping, self.next_delay)  # then probe again
-                continue
-            if claimed >= self.settings.batch_size:
-                continue  # backlog: go again at once
-            if stopping.is_set():
-                break
-            if woken and not claimed:
-                woken = False
-                await sleep_unless(stopping, COMMIT_RECHECK)
-                continue
-            woken = await self._wait_for_work(stopping)
+
+        try:
+            while not stopping.is_set():
+                await slots.acquire()
+                try:
+                    batch = await self._claim()
+                    backoff.reset()
+                except Exception as exc:
+                    slots.release()
+                    logger.exception("relay round failed", extra={"service": service})
+                    self.hooks.loop_error(service, "relay", exc)
+                    await sleep_unless(stopping, backoff.next())
+                    continue
+                if batch is not None:
+                    task = asyncio.create_task(self._deliver(batch))
+                    in_flight.add(task)
+                    task.add_done_callback(finished)
+                else:
+                    slots.release()
+                if self.outage_since is not None:
+                    await _drain(in_flight)  # the batches in flight fail too
+                    await sleep_unless(stopping, self.next_delay)  # then probe again
+                    continue
+                claimed = batch.claimed if batch is not None else 0
+                if claimed >= self.settings.batch_size:
+                    continue  # backlog: claim the next batch while this one is sent
+                if stopping.is_set():
+                    break
+                if woken and not claimed:
+                    woken = False
+                    await sleep_unless(stopping, COMMIT_RECHECK)
+                    continue
+                woken = await self._wait_for_work(stopping)
+        except asyncio.CancelledError:
+            for task in in_flight:  # past shutdown_timeout: their rows return after the lease
+                task.cancel()
+            raise
+        finally:
+            await _drain(in_flight)
 
     async def _wait_for_work(self, stopping: asyncio.Event) -> bool:
         """Until a wake-up (True), a stop or the poll interval (False)."""
@@ -288,3 +362,8 @@ class Relay:
             for task in (wake, stop):
                 if not task.done():
                     task.cancel()
+
+
+async def _drain(tasks: set[asyncio.Task[None]]) -> None:
+    if tasks:
+        await asyncio.wait(set(tasks))

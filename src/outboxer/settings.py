@@ -44,6 +44,7 @@ DEFAULT_URL = "sqlite:///outboxer.db"
 
 # Every default of the engine, defined once; the loops read them from the settings.
 DEFAULT_BATCH_SIZE = 100
+DEFAULT_RELAY_PIPELINE = 4
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_LEASE = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
@@ -97,6 +98,9 @@ class OutboxSettings(BaseSettings):
     strict_json: bool = True
     services: dict[str, ServiceSettings] = Field(default_factory=dict)
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=10_000)
+    relay_pipeline: int = Field(default=DEFAULT_RELAY_PIPELINE, ge=1, le=64)
+    """Batches a relay may have in flight: it claims and sends the next batch while
+    the broker acknowledges the previous ones."""
     poll_interval: float = Field(default=DEFAULT_POLL_INTERVAL, gt=0)
     lease: float = Field(default=DEFAULT_LEASE, gt=0, description="claim lease in seconds")
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, gt=0)

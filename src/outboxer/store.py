@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table
 from sqlalchemy.exc import SQLAlchemyError
@@ -24,12 +24,14 @@ from sqlalchemy.orm import Session
 
 from outboxer.backoff import RetryPolicy, check_max_retry
 from outboxer.database.dialects import dialect_for
-from outboxer.database.engines import READ_ONLY, Database
+from outboxer.database.engines import AUTOCOMMIT, READ_ONLY, Database
 from outboxer.database.instructions import Callback, Op
 from outboxer.database.ops import (
     Attempt,
+    Claimed,
     OpContext,
     op_claim,
+    op_claim_to_send,
     op_claim_unconsumed,
     op_consume,
     op_get,
@@ -58,6 +60,8 @@ from outboxer.errors import (
 from outboxer.models import OutboxMessage, ServiceStatus, Status
 from outboxer.routing import RouteRegistry, ServiceRoute, validate_event_type
 from outboxer.settings import DEFAULT_BATCH_SIZE, DEFAULT_LEASE
+
+T = TypeVar("T")
 
 SyncTx = Session | Connection
 AsyncTx = AsyncSession | AsyncConnection
@@ -265,15 +269,35 @@ class Store:
 
     # -- running
 
-    def _run(self, op: Op[Any], *, savepoint: bool = False, read_only: bool = False) -> Any:
+    @property
+    def _single_claim(self) -> bool:
+        return self._storage.database.dialect.single_statement_claim
+
+    def _options(self, read_only: bool, single: bool) -> dict[str, Any]:
+        if read_only:
+            return READ_ONLY
+        if single and self._storage.database.dialect.autocommit_single_statements:
+            # One statement is its own transaction: no BEGIN and COMMIT round trips.
+            return AUTOCOMMIT
+        return {}
+
+    def _run(
+        self,
+        op: Op[T],
+        *,
+        savepoint: bool = False,
+        read_only: bool = False,
+        single: bool = False,
+    ) -> T:
         tx = self._tx
         if tx is None:
             engine = self._storage.database.sync_engine
             runner: SyncRunner | None = None
+            options = self._options(read_only, single)
             try:
                 with engine.connect() as conn:
-                    if read_only:
-                        conn.execution_options(**READ_ONLY)
+                    if options:
+                        conn.execution_options(**options)
                     with conn.begin():
                         runner = SyncRunner(conn)
                         return runner.run(op)
@@ -288,16 +312,22 @@ class Store:
             return SyncRunner(tx).run(op)
 
     async def _run_async(
-        self, op: Op[Any], *, savepoint: bool = False, read_only: bool = False
-    ) -> Any:
+        self,
+        op: Op[T],
+        *,
+        savepoint: bool = False,
+        read_only: bool = False,
+        single: bool = False,
+    ) -> T:
         tx = self._tx
         if tx is None:
             engine = self._storage.database.async_engine
             runner: AsyncRunner | None = None
+            options = self._options(read_only, single)
             try:
                 async with engine.connect() as conn:
-                    if read_only:
-                        await conn.execution_options(**READ_ONLY)
+                    if options:
+                        await conn.execution_options(**options)
                     async with conn.begin():
                         runner = AsyncRunner(conn)
                         return await runner.run(op)
@@ -344,15 +374,15 @@ class Store:
     ) -> int:
         """Insert a pending row; ``max_retry <= 0`` means the outbox default (20)."""
         values = self._prepare_create(event_type, message_key, payload, max_retry)
-        return int(self._run(op_insert(self._ctx, values)))
+        return int(self._run(op_insert(self._ctx, values), single=True))
 
     def get_by_id(self, outbox_id: int) -> OutboxMessage | None:
-        return self._run(op_get(self._ctx, outbox_id), read_only=True)  # type: ignore[no-any-return]
+        return self._run(op_get(self._ctx, outbox_id), read_only=True)
 
     def list_due_messages(
         self, limit: int = DEFAULT_BATCH_SIZE, service_name: str | None = None
     ) -> list[OutboxMessage]:
-        return self._run(op_list_due(self._ctx, limit, _svc(service_name)), read_only=True)  # type: ignore[no-any-return]
+        return self._run(op_list_due(self._ctx, limit, _svc(service_name)), read_only=True)
 
     def claim_due(
         self,
@@ -362,30 +392,34 @@ class Store:
     ) -> list[OutboxMessage]:
         """Claim due rows for this worker (see :func:`op_claim`)."""
         op = op_claim(self._ctx, limit, lease_seconds(lease), _svc(service_name))
-        return self._run(op)  # type: ignore[no-any-return]
+        return self._run(op, single=self._single_claim)
 
     def claim_unconsumed(self, limit: int, older_than: float) -> list[OutboxMessage]:
         """Published rows not consumed within ``older_than`` seconds (to send again)."""
-        return self._run(op_claim_unconsumed(self._ctx, limit, older_than))  # type: ignore[no-any-return]
+        return self._run(
+            op_claim_unconsumed(self._ctx, limit, older_than), single=self._single_claim
+        )
 
     def mark_published(self, outbox_id: int) -> None:
-        self._run(op_mark_published(self._ctx, [outbox_id]))
+        self._run(op_mark_published(self._ctx, [outbox_id]), single=True)
 
     def mark_published_many(
         self, ids: Iterable[int], *, expect_retry_count: int | None = None
     ) -> int:
-        return int(self._run(op_mark_published(self._ctx, list(ids), expect_retry_count)))
+        return int(
+            self._run(op_mark_published(self._ctx, list(ids), expect_retry_count), single=True)
+        )
 
     def mark_consumed(self, outbox_id: int) -> None:
-        self._run(op_mark_consumed(self._ctx, [outbox_id]))
+        self._run(op_mark_consumed(self._ctx, [outbox_id]), single=True)
 
     def mark_dead(self, outbox_id: int, reason: str) -> None:
-        self._run(op_mark_dead(self._ctx, [outbox_id], reason))
+        self._run(op_mark_dead(self._ctx, [outbox_id], reason), single=True)
 
     def mark_dead_many(self, ids: Iterable[int], reason: str, *, unless_final: bool = False) -> int:
         """Dead letters; ``unless_final`` leaves rows already consumed or dead alone."""
         op = op_mark_dead(self._ctx, list(ids), reason, unless_final=unless_final)
-        return int(self._run(op))
+        return int(self._run(op, single=True))
 
     def mark_failed_for_retry(self, outbox_id: int, reason: str) -> Status | None:
         """One failed attempt; returns the new status, ``None`` if consumed/dead."""
@@ -393,7 +427,10 @@ class Store:
         return self._found(outcome, outbox_id)
 
     def mark_failed_many(self, failures: Sequence[tuple[int, str]]) -> dict[int, Status | None]:
-        return self._run(op_mark_failed(self._ctx, list(failures)))  # type: ignore[no-any-return]
+        """One failed attempt per ``(id, reason)``: each row's new status (``None``:
+        it was consumed or dead); missing ids are absent."""
+        marked = self._run(op_mark_failed(self._ctx, list(failures)))
+        return {oid: attempt.status for oid, attempt in marked.items()}
 
     def consume_and_mark_consumed(
         self, outbox_id: int, fn: Callable[[Session], Any] | None
@@ -407,13 +444,13 @@ class Store:
 
     def status(self) -> ServiceStatus:
         """Counts by status, rows due now and the age of the oldest due row."""
-        return self._run(op_status(self._ctx), read_only=True)  # type: ignore[no-any-return]
+        return self._run(op_status(self._ctx), read_only=True)
 
     async def status_async(self) -> ServiceStatus:
-        return await self._run_async(op_status(self._ctx), read_only=True)  # type: ignore[no-any-return]
+        return await self._run_async(op_status(self._ctx), read_only=True)
 
     def requeue(self, ids: Sequence[int] | None = None, *, status: Status = Status.DEAD) -> int:
-        return int(self._run(op_requeue(self._ctx, ids, status)))
+        return int(self._run(op_requeue(self._ctx, ids, status), single=True))
 
     # -- async face
 
@@ -421,16 +458,16 @@ class Store:
         self, event_type: str, message_key: str, payload: Any, max_retry: int = 0
     ) -> int:
         values = self._prepare_create(event_type, message_key, payload, max_retry)
-        return int(await self._run_async(op_insert(self._ctx, values)))
+        return int(await self._run_async(op_insert(self._ctx, values), single=True))
 
     async def get_by_id_async(self, outbox_id: int) -> OutboxMessage | None:
-        return await self._run_async(op_get(self._ctx, outbox_id), read_only=True)  # type: ignore[no-any-return]
+        return await self._run_async(op_get(self._ctx, outbox_id), read_only=True)
 
     async def list_due_messages_async(
         self, limit: int = DEFAULT_BATCH_SIZE, service_name: str | None = None
     ) -> list[OutboxMessage]:
         op = op_list_due(self._ctx, limit, _svc(service_name))
-        return await self._run_async(op, read_only=True)  # type: ignore[no-any-return]
+        return await self._run_async(op, read_only=True)
 
     async def claim_due_async(
         self,
@@ -439,36 +476,42 @@ class Store:
         service_name: str | None = None,
     ) -> list[OutboxMessage]:
         op = op_claim(self._ctx, limit, lease_seconds(lease), _svc(service_name))
-        return await self._run_async(op)  # type: ignore[no-any-return]
+        return await self._run_async(op, single=self._single_claim)
+
+    async def claim_to_send_async(self, limit: int, lease: float) -> list[Claimed]:
+        """:meth:`claim_due_async` returning only what the relay sends."""
+        return await self._run_async(
+            op_claim_to_send(self._ctx, limit, lease_seconds(lease)), single=self._single_claim
+        )
 
     async def claim_unconsumed_async(self, limit: int, older_than: float) -> list[OutboxMessage]:
         op = op_claim_unconsumed(self._ctx, limit, older_than)
-        return await self._run_async(op)  # type: ignore[no-any-return]
+        return await self._run_async(op, single=self._single_claim)
 
     async def mark_published_async(self, outbox_id: int) -> None:
-        await self._run_async(op_mark_published(self._ctx, [outbox_id]))
+        await self._run_async(op_mark_published(self._ctx, [outbox_id]), single=True)
 
     async def mark_published_many_async(
         self, ids: Iterable[int], *, expect_retry_count: int | None = None
     ) -> int:
         op = op_mark_published(self._ctx, list(ids), expect_retry_count)
-        return int(await self._run_async(op))
+        return int(await self._run_async(op, single=True))
 
     async def release_async(self, ids: Iterable[int], delay: float = 0.0) -> int:
         """Claimed rows due again in ``delay`` seconds, no attempt counted."""
-        return int(await self._run_async(op_release(self._ctx, list(ids), delay)))
+        return int(await self._run_async(op_release(self._ctx, list(ids), delay), single=True))
 
     async def mark_consumed_async(self, outbox_id: int) -> None:
-        await self._run_async(op_mark_consumed(self._ctx, [outbox_id]))
+        await self._run_async(op_mark_consumed(self._ctx, [outbox_id]), single=True)
 
     async def mark_dead_async(self, outbox_id: int, reason: str) -> None:
-        await self._run_async(op_mark_dead(self._ctx, [outbox_id], reason))
+        await self._run_async(op_mark_dead(self._ctx, [outbox_id], reason), single=True)
 
     async def mark_dead_many_async(
         self, ids: Iterable[int], reason: str, *, unless_final: bool = False
     ) -> int:
         op = op_mark_dead(self._ctx, list(ids), reason, unless_final=unless_final)
-        return int(await self._run_async(op))
+        return int(await self._run_async(op, single=True))
 
     async def mark_failed_for_retry_async(self, outbox_id: int, reason: str) -> Status | None:
         outcome = await self._run_async(op_mark_failed(self._ctx, [(outbox_id, reason)]))
@@ -477,7 +520,8 @@ class Store:
     async def mark_failed_many_async(
         self, failures: Sequence[tuple[int, str]]
     ) -> dict[int, Status | None]:
-        return await self._run_async(op_mark_failed(self._ctx, list(failures)))  # type: ignore[no-any-return]
+        marked = await self._run_async(op_mark_failed(self._ctx, list(failures)))
+        return {oid: attempt.status for oid, attempt in marked.items()}
 
     async def consume_and_mark_consumed_async(self, outbox_id: int, fn: Callback | None) -> bool:
         """Async twin; ``fn`` may be ``async def fn(AsyncSession)`` or ``def fn(Session)``."""
@@ -491,7 +535,7 @@ class Store:
     async def requeue_async(
         self, ids: Sequence[int] | None = None, *, status: Status = Status.DEAD
     ) -> int:
-        return int(await self._run_async(op_requeue(self._ctx, ids, status)))
+        return int(await self._run_async(op_requeue(self._ctx, ids, status), single=True))
 
     def _found(self, outcome: dict[int, Attempt], outbox_id: int) -> Status | None:
         if outbox_id not in outcome:

@@ -479,3 +479,21 @@ def test_claim_unconsumed_takes_stale_published_rows(outbox: Outbox, service: st
     # The claim itself counts as activity: not taken again for another 60 s.
     assert st.claim_unconsumed(limit=10, older_than=60) == []
     assert st.mark_published_many([old], expect_retry_count=0) == 1
+
+
+async def test_mark_failed_many_reports_each_new_status(aoutbox: Outbox, service: str) -> None:
+    st = _store(aoutbox, service)
+    retried, dying, consumed = (
+        _create(aoutbox, service),
+        _create(aoutbox, service, max_retry=1),
+        _create(aoutbox, service),
+    )
+    st.mark_consumed(consumed)
+    failures = [(retried, "a"), (dying, "b"), (consumed, "c"), (10**9, "missing")]
+    expected = {retried: Status.PENDING, dying: Status.DEAD, consumed: None}
+    assert await st.mark_failed_many_async(failures[:3] + failures[3:]) == expected
+    fresh = [_create(aoutbox, service), _create(aoutbox, service, max_retry=1)]
+    assert st.mark_failed_many([(fresh[0], "x"), (fresh[1], "y")]) == {
+        fresh[0]: Status.PENDING,
+        fresh[1]: Status.DEAD,
+    }

@@ -35,6 +35,8 @@ from outboxer.errors import ConfigurationError, StoreError
 
 READ_ONLY = {READ_ONLY_OPTION: True}
 """Execution options of a transaction that only reads (SQLite: no write lock)."""
+AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
+"""Execution options of a one-statement operation that needs no explicit transaction."""
 
 
 def parse_url(url: str | URL) -> URL:
@@ -89,7 +91,11 @@ def create_sync_engine(url: str | URL, **kwargs: Any) -> Engine:
     """A synchronous engine for ``url`` with outboxer's tuning."""
     target = sync_url(url)
     dialect = dialect_of(target)
-    engine = create_engine(target, **{**dialect.engine_options(target), **kwargs})
+    # The sync engine serves callers (store methods, the CLI) who should not see an
+    # error for a connection the server closed while it idled; the loops' async
+    # engine skips the ping's round trip and retries a failed round instead.
+    options = {"pool_pre_ping": dialect.family != "sqlite", **dialect.engine_options(target)}
+    engine = create_engine(target, **{**options, **kwargs})
     dialect.tune(engine)
     install_statement_guard(engine)
     return engine

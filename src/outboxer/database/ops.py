@@ -161,12 +161,39 @@ def _claim(
     order: tuple[ColumnElement[Any], ...],
     lease: float | None,
 ) -> Op[list[OutboxMessage]]:
-    values: dict[str, Any] = {"updated_at": db_now()}
-    if lease is not None:
-        values["next_retry_at"] = db_now_plus(lease)
+    values = _claim_values(lease)
     limit = limit if limit > 0 else DEFAULT_BATCH_SIZE
     claimed = yield from c.dialect.claim(c.table, cond, order, limit, values, c.ctx())
     return sorted((_message(row, **now) for row, now in claimed), key=lambda m: m.id)
+
+
+def _claim_values(lease: float | None) -> dict[str, Any]:
+    values: dict[str, Any] = {"updated_at": db_now()}
+    if lease is not None:
+        values["next_retry_at"] = db_now_plus(lease)
+    return values
+
+
+class Claimed(NamedTuple):
+    """What the relay needs of a claimed row."""
+
+    id: int
+    message_key: str
+    payload: str
+    retry_count: int
+
+
+def op_claim_to_send(c: OpContext, limit: int, lease: float) -> Op[list[Claimed]]:
+    """:func:`op_claim` returning only what the relay sends (no row objects)."""
+    t = c.table
+    cols = (t.c.id, t.c.message_key, t.c.payload, t.c.retry_count)
+    limit = limit if limit > 0 else DEFAULT_BATCH_SIZE
+    claimed = yield from c.dialect.claim(
+        t, _due(c, None), (t.c.next_retry_at, t.c.id), limit, _claim_values(lease), c.ctx(), cols
+    )
+    rows = [Claimed(r.id, r.message_key, r.payload, r.retry_count) for r, _ in claimed]
+    rows.sort()
+    return rows
 
 
 def op_mark_published(

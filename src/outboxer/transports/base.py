@@ -18,24 +18,34 @@ from outboxer.routing import ServiceRoute
 
 @dataclass(frozen=True, slots=True)
 class OutgoingMessage:
-    """One claimed outbox row, ready to send."""
+    """One claimed outbox row, ready to send: ``value`` is the envelope's wire JSON."""
 
     outbox_id: int
     retry_count: int
     key: str
-    envelope: Envelope
     value: bytes
+    event_id: str
+    event_type: str
+    event_version: str
 
     @classmethod
     def from_envelope(cls, envelope: Envelope, *, key: str, retry_count: int) -> OutgoingMessage:
-        return cls(envelope.outbox_id, retry_count, key, envelope, envelope.to_json())
+        return cls(
+            envelope.outbox_id,
+            retry_count,
+            key,
+            envelope.to_json(),
+            envelope.event_id,
+            envelope.event_type,
+            envelope.event_version,
+        )
 
     def headers(self) -> list[tuple[str, bytes]]:
-        env = self.envelope
+        """Event id, type and version, for consumers that route on headers."""
         return [
-            ("event_id", env.event_id.encode()),
-            ("event_type", env.event_type.encode()),
-            ("event_version", env.event_version.encode()),
+            ("event_id", self.event_id.encode()),
+            ("event_type", self.event_type.encode()),
+            ("event_version", self.event_version.encode()),
         ]
 
 

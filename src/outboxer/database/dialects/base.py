@@ -32,6 +32,10 @@ class Dialect:
     async_drivers: ClassVar[frozenset[str]] = frozenset()
     """Async drivers kept when a URL names them (``asyncpg``, ``asyncmy``)."""
     skip_locked: ClassVar[bool] = True
+    single_statement_claim: ClassVar[bool] = True
+    """The claim is one statement (it may then run without an explicit transaction)."""
+    autocommit_single_statements: ClassVar[bool] = True
+    """Run one-statement operations in autocommit mode: no BEGIN/COMMIT round trips."""
 
     # ------------------------------------------------------------------ engines
 
@@ -40,7 +44,7 @@ class Dialect:
 
     def engine_options(self, url: URL) -> dict[str, Any]:
         """Keyword arguments for ``create_engine`` / ``create_async_engine``."""
-        return {"pool_pre_ping": True}
+        return {}
 
     def tune(self, engine: Engine) -> None:
         """Event listeners on a sync engine outboxer created (SQLite's pragmas)."""
@@ -87,10 +91,12 @@ class Dialect:
         limit: int,
         values: dict[str, Any],
         context: dict[str, Any],
+        columns: Sequence[ColumnElement[Any]] | None = None,
     ) -> Op[list[tuple[Row[Any], dict[str, Any]]]]:
         """Take up to ``limit`` rows matching ``cond`` (in ``order``) that no other
-        claimer holds, set ``values`` on them, and return each row as it was read
-        with the values it now has (the second item: overrides for that read).
+        claimer holds, set ``values`` on them, and return each row (its ``columns``,
+        all by default) with the values it now has (the second item: overrides for
+        that read).
 
         This default is one ``UPDATE ... WHERE id IN (SELECT ... LIMIT n [FOR UPDATE
         SKIP LOCKED]) RETURNING *`` (PostgreSQL, SQLite).
@@ -102,7 +108,7 @@ class Dialect:
             update(table)
             .where(table.c.id.in_(pick.scalar_subquery()))
             .values(**values)
-            .returning(*table.c)
+            .returning(*(table.c if columns is None else columns))
         )
         result = yield Execute(stmt, what="claim", context=context)
         return [(row, {}) for row in result.all()]

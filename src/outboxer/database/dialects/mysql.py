@@ -40,9 +40,10 @@ class MySQLDialect(Dialect):
     sync_driver = "pymysql"
     async_driver = "aiomysql"
     async_drivers = frozenset({"aiomysql", "asyncmy"})
+    single_statement_claim = False  # lock, then update
 
     def engine_options(self, url: URL) -> dict[str, Any]:
-        return {"isolation_level": "READ COMMITTED", "pool_pre_ping": True, "pool_recycle": 3600}
+        return {"isolation_level": "READ COMMITTED", "pool_recycle": 3600}
 
     def in_transaction(self, driver_connection: Any) -> bool | None:
         status = getattr(driver_connection, "server_status", None)  # PyMySQL, aiomysql
@@ -76,11 +77,15 @@ class MySQLDialect(Dialect):
         limit: int,
         values: dict[str, Any],
         context: dict[str, Any],
+        columns: Sequence[ColumnElement[Any]] | None = None,
     ) -> Op[list[tuple[Row[Any], dict[str, Any]]]]:
         # Read the new values with the locked rows (the clock once), then write them.
         labels = {f"_new_{k}": k for k in values}
         locked = (
-            select(table, *(values[k].label(label) for label, k in labels.items()))
+            select(
+                *(table.c if columns is None else columns),
+                *(values[k].label(label) for label, k in labels.items()),
+            )
             .where(cond)
             .order_by(*order)
             .limit(limit)

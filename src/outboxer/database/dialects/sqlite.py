@@ -39,6 +39,8 @@ class SQLiteDialect(Dialect):
     async_driver = "aiosqlite"
     async_drivers = frozenset({"aiosqlite"})
     skip_locked = False  # one writer at a time: nothing to skip
+    # Its transactions are opened by outboxer (BEGIN IMMEDIATE), and cost no round trip.
+    autocommit_single_statements = False
 
     def check_url(self, url: URL) -> None:
         if url.database in (None, "", ":memory:"):

@@ -578,15 +578,15 @@ class KafkaTransport:
     ) -> list[Delivery]:
         handle = await self._current_producer()
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Delivery]] = []
-        for m in messages:
-            fut: asyncio.Future[Delivery] = loop.create_future()
-            futures.append(fut)
-            callback = partial(self._delivered, loop, fut, m.outbox_id, handle)
+        waiter = _BatchWaiter(loop, len(messages))
+        produce = handle.producer.produce
+        topic = route.topic
+        for i, m in enumerate(messages):
+            callback = partial(waiter.delivered, i, m.outbox_id, handle)
             while True:
                 try:
-                    handle.producer.produce(
-                        route.topic,
+                    produce(
+                        topic,
                         value=m.value,
                         key=m.key.encode(),
                         headers=cast(Any, m.headers()),
@@ -598,38 +598,59 @@ class KafkaTransport:
                 except KafkaException as exc:
                     err = _kafka_error(exc)
                     if err is None:
-                        fut.set_result(Delivery(m.outbox_id, error=str(exc), transient=True))
+                        waiter.settle(i, Delivery(m.outbox_id, error=str(exc), transient=True))
                         break
                     if err.code() in REBUILD_ERRORS or err.fatal():
                         handle.break_(f"produce failed with {_describe(err)}")
-                    fut.set_result(_delivery(m.outbox_id, err))
+                    waiter.settle(i, _delivery(m.outbox_id, err))
                     break
         timeout = self.delivery_timeout_ms / 1000 + 5
-        done, _ = await asyncio.wait(futures, timeout=timeout)
-        results: list[Delivery] = []
-        for m, fut in zip(messages, futures, strict=True):
-            if fut in done:
-                results.append(fut.result())
-            else:
-                fut.cancel()
-                handle.timed_out()
-                results.append(Delivery(m.outbox_id, error=NO_REPORT, transient=True))
-        return results
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.done), timeout)
+        except TimeoutError:
+            handle.timed_out()
+        return [
+            d if d is not None else Delivery(m.outbox_id, error=NO_REPORT, transient=True)
+            for m, d in zip(messages, waiter.results, strict=True)
+        ]
 
-    @staticmethod
-    def _delivered(
-        loop: asyncio.AbstractEventLoop,
-        fut: asyncio.Future[Delivery],
+
+class _BatchWaiter:
+    """Collects one batch's delivery reports on the producer's thread and wakes the
+    event loop once, when the last one is in (not once per message)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
+        self.loop = loop
+        self.results: list[Delivery | None] = [None] * size
+        self.missing = size
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._lock = threading.Lock()
+        if size == 0:
+            self.done.set_result(None)
+
+    def settle(self, index: int, delivery: Delivery) -> None:
+        with self._lock:
+            if self.results[index] is not None:
+                return
+            self.results[index] = delivery
+            self.missing -= 1
+            last = self.missing == 0
+        if last:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                self.loop.call_soon_threadsafe(_finish, self.done)
+
+    def delivered(
+        self,
+        index: int,
         outbox_id: int,
         handle: _ProducerHandle,
         err: KafkaError | None,
         msg: Message,
     ) -> None:
         handle.delivered(err)
-        result = Delivery(outbox_id) if err is None else _delivery(outbox_id, err)
-        loop.call_soon_threadsafe(_resolve, fut, result)
+        self.settle(index, Delivery(outbox_id) if err is None else _delivery(outbox_id, err))
 
 
-def _resolve(fut: asyncio.Future[Delivery], result: Delivery) -> None:
+def _finish(fut: asyncio.Future[None]) -> None:
     if not fut.done():
-        fut.set_result(result)
+        fut.set_result(None)
