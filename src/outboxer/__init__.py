@@ -24,7 +24,7 @@ from outboxer.errors import (
     TransportError,
 )
 from outboxer.hooks import Observer, Stats
-from outboxer.models import OutboxMessage, ServiceStatus, Status
+from outboxer.models import Event, OutboxMessage, ServiceStatus, Status
 from outboxer.outbox import Outbox
 from outboxer.routing import RouteRegistry, ServiceRoute, default_route
 from outboxer.settings import OutboxSettings, load_settings
@@ -35,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigurationError",
     "Envelope",
+    "Event",
     "EnvelopeDecodeError",
     "EventNotRegisteredError",
     "EventServiceConflictError",

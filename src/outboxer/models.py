@@ -56,6 +56,20 @@ class OutboxMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class Event:
+    """One event to publish with :meth:`outboxer.Outbox.publish_many` (the fields are
+    ``publish``'s arguments)."""
+
+    event_type: str
+    payload: Any
+    key: str | None = None
+    aggregate_id: str | None = None
+    event_id: str | None = None
+    version: str | None = None
+    max_retry: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceStatus:
     """A service's outbox at a glance (for ``outboxer status`` and dashboards)."""
 

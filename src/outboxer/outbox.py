@@ -9,7 +9,7 @@ other, never the facade.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from outboxer.database.schema import Tables
 from outboxer.envelope import JsonDefault
 from outboxer.errors import ConfigurationError, StoreError
 from outboxer.hooks import Hooks, Observer, Stats
+from outboxer.models import Event
 from outboxer.publish import Publisher
 from outboxer.routing import RouteRegistry, ServiceRoute
 from outboxer.runtime import Runtime
@@ -95,6 +96,7 @@ class Outbox:
                 json_default=json_default,
                 max_payload_bytes=settings.max_payload_bytes,
             ),
+            notify=settings.notify,
         )
         self._publisher = Publisher(self.storage, self.hooks)
         self._handlers = Handlers()
@@ -280,6 +282,21 @@ class Outbox:
             version=version,
             max_retry=max_retry,
         )
+
+    def publish_many(
+        self, tx: Session | Connection, events: Iterable[Event | tuple[str, Any]]
+    ) -> list[int]:
+        """Write many events on the caller's transaction, one INSERT per service for
+        all of them; returns their outbox ids in order. ``events`` are
+        :class:`~outboxer.Event` objects or ``(event_type, payload)`` pairs. Every event
+        is checked before any SQL: one bad event writes none."""
+        return self._publisher.publish_many(tx, events)
+
+    async def publish_many_async(
+        self, tx: AsyncSession | AsyncConnection, events: Iterable[Event | tuple[str, Any]]
+    ) -> list[int]:
+        """Async twin of :meth:`publish_many`."""
+        return await self._publisher.publish_many_async(tx, events)
 
     async def publish_async(
         self,

@@ -11,15 +11,17 @@ that transaction commits.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
-from outboxer.database.ops import op_insert
+from outboxer.database.ops import OpContext, op_insert, op_insert_many
 from outboxer.database.runner import AsyncRunner, SyncRunner
 from outboxer.hooks import Observer
+from outboxer.models import Event
 from outboxer.routing import ServiceRoute, validate_event_type
 from outboxer.store import Storage, check_async, check_sync
 
@@ -47,6 +49,61 @@ class Publisher:
         outbox_id = int(SyncRunner(tx).run(op))
         self.hooks.event_published(route.service_name, values["event_type"], tx)
         return outbox_id
+
+    def _prepare_many(
+        self, events: Iterable[Event | tuple[str, Any]], tx: object
+    ) -> tuple[int, list[tuple[OpContext, list[int], list[dict[str, Any]]]]]:
+        """Every event checked and encoded (nothing written yet), grouped by table."""
+        groups: dict[str, tuple[OpContext, list[int], list[dict[str, Any]]]] = {}
+        count = 0
+        for index, item in enumerate(events):
+            event = item if isinstance(item, Event) else Event(*item)
+            options = {
+                "key": event.key,
+                "aggregate_id": event.aggregate_id,
+                "event_id": event.event_id,
+                "version": event.version,
+                "max_retry": event.max_retry,
+            }
+            route, values = self._prepare(event.event_type, event.payload, options)
+            group = groups.get(route.service_name)
+            if group is None:
+                group = groups[route.service_name] = (self.storage.op_context(route, tx), [], [])
+            group[1].append(index)
+            group[2].append(values)
+            count = index + 1
+        return count, list(groups.values())
+
+    def publish_many(
+        self, tx: Session | Connection, events: Iterable[Event | tuple[str, Any]]
+    ) -> list[int]:
+        check_sync(tx)
+        count, groups = self._prepare_many(events, tx)
+        ids = [0] * count
+        runner = SyncRunner(tx)
+        for ctx, indices, rows in groups:
+            for index, oid in zip(indices, runner.run(op_insert_many(ctx, rows)), strict=True):
+                ids[index] = oid
+            self._report(ctx, rows, tx)
+        return ids
+
+    async def publish_many_async(
+        self, tx: AsyncSession | AsyncConnection, events: Iterable[Event | tuple[str, Any]]
+    ) -> list[int]:
+        check_async(tx)
+        count, groups = self._prepare_many(events, tx)
+        ids = [0] * count
+        runner = AsyncRunner(tx)
+        for ctx, indices, rows in groups:
+            inserted = await runner.run(op_insert_many(ctx, rows))
+            for index, oid in zip(indices, inserted, strict=True):
+                ids[index] = oid
+            self._report(ctx, rows, tx)
+        return ids
+
+    def _report(self, ctx: OpContext, rows: list[dict[str, Any]], tx: object) -> None:
+        for values in rows:
+            self.hooks.event_published(ctx.route.service_name, values["event_type"], tx)
 
     async def publish_async(
         self, tx: AsyncSession | AsyncConnection, event_type: str, payload: Any, **options: Any

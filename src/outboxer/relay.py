@@ -296,6 +296,8 @@ class Relay:
         slots = asyncio.Semaphore(self.settings.relay_pipeline)
         in_flight: set[asyncio.Task[None]] = set()
         woken = False
+        top = self.settings.poll_interval
+        poll = top
 
         def finished(task: asyncio.Task[None]) -> None:
             in_flight.discard(task)
@@ -341,7 +343,10 @@ class Relay:
                     woken = False
                     await sleep_unless(stopping, COMMIT_RECHECK)
                     continue
-                woken = await self._wait_for_work(stopping)
+                # Adaptive polling: soon after work was found, slower while idle, up to
+                # poll_interval (the latency of databases without notifications).
+                poll = min(self.settings.poll_interval_min, top) if claimed else min(poll * 2, top)
+                woken = await self._wait_for_work(stopping, poll)
         except asyncio.CancelledError:
             for task in in_flight:  # past shutdown_timeout: their rows return after the lease
                 task.cancel()
@@ -349,11 +354,9 @@ class Relay:
         finally:
             await _drain(in_flight)
 
-    async def _wait_for_work(self, stopping: asyncio.Event) -> bool:
-        """Until a wake-up (True), a stop or the poll interval (False)."""
-        wake = asyncio.ensure_future(
-            self.waker.wait(self.route.service_name, self.settings.poll_interval)
-        )
+    async def _wait_for_work(self, stopping: asyncio.Event, timeout: float) -> bool:
+        """Until a wake-up (True), a stop or ``timeout`` seconds (False)."""
+        wake = asyncio.ensure_future(self.waker.wait(self.route.service_name, timeout))
         stop = asyncio.ensure_future(stopping.wait())
         try:
             await asyncio.wait({wake, stop}, return_when=asyncio.FIRST_COMPLETED)

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
+from outboxer.backoff import ErrorBackoff
 from outboxer.consumer import Dispatcher, Handlers, consume_loop
 from outboxer.database.ops import Handler
 from outboxer.errors import ConfigurationError, OutboxError
@@ -25,7 +26,7 @@ from outboxer.settings import OutboxSettings
 from outboxer.signals import stop_on_signals
 from outboxer.store import Storage
 from outboxer.transports.base import Transport
-from outboxer.wake import CommitWake, Waker
+from outboxer.wake import CommitWake, NotificationWake, Waker
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class _Running:
     consume_stop: asyncio.Event = field(default_factory=asyncio.Event)
     relays: list[asyncio.Task[None]] = field(default_factory=list)
     consumers: list[asyncio.Task[None]] = field(default_factory=list)
+    side: list[asyncio.Task[None]] = field(default_factory=list)
+    """Helpers that run until cancelled (the notification listener)."""
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:
@@ -172,6 +175,9 @@ class Runtime:
             )
         self.waker.bind(asyncio.get_running_loop(), [r.service_name for r in plan.relay])
         self.hooks.add(self._commit_wake)
+        listener = self._notification_wake(plan.relay)
+        if listener is not None:
+            running.side.append(asyncio.create_task(listener.run(), name="outboxer-listen"))
         for route in plan.relay:
             relay = Relay(
                 self.storage.store(route),
@@ -194,6 +200,19 @@ class Runtime:
                 "consume": [r.service_name for r in plan.consume],
             },
         )
+
+    def _notification_wake(self, routes: Sequence[ServiceRoute]) -> NotificationWake | None:
+        dialect = self.storage.database.dialect
+        if not (self.settings.notify and routes):
+            return None
+        channels: dict[str, str] = {}
+        for route in routes:
+            channel = dialect.notify_channel(self.storage.tables.table(route).name)
+            if channel is None:
+                return None  # this database has no notifications: relays poll
+            channels[channel] = route.service_name
+        backoff = ErrorBackoff(self.settings.error_delay, self.settings.error_delay_max)
+        return NotificationWake(self.storage.database, channels, self.waker, backoff)
 
     def _redeliver_after(self, route: ServiceRoute, plan: _Plan) -> float:
         # In-process delivery never leaves rows published; and redelivery only where
@@ -222,6 +241,10 @@ class Runtime:
         await _finish(running.relays, deadline - loop.time())
         running.consume_stop.set()
         await _finish(running.consumers, deadline - loop.time())
+        for task in running.side:
+            task.cancel()
+        if running.side:
+            await asyncio.wait(running.side)
         self.hooks.remove(self._commit_wake)
         self.waker.unbind()
         try:  # closes the subscriptions too

@@ -102,6 +102,10 @@ class OutboxSettings(BaseSettings):
     """Batches a relay may have in flight: it claims and sends the next batch while
     the broker acknowledges the previous ones."""
     poll_interval: float = Field(default=DEFAULT_POLL_INTERVAL, gt=0)
+    """Longest wait between relay polls when nothing wakes the relay."""
+    poll_interval_min: float = Field(default=0.01, gt=0)
+    """Poll this soon after a poll that found rows; the wait doubles while polls find
+    nothing, up to ``poll_interval``."""
     lease: float = Field(default=DEFAULT_LEASE, gt=0, description="claim lease in seconds")
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, gt=0)
     redeliver_after: float = Field(
@@ -109,6 +113,10 @@ class OutboxSettings(BaseSettings):
         ge=0,
         description="seconds after which a published, unconsumed row is sent again (0: never)",
     )
+    notify: bool = True
+    """PostgreSQL: ``publish`` notifies (NOTIFY, one per transaction and table) and
+    workers listen (LISTEN), so a publish in another process wakes the relay at once.
+    Polling stays as the fallback."""
     isolate_handlers: bool = False
     """Run every handler in its own SAVEPOINT from the start. By default a consumer
     batch first runs its handlers without savepoints (one transaction, the fast

@@ -216,12 +216,16 @@ class Storage:
     tables: Tables
     routes: RouteRegistry
     rows: RowBuilder
+    notify: bool = True
+    """Inserts notify relays waiting on the database (PostgreSQL NOTIFY)."""
 
     def op_context(self, route: ServiceRoute, tx: Any = None) -> OpContext:
         """The context the ops need for ``route``, on outboxer's engines or on the
         caller's transaction ``tx``."""
         dialect = self.database.dialect if tx is None else dialect_for(dialect_name(tx))
-        return OpContext(self.tables.table(route), route, dialect, self.rows.policy)
+        table = self.tables.table(route)
+        channel = dialect.notify_channel(table.name) if self.notify else None
+        return OpContext(table, route, dialect, self.rows.policy, channel)
 
     def store(self, route: ServiceRoute, tx: SyncTx | AsyncTx | None = None) -> Store:
         return Store(self, route, tx)

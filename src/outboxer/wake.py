@@ -1,25 +1,37 @@
 """Wake-ups: how a relay learns that there is new work before its next poll.
 
-Today's sources: :class:`CommitWake`, an observer of ``publish`` that wakes this
-process's relays when a transaction that published commits. Polling every
-``poll_interval`` stays as the fallback that covers everything else. A new wake
-source (a database notification, say) calls :meth:`Waker.notify` with the services
-that have new rows.
+Sources:
+
+- :class:`CommitWake`, an observer of ``publish`` that wakes this process's relays
+  when a transaction that published commits;
+- :class:`NotificationWake`, a connection listening for the database's notifications
+  (PostgreSQL LISTEN; ``publish`` sends one NOTIFY per transaction and table), so a
+  publish in another process wakes the relay at once.
+
+Polling every ``poll_interval`` stays as the fallback that covers everything else
+(lost notifications, a dropped listening connection, databases without
+notifications). A new source calls :meth:`Waker.notify` with the services that have
+new rows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import Connection, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
+from outboxer.backoff import ErrorBackoff
+from outboxer.database.engines import Database
 from outboxer.hooks import Observer
+
+logger = logging.getLogger(__name__)
 
 
 class Waker:
@@ -121,3 +133,55 @@ class CommitWake(Observer):
 
     def _discard(self, target: Any, *args: Any) -> None:
         self._take(target)
+
+
+class NotificationWake:
+    """Wakes relays from the database's notifications, one listening connection per
+    process. ``channels`` maps a notification channel to its service."""
+
+    def __init__(
+        self,
+        database: Database,
+        channels: Mapping[str, str],
+        waker: Waker,
+        backoff: ErrorBackoff,
+    ) -> None:
+        self.database = database
+        self.channels = dict(channels)
+        self.waker = waker
+        self.backoff = backoff
+        self.connected = False
+
+    def _notified(self, channel: str) -> None:
+        service = self.channels.get(channel)
+        if service is not None:
+            self.waker.notify((service,))
+
+    def _connected(self) -> None:
+        self.connected = True
+        self.backoff.reset()
+        # Notices sent while nobody listened are gone: look once everywhere.
+        self.waker.notify(self.channels.values())
+
+    async def run(self) -> None:
+        """Listen until cancelled; a lost connection is retried with a growing delay
+        (relays poll meanwhile)."""
+        lost_since: float | None = None
+        while True:
+            try:
+                await self.database.dialect.listen(
+                    self.database.url, list(self.channels), self._notified, self._connected
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure: poll, then reconnect
+                if lost_since is None or self.connected:
+                    lost_since = asyncio.get_running_loop().time()
+                    logger.warning(
+                        "listening for database notifications failed; relays poll until "
+                        "it is back: %s",
+                        exc,
+                        extra={"channels": list(self.channels)},
+                    )
+                self.connected = False
+            await asyncio.sleep(self.backoff.next())

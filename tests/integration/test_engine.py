@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -313,6 +314,31 @@ async def test_publish_wakes_the_relay(db_url: str) -> None:
         app.outbox.stop()
         await task
     finally:
+        drop_app(app)
+
+
+async def test_a_publish_in_another_process_wakes_the_relay(pg_database: Any) -> None:
+    """PostgreSQL: publish NOTIFYs, the worker LISTENs. The publisher here is another
+    Outbox that runs no loops (as a web process would), and the worker's poll interval
+    is far longer than the test: only the notification can wake it."""
+    app = build_app(pg_database.url, "local", poll_interval=30.0)
+    publisher = Outbox(pg_database.url, settings=isolated_settings(topic_prefix=app.prefix))
+    for svc in app.services:
+        publisher.register_event(app.event(svc), svc)
+    try:
+        task = asyncio.create_task(app.outbox.run_async())
+        await asyncio.sleep(1.0)  # let the first (empty) poll happen and LISTEN start
+        with publisher.db.sync_engine.begin() as conn:
+            publisher.publish(conn, app.event(app.services[0]), {"n": 1})
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while status_counts(app)["consumed"] < 1:
+            assert loop.time() - start < 15, "the relay was not woken by the notification"
+            await asyncio.sleep(0.05)
+        app.outbox.stop()
+        await task
+    finally:
+        publisher.close()
         drop_app(app)
 
 

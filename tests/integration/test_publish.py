@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from outboxer import (
     Envelope,
+    Event,
     EventNotRegisteredError,
     InvalidEventError,
     Outbox,
@@ -274,3 +275,78 @@ def test_outbox_from_application_engine(db_url: str, service: str) -> None:
             ob.metadata.drop_all(conn)
         ob.close()
         app_engine.dispose()
+
+
+def test_publish_many_writes_all_in_order(db_url: str, service: str) -> None:
+    ob = make_outbox(db_url)
+    other = f"{service}_b"
+    ob.register_event(f"{service}.created", service)
+    ob.register_event(f"{other}.created", other)
+    ob.migrate()
+    try:
+        events = [
+            Event(f"{service}.created", {"n": 0}, key="k0"),
+            (f"{other}.created", {"n": 1}),
+            Event(f"{service}.created", {"n": 2}, event_id="e-2", max_retry=3),
+        ]
+        with ob.db.sync_engine.connect() as conn, conn.begin():
+            ids = ob.publish_many(conn, events)
+        assert len(ids) == 3
+        first, second, third = (
+            ob.store(service).get_by_id(ids[0]),
+            ob.store(other).get_by_id(ids[1]),
+            ob.store(service).get_by_id(ids[2]),
+        )
+        assert first is not None
+        assert second is not None
+        assert third is not None
+        assert first.envelope().payload == {"n": 0}
+        assert first.message_key == "k0"
+        assert second.envelope().payload == {"n": 1}
+        assert third.envelope().event_id == "e-2"
+        assert third.max_retry == 3
+        assert ids[0] < ids[2]
+    finally:
+        with ob.db.sync_engine.begin() as conn:
+            ob.metadata.drop_all(conn)
+        ob.close()
+
+
+def test_publish_many_checks_everything_before_any_sql(db_url: str, service: str) -> None:
+    ob = make_outbox(db_url)
+    ob.register_event(f"{service}.created", service)
+    ob.migrate()
+    try:
+        with ob.db.sync_engine.connect() as conn, conn.begin():
+            with _no_sql(conn), pytest.raises(PayloadNotSerializableError):
+                ob.publish_many(
+                    conn, [(f"{service}.created", {"ok": 1}), (f"{service}.created", {1, 2})]
+                )
+            ob.publish_many(conn, [])  # nothing to do, nothing written
+        assert _rows(ob, service) == 0
+        with ob.db.sync_engine.connect() as conn, conn.begin() as tx:
+            ob.publish_many(conn, [(f"{service}.created", {"n": i}) for i in range(5)])
+            tx.rollback()
+        assert _rows(ob, service) == 0
+    finally:
+        with ob.db.sync_engine.begin() as conn:
+            ob.metadata.drop_all(conn)
+        ob.close()
+
+
+async def test_publish_many_async(db_url: str, service: str) -> None:
+    ob = make_outbox(db_url)
+    ob.register_event(f"{service}.created", service)
+    ob.migrate()
+    try:
+        async with AsyncSession(ob.db.async_engine) as session, session.begin():
+            ids = await ob.publish_many_async(
+                session, [(f"{service}.created", {"n": i}) for i in range(300)]
+            )
+        assert ids == sorted(ids)
+        assert len(set(ids)) == 300
+        assert _rows(ob, service) == 300
+    finally:
+        with ob.db.sync_engine.begin() as conn:
+            ob.metadata.drop_all(conn)
+        await ob.aclose()

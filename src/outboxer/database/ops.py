@@ -13,11 +13,23 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from sqlalchemy import Insert, Table, and_, bindparam, func, insert, select, update
+from sqlalchemy import (
+    Executable,
+    Insert,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.sql import ColumnElement
 
 from outboxer.backoff import RetryPolicy
@@ -60,6 +72,8 @@ class OpContext:
     route: ServiceRoute
     dialect: Dialect
     policy: RetryPolicy
+    channel: str | None = None
+    """Where a commit that inserted rows notifies waiting relays (None: no notice)."""
 
     def ctx(self, **extra: Any) -> dict[str, Any]:
         return {"service": self.route.service_name, "table": self.table.name, **extra}
@@ -69,30 +83,68 @@ def _message(row: Any, **replace: Any) -> OutboxMessage:
     return OutboxMessage.from_mapping(row._mapping, **replace)
 
 
+_NEW_ROWS: weakref.WeakKeyDictionary[Table, Insert] = weakref.WeakKeyDictionary()
+
+
 def _new_rows(t: Table) -> Insert:
-    # A new row is pending, has had no attempt and is due now (database clock).
-    return insert(t).values(
-        status=Status.PENDING.value,
-        retry_count=0,
-        next_retry_at=db_now(),
-        created_at=db_now(),
-        updated_at=db_now(),
-    )
+    """The INSERT of a new row, built once per table: the row's columns come as
+    parameters, so each publish costs no statement building or cache-key work."""
+    stmt = _NEW_ROWS.get(t)
+    if stmt is None:
+        # A new row is pending, has had no attempt and is due now (database clock).
+        stmt = _NEW_ROWS[t] = insert(t).values(
+            status=Status.PENDING.value,
+            retry_count=0,
+            next_retry_at=db_now(),
+            created_at=db_now(),
+            updated_at=db_now(),
+        )
+    return stmt
+
+
+_NEW_COLUMNS = ("event_type", "service_name", "topic", "message_key", "payload", "max_retry")
+_NOTIFYING: weakref.WeakKeyDictionary[Table, dict[str, Executable]] = weakref.WeakKeyDictionary()
+
+
+def _insert_and_notify(t: Table, channel: str) -> Executable:
+    """``WITH ins AS (INSERT ... RETURNING id) SELECT id, pg_notify(channel, '')``: the
+    row and the notice in one round trip. The database sends one notice per channel
+    per transaction however many rows it inserted, at commit (none on rollback)."""
+    by_channel = _NOTIFYING.setdefault(t, {})
+    stmt = by_channel.get(channel)
+    if stmt is None:
+        binds: dict[str, Any] = {name: bindparam(name) for name in _NEW_COLUMNS}
+        ins = _new_rows(t).values(**binds).returning(t.c.id).cte("ins")
+        stmt = select(ins.c.id, func.pg_notify(literal(channel), ""))
+        by_channel[channel] = stmt
+    return stmt
 
 
 def op_insert(c: OpContext, values: dict[str, Any]) -> Op[int]:
     """INSERT one row; ``values`` holds every column but id and the timestamps."""
-    stmt = _new_rows(c.table).values(**values)
-    result = yield Execute(stmt, what="insert", context=c.ctx(event_type=values["event_type"]))
+    ctx = c.ctx(event_type=values["event_type"])
+    if c.channel is not None:
+        stmt = _insert_and_notify(c.table, c.channel)
+        result = yield Execute(stmt, values, what="insert", context=ctx)
+        return int(result.scalar_one())
+    result = yield Execute(_new_rows(c.table), values, what="insert", context=ctx)
     return int(result.inserted_primary_key[0])
 
 
-def op_insert_many(c: OpContext, rows: Sequence[dict[str, Any]], chunk: int = 5000) -> Op[None]:
-    """INSERT many rows (``values`` as for :func:`op_insert`), ``chunk`` per statement."""
+def op_insert_many(
+    c: OpContext, rows: Sequence[dict[str, Any]], chunk: int = 5000
+) -> Op[list[int]]:
+    """INSERT many rows (``values`` as for :func:`op_insert`), ``chunk`` per statement;
+    returns their ids in the order of ``rows``."""
+    stmt = _new_rows(c.table).returning(c.table.c.id, sort_by_parameter_order=True)
+    ids: list[int] = []
     for lo in range(0, len(rows), chunk):
-        yield Execute(
-            _new_rows(c.table), list(rows[lo : lo + chunk]), what="insert", context=c.ctx()
-        )
+        result = yield Execute(stmt, list(rows[lo : lo + chunk]), what="insert", context=c.ctx())
+        ids.extend(int(i) for i in result.scalars().all())
+    if rows and c.channel is not None:
+        notify = select(func.pg_notify(literal(c.channel), ""))
+        yield Execute(notify, what="notify", context=c.ctx())
+    return ids
 
 
 def op_get(c: OpContext, outbox_id: int) -> Op[OutboxMessage | None]:

@@ -9,7 +9,7 @@ database means adding one module here and one entry in the test matrix.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -60,6 +60,25 @@ class Dialect:
         """Whether a statement makes the database commit the open transaction (beyond
         COMMIT/ROLLBACK/BEGIN, which every database treats so)."""
         return False
+
+    # ------------------------------------------------------------------ wake-ups
+
+    def notify_channel(self, table: str) -> str | None:
+        """The channel a commit that wrote to ``table`` notifies (None: this database
+        has no notifications; relays then poll)."""
+        return None
+
+    async def listen(
+        self,
+        url: URL,
+        channels: Sequence[str],
+        on_notify: Callable[[str], None],
+        on_connected: Callable[[], None],
+    ) -> None:
+        """Hold a connection listening on ``channels``; call ``on_notify(channel)`` for
+        each notification and ``on_connected()`` after each (re)connection. Returns
+        only by raising (connection lost); the caller reconnects."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ SQL
 

@@ -9,13 +9,18 @@ SKIP LOCKED`` sub-select.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import URL
 from sqlalchemy.types import TypeEngine
 
 from outboxer.database.dialects.base import Dialect
 
+_CHANNEL_MAX = 63
+"""PostgreSQL identifiers (channel names) hold at most 63 bytes."""
 _PQ_TRANS_IDLE = 0
 """libpq's PQTRANS_IDLE: connected, not in a transaction block."""
 
@@ -34,6 +39,34 @@ class PostgreSQLDialect(Dialect):
             return int(status) != _PQ_TRANS_IDLE
         probe = getattr(driver_connection, "is_in_transaction", None)  # asyncpg
         return bool(probe()) if callable(probe) else None
+
+    def notify_channel(self, table: str) -> str | None:
+        channel = f"outboxer_{table}"
+        if len(channel.encode()) <= _CHANNEL_MAX:
+            return channel
+        digest = hashlib.sha1(table.encode(), usedforsecurity=False).hexdigest()[:12]
+        return f"outboxer_{table[: _CHANNEL_MAX - 22]}_{digest}"
+
+    async def listen(
+        self,
+        url: URL,
+        channels: Sequence[str],
+        on_notify: Callable[[str], None],
+        on_connected: Callable[[], None],
+    ) -> None:
+        import psycopg  # noqa: PLC0415 - the postgres extra; asked for only when listening
+        from psycopg import sql  # noqa: PLC0415
+
+        conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+            for channel in channels:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            on_connected()
+            while True:
+                # A bounded wait, so a connection the server dropped is noticed.
+                async for notice in conn.notifies(timeout=10.0):
+                    on_notify(notice.channel)
+                await conn.execute("SELECT 1")
 
     def now_sql(self) -> str:
         return "statement_timestamp()"
