@@ -36,9 +36,9 @@ from outboxer.wake import Waker
 
 logger = logging.getLogger(__name__)
 
-COMMIT_RECHECK = 0.02
+COMMIT_RECHECK = 0.002
 """A Connection's commit hook fires just before COMMIT: after a wake-up that found
-nothing, look once more this much later instead of waiting a whole poll."""
+nothing, look again this soon (then 2x, 4x, ...) instead of waiting a whole poll."""
 
 
 @dataclass(slots=True)
@@ -339,13 +339,14 @@ class Relay:
                     continue  # backlog: claim the next batch while this one is sent
                 if stopping.is_set():
                     break
-                if woken and not claimed:
-                    woken = False
-                    await sleep_unless(stopping, COMMIT_RECHECK)
-                    continue
                 # Adaptive polling: soon after work was found, slower while idle, up to
                 # poll_interval (the latency of databases without notifications).
-                poll = min(self.settings.poll_interval_min, top) if claimed else min(poll * 2, top)
+                if claimed:
+                    poll = min(self.settings.poll_interval_min, top)
+                elif woken:
+                    poll = min(COMMIT_RECHECK, top)  # woken a moment before the COMMIT
+                else:
+                    poll = min(poll * 2, top)
                 woken = await self._wait_for_work(stopping, poll)
         except asyncio.CancelledError:
             for task in in_flight:  # past shutdown_timeout: their rows return after the lease
