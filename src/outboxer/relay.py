@@ -76,6 +76,14 @@ class Relay:
         """Monotonic time the current transport outage began (None: no outage)."""
         self.next_delay = 0.0
 
+    @property
+    def pipeline_depth(self) -> int:
+        """Batches in flight at once. SQLite has one writer: a claim made while the
+        previous batch is being consumed (in-process) would only wait for its lock."""
+        if self.store.dialect.family == "sqlite":
+            return 1
+        return self.settings.relay_pipeline
+
     # ---------------------------------------------------------------- one batch
 
     async def run_once(self) -> int:
@@ -293,7 +301,7 @@ class Relay:
         """Loop until ``stopping`` is set; batches in flight are always finished."""
         service = self.route.service_name
         backoff = ErrorBackoff(self.settings.error_delay, self.settings.error_delay_max)
-        slots = asyncio.Semaphore(self.settings.relay_pipeline)
+        slots = asyncio.Semaphore(self.pipeline_depth)
         in_flight: set[asyncio.Task[None]] = set()
         woken = False
         top = self.settings.poll_interval

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
 from outboxer.backoff import RetryPolicy, check_max_retry
-from outboxer.database.dialects import dialect_for
+from outboxer.database.dialects import Dialect, dialect_for
 from outboxer.database.engines import AUTOCOMMIT, READ_ONLY, Database
 from outboxer.database.instructions import Callback, Op
 from outboxer.database.ops import (
@@ -272,6 +272,11 @@ class Store:
         return self._ctx.table
 
     # -- running
+
+    @property
+    def dialect(self) -> Dialect:
+        """The database this store writes to."""
+        return self._ctx.dialect
 
     @property
     def _single_claim(self) -> bool:
