@@ -28,7 +28,7 @@ from outboxer.database.ops import Handler
 from outboxer.database.schema import Tables
 from outboxer.envelope import JsonDefault
 from outboxer.errors import ConfigurationError
-from outboxer.hooks import Hooks, Observer, Stats
+from outboxer.hooks import Hooks, LogReports, Observer, Stats
 from outboxer.publish import Publisher
 from outboxer.routing import RouteRegistry, ServiceRoute
 from outboxer.runtime import Runtime
@@ -86,7 +86,7 @@ class Outbox:
         self.tables = Tables()
         self.stats = Stats()
         """Counters of what this process's relays, consumers and publishes did."""
-        self.hooks = Hooks([self.stats, *observers])
+        self.hooks = Hooks([self.stats, LogReports(), *observers])
         self.storage = Storage(
             self.db,
             self.tables,

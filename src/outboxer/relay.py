@@ -19,8 +19,9 @@ from collections.abc import Set as AbstractSet
 from outboxer.aio import sleep_unless
 from outboxer.backoff import ErrorBackoff
 from outboxer.errors import EnvelopeDecodeError
-from outboxer.hooks import Observer
-from outboxer.models import OutboxMessage
+from outboxer.hooks import Hooks, Observer
+from outboxer.logs import log_dead
+from outboxer.models import OutboxMessage, Status
 from outboxer.routing import ServiceRoute
 from outboxer.settings import OutboxSettings
 from outboxer.store import Store
@@ -56,6 +57,8 @@ class Relay:
         self.redeliver_after = redeliver_after
         """Send ``published`` rows again when unconsumed this long (0: never)."""
         self._next_redelivery_check = 0.0
+        # Per-message report only when someone listens (tracing).
+        self._headers_hook = isinstance(hooks, Hooks) and hooks.wants("message_sending")
 
     async def _claim(self) -> tuple[list[OutboxMessage], set[int]]:
         """Due rows, plus now and then published rows nobody consumed (the second
@@ -117,8 +120,13 @@ class Relay:
                 )
                 broken.append((row.id, f"stored payload is not a valid envelope: {exc}"))
                 continue
+            headers = row.header_map()
+            if self._headers_hook:
+                self.hooks.message_sending(self.route.service_name, row.id, row.event_type, headers)
             outgoing.append(
-                OutgoingMessage.from_envelope(env, key=row.message_key, retry_count=row.retry_count)
+                OutgoingMessage.from_envelope(
+                    env, key=row.message_key, retry_count=row.retry_count, headers=headers
+                )
             )
         return outgoing, broken
 
@@ -186,7 +194,8 @@ class Relay:
         if resend_failed:
             self.hooks.resend_failed(service, len(resend_failed), resend_failed[0])
         if failed:
-            await self.store.mark_failed_many_async(failed)
+            statuses = await self.store.mark_failed_many_async(failed)
+            self._report_dead(outgoing, failed, statuses)
             logger.warning(
                 "%d message(s) not acknowledged by the broker; will retry: %s",
                 len(failed),
@@ -201,6 +210,30 @@ class Relay:
             self.hooks.batch_failed(
                 service, len(failed), sum(len(ids) for ids in dead.values()), first
             )
+
+    def _report_dead(
+        self,
+        outgoing: list[OutgoingMessage],
+        failed: list[tuple[int, str]],
+        statuses: dict[int, Status | None],
+    ) -> None:
+        """Failed sends that used up ``max_retry``: one ERROR line and a report each."""
+        by_id = {m.outbox_id: m for m in outgoing}
+        service = self.route.service_name
+        for oid, reason in failed:
+            if statuses.get(oid) is Status.DEAD:
+                msg = by_id[oid]
+                attempts = msg.retry_count + 1
+                event_type = msg.envelope.event_type
+                log_dead(
+                    logger,
+                    service=service,
+                    outbox_id=oid,
+                    event_type=event_type,
+                    attempts=attempts,
+                    reason=reason,
+                )
+                self.hooks.message_dead(service, oid, attempts, reason)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Loop until ``stopping`` is set; the batch in flight is always finished."""

@@ -525,6 +525,8 @@ class BatchOutcome:
     handler_errors: list[tuple[int, BaseException]] = field(default_factory=list)
     timings: list[tuple[str, float, BaseException | None]] = field(default_factory=list)
     """(event type, seconds, error) of every handler call."""
+    latencies: list[tuple[str, float]] = field(default_factory=list)
+    """(event type, seconds from the row's created_at to its handler's start)."""
 
 
 def op_dispatch(
@@ -541,7 +543,7 @@ def op_dispatch(
     out = BatchOutcome()
     ids = sorted({e.outbox_id for e in envelopes})
     result = yield Execute(
-        select(t.c.id, t.c.status, t.c.event_type, t.c.retry_count)
+        select(t.c.id, t.c.status, t.c.event_type, t.c.retry_count, t.c.created_at)
         .where(t.c.id.in_(ids))
         .order_by(t.c.id)
         .with_for_update(),
@@ -583,6 +585,7 @@ def op_dispatch(
             dead.setdefault(reason, []).append(env.outbox_id)
             out.dead.append(Outcome(env.outbox_id, env.event_type, row.retry_count, reason))
             continue
+        out.latencies.append((env.event_type, time.time() - row.created_at.timestamp()))
         started = clock()
         error = yield Invoke(handler, (env,), savepoint=True, capture=True)
         out.timings.append((env.event_type, clock() - started, error))

@@ -25,18 +25,34 @@ class OutgoingMessage:
     key: str
     envelope: Envelope
     value: bytes
+    extra_headers: Mapping[str, str] = field(default_factory=dict)
+    """Propagation headers stored with the row (a W3C ``traceparent``)."""
 
     @classmethod
-    def from_envelope(cls, envelope: Envelope, *, key: str, retry_count: int) -> OutgoingMessage:
-        return cls(envelope.outbox_id, retry_count, key, envelope, envelope.to_json())
+    def from_envelope(
+        cls,
+        envelope: Envelope,
+        *,
+        key: str,
+        retry_count: int,
+        headers: Mapping[str, str] | None = None,
+    ) -> OutgoingMessage:
+        return cls(
+            envelope.outbox_id, retry_count, key, envelope, envelope.to_json(), headers or {}
+        )
 
     def headers(self) -> list[tuple[str, bytes]]:
         env = self.envelope
-        return [
+        own = [
             ("event_id", env.event_id.encode()),
             ("event_type", env.event_type.encode()),
             ("event_version", env.event_version.encode()),
         ]
+        if not self.extra_headers:
+            return own
+        names = {name for name, _ in own}
+        extra = [(k, v.encode()) for k, v in self.extra_headers.items() if k not in names]
+        return own + extra
 
 
 @dataclass(frozen=True, slots=True)
