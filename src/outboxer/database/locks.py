@@ -44,7 +44,10 @@ def single_instance(database: Database, name: str, *, wait: float | bool = False
     try:
         conn = database.sync_engine.connect()
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot connect to take lock {name!r}: {exc}") from exc
+        orig = getattr(exc, "orig", None) or exc
+        raise StoreError(
+            f"cannot connect to the database: {orig}", url=database.safe_url, lock=name
+        ) from exc
     try:
         while True:
             taken = bool(SyncRunner(conn).run(op_try_lock(dialect, qualified)))
