@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,9 @@ from outboxer.durations import format_duration, parse_duration
 from outboxer.health import failures, parse_conditions
 from outboxer.hooks import Hooks, Observer
 from outboxer.logs import ExtrasFormatter, JsonFormatter, first_line
+from outboxer.metrics import PrometheusMetrics
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 @pytest.mark.parametrize(
@@ -152,3 +157,31 @@ def test_hooks_combine_handler_contexts_and_never_swallow() -> None:
         raise KeyError("handler failed")
     assert entered == ["+a", "+b", "-b", "-a"]
     assert Hooks([Observer()]).handler_context("s", object(), {}) is None
+
+
+def test_the_grafana_dashboard_uses_metrics_that_exist() -> None:
+    exported = {
+        sample
+        for family in PrometheusMetrics().registry.collect()
+        for sample in (
+            family.name,
+            f"{family.name}_total",
+            f"{family.name}_bucket",
+            f"{family.name}_sum",
+            f"{family.name}_count",
+        )
+    }
+    exported |= {
+        "outboxer_database_up",
+        "outboxer_table_present",
+        "outboxer_messages",
+        "outboxer_messages_due",
+        "outboxer_oldest_due_age_seconds",
+    }  # the backlog gauges, read from the database at scrape time
+    dashboard = json.loads((DOCS / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"outboxer_[a-z_]+", e)}
+    assert used
+    assert used <= exported, used - exported
+    ops = (DOCS / "operations.md").read_text()
+    assert set(re.findall(r"expr: .*?(outboxer_[a-z_]+)", ops)) <= exported
