@@ -16,7 +16,7 @@ import pytest
 from outboxer import ConfigurationError, OutboxSettings, ServiceStatus
 from outboxer.durations import format_duration, parse_duration
 from outboxer.health import failures, parse_conditions
-from outboxer.hooks import Hooks, Observer
+from outboxer.hooks import Hooks, LogReports, Observer, Stats
 from outboxer.logs import ExtrasFormatter, JsonFormatter, first_line
 from outboxer.metrics import PrometheusMetrics
 
@@ -185,3 +185,17 @@ def test_the_grafana_dashboard_uses_metrics_that_exist() -> None:
     assert used <= exported, used - exported
     ops = (DOCS / "operations.md").read_text()
     assert set(re.findall(r"expr: .*?(outboxer_[a-z_]+)", ops)) <= exported
+
+
+def test_an_outage_logs_once_at_start_and_once_at_end(caplog: pytest.LogCaptureFixture) -> None:
+    hooks = Hooks([LogReports(), stats := Stats()])
+    with caplog.at_level(logging.INFO, logger="outboxer.hooks"):
+        hooks.outage_started("billing", "KafkaError: _TRANSPORT")
+        hooks.outage_ended("billing", 42.5)
+    assert [(r.levelname, r.service) for r in caplog.records] == [  # type: ignore[attr-defined]
+        ("ERROR", "billing"),
+        ("INFO", "billing"),
+    ]
+    assert "KafkaError: _TRANSPORT" in caplog.records[0].getMessage()
+    assert "after 42.5s" in caplog.records[1].getMessage()
+    assert stats.get("outages", "billing") == 1
