@@ -20,6 +20,7 @@ from sqlalchemy import update
 
 from outboxer import Outbox, OutboxSettings
 from outboxer.database.schema import db_now_plus
+from outboxer.settings import DEFAULT_PURGE_PAUSE
 from outboxer.testing import fill_due, scratch_database
 
 SERVICE = "bench_sweep"
@@ -57,12 +58,14 @@ def _claim_rate(ob: Outbox, seconds: float, batch: int) -> tuple[float, int]:
     return done / elapsed, done
 
 
-def _sweep(ob: Outbox, stop: threading.Event, purge_batch: int, out: dict[str, Any]) -> None:
+def _sweep(
+    ob: Outbox, stop: threading.Event, purge_batch: int, pause: float, out: dict[str, Any]
+) -> None:
     result = ob.admin.purge(
         consumed_older_than=60,
         services=[SERVICE],
         batch_size=purge_batch,
-        pause=0.0,
+        pause=pause,
         should_stop=stop.is_set,
     )
     out["deleted"] = result.total
@@ -70,7 +73,7 @@ def _sweep(ob: Outbox, stop: threading.Event, purge_batch: int, out: dict[str, A
 
 
 def run(
-    url: str, old: int, due: int, seconds: float, batch: int, purge_batch: int
+    url: str, old: int, due: int, seconds: float, batch: int, purge_batch: int, pause: float
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for phase in ("alone", "with sweep"):
@@ -83,7 +86,9 @@ def run(
             sweep: dict[str, Any] = {"deleted": 0, "still_running": False}
             sweeper = None
             if phase == "with sweep":
-                sweeper = threading.Thread(target=_sweep, args=(ob, stop, purge_batch, sweep))
+                sweeper = threading.Thread(
+                    target=_sweep, args=(ob, stop, purge_batch, pause, sweep)
+                )
                 sweeper.start()
                 time.sleep(0.2)  # the sweep is under way before the claims start
             rate, claimed = _claim_rate(ob, seconds, batch)
@@ -110,8 +115,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="claiming time per phase")
     parser.add_argument("--batch", type=int, default=100, help="rows per claim")
     parser.add_argument("--purge-batch", type=int, default=500, help="rows per delete")
+    parser.add_argument(
+        "--pause", type=float, default=DEFAULT_PURGE_PAUSE, help="seconds between deletes"
+    )
     args = parser.parse_args()
-    results = run(args.url, args.old, args.due, args.seconds, args.batch, args.purge_batch)
+    results = run(
+        args.url, args.old, args.due, args.seconds, args.batch, args.purge_batch, args.pause
+    )
     for phase, r in results.items():
         print(
             f"{phase:>10}: {r['claimed_per_s']:>7} rows/s claimed+marked "

@@ -46,6 +46,7 @@ def test_readme_service_runs(tmp_path: Path) -> None:
         "migrate",
         "run",
         "status",
+        "dead",
     ]
     for command in commands:
         argv = _argv(command)
