@@ -1,8 +1,10 @@
 """outboxer: the transactional outbox for Python services."""
 
+from outboxer.admin import Admin, DeadLetterPage, PurgeResult
 from outboxer.backoff import RetryPolicy
 from outboxer.envelope import Envelope
 from outboxer.errors import (
+    AmbiguousMessageError,
     ConfigurationError,
     EnvelopeDecodeError,
     EventNotRegisteredError,
@@ -33,6 +35,10 @@ from outboxer.store import Store
 __version__ = "0.1.0"
 
 __all__ = [
+    "Admin",
+    "AmbiguousMessageError",
+    "DeadLetterPage",
+    "PurgeResult",
     "ConfigurationError",
     "Envelope",
     "Event",

@@ -1,4 +1,4 @@
-"""The ``outboxer`` command line: migrate, run, status and the demo.
+"""The ``outboxer`` command line: migrate, run, status, dead letters, purge, the demo.
 
 ``--app module:attribute`` (or ``OUTBOXER_APP``) names the application's
 :class:`~outboxer.Outbox`, the way uvicorn names an ASGI app; the current directory
@@ -6,39 +6,57 @@ is put first on ``sys.path`` so a project's modules import as they would from it
 root. ``--config FILE`` is read by ``Outbox()`` while the app is imported (as
 ``OUTBOXER_CONFIG``), unless the app passes its own ``settings=``.
 
-Errors from outboxer are printed as one red line and exit with status 1; usage
-mistakes exit with status 2.
+Errors from outboxer are printed as one red line (with ``--json``: a JSON object on
+stdout) and exit with status 1; usage mistakes exit with status 2. ``status`` also
+exits 3 when outbox tables are missing and 4 when a ``--fail-on`` condition holds.
+Durations read like ``30s``, ``15m``, ``12h``, ``7d``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.metadata
 import json
 import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.live import Live
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from outboxer.admin import PurgeResult
+from outboxer.database.migrations import sql_script
 from outboxer.demo import HideDemoFailures, run_demo
+from outboxer.durations import format_duration, parse_duration
 from outboxer.errors import ConfigurationError, OutboxError
-from outboxer.models import ServiceStatus, Status
+from outboxer.health import Condition, failures, parse_conditions
+from outboxer.logs import ExtrasFormatter, JsonFormatter
+from outboxer.models import OutboxMessage, ServiceStatus, Status
 from outboxer.outbox import Outbox
 from outboxer.routing import ServiceRoute
 from outboxer.settings import CONFIG_ENV, config_path
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_MISSING_TABLES = 3
+EXIT_UNHEALTHY = 4
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +81,7 @@ class LogFormat(StrEnum):
     AUTO = "auto"
     RICH = "rich"
     PLAIN = "plain"
+    JSON = "json"
 
 
 class DemoTransport(StrEnum):
@@ -103,12 +122,31 @@ def _masked(message: str, outbox: Outbox | None) -> str:
     return message.replace(password, "***") if len(password) >= 4 else message
 
 
+def _fail_json(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    doc = {"ok": False, "exit_code": code, "error": _one_line(message)}
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    raise typer.Exit(code)
+
+
+def _failer(as_json: bool) -> Callable[[str, int], NoReturn]:
+    return _fail_json if as_json else _fail
+
+
 @contextmanager
-def _reported(outbox: Outbox | None = None) -> Iterator[None]:
+def _reported(outbox: Outbox | None = None, *, as_json: bool = False) -> Iterator[None]:
     try:
         yield
     except OutboxError as exc:
-        _fail(_masked(str(exc), outbox))
+        _failer(as_json)(_masked(str(exc), outbox), EXIT_ERROR)
+
+
+def _duration(value: str | None, option: str, *, as_json: bool = False) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, what=option)
+    except ConfigurationError as exc:
+        _failer(as_json)(exc.message, EXIT_USAGE)
 
 
 # ---------------------------------------------------------------------- loading
@@ -193,18 +231,18 @@ def _options(ctx: typer.Context) -> _Options:
 
 
 @contextmanager
-def _opened(ctx: typer.Context) -> Iterator[Outbox]:
+def _opened(ctx: typer.Context, *, as_json: bool = False) -> Iterator[Outbox]:
     options = _options(ctx)
     if not options.app:
-        _fail(
-            f"the {ctx.info_name!r} command needs the application's Outbox: "
-            "--app module:attribute (or OUTBOXER_APP)",
-            code=2,
+        _failer(as_json)(
+            f"the {ctx.command_path.removeprefix('outboxer ')!r} command needs the "
+            "application's Outbox: --app module:attribute (or OUTBOXER_APP)",
+            EXIT_USAGE,
         )
-    with _reported():
+    with _reported(as_json=as_json):
         outbox = load_app(options.app, config=options.config)
     try:
-        with _reported(outbox):
+        with _reported(outbox, as_json=as_json):
             yield outbox
     finally:
         outbox.close()
@@ -221,21 +259,6 @@ def _routes(outbox: Outbox, services: list[str] | None = None) -> list[ServiceRo
 # ---------------------------------------------------------------------- logging
 
 
-_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-
-class _ExtrasFormatter(logging.Formatter):
-    # outboxer logs its context (service, outbox_id, ...) as extra= fields, which the
-    # stock formatters drop: they are appended as key=value.
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        text = super().formatMessage(record)
-        extras = {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS and k[0] != "_"}
-        if extras:
-            text += " " + " ".join(f"{k}={v}" for k, v in extras.items())
-        return text
-
-
 def _log_handler(fmt: LogFormat, console: Console | None = None) -> logging.Handler:
     if fmt is LogFormat.AUTO:
         fmt = LogFormat.RICH if sys.stderr.isatty() or console is not None else LogFormat.PLAIN
@@ -244,10 +267,15 @@ def _log_handler(fmt: LogFormat, console: Console | None = None) -> logging.Hand
         handler = RichHandler(
             console=console or Console(stderr=True), rich_tracebacks=True, show_path=False
         )
-        handler.setFormatter(_ExtrasFormatter("%(message)s"))
-    else:
+        handler.setFormatter(ExtrasFormatter("%(message)s"))
+    elif fmt is LogFormat.JSON:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_ExtrasFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(JsonFormatter())
+    else:
+        # outboxer logs its context (service, outbox_id, ...) as extra= fields, which
+        # the stock formatters drop: they are appended as key=value.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(ExtrasFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     return handler
 
 
@@ -278,6 +306,19 @@ def _logging(
 # ---------------------------------------------------------------------- commands
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("outboxer")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+        return "unknown"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"outboxer {_version()}\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     ctx: typer.Context,
@@ -300,29 +341,48 @@ def _main(
             show_default=False,
         ),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     ctx.obj = _Options(app_spec, config)
 
 
 @app.command()
-def migrate(ctx: typer.Context) -> None:
-    """Create the registered services' outbox tables and indexes (idempotent)."""
+def migrate(
+    ctx: typer.Context,
+    sql: Annotated[
+        bool,
+        typer.Option(
+            "--sql", help="Print the DDL and version rows for review instead of applying them."
+        ),
+    ] = False,
+) -> None:
+    """Bring the outbox tables to the latest schema version (idempotent)."""
     with _opened(ctx) as outbox:
         routes = _routes(outbox)
-        before = outbox.db.table_names()
-        outbox.migrate()
-        after = outbox.db.table_names()
+        if sql:
+            script = sql_script(
+                outbox.migration_plan(), outbox.tables, outbox.db.sync_engine.dialect
+            )
+            sys.stdout.write(script)
+            return
+        plans = {p.table: p for p in outbox.migrate()}
     console = Console()
     console.print(f"database {escape(outbox.db.safe_url)}", highlight=False)
-    table = Table("service", "table", "state")
+    table = Table("service", "table", "version", "state")
     for route in routes:
-        if route.table_name in before:
-            state = "[dim]already present[/]"
-        elif route.table_name in after:
+        plan = plans[route.table_name]
+        if plan.current == 0:
             state = "[green]created[/]"
+        elif plan.up_to_date:
+            state = "[dim]up to date[/]"
         else:
-            state = "[red]missing[/]"
-        table.add_row(route.service_name, route.table_name, state)
+            state = f"[green]upgraded from {plan.current}[/]"
+        table.add_row(route.service_name, route.table_name, str(plan.target), state)
     console.print(table)
 
 
@@ -349,15 +409,27 @@ def run(
         LogLevel.INFO
     ),
     log_format: Annotated[
-        LogFormat, typer.Option(help="rich on a terminal, plain text otherwise (auto).")
+        LogFormat,
+        typer.Option(help="rich on a terminal, plain text otherwise (auto); json for machines."),
     ] = LogFormat.AUTO,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="OUTBOXER_METRICS_PORT",
+            help="Serve Prometheus metrics on this port (/metrics; needs outboxer[prometheus]).",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_addr: Annotated[
+        str, typer.Option(help="Address the metrics endpoint listens on.")
+    ] = "0.0.0.0",  # noqa: S104 - an exporter listens for the scraper
 ) -> None:
     """Run relays and consumers until SIGTERM or SIGINT, then stop cleanly."""
     if relay_only and consume_only:
         _fail(
             "--relay-only and --consume-only are mutually exclusive; "
             "give neither to run relays and consumers together",
-            code=2,
+            code=EXIT_USAGE,
         )
     with _logging(log_level.value, log_format), _opened(ctx) as outbox:
         logger.info(
@@ -366,25 +438,66 @@ def run(
             outbox.db.safe_url,
             extra={"transport": outbox.transport.name},
         )
+        server = None
+        if metrics_port is not None:
+            server = _serve_metrics(outbox, service, metrics_port, metrics_addr)
         try:
             outbox.run(relay=not consume_only, consume=not relay_only, services=service or None)
         except KeyboardInterrupt:
             # Only before the engine installed its signal handlers (during start-up).
             raise typer.Exit(130) from None
+        finally:
+            if server is not None:
+                server.close()
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
+def _serve_metrics(outbox: Outbox, services: list[str] | None, port: int, addr: str) -> Any:
+    try:
+        from outboxer.metrics import PrometheusMetrics  # noqa: PLC0415 - optional extra
+    except ImportError as exc:
+        raise ConfigurationError(str(exc)) from None
+    metrics = PrometheusMetrics(outbox.admin, services=services or None)
+    outbox.add_observer(metrics)
+    try:
+        server = metrics.serve(port, addr)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
+    logger.info(
+        "serving Prometheus metrics on http://%s:%d/metrics",
+        addr,
+        server.port,
+        extra={"metrics_port": server.port},
+    )
+    return server
+
+
+# ---------------------------------------------------------------------- status
+
+
+def _count(n: int | None) -> str:
+    """A count in at most 6 characters (12345, 123.4k, 12.3M)."""
+    if n is None:
         return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m {secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h {minutes:02d}m"
-    return f"{hours // 24}d {hours % 24:02d}h"
+    if n < 100_000:
+        return str(n)
+    for unit, size in (("M", 1e6), ("G", 1e9)):
+        if n < size * 1000:
+            value = n / size
+            return f"{value:.1f}{unit}" if value < 100 else f"{value:.0f}{unit}"
+    return f"{n / 1e12:.0f}T"
+
+
+def _rate(n: int | None) -> str:
+    if n is None:
+        return "-"
+    per_second = n / 60.0
+    if per_second == 0:
+        return "0"
+    if per_second < 10:
+        return f"{per_second:.2f}"
+    if per_second < 1000:
+        return f"{per_second:.1f}"
+    return _count(round(per_second))
 
 
 def _status_json(route: ServiceRoute, st: ServiceStatus | None) -> dict[str, Any]:
@@ -399,7 +512,50 @@ def _status_json(route: ServiceRoute, st: ServiceStatus | None) -> dict[str, Any
         "due": st.due,
         "oldest_due_seconds": st.oldest_due_seconds,
         "dead": st.dead,
+        "published_per_second": _per_second(st.published_last_minute),
+        "consumed_per_second": _per_second(st.consumed_last_minute),
     }
+
+
+def _per_second(n: int | None) -> float | None:
+    return None if n is None else round(n / 60.0, 3)
+
+
+def status_table(
+    results: Sequence[tuple[ServiceRoute, ServiceStatus | None]], title: str | None = None
+) -> Table:
+    """The status of each service as a table that fits 80 columns."""
+    table = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+        caption="rates: per second over the last minute",
+        caption_justify="left",
+    )
+    table.add_column("service\n[dim]table[/]", overflow="fold", min_width=10)
+    headings = ("pending", "published", "consumed", "dead", "due\nnow", "oldest\ndue")
+    for name in (*headings, "pub/s", "con/s"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for route, st in results:
+        name = f"{escape(route.service_name)}\n[dim]{escape(route.table_name)}[/]"
+        if st is None:
+            table.add_row(name, "[yellow]no table", *[""] * 7)
+            continue
+        counts = [_count(st.counts.get(s.value, 0)) for s in Status]
+        if st.dead:
+            counts[list(Status).index(Status.DEAD)] = f"[bold red]{_count(st.dead)}"
+        table.add_row(
+            name,
+            *counts,
+            _count(st.due),
+            format_duration(st.oldest_due_seconds),
+            _rate(st.published_last_minute),
+            _rate(st.consumed_last_minute),
+        )
+    return table
 
 
 @app.command()
@@ -409,45 +565,461 @@ def status(
         list[str] | None,
         typer.Option("--service", "-s", help="Only this service (repeatable).", show_default=False),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Machine-readable output (errors too).")
+    ] = False,
+    fail_on: Annotated[
+        str | None,
+        typer.Option(
+            "--fail-on",
+            metavar="CONDITIONS",
+            help="Exit 4 when a condition holds for a service, e.g. dead>0,oldest-due>60s "
+            "(measures: pending, published, consumed, dead, total, due, oldest-due).",
+            show_default=False,
+        ),
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Refresh a live table until Ctrl-C.")
+    ] = False,
+    interval: Annotated[
+        str, typer.Option(metavar="DURATION", help="Refresh interval of --watch.")
+    ] = "2s",
+    count: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="With --watch: stop after this many refreshes.", show_default=False
+        ),
+    ] = None,
 ) -> None:
-    """Counts by status, rows due now and the age of the oldest due row, per service."""
-    results: list[tuple[ServiceRoute, ServiceStatus | None]] = []
-    with _opened(ctx) as outbox:
-        existing = outbox.db.table_names()
-        for route in _routes(outbox, service):
-            migrated = route.table_name in existing
-            results.append((route, outbox.store(route.service_name).status() if migrated else None))
+    """Counts by status, rows due now, the oldest due row's age and last-minute rates,
+    per service. Exit 1 when the database cannot be read, 3 when tables are missing,
+    4 when a --fail-on condition holds, else 0."""
+    conditions: list[Condition] = []
+    if fail_on is not None:
+        try:
+            conditions = parse_conditions(fail_on)
+        except ConfigurationError as exc:
+            _failer(as_json)(exc.message, EXIT_USAGE)
+    every = _duration(interval, "--interval", as_json=as_json) or 2.0
+    with _opened(ctx, as_json=as_json) as outbox:
+        _routes(outbox, service)
+        if watch:
+            _watch(outbox, service, max(every, 0.1), count)
+            return
+        results = outbox.admin.status(service, rates=True)
+    missing = [route.table_name for route, st in results if st is None]
+    failing = failures(conditions, [st for _, st in results if st is not None])
+    code = EXIT_MISSING_TABLES if missing else EXIT_UNHEALTHY if failing else 0
     if as_json:
         doc = {
+            "ok": code == 0,
+            "exit_code": code,
             "database": outbox.db.safe_url,
             "services": [_status_json(route, st) for route, st in results],
+            "missing_tables": missing,
+            "failing": [str(f) for f in failing],
         }
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-        return
+        raise typer.Exit(code)
     console = Console()
-    table = Table(title=f"outboxer status: {escape(outbox.db.safe_url)}", title_justify="left")
-    width = max((len(r.table_name) for r, _ in results), default=0)
-    table.add_column("service\n[dim]table[/]", min_width=width, no_wrap=True)
-    for name in (*(s.value for s in Status), "due\nnow", "oldest\ndue"):
-        table.add_column(name, justify="right", min_width=max(map(len, name.split())))
-    missing = []
-    for route, st in results:
-        name = f"{route.service_name}\n[dim]{route.table_name}[/]"
-        if st is None:
-            missing.append(route.table_name)
-            table.add_row(name, *["[yellow]-"] * (len(Status) + 2))
-            continue
-        counts = [str(st.counts.get(s.value, 0)) for s in Status]
-        if st.dead:
-            counts[list(Status).index(Status.DEAD)] = f"[bold red]{st.dead}"
-        table.add_row(name, *counts, str(st.due), _age(st.oldest_due_seconds))
-    console.print(table)
+    console.print(f"outboxer status: {escape(outbox.db.safe_url)}", highlight=False)
+    console.print(status_table(results))
     if missing:
         console.print(
             f"[yellow]table(s) missing: {', '.join(missing)}; run `outboxer migrate`",
             highlight=False,
         )
+    for f in failing:
+        console.print(f"[red]failing: {escape(str(f))}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _watch(outbox: Outbox, services: list[str] | None, every: float, count: int | None) -> None:
+    console = Console()
+    title = f"outboxer status: {escape(outbox.db.safe_url)}"
+
+    def render() -> Any:
+        try:
+            results = outbox.admin.status(services, rates=True)
+        except OutboxError as exc:
+            return Text(f"{title}\nerror: {_masked(_one_line(str(exc)), outbox)}", style="red")
+        stamp = datetime.now(UTC).strftime("%H:%M:%S UTC")
+        return status_table(results, title=f"{title}  [dim]{stamp}[/]")
+
+    try:
+        with Live(render(), console=console, auto_refresh=False) as live:
+            shown = 1
+            while count is None or shown < count:
+                time.sleep(every)
+                live.update(render(), refresh=True)
+                shown += 1
+    except KeyboardInterrupt:
+        return
+
+
+# ---------------------------------------------------------------------- dead letters
+
+dead_app = typer.Typer(
+    help="Dead letters: list, show, requeue, purge.", no_args_is_help=True, add_completion=False
+)
+app.add_typer(dead_app, name="dead")
+
+ServiceOption = Annotated[
+    list[str] | None,
+    typer.Option("--service", "-s", help="Only this service (repeatable).", show_default=False),
+]
+EventTypeOption = Annotated[
+    str | None, typer.Option("--event-type", "-t", help="Only this event type.", show_default=False)
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (errors too).")]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def message_json(m: OutboxMessage) -> dict[str, Any]:
+    """A row as JSON: every column, the envelope decoded, the headers parsed."""
+    try:
+        envelope: Any = m.envelope().to_dict()
+    except OutboxError:
+        envelope = None
+    return {
+        "id": m.id,
+        "service": m.service_name,
+        "event_type": m.event_type,
+        "status": m.status.value,
+        "message_key": m.message_key,
+        "topic": m.topic,
+        "attempts": m.retry_count,
+        "max_retry": m.max_retry,
+        "requeue_count": m.requeue_count,
+        "requeued_at": _iso(m.requeued_at),
+        "created_at": _iso(m.created_at),
+        "updated_at": _iso(m.updated_at),
+        "next_retry_at": _iso(m.next_retry_at),
+        "published_at": _iso(m.published_at),
+        "consumed_at": _iso(m.consumed_at),
+        "last_error": m.last_error,
+        "headers": m.header_map(),
+        "envelope": envelope,
+        "payload": None if envelope is not None else m.payload,
+    }
+
+
+def _ago(value: datetime) -> str:
+    return format_duration(max(0.0, (datetime.now(UTC) - value).total_seconds()))
+
+
+@dead_app.command("list")
+def dead_list(
+    ctx: typer.Context,
+    service: ServiceOption = None,
+    event_type: EventTypeOption = None,
+    older_than: Annotated[
+        str | None,
+        typer.Option(metavar="DURATION", help="Died at least this long ago.", show_default=False),
+    ] = None,
+    newer_than: Annotated[
+        str | None,
+        typer.Option(metavar="DURATION", help="Died less than this long ago.", show_default=False),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="Rows per page.")] = 50,
+    after: Annotated[
+        str | None,
+        typer.Option(metavar="CURSOR", help="Next page: the cursor printed by the previous one."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Dead letters, oldest first per service, one page at a time."""
+    older = _duration(older_than, "--older-than", as_json=as_json)
+    newer = _duration(newer_than, "--newer-than", as_json=as_json)
+    with _opened(ctx, as_json=as_json) as outbox:
+        _routes(outbox, service)
+        page = outbox.admin.dead_letters(
+            services=service,
+            event_type=event_type,
+            older_than=older,
+            newer_than=newer,
+            limit=limit,
+            after=after,
+        )
+    if as_json:
+        doc = {"messages": [message_json(m) for m in page.messages], "next_after": page.next_after}
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    console = Console()
+    if not page.messages:
+        console.print("no dead letters")
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("service", overflow="fold", max_width=16)
+    table.add_column("event type", overflow="fold", max_width=24)
+    table.add_column("tries", justify="right", no_wrap=True)
+    table.add_column("died", justify="right", no_wrap=True)
+    table.add_column("last error", overflow="ellipsis", no_wrap=True, ratio=1, min_width=12)
+    for m in page.messages:
+        table.add_row(
+            str(m.id),
+            escape(m.service_name),
+            escape(m.event_type),
+            str(m.retry_count) + (f" r{m.requeue_count}" if m.requeue_count else ""),
+            _ago(m.updated_at) + " ago",
+            escape(_first_line(m.last_error)),
+        )
+    console.print(table)
+    if page.next_after:
+        console.print(f"[dim]more: --after {page.next_after}[/]", highlight=False)
+
+
+def _first_line(text: str | None) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+@dead_app.command("show")
+def dead_show(
+    ctx: typer.Context,
+    outbox_id: Annotated[int, typer.Argument(metavar="ID", help="The outbox id.")],
+    service: Annotated[
+        str | None,
+        typer.Option("--service", "-s", help="The service, if several have this id."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """One message (any status): its envelope, attempts, headers and full last error."""
+    with _opened(ctx, as_json=as_json) as outbox:
+        m = outbox.admin.message(outbox_id, service=service)
+    doc = message_json(m)
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    console = Console()
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    status = f"[bold red]{m.status.value}[/]" if m.status is Status.DEAD else m.status.value
+    rows = [
+        ("id", str(m.id)),
+        ("service", escape(m.service_name)),
+        ("event type", escape(m.event_type)),
+        ("status", status),
+        ("key", escape(m.message_key)),
+        ("attempts", f"{m.retry_count} of {m.max_retry}"),
+        ("created", f"{doc['created_at']} ({_ago(m.created_at)} ago)"),
+        ("last change", f"{doc['updated_at']} ({_ago(m.updated_at)} ago)"),
+    ]
+    if m.requeue_count:
+        rows.append(("requeued", f"{m.requeue_count} time(s), last {doc['requeued_at']}"))
+    if m.headers:
+        rows.append(("headers", escape(json.dumps(m.header_map()))))
+    for key, value in rows:
+        grid.add_row(key, value)
+    console.print(grid)
+    console.print("[bold]envelope[/]")
+    if doc["envelope"] is not None:
+        console.print_json(data=doc["envelope"])
+    else:
+        console.print(escape(m.payload), highlight=False)
+    console.print("[bold]last error[/]")
+    console.print(escape(m.last_error or "-"), highlight=False, soft_wrap=True)
+
+
+@dead_app.command("requeue")
+def dead_requeue(
+    ctx: typer.Context,
+    ids: Annotated[
+        list[int] | None,
+        typer.Argument(metavar="[ID]...", help="Outbox ids of dead letters.", show_default=False),
+    ] = None,
+    service: ServiceOption = None,
+    event_type: EventTypeOption = None,
+    since: Annotated[
+        str | None,
+        typer.Option(metavar="DURATION", help="Only those that died within this long."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be requeued; change nothing.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Send dead letters again: pending, due now, a fresh attempt count (the row notes
+    that it was requeued and when). Give ids, or --service (with --event-type/--since)."""
+    if not ids and not service:
+        _failer(as_json)(
+            "name the dead letters to requeue: their ids, or --service S "
+            "(optionally with --event-type and --since)",
+            EXIT_USAGE,
+        )
+    window = _duration(since, "--since", as_json=as_json)
+    with _opened(ctx, as_json=as_json) as outbox:
+        done = outbox.admin.requeue(
+            ids or None,
+            services=service,
+            event_type=event_type,
+            since=window,
+            dry_run=dry_run,
+        )
+    total = sum(done.values())
+    if as_json:
+        doc = {"requeued": total, "by_service": done, "dry_run": dry_run}
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    verb = "would requeue" if dry_run else "requeued"
+    detail = ", ".join(f"{svc} {n}" for svc, n in done.items())
+    Console().print(f"{verb} {total} dead letter(s)" + (f": {detail}" if detail else ""))
+
+
+@dead_app.command("purge")
+def dead_purge(
+    ctx: typer.Context,
+    older_than: Annotated[
+        str, typer.Option(metavar="DURATION", help="Delete dead letters that died this long ago.")
+    ],
+    service: ServiceOption = None,
+    event_type: EventTypeOption = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, max=10_000, help="Rows per delete.", show_default=False)
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be deleted; delete nothing.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete dead letters older than a duration, in small batches."""
+    age = _duration(older_than, "--older-than", as_json=as_json)
+    with _opened(ctx, as_json=as_json) as outbox:
+        _routes(outbox, service)
+        result = _purge(
+            outbox,
+            as_json,
+            dead_older_than=age,
+            services=service,
+            event_type=event_type,
+            batch_size=batch_size,
+            pause=None,
+            dry_run=dry_run,
+        )
+    _report_purge(result, dry_run, as_json)
+
+
+@app.command()
+def purge(
+    ctx: typer.Context,
+    consumed_older_than: Annotated[
+        str | None,
+        typer.Option(metavar="DURATION", help="Delete rows consumed this long ago."),
+    ] = None,
+    published_older_than: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="Delete published rows this old, of services with no handlers in this app "
+            "(consumed elsewhere).",
+        ),
+    ] = None,
+    dead_older_than: Annotated[
+        str | None,
+        typer.Option(metavar="DURATION", help="Delete dead letters that died this long ago."),
+    ] = None,
+    service: ServiceOption = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=10_000, help="Rows per delete (default: retention.batch_size, 500)."
+        ),
+    ] = None,
+    pause: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION", help="Pause between batches (default: retention.batch_pause)."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be deleted; delete nothing.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Retention: delete old consumed (and published, dead) rows in small batches, so
+    no long lock is held and replicas see no spike."""
+    ages = {
+        "consumed_older_than": _duration(consumed_older_than, "--consumed-older-than"),
+        "published_older_than": _duration(published_older_than, "--published-older-than"),
+        "dead_older_than": _duration(dead_older_than, "--dead-older-than"),
+    }
+    if all(v is None for v in ages.values()):
+        _failer(as_json)(
+            "nothing to purge: give --consumed-older-than, --published-older-than "
+            "or --dead-older-than",
+            EXIT_USAGE,
+        )
+    pause_s = _duration(pause, "--pause", as_json=as_json)
+    with _opened(ctx, as_json=as_json) as outbox:
+        _routes(outbox, service)
+        result = _purge(
+            outbox,
+            as_json,
+            services=service,
+            batch_size=batch_size,
+            pause=pause_s,
+            dry_run=dry_run,
+            **ages,
+        )
+    _report_purge(result, dry_run, as_json)
+
+
+def _purge(
+    outbox: Outbox,
+    as_json: bool,
+    *,
+    batch_size: int | None,
+    pause: float | None,
+    **options: Any,
+) -> PurgeResult:
+    retention = outbox.settings.retention
+    size = batch_size or retention.batch_size
+    wait = retention.batch_pause if pause is None else pause
+    if as_json or not sys.stderr.isatty():
+        return outbox.admin.purge(batch_size=size, pause=wait, **options)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("purging", total=None)
+
+        def report(service: str, status: Status, deleted: int) -> None:
+            progress.update(task, description=f"{service} {status.value}: {deleted:,} deleted")
+
+        return outbox.admin.purge(batch_size=size, pause=wait, progress=report, **options)
+
+
+def _report_purge(result: PurgeResult, dry_run: bool, as_json: bool) -> None:
+    if as_json:
+        doc = {
+            "dry_run": dry_run,
+            "total": result.total,
+            "deleted": [
+                {"service": svc, "status": st.value, "rows": n}
+                for (svc, st), n in result.deleted.items()
+            ],
+            "skipped": result.skipped,
+        }
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    console = Console()
+    table = Table("service", "status", "would delete" if dry_run else "deleted", box=box.SIMPLE)
+    for (svc, st), n in result.deleted.items():
+        table.add_row(escape(svc), st.value, f"{n:,}")
+    console.print(table)
+    for note in result.skipped:
+        console.print(f"[dim]{escape(note)}[/]", highlight=False)
+    verb = "would delete" if dry_run else "deleted"
+    console.print(f"{verb} {result.total:,} row(s)")
 
 
 @app.command()

@@ -10,10 +10,13 @@ acknowledged to the transport.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import inspect
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from outboxer.aio import in_daemon_thread, sleep_unless
 from outboxer.backoff import ErrorBackoff
@@ -22,7 +25,8 @@ from outboxer.database.ops import BatchOutcome, Handler, Outcome, op_dispatch
 from outboxer.database.runner import AsyncRunner, SyncRunner, callable_name, is_async_callable
 from outboxer.envelope import Envelope
 from outboxer.errors import HandlerError, describe_error
-from outboxer.hooks import Observer
+from outboxer.hooks import Hooks, Observer
+from outboxer.logs import log_dead, log_retried
 from outboxer.models import Status
 from outboxer.routing import RouteRegistry, ServiceRoute
 from outboxer.settings import OutboxSettings
@@ -101,6 +105,32 @@ class Dispatcher:
         """Skip the fast path: every handler in its own savepoint from the start."""
         self._ctx = storage.op_context(route)
         self._async_types = {e for e, h in handlers.items() if is_async_callable(h)}
+        self._headers: dict[int, Mapping[str, bytes]] = {}
+        if isinstance(hooks, Hooks) and hooks.wants("handler_context"):
+            # Observers (tracing) wrap each handler call: a span continuing the trace
+            # in the message's headers.
+            self.handlers = {e: self._in_context(h) for e, h in handlers.items()}
+
+    def _in_context(self, fn: Handler) -> Handler:
+        hooks, service, headers = self.hooks, self.route.service_name, self._headers
+
+        if is_async_callable(fn):
+
+            @functools.wraps(fn)
+            async def run_async(event: Envelope, tx: Any) -> Any:
+                cm = hooks.handler_context(service, event, headers.get(event.outbox_id, {}))
+                with cm or contextlib.nullcontext():
+                    return await fn(event, tx)
+
+            return run_async
+
+        @functools.wraps(fn)
+        def run(event: Envelope, tx: Any) -> Any:
+            cm = hooks.handler_context(service, event, headers.get(event.outbox_id, {}))
+            with cm or contextlib.nullcontext():
+                return fn(event, tx)
+
+        return run
 
     def decode(self, batch: Sequence[IncomingMessage], *, report: bool = True) -> list[Envelope]:
         """Valid envelopes of a batch; the rest are skipped (logged and counted when
@@ -113,7 +143,9 @@ class Dispatcher:
                     if report:
                         self._skipped(msg, "no_outbox_id", "message without outbox_id skipped")
                     continue
-                envelopes.append(Envelope.from_dict(obj))
+                env = Envelope.from_dict(obj)
+                envelopes.append(env)
+                self._headers[env.outbox_id] = msg.headers
             except Exception as exc:  # noqa: BLE001 - any undecodable input (RecursionError too)
                 if report:
                     self._skipped(msg, "undecodable", "undecodable message skipped", exc)
@@ -140,6 +172,7 @@ class Dispatcher:
         """
         if first_pass:
             self.hooks.messages_received(self.route.service_name, len(batch))
+        self._headers.clear()
         envelopes = self.decode(batch, report=first_pass)
         total = BatchOutcome()
         for is_async, segment in self._segments(envelopes):
@@ -202,21 +235,20 @@ class Dispatcher:
     def _report(self, out: BatchOutcome) -> None:
         service = self.route.service_name
         hooks = self.hooks
+        for event_type, seconds in out.latencies:
+            hooks.event_latency(service, event_type, seconds)
         for event_type, seconds, error in out.timings:
             hooks.handler_finished(service, event_type, seconds, error)
-        for oid, exc in out.handler_errors:
-            logger.warning(
-                "handler failed for outbox id %s: %s",
-                oid,
-                exc,
-                exc_info=exc,
-                extra={"service": service, "outbox_id": oid},
-            )
+        errors = dict(out.handler_errors)
         if out.consumed:
             hooks.messages_consumed(service, len(out.consumed))
+        # One line per failed attempt or dead letter; tracebacks at DEBUG (and in
+        # last_error), not a page per attempt.
         for o in out.retried:
+            log_retried(logger, **_fields(service, o), error=errors.get(o.outbox_id))
             hooks.message_retried(service, o.outbox_id, o.attempts, o.reason)
         for o in out.dead:
+            log_dead(logger, **_fields(service, o), error=errors.get(o.outbox_id))
             hooks.message_dead(service, o.outbox_id, o.attempts, o.reason)
         if out.skipped:
             hooks.messages_skipped(service, "settled", out.skipped)
@@ -261,6 +293,16 @@ class Dispatcher:
             if out.failed_fast is not None:
                 tx.rollback()
             return out
+
+
+def _fields(service: str, o: Outcome) -> dict[str, Any]:
+    return {
+        "service": service,
+        "outbox_id": o.outbox_id,
+        "event_type": o.event_type,
+        "attempts": o.attempts,
+        "reason": o.reason,
+    }
 
 
 async def consume_loop(

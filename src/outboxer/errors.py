@@ -93,6 +93,10 @@ class MessageNotFoundError(StoreError, LookupError):
     """No outbox row with that id in the store's table."""
 
 
+class AmbiguousMessageError(MessageNotFoundError):
+    """The outbox id exists in several services' tables: name the service."""
+
+
 class TransactionRequiredError(OutboxError, TypeError):
     """The object given as the caller's transaction is not one outboxer can write on."""
 

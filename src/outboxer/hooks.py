@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -52,13 +54,6 @@ class Observer:
     def rows_undecodable(self, service: str, count: int) -> None:
         """Stored rows whose envelope cannot be decoded were marked dead."""
 
-    def outage_started(self, service: str, reason: str) -> None:
-        """The transport failed as a whole; the relay holds its rows (no attempt is
-        counted) and probes again with a growing delay."""
-
-    def outage_ended(self, service: str, seconds: float) -> None:
-        """The transport accepted messages again after ``seconds`` of outage."""
-
     def relay_round(self, service: str, claimed: int, seconds: float) -> None:
         """One relay round (claim, send, mark) took ``seconds``."""
 
@@ -85,14 +80,55 @@ class Observer:
     ) -> None:
         """A handler returned (``error`` None) or raised, after ``seconds``."""
 
+    def event_latency(self, service: str, event_type: str, seconds: float) -> None:
+        """An event's handler starts ``seconds`` after the event was written (its
+        ``created_at``, the database clock at ``publish``, close to its commit)."""
+
     # ---------------------------------------------------------------- both
 
     def loop_error(self, service: str, loop: str, error: BaseException) -> None:
-        """A whole round of a ``relay`` or ``consumer`` loop failed; it will retry."""
+        """A whole round of a ``relay``, ``consumer`` or ``sweeper`` loop failed; it
+        will retry."""
+
+    def outage_started(self, service: str, reason: str) -> None:
+        """The transport (broker) became unusable as a whole for ``service``: the
+        relay backs off without spending attempts. Reported once per outage."""
+
+    def outage_ended(self, service: str, seconds: float) -> None:
+        """The outage reported by :meth:`outage_started` ended after ``seconds``."""
+
+    # ---------------------------------------------------------------- retention
+
+    def rows_purged(self, service: str, status: str, count: int) -> None:
+        """The retention sweep deleted ``count`` rows of ``status``."""
+
+    # ---------------------------------------------------------------- propagation
+    # These three may change what travels with an event (tracing); the others only
+    # report.
+
+    def inject_context(self, service: str, event_type: str, carrier: dict[str, str]) -> None:
+        """``publish`` is writing an event: add propagation fields (a W3C
+        ``traceparent``) to ``carrier``. They are stored with the row (``headers``)
+        and sent with the message as headers."""
+
+    def message_sending(
+        self, service: str, outbox_id: int, event_type: str, headers: dict[str, str]
+    ) -> None:
+        """The relay is about to send a row; ``headers`` holds what was stored at
+        ``publish`` and may be changed (to continue the trace from this send)."""
+
+    def handler_context(
+        self, service: str, event: Any, headers: Mapping[str, bytes]
+    ) -> AbstractContextManager[Any] | None:
+        """A context manager the handler of ``event`` (an :class:`Envelope`) runs
+        inside, e.g. a span continuing the trace in the message ``headers``; or None."""
+        return None
 
 
 _METHODS = tuple(
-    name for name, value in vars(Observer).items() if callable(value) and not name.startswith("_")
+    name
+    for name, value in vars(Observer).items()
+    if callable(value) and not name.startswith("_") and name != "handler_context"
 )
 
 
@@ -120,6 +156,57 @@ class Hooks(Observer):
     def observers(self) -> tuple[Observer, ...]:
         return tuple(self._observers)
 
+    def wants(self, name: str) -> bool:
+        """True when an attached observer overrides report ``name`` (so a loop can skip
+        preparing a per-message report nobody listens to)."""
+        default = getattr(Observer, name)
+        return any(getattr(type(o), name, default) is not default for o in self._observers)
+
+    def handler_context(
+        self, service: str, event: Any, headers: Mapping[str, bytes]
+    ) -> AbstractContextManager[Any] | None:
+        contexts = []
+        for observer in self._observers:
+            try:
+                cm = observer.handler_context(service, event, headers)
+            except Exception:
+                logger.exception("observer %r failed in handler_context", observer)
+                continue
+            if cm is not None:
+                contexts.append((observer, cm))
+        return _Contexts(contexts) if contexts else None
+
+
+class _Contexts(AbstractContextManager[None]):
+    """Observers' handler contexts entered in order, exited in reverse; their own
+    errors are logged, never raised, and a handler's exception is never swallowed."""
+
+    def __init__(self, contexts: list[tuple[Observer, AbstractContextManager[Any]]]) -> None:
+        self._contexts = contexts
+        self._entered: list[tuple[Observer, AbstractContextManager[Any]]] = []
+
+    def __enter__(self) -> None:
+        for observer, cm in self._contexts:
+            try:
+                cm.__enter__()
+            except Exception:
+                logger.exception("observer %r failed entering handler_context", observer)
+                continue
+            self._entered.append((observer, cm))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for observer, cm in reversed(self._entered):
+            try:
+                cm.__exit__(exc_type, exc, tb)
+            except Exception:
+                logger.exception("observer %r failed leaving handler_context", observer)
+        self._entered = []
+
 
 def _fan_out(name: str) -> Any:
     def report(self: Hooks, *args: Any) -> None:
@@ -138,6 +225,29 @@ for _name in _METHODS:
     setattr(Hooks, _name, _fan_out(_name))
 
 
+class LogReports(Observer):
+    """Logs what no loop logs itself: an outage once when it starts (ERROR) and once
+    when it ends (INFO), whatever the number of messages waiting. Attached to every
+    :class:`~outboxer.Outbox`."""
+
+    def outage_started(self, service: str, reason: str) -> None:
+        logger.error(
+            "outage: the transport is unusable for service %s; relaying waits without "
+            "spending attempts: %s",
+            service,
+            reason,
+            extra={"service": service},
+        )
+
+    def outage_ended(self, service: str, seconds: float) -> None:
+        logger.info(
+            "outage over for service %s after %.1fs; relaying resumes",
+            service,
+            seconds,
+            extra={"service": service, "outage_seconds": round(seconds, 3)},
+        )
+
+
 @dataclass
 class Stats(Observer):
     """Per-service counters of this process; ``totals()`` sums them over services.
@@ -146,7 +256,9 @@ class Stats(Observer):
     ``send_dead``, ``redeliver_failed``, ``undecodable_rows``. consumer: ``received``, ``consumed``,
     ``retried``, ``dead``, ``skipped`` (already consumed/dead, missing row,
     duplicate), ``undecodable``, ``no_outbox_id``, ``handler_errors``. publish:
-    ``published_events``.
+    ``published_events``. ``dead`` counts every message that became a dead letter
+    (after failed handler attempts, or failed sends that used up ``max_retry``).
+    ``outages``; retention: ``purged_consumed``, ``purged_published``, ``purged_dead``.
     """
 
     by_service: dict[str, Counter[str]] = field(default_factory=dict)
@@ -192,9 +304,6 @@ class Stats(Observer):
     def rows_undecodable(self, service: str, count: int) -> None:
         self.add(service, "undecodable_rows", count)
 
-    def outage_started(self, service: str, reason: str) -> None:
-        self.add(service, "outages")
-
     def messages_received(self, service: str, count: int) -> None:
         self.add(service, "received", count)
 
@@ -215,3 +324,9 @@ class Stats(Observer):
     ) -> None:
         if error is not None:
             self.add(service, "handler_errors")
+
+    def outage_started(self, service: str, reason: str) -> None:
+        self.add(service, "outages")
+
+    def rows_purged(self, service: str, status: str, count: int) -> None:
+        self.add(service, f"purged_{status}", count)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,6 +43,12 @@ class OutboxMessage:
     last_error: str | None
     created_at: datetime
     updated_at: datetime
+    headers: str | None = None
+    """Propagation headers captured at publish (W3C ``traceparent``), as JSON."""
+    requeue_count: int = 0
+    """How many times an operator requeued this row (dead letters given a new start)."""
+    requeued_at: datetime | None = None
+    """When it was last requeued."""
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any], **replace: Any) -> OutboxMessage:
@@ -53,6 +60,23 @@ class OutboxMessage:
     def envelope(self) -> Envelope:
         """The envelope the relay sends for this row (raises EnvelopeDecodeError)."""
         return Envelope.from_stored(self.payload, self.id, self.message_key)
+
+    def header_map(self) -> dict[str, str]:
+        """The stored propagation headers (``{}`` when none or unreadable)."""
+        return parse_headers(self.headers)
+
+
+def parse_headers(text: str | None) -> dict[str, str]:
+    """Stored headers JSON as a ``str -> str`` dict; anything else is ignored."""
+    if not text:
+        return {}
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(obj, dict):
+        return {}
+    return {str(k): v for k, v in obj.items() if isinstance(v, str)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +103,10 @@ class ServiceStatus:
     due: int
     oldest_due_seconds: float | None
     """Age of the oldest row that is due now (how far the relay is behind)."""
+    published_last_minute: int | None = None
+    """Rows handed to the transport in the last 60 s (``None``: not measured)."""
+    consumed_last_minute: int | None = None
+    """Rows consumed in the last 60 s (``None``: not measured)."""
 
     @property
     def dead(self) -> int:

@@ -15,18 +15,20 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, MetaData, Table
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from outboxer.admin import Admin
 from outboxer.backoff import RetryPolicy
 from outboxer.consumer import Handlers
+from outboxer.database import migrations
 from outboxer.database.engines import Database
+from outboxer.database.migrations import TablePlan
 from outboxer.database.ops import Handler
 from outboxer.database.schema import Tables
 from outboxer.envelope import JsonDefault
-from outboxer.errors import ConfigurationError, StoreError
-from outboxer.hooks import Hooks, Observer, Stats
+from outboxer.errors import ConfigurationError
+from outboxer.hooks import Hooks, LogReports, Observer, Stats
 from outboxer.models import Event
 from outboxer.publish import Publisher
 from outboxer.routing import RouteRegistry, ServiceRoute
@@ -85,7 +87,7 @@ class Outbox:
         self.tables = Tables()
         self.stats = Stats()
         """Counters of what this process's relays, consumers and publishes did."""
-        self.hooks = Hooks([self.stats, *observers])
+        self.hooks = Hooks([self.stats, LogReports(), *observers])
         self.storage = Storage(
             self.db,
             self.tables,
@@ -100,6 +102,9 @@ class Outbox:
         )
         self._publisher = Publisher(self.storage, self.hooks)
         self._handlers = Handlers()
+        self.admin = Admin(self.storage, self.handled_services)
+        """Dead letters, retention and status across the services (see
+        :class:`outboxer.admin.Admin`)."""
         # Built now so a bad transport is refused at construction; it connects on run.
         self.transport: Transport = make_transport(
             transport if transport is not None else settings.transport, settings
@@ -215,20 +220,19 @@ class Outbox:
 
     # ------------------------------------------------------------------ schema
 
-    def migrate(self) -> None:
-        """Create every registered service's table and indexes that do not exist yet."""
-        try:
-            with self.db.sync_engine.begin() as conn:
-                self.metadata.create_all(conn, checkfirst=True)
-        except SQLAlchemyError as exc:
-            raise StoreError(f"migration failed: {exc}", url=self.db.safe_url) from exc
+    def migrate(self) -> list[TablePlan]:
+        """Bring every registered service's table to the latest schema version: create
+        missing tables, apply the missing steps (idempotent; see
+        :mod:`outboxer.database.migrations`). Returns what was done per table."""
+        return migrations.migrate(self.db, self.tables)
 
-    async def migrate_async(self) -> None:
-        try:
-            async with self.db.async_engine.begin() as conn:
-                await conn.run_sync(self.metadata.create_all, checkfirst=True)
-        except SQLAlchemyError as exc:
-            raise StoreError(f"migration failed: {exc}", url=self.db.safe_url) from exc
+    async def migrate_async(self) -> list[TablePlan]:
+        """:meth:`migrate` on a worker thread (DDL runs on the sync driver)."""
+        return await asyncio.to_thread(self.migrate)
+
+    def migration_plan(self) -> list[TablePlan]:
+        """What :meth:`migrate` would do, without changing anything."""
+        return migrations.plan(self.db, self.tables)
 
     # ------------------------------------------------------------------ stores
 

@@ -11,6 +11,7 @@ that transaction commits.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,7 +39,12 @@ class Publisher:
     ) -> tuple[ServiceRoute, dict[str, Any]]:
         event_type = validate_event_type(event_type)
         route = self.storage.routes.resolve_event(event_type)
-        return route, self.storage.rows.event(route, event_type, payload, **options)
+        values = self.storage.rows.event(route, event_type, payload, **options)
+        carrier: dict[str, str] = {}
+        self.hooks.inject_context(route.service_name, event_type, carrier)
+        if carrier:  # the trace context of the caller, continued by the consumer
+            values["headers"] = json.dumps(carrier, separators=(",", ":"))
+        return route, values
 
     def publish(
         self, tx: Session | Connection, event_type: str, payload: Any, **options: Any

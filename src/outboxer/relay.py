@@ -27,7 +27,9 @@ from outboxer.backoff import ErrorBackoff
 from outboxer.database.ops import Claimed
 from outboxer.envelope import wire_event
 from outboxer.errors import EnvelopeDecodeError
-from outboxer.hooks import Observer
+from outboxer.hooks import Hooks, Observer
+from outboxer.logs import log_dead
+from outboxer.models import Status, parse_headers
 from outboxer.routing import ServiceRoute
 from outboxer.settings import OutboxSettings
 from outboxer.store import Store
@@ -75,6 +77,8 @@ class Relay:
         self.outage_since: float | None = None
         """Monotonic time the current transport outage began (None: no outage)."""
         self.next_delay = 0.0
+        # Per-message report only when someone listens (tracing).
+        self._headers_hook = isinstance(hooks, Hooks) and hooks.wants("message_sending")
 
     @property
     def pipeline_depth(self) -> int:
@@ -118,7 +122,9 @@ class Relay:
                         "outbox_ids": [m.id for m in found[:20]],
                     },
                 )
-            again = [Claimed(m.id, m.message_key, m.payload, m.retry_count) for m in found]
+            again = [
+                Claimed(m.id, m.message_key, m.payload, m.retry_count, m.headers) for m in found
+            ]
         rows = await self.store.claim_to_send_async(size - len(again), self.settings.lease)
         self.hooks.batch_claimed(self.route.service_name, len(rows), len(again))
         if not rows and not again:
@@ -140,6 +146,11 @@ class Relay:
                 )
                 broken.append((row.id, f"stored payload is not a valid envelope: {exc}"))
                 continue
+            headers = parse_headers(row.headers)
+            if self._headers_hook:
+                self.hooks.message_sending(
+                    self.route.service_name, row.id, wire.event_type, headers
+                )
             outgoing.append(
                 OutgoingMessage(
                     row.id,
@@ -149,6 +160,7 @@ class Relay:
                     wire.event_id,
                     wire.event_type,
                     wire.event_version,
+                    headers,
                 )
             )
         for oid, reason in broken:
@@ -195,30 +207,19 @@ class Relay:
 
     def _outage_begins(self, reason: str, exc: BaseException | None) -> None:
         service = self.route.service_name
-        if self.outage_since is not None:
-            logger.debug("transport still unavailable: %s", reason, extra={"service": service})
-            return
-        self.outage_since = time.monotonic()
-        logger.warning(
-            "transport unavailable, holding messages without counting attempts: %s",
-            reason,
-            exc_info=exc,
-            extra={"service": service, "transport": self.transport.name},
-        )
-        self.hooks.outage_started(service, reason)
+        # The hooks log the outage once at its start and once at its end (LogReports);
+        # the details of each failed probe are for DEBUG.
+        logger.debug("transport unavailable: %s", reason, exc_info=exc, extra={"service": service})
+        if self.outage_since is None:
+            self.outage_since = time.monotonic()
+            self.hooks.outage_started(service, reason)
 
     def _outage_over(self) -> None:
         since, self.outage_since = self.outage_since, None
         if since is None:
             return
         self._outage.reset()
-        seconds = time.monotonic() - since
-        logger.warning(
-            "transport available again after %.1fs",
-            seconds,
-            extra={"service": self.route.service_name, "transport": self.transport.name},
-        )
-        self.hooks.outage_ended(self.route.service_name, seconds)
+        self.hooks.outage_ended(self.route.service_name, time.monotonic() - since)
 
     async def _hold(self, outgoing: list[OutgoingMessage], redelivered: AbstractSet[int]) -> None:
         """An outage: give the claimed rows back, due again when the relay will probe
@@ -279,7 +280,8 @@ class Relay:
         if resend_failed:
             self.hooks.resend_failed(service, len(resend_failed), resend_failed[0])
         if failed:
-            await self.store.mark_failed_many_async(failed)
+            statuses = await self.store.mark_failed_many_async(failed)
+            self._report_dead(outgoing, failed, statuses)
             logger.warning(
                 "%d message(s) not acknowledged by the broker; will retry: %s",
                 len(failed),
@@ -294,6 +296,30 @@ class Relay:
             self.hooks.batch_failed(
                 service, len(failed), sum(len(ids) for ids in dead.values()), first
             )
+
+    def _report_dead(
+        self,
+        outgoing: list[OutgoingMessage],
+        failed: list[tuple[int, str]],
+        statuses: dict[int, Status | None],
+    ) -> None:
+        """Failed sends that used up ``max_retry``: one ERROR line and a report each."""
+        by_id = {m.outbox_id: m for m in outgoing}
+        service = self.route.service_name
+        for oid, reason in failed:
+            if statuses.get(oid) is Status.DEAD:
+                msg = by_id[oid]
+                attempts = msg.retry_count + 1
+                event_type = msg.event_type
+                log_dead(
+                    logger,
+                    service=service,
+                    outbox_id=oid,
+                    event_type=event_type,
+                    attempts=attempts,
+                    reason=reason,
+                )
+                self.hooks.message_dead(service, oid, attempts, reason)
 
     # ---------------------------------------------------------------- the loop
 

@@ -15,12 +15,14 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
+from outboxer.admin import Admin
 from outboxer.backoff import ErrorBackoff
 from outboxer.consumer import Dispatcher, Handlers, consume_loop
 from outboxer.database.ops import Handler
 from outboxer.errors import ConfigurationError, OutboxError
 from outboxer.hooks import Hooks
 from outboxer.relay import Relay
+from outboxer.retention import start_sweeper
 from outboxer.routing import ServiceRoute
 from outboxer.settings import OutboxSettings
 from outboxer.signals import stop_on_signals
@@ -45,7 +47,8 @@ class _Running:
     relays: list[asyncio.Task[None]] = field(default_factory=list)
     consumers: list[asyncio.Task[None]] = field(default_factory=list)
     side: list[asyncio.Task[None]] = field(default_factory=list)
-    """Helpers that run until cancelled (the notification listener)."""
+    """Side tasks (the notification listener, the retention sweep): stopped with the
+    relays, never supervised."""
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:
@@ -192,6 +195,13 @@ class Runtime:
                     relay.run(running.relay_stop), name=f"outboxer-relay-{route.service_name}"
                 )
             )
+        running.side += start_sweeper(
+            Admin(self.storage, lambda: set(plan.handlers)),
+            self.settings.retention,
+            {r.service_name for r in [*plan.relay, *plan.consume]},
+            self.hooks,
+            running.relay_stop,
+        )
         logger.info(
             "outboxer running",
             extra={
@@ -238,7 +248,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.shutdown_timeout
         # Relays first: an in-flight batch may still need the consumers (local transport).
-        await _finish(running.relays, deadline - loop.time())
+        await _finish([*running.relays, *running.side], deadline - loop.time())
         running.consume_stop.set()
         await _finish(running.consumers, deadline - loop.time())
         for task in running.side:

@@ -20,12 +20,13 @@ and sections in the TOML file (``./outboxer.toml``, or the path in
 
 from __future__ import annotations
 
+import difflib
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,6 +35,7 @@ from pydantic_settings import (
 )
 
 from outboxer.backoff import DEFAULT_MAX_RETRY, check_max_retry
+from outboxer.durations import parse_duration
 from outboxer.envelope import DEFAULT_MAX_PAYLOAD_BYTES
 from outboxer.errors import ConfigurationError
 from outboxer.routing import ServiceOverride, validate_table_name, validate_topic_name
@@ -49,9 +51,58 @@ DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_LEASE = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_REDELIVER_AFTER = 600.0
+DEFAULT_SWEEP_INTERVAL = 3600.0
+DEFAULT_PURGE_BATCH = 500
+DEFAULT_PURGE_PAUSE = 0.05
 
 _config_file: ContextVar[Path | None] = ContextVar("outboxer_config_file", default=None)
 _isolated: ContextVar[bool] = ContextVar("outboxer_settings_isolated", default=False)
+
+
+def _seconds(value: Any) -> Any:
+    # "7d", "15m", "30s" or a number of seconds.
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    try:
+        return parse_duration(value)
+    except ConfigurationError as exc:
+        raise ValueError(exc.message) from None
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds)]
+"""A duration in seconds; configuration may write it ``30s``, ``15m``, ``12h``, ``7d``."""
+
+
+class RetentionSettings(BaseModel):
+    """What the retention sweep of ``outboxer run`` deletes, and how (``[retention]``).
+
+    Nothing is deleted unless an age is set. Ages are measured from a row's last
+    change (``updated_at``, the database clock): for a consumed row its consumption,
+    for a dead row its death.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    consumed_after: Seconds | None = Field(default=None, gt=0)
+    """Delete ``consumed`` rows this long after they were consumed."""
+    published_after: Seconds | None = Field(default=None, gt=0)
+    """Delete ``published`` rows of services that no handler in this app consumes
+    (their consumers live elsewhere, so ``published`` is their final state)."""
+    dead_after: Seconds | None = Field(default=None, gt=0)
+    """Delete dead letters this long after they died."""
+    sweep_interval: Seconds = Field(default=DEFAULT_SWEEP_INTERVAL, gt=0)
+    """Seconds between two sweeps of ``outboxer run``."""
+    batch_size: int = Field(default=DEFAULT_PURGE_BATCH, ge=1, le=10_000)
+    """Rows deleted per statement (and per transaction)."""
+    batch_pause: Seconds = Field(default=DEFAULT_PURGE_PAUSE, ge=0)
+    """Pause between two batches, so replicas keep up and locks stay short."""
+
+    @property
+    def enabled(self) -> bool:
+        """True when the sweep has anything to delete."""
+        return any(
+            age is not None for age in (self.consumed_after, self.published_after, self.dead_after)
+        )
 
 
 class ServiceSettings(BaseModel):
@@ -84,7 +135,9 @@ class OutboxSettings(BaseSettings):
         env_prefix="OUTBOXER_",
         env_nested_delimiter="__",
         case_sensitive=False,
-        extra="ignore",
+        # A typo (max_retyr) must not be silently ignored. Unknown OUTBOXER_* variables
+        # are not read at all (the environment source only looks up known fields).
+        extra="forbid",
         frozen=True,
     )
 
@@ -123,6 +176,8 @@ class OutboxSettings(BaseSettings):
     path) and only runs it again isolated when something fails."""
     error_delay: float = Field(default=1.0, gt=0, description="first wait after a failed round")
     error_delay_max: float = Field(default=30.0, gt=0, description="longest wait after failures")
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    """Retention of old rows (``[retention]``, ``OUTBOXER_RETENTION__*``)."""
     kafka: dict[str, Any] = Field(default_factory=dict)
     """Settings of the Kafka transport (``OUTBOXER_KAFKA__*``, ``[kafka]``), validated by
     it: see :class:`outboxer.transports.kafka.KafkaSettings`."""
@@ -161,7 +216,7 @@ class OutboxSettings(BaseSettings):
         try:
             return cls(**values)
         except ValidationError as exc:
-            raise ConfigurationError(f"invalid outboxer configuration: {exc}") from exc
+            raise ConfigurationError(invalid_configuration(exc)) from exc
         finally:
             _isolated.reset(token)
 
@@ -188,10 +243,40 @@ def config_path(explicit: str | Path | None = None) -> Path | None:
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> OutboxSettings:
     """Read settings from the environment and the TOML file; ``overrides`` win."""
-    token = _config_file.set(config_path(config_file))
+    path = config_path(config_file)
+    token = _config_file.set(path)
     try:
         return OutboxSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        raise ConfigurationError(f"invalid outboxer configuration: {exc}") from exc
+        raise ConfigurationError(invalid_configuration(exc, path)) from exc
     finally:
         _config_file.reset(token)
+
+
+def _known_keys(loc: tuple[str | int, ...]) -> list[str]:
+    model: Any = OutboxSettings
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def invalid_configuration(exc: ValidationError, path: Path | None = None) -> str:
+    """One readable message for every problem in ``exc``; unknown keys are named with
+    the closest known key (``max_retyr``: did you mean ``max_retry``?)."""
+    problems = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        key = ".".join(str(p) for p in loc)
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1)
+            hint = (
+                f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else ""
+            )
+            problems.append(f"unknown setting {key!r}{hint}")
+        else:
+            problems.append(f"{key}: {error['msg']} (got {error.get('input')!r})")
+    where = f" (environment or {str(path)!r})" if path is not None else ""
+    return f"invalid outboxer configuration{where}: " + "; ".join(problems)

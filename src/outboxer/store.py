@@ -30,10 +30,13 @@ from outboxer.database.ops import (
     Attempt,
     Claimed,
     OpContext,
+    RowFilter,
     op_claim,
     op_claim_to_send,
     op_claim_unconsumed,
     op_consume,
+    op_count,
+    op_find,
     op_get,
     op_insert,
     op_list_due,
@@ -41,6 +44,7 @@ from outboxer.database.ops import (
     op_mark_dead,
     op_mark_failed,
     op_mark_published,
+    op_purge_batch,
     op_release,
     op_requeue,
     op_status,
@@ -436,10 +440,9 @@ class Store:
         return self._found(outcome, outbox_id)
 
     def mark_failed_many(self, failures: Sequence[tuple[int, str]]) -> dict[int, Status | None]:
-        """One failed attempt per ``(id, reason)``: each row's new status (``None``:
-        it was consumed or dead); missing ids are absent."""
-        marked = self._run(op_mark_failed(self._ctx, list(failures)))
-        return {oid: attempt.status for oid, attempt in marked.items()}
+        """One failed attempt each; the new status per id found (``None``: the row
+        was consumed/dead and left alone)."""
+        return _statuses(self._run(op_mark_failed(self._ctx, list(failures))))
 
     def consume_and_mark_consumed(
         self, outbox_id: int, fn: Callable[[Session], Any] | None
@@ -451,15 +454,39 @@ class Store:
         """As :meth:`consume_and_mark_consumed` without the mark (caller marks later)."""
         return bool(self._run(op_consume(self._ctx, outbox_id, fn, False), savepoint=True))
 
-    def status(self) -> ServiceStatus:
-        """Counts by status, rows due now and the age of the oldest due row."""
-        return self._run(op_status(self._ctx), read_only=True)
+    def status(self, *, rates: bool = False) -> ServiceStatus:
+        """Counts by status, rows due now and the age of the oldest due row; with
+        ``rates``, rows published and consumed in the last minute."""
+        return self._run(op_status(self._ctx, rates), read_only=True)
 
-    async def status_async(self) -> ServiceStatus:
-        return await self._run_async(op_status(self._ctx), read_only=True)
+    async def status_async(self, *, rates: bool = False) -> ServiceStatus:
+        op = op_status(self._ctx, rates)
+        return await self._run_async(op, read_only=True)
 
-    def requeue(self, ids: Sequence[int] | None = None, *, status: Status = Status.DEAD) -> int:
-        return int(self._run(op_requeue(self._ctx, ids, status), single=True))
+    def requeue(
+        self,
+        ids: Sequence[int] | None = None,
+        *,
+        status: Status = Status.DEAD,
+        event_type: str | None = None,
+        since: float | None = None,
+    ) -> int:
+        """Rows of ``status`` (dead letters by default) due again now with a fresh
+        retry budget; ``ids``/``event_type``/``since`` (seconds) narrow them. Returns
+        how many were requeued; each keeps a note (``requeue_count``, ``requeued_at``)."""
+        op = op_requeue(self._ctx, ids, status, event_type=event_type, since=since)
+        return int(self._run(op, single=True))
+
+    def find(self, where: RowFilter, limit: int = DEFAULT_BATCH_SIZE) -> list[OutboxMessage]:
+        """Rows matching ``where`` in id order (read only)."""
+        return self._run(op_find(self._ctx, where, limit), read_only=True)
+
+    def count(self, where: RowFilter) -> int:
+        return int(self._run(op_count(self._ctx, where), read_only=True))
+
+    def purge_batch(self, where: RowFilter, limit: int) -> int:
+        """Delete up to ``limit`` rows matching ``where`` in one short transaction."""
+        return int(self._run(op_purge_batch(self._ctx, where, limit)))
 
     # -- async face
 
@@ -529,8 +556,7 @@ class Store:
     async def mark_failed_many_async(
         self, failures: Sequence[tuple[int, str]]
     ) -> dict[int, Status | None]:
-        marked = await self._run_async(op_mark_failed(self._ctx, list(failures)))
-        return {oid: attempt.status for oid, attempt in marked.items()}
+        return _statuses(await self._run_async(op_mark_failed(self._ctx, list(failures))))
 
     async def consume_and_mark_consumed_async(self, outbox_id: int, fn: Callback | None) -> bool:
         """Async twin; ``fn`` may be ``async def fn(AsyncSession)`` or ``def fn(Session)``."""
@@ -542,9 +568,26 @@ class Store:
         return bool(await self._run_async(op, savepoint=True))
 
     async def requeue_async(
-        self, ids: Sequence[int] | None = None, *, status: Status = Status.DEAD
+        self,
+        ids: Sequence[int] | None = None,
+        *,
+        status: Status = Status.DEAD,
+        event_type: str | None = None,
+        since: float | None = None,
     ) -> int:
-        return int(await self._run_async(op_requeue(self._ctx, ids, status), single=True))
+        op = op_requeue(self._ctx, ids, status, event_type=event_type, since=since)
+        return int(await self._run_async(op, single=True))
+
+    async def find_async(
+        self, where: RowFilter, limit: int = DEFAULT_BATCH_SIZE
+    ) -> list[OutboxMessage]:
+        return await self._run_async(op_find(self._ctx, where, limit), read_only=True)
+
+    async def count_async(self, where: RowFilter) -> int:
+        return int(await self._run_async(op_count(self._ctx, where), read_only=True))
+
+    async def purge_batch_async(self, where: RowFilter, limit: int) -> int:
+        return int(await self._run_async(op_purge_batch(self._ctx, where, limit)))
 
     def _found(self, outcome: dict[int, Attempt], outbox_id: int) -> Status | None:
         if outbox_id not in outcome:
@@ -552,6 +595,10 @@ class Store:
                 "outbox message not found", **self._ctx.ctx(outbox_id=outbox_id)
             )
         return outcome[outbox_id].status
+
+
+def _statuses(outcome: dict[int, Attempt]) -> dict[int, Status | None]:
+    return {oid: attempt.status for oid, attempt in outcome.items()}
 
 
 def _svc(service_name: str | None) -> str | None:

@@ -130,7 +130,7 @@ def child_env() -> dict[str, str]:
 def test_migrate_creates_the_table_then_finds_it(sqlite_app: AppModule) -> None:
     code, out, err = invoke("--app", sqlite_app.spec, "migrate")
     assert code == 0, err
-    assert table_row(out, SERVICE) == [SERVICE, TABLE, "created"]
+    assert table_row(out, SERVICE) == [SERVICE, TABLE, "2", "created"]
     assert sqlite_app.db is not None
     with sqlite3.connect(sqlite_app.db) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -139,33 +139,43 @@ def test_migrate_creates_the_table_then_finds_it(sqlite_app: AppModule) -> None:
 
     code, out, err = invoke("--app", sqlite_app.spec, "migrate")
     assert code == 0, err
-    assert table_row(out, SERVICE) == [SERVICE, TABLE, "already present"]
+    assert table_row(out, SERVICE) == [SERVICE, TABLE, "2", "up to date"]
 
 
 def test_app_from_the_environment(sqlite_app: AppModule) -> None:
     code, out, err = invoke("migrate", env={"OUTBOXER_APP": sqlite_app.spec})
     assert code == 0, err
-    assert table_row(out, SERVICE)[2] == "created"
+    assert table_row(out, SERVICE)[3] == "created"
 
 
 # --------------------------------------------------------------------------- status
 
 
+def status_row(output: str, service: str) -> list[str]:
+    """The cells of ``service``'s first line in the status table (space-separated)."""
+    for line in output.splitlines():
+        cells = line.split()
+        if cells and cells[0] == service:
+            return cells
+    raise AssertionError(f"no row for {service!r} in:\n{output}")
+
+
 def test_status_shows_counts_and_json_parses(sqlite_app: AppModule) -> None:
     code, out, _ = invoke("--app", sqlite_app.spec, "status")
-    assert code == 0
-    assert "outboxer migrate" in out  # the table does not exist yet
+    assert code == 3  # the table does not exist yet
+    assert "outboxer migrate" in out
 
     assert invoke("--app", sqlite_app.spec, "migrate")[0] == 0
     publish(sqlite_app.url, 3)
 
     code, out, err = invoke("--app", sqlite_app.spec, "status")
     assert code == 0, err
-    cells = table_row(out, SERVICE)
-    # service, pending, published, consumed, dead, due now, oldest due
+    cells = status_row(out, SERVICE)
+    # service, pending, published, consumed, dead, due now, oldest due, pub/s, con/s
     assert cells[:6] == [SERVICE, "3", "0", "0", "0", "3"]
     assert cells[6].endswith("s")
-    assert TABLE in out
+    assert cells[7:] == ["0", "0"]
+    assert TABLE[:10] in out
 
     code, out, err = invoke("--app", sqlite_app.spec, "status", "--json")
     assert code == 0, err

@@ -40,12 +40,14 @@ def test_readme_service_runs(tmp_path: Path) -> None:
     app = next(b for b in _blocks("python") if b.startswith("# app.py"))
     (tmp_path / "app.py").write_text(app)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOXER_")}
-    env["PYTHONPATH"] = str(tmp_path)
+    # The app's folder first, then whatever this test run imports outboxer from.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH")) if p)
     commands = _commands()
     assert [c.split()[3] for c in commands if c.startswith("outboxer")] == [
         "migrate",
         "run",
         "status",
+        "dead",
     ]
     for command in commands:
         argv = _argv(command)

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import inspect
 
 from outboxer import Outbox, OutboxMessage
+from outboxer.database.schema import VERSION_TABLE
 from tests.helpers import drop_tables, make_outbox
 
 # The row model and the table must agree column for column, in order.
@@ -78,7 +79,14 @@ def test_schema_is_the_same_on_every_database(db_url: str, service: str) -> None
         ("status", "updated_at"),
     ]
     nullable = {c for c, n in desc["columns"].items() if n}
-    assert nullable == {"next_retry_at", "published_at", "consumed_at", "last_error"}
+    assert nullable == {
+        "next_retry_at",
+        "published_at",
+        "consumed_at",
+        "last_error",
+        "headers",
+        "requeued_at",
+    }
     _seen[ob.db.family] = desc
     for other in _seen.values():
         assert other == desc
@@ -88,7 +96,9 @@ def test_metadata_lists_registered_tables(db_url: str, service: str) -> None:
     ob = make_outbox(db_url, topic_prefix="shop")
     ob.register_event("a.happened", service)
     ob.register_service(service + "_x", table=f"{service}_custom")
-    assert sorted(ob.metadata.tables) == sorted([f"{service}_outbox_messages", f"{service}_custom"])
+    assert sorted(ob.metadata.tables) == sorted(
+        [f"{service}_outbox_messages", f"{service}_custom", VERSION_TABLE]
+    )
     ob.close()
 
 

@@ -24,10 +24,13 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
+    delete,
     func,
     insert,
     literal,
     select,
+    true,
     update,
 )
 from sqlalchemy.sql import ColumnElement
@@ -98,6 +101,7 @@ def _new_rows(t: Table) -> Insert:
             next_retry_at=db_now(),
             created_at=db_now(),
             updated_at=db_now(),
+            requeue_count=0,
         )
     return stmt
 
@@ -233,17 +237,19 @@ class Claimed(NamedTuple):
     message_key: str
     payload: str
     retry_count: int
+    headers: str | None
+    """Propagation headers stored with the row (JSON text), if any."""
 
 
 def op_claim_to_send(c: OpContext, limit: int, lease: float) -> Op[list[Claimed]]:
     """:func:`op_claim` returning only what the relay sends (no row objects)."""
     t = c.table
-    cols = (t.c.id, t.c.message_key, t.c.payload, t.c.retry_count)
+    cols = (t.c.id, t.c.message_key, t.c.payload, t.c.retry_count, t.c.headers)
     limit = limit if limit > 0 else DEFAULT_BATCH_SIZE
     claimed = yield from c.dialect.claim(
         t, _due(c, None), (t.c.next_retry_at, t.c.id), limit, _claim_values(lease), c.ctx(), cols
     )
-    rows = [Claimed(r.id, r.message_key, r.payload, r.retry_count) for r, _ in claimed]
+    rows = [Claimed(r.id, r.message_key, r.payload, r.retry_count, r.headers) for r, _ in claimed]
     rows.sort()
     return rows
 
@@ -435,27 +441,117 @@ def op_consume(c: OpContext, outbox_id: int, fn: Callback | None, mark: bool) ->
     return True
 
 
-def op_requeue(c: OpContext, ids: Sequence[int] | None, status: Status) -> Op[int]:
-    """Make rows of ``status`` due now with a fresh retry budget (ops tooling)."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowFilter:
+    """Which rows of a table an operations tool works on (every field optional)."""
+
+    status: Status | None = None
+    ids: Sequence[int] | None = None
+    event_type: str | None = None
+    older_than: float | None = None
+    """Last changed (``updated_at``) at least this many seconds ago."""
+    newer_than: float | None = None
+    """Last changed less than this many seconds ago."""
+    after_id: int | None = None
+    """Only ids above this one (keyset paging)."""
+
+
+def _where(c: OpContext, f: RowFilter) -> ColumnElement[bool]:
     t = c.table
-    cond = t.c.status == status.value
-    if ids is not None:
-        cond = and_(cond, t.c.id.in_(list(ids)))
+    parts: list[ColumnElement[bool]] = []
+    if f.status is not None:
+        parts.append(t.c.status == f.status.value)
+    if f.ids is not None:
+        parts.append(t.c.id.in_(list(f.ids)))
+    if f.event_type is not None:
+        parts.append(t.c.event_type == f.event_type)
+    if f.older_than is not None:
+        parts.append(t.c.updated_at <= db_now_plus(-f.older_than))
+    if f.newer_than is not None:
+        parts.append(t.c.updated_at > db_now_plus(-f.newer_than))
+    if f.after_id is not None:
+        parts.append(t.c.id > f.after_id)
+    return and_(true(), *parts)
+
+
+def op_find(c: OpContext, f: RowFilter, limit: int) -> Op[list[OutboxMessage]]:
+    """Rows matching ``f`` in id order, at most ``limit`` (ops tooling, read only)."""
+    t = c.table
+    stmt = select(t).where(_where(c, f)).order_by(t.c.id).limit(max(limit, 1))
+    result = yield Execute(stmt, what="list", context=c.ctx())
+    return [_message(r) for r in result.all()]
+
+
+def op_count(c: OpContext, f: RowFilter) -> Op[int]:
+    """How many rows match ``f``."""
+    stmt = select(func.count()).select_from(c.table).where(_where(c, f))
+    result = yield Execute(stmt, what="count", context=c.ctx())
+    return int(result.scalar_one())
+
+
+def op_requeue(
+    c: OpContext,
+    ids: Sequence[int] | None,
+    status: Status,
+    *,
+    event_type: str | None = None,
+    since: float | None = None,
+) -> Op[int]:
+    """Make rows of ``status`` due now with a fresh retry budget (ops tooling).
+
+    ``ids`` (None: every such row), ``event_type`` and ``since`` (changed within the
+    last ``since`` seconds: died recently) narrow the set. The row keeps a note:
+    ``requeue_count`` + 1 and ``requeued_at``; ``last_error`` stays until it succeeds.
+    """
+    t = c.table
+    f = RowFilter(status=status, ids=ids, event_type=event_type, newer_than=since)
     stmt = (
         update(t)
-        .where(cond)
+        .where(_where(c, f))
         .values(
             status=Status.PENDING.value,
             retry_count=0,
             next_retry_at=db_now(),
             updated_at=db_now(),
+            requeue_count=t.c.requeue_count + 1,
+            requeued_at=db_now(),
         )
     )
     result = yield Execute(stmt, what="requeue", context=c.ctx())
     return int(result.rowcount)
 
 
-def op_status(c: OpContext) -> Op[ServiceStatus]:
+def op_purge_batch(c: OpContext, f: RowFilter, limit: int) -> Op[int]:
+    """DELETE up to ``limit`` rows matching ``f`` (retention; one short transaction).
+
+    The ids are picked first (skipping rows other transactions hold where the database
+    can) and deleted with the filter repeated, so a row that changed in between is
+    kept. Two statements rather than ``DELETE ... LIMIT``: MySQL allows no ``LIMIT``
+    in an ``IN`` sub-select, PostgreSQL no ``LIMIT`` on ``DELETE``.
+    """
+    t = c.table
+    cond = _where(c, f)
+    pick = select(t.c.id).where(cond).order_by(t.c.updated_at).limit(max(limit, 1))
+    if c.dialect.skip_locked:
+        pick = pick.with_for_update(skip_locked=True)
+    result = yield Execute(pick, what="purge", context=c.ctx())
+    ids = list(result.scalars().all())
+    if not ids:
+        return 0
+    result = yield Execute(
+        delete(t).where(and_(t.c.id.in_(ids), cond)), what="purge", context=c.ctx()
+    )
+    return int(result.rowcount)
+
+
+RATE_WINDOW = 60.0
+"""Seconds over which ``op_status`` counts recent throughput."""
+
+
+def op_status(c: OpContext, rates: bool = False) -> Op[ServiceStatus]:
+    """Counts by status, rows due now and the oldest due row's age; with ``rates``
+    also the rows published and consumed in the last minute (two index range scans
+    on ``(status, updated_at)``)."""
     t = c.table
     result = yield Execute(
         select(t.c.status, func.count()).group_by(t.c.status), what="status", context=c.ctx()
@@ -472,7 +568,24 @@ def op_status(c: OpContext) -> Op[ServiceStatus]:
     age = None
     if n_due and oldest is not None and now is not None:
         age = max(0.0, (now - oldest).total_seconds())
-    return ServiceStatus(c.route.service_name, t.name, counts, int(n_due), age)
+    published = consumed = None
+    if rates:
+        since = db_now_plus(-RATE_WINDOW)
+        recent = t.c.updated_at > since
+        # Handed over in the window: published then (published_at), or consumed in
+        # process without a published state (the local transport: consumed_at).
+        sent = func.coalesce(t.c.published_at, t.c.consumed_at) > since
+        done = (Status.PUBLISHED.value, Status.CONSUMED.value)
+        result = yield Execute(
+            select(
+                func.count(case((sent, 1))),
+                func.count(case((t.c.status == Status.CONSUMED.value, 1))),
+            ).where(t.c.status.in_(done), recent),
+            what="status",
+            context=c.ctx(),
+        )
+        published, consumed = (int(n) for n in result.one())
+    return ServiceStatus(c.route.service_name, t.name, counts, int(n_due), age, published, consumed)
 
 
 # ----------------------------------------------------------- the consumer's batch
@@ -502,6 +615,8 @@ class BatchOutcome:
     failed_fast: tuple[int, BaseException] | None = None
     """Fast path only: the message whose handler raised; nothing was marked and the
     transaction must be rolled back, then the batch run isolated."""
+    latencies: list[tuple[str, float]] = field(default_factory=list)
+    """(event type, seconds from the row's created_at to its handler's start)."""
 
 
 def op_dispatch(
@@ -532,7 +647,7 @@ def op_dispatch(
     out = BatchOutcome()
     ids = sorted({e.outbox_id for e in envelopes})
     result = yield Execute(
-        select(t.c.id, t.c.status, t.c.event_type, t.c.retry_count)
+        select(t.c.id, t.c.status, t.c.event_type, t.c.retry_count, t.c.created_at)
         .where(t.c.id.in_(ids))
         .order_by(t.c.id)
         .with_for_update(),
@@ -572,6 +687,7 @@ def op_dispatch(
             dead.setdefault(reason, []).append(env.outbox_id)
             out.dead.append(Outcome(env.outbox_id, env.event_type, row.retry_count, reason))
             continue
+        out.latencies.append((env.event_type, time.time() - row.created_at.timestamp()))
         live.append((env, handler))
     clock = time.perf_counter
     failures: list[tuple[int, str]] = []
@@ -609,3 +725,50 @@ def op_dispatch(
     for reason, dead_ids in dead.items():
         yield from op_mark_dead(c, dead_ids, reason)
     return out
+
+
+# ----------------------------------------------------------- schema versions
+
+
+def op_schema_versions(versions: Table) -> Op[dict[str, int]]:
+    """The highest recorded schema version of each outbox table."""
+    result = yield Execute(
+        select(versions.c.table_name, func.max(versions.c.version)).group_by(versions.c.table_name),
+        what="read schema versions",
+    )
+    return {str(name): int(version) for name, version in result.all()}
+
+
+def op_record_versions(versions: Table, table_name: str, steps: Sequence[Any]) -> Op[None]:
+    """Record ``steps`` (each with ``version`` and ``description``) as applied now."""
+    if not steps:
+        return
+    yield Execute(
+        insert(versions).values(applied_at=db_now()),
+        [
+            {"table_name": table_name, "version": s.version, "description": s.description}
+            for s in steps
+        ],
+        what="record schema version",
+        context={"table": table_name},
+    )
+
+
+# ----------------------------------------------------------- single-instance locks
+
+
+def op_try_lock(dialect: Dialect, name: str) -> Op[bool]:
+    """Try to take the database-wide lock ``name`` for this connection's session
+    (PostgreSQL advisory lock, MySQL ``GET_LOCK``) without waiting; True when taken.
+    Databases without such locks (SQLite, one writer at a time) always grant it."""
+    stmt = dialect.lock_statement(name)
+    if stmt is None:
+        return True
+    result = yield Execute(stmt, what="take lock", context={"lock": name})
+    return bool(result.scalar())
+
+
+def op_unlock(dialect: Dialect, name: str) -> Op[None]:
+    stmt = dialect.unlock_statement(name)
+    if stmt is not None:
+        yield Execute(stmt, what="release lock", context={"lock": name})

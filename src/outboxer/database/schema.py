@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     literal,
+    text,
 )
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import ColumnElement
@@ -140,6 +141,12 @@ def outbox_table(name: str, metadata: MetaData) -> Table:
         Column("last_error", Text, nullable=True),
         Column("created_at", UtcDateTime(), nullable=False),
         Column("updated_at", UtcDateTime(), nullable=False),
+        # Schema version 2 (added by `outboxer migrate`; see database/migrations.py).
+        # Nullable or with a server default, so code of the previous version keeps
+        # inserting while the new columns exist.
+        Column("headers", Text, nullable=True),
+        Column("requeue_count", Integer, nullable=False, server_default=text("0")),
+        Column("requeued_at", UtcDateTime(), nullable=True),
         # The claim: status = 'pending' AND next_retry_at <= now ORDER BY next_retry_at, id.
         Index(index_name(name, "due"), "status", "next_retry_at", "id"),
         # Operations: listing/purging by status and age, status counts.
@@ -147,11 +154,32 @@ def outbox_table(name: str, metadata: MetaData) -> Table:
     )
 
 
+VERSION_TABLE = "outboxer_schema"
+"""Which migration steps were applied to which outbox table (one row per step)."""
+
+
+def version_table(metadata: MetaData) -> Table:
+    """The version table in ``metadata`` (built on first use)."""
+    existing = metadata.tables.get(VERSION_TABLE)
+    if existing is not None:
+        return existing
+    return Table(
+        VERSION_TABLE,
+        metadata,
+        Column("table_name", String(63), primary_key=True),
+        Column("version", Integer, primary_key=True, autoincrement=False),
+        Column("description", String(200), nullable=False),
+        Column("applied_at", UtcDateTime(), nullable=False),
+    )
+
+
 class Tables:
-    """The outbox tables of one application, in one ``MetaData`` (give it to Alembic)."""
+    """The outbox tables of one application and the schema version table, in one
+    ``MetaData`` (give it to Alembic)."""
 
     def __init__(self, metadata: MetaData | None = None) -> None:
         self.metadata = metadata if metadata is not None else MetaData()
+        self.versions = version_table(self.metadata)
 
     def table(self, route: ServiceRoute) -> Table:
         """The table of ``route`` (built on first use)."""

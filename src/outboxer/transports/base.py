@@ -27,9 +27,18 @@ class OutgoingMessage:
     event_id: str
     event_type: str
     event_version: str
+    extra_headers: Mapping[str, str] = field(default_factory=dict)
+    """Propagation headers stored with the row (a W3C ``traceparent``)."""
 
     @classmethod
-    def from_envelope(cls, envelope: Envelope, *, key: str, retry_count: int) -> OutgoingMessage:
+    def from_envelope(
+        cls,
+        envelope: Envelope,
+        *,
+        key: str,
+        retry_count: int,
+        headers: Mapping[str, str] | None = None,
+    ) -> OutgoingMessage:
         return cls(
             envelope.outbox_id,
             retry_count,
@@ -38,15 +47,22 @@ class OutgoingMessage:
             envelope.event_id,
             envelope.event_type,
             envelope.event_version,
+            headers or {},
         )
 
     def headers(self) -> list[tuple[str, bytes]]:
-        """Event id, type and version, for consumers that route on headers."""
-        return [
+        """Event id, type and version (for consumers that route on headers), then the
+        propagation headers stored with the row."""
+        own = [
             ("event_id", self.event_id.encode()),
             ("event_type", self.event_type.encode()),
             ("event_version", self.event_version.encode()),
         ]
+        if not self.extra_headers:
+            return own
+        names = {name for name, _ in own}
+        extra = [(k, v.encode()) for k, v in self.extra_headers.items() if k not in names]
+        return own + extra
 
 
 @dataclass(frozen=True, slots=True)

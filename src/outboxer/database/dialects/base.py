@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import Engine, Row, Select, Table, create_engine, select, text, update
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql import ColumnElement, Executable
 from sqlalchemy.types import TypeEngine
 
 from outboxer.database.instructions import Execute, Op
@@ -131,6 +131,18 @@ class Dialect:
         )
         result = yield Execute(stmt, what="claim", context=context)
         return [(row, {}) for row in result.all()]
+
+    # ------------------------------------------------------------------ locks
+
+    def lock_statement(self, name: str) -> Executable | None:
+        """A statement returning one truthy value when this session took the
+        database-wide lock ``name`` without waiting; None when the database has no
+        such lock (SQLite: its single writer serialises the work anyway)."""
+        return None
+
+    def unlock_statement(self, name: str) -> Executable | None:
+        """Release the lock ``name`` taken by :meth:`lock_statement`."""
+        return None
 
     # ------------------------------------------------------------------ tests
 

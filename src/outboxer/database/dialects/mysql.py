@@ -5,20 +5,23 @@ takes no gap locks that would block concurrent publishers. Timestamps are
 ``DATETIME(6)`` holding UTC, from ``UTC_TIMESTAMP(6)``. There is no ``UPDATE ...
 RETURNING`` and no ``LIMIT`` in an ``IN`` sub-select of the updated table, so the
 claim locks the rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` and then updates
-exactly those (two statements in one transaction).
+exactly those (two statements in one transaction). Single-instance work takes a
+named lock (``GET_LOCK(name, 0)``), held by the session and released when it ends;
+lock names are server-wide, so callers include the database name in them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, Table, select, update
+from sqlalchemy import Row, Table, func, select, update
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL
-from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql import ColumnElement, Executable
 from sqlalchemy.types import TypeEngine
 
 from outboxer.database.dialects.base import Dialect
@@ -32,6 +35,8 @@ _IMPLICIT_COMMIT = re.compile(
     r"(?!\s+TEMPORARY\b)",
     re.IGNORECASE,
 )
+
+MAX_LOCK_NAME = 64
 
 
 class MySQLDialect(Dialect):
@@ -104,5 +109,19 @@ class MySQLDialect(Dialect):
         )
         return [(row, concrete) for row in rows]
 
+    def lock_statement(self, name: str) -> Executable | None:
+        return select(func.get_lock(lock_name(name), 0))
+
+    def unlock_statement(self, name: str) -> Executable | None:
+        return select(func.release_lock(lock_name(name)))
+
     def create_database_sql(self, quoted: str) -> str:
         return f"CREATE DATABASE {quoted} CHARACTER SET utf8mb4"
+
+
+def lock_name(name: str) -> str:
+    """``name`` within MySQL's 64-character limit (a hash keeps long names distinct)."""
+    if len(name) <= MAX_LOCK_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"{name[: MAX_LOCK_NAME - 17]}~{digest}"

@@ -1,0 +1,419 @@
+"""Operations on the outbox tables: dead letters, retention, status.
+
+:class:`Admin` (``outbox.admin``) is the one implementation behind ``outboxer dead
+...``, ``outboxer purge``, ``outboxer status``, the retention sweep of ``outboxer run``
+and any console built later: each method works across the application's services,
+in small transactions of its own, and has an ``_async`` twin.
+
+- Dead letters: :meth:`Admin.dead_letters` (filter by service, event type and age;
+  paged with a ``service:id`` cursor), :meth:`Admin.message` (one row, any status),
+  :meth:`Admin.requeue` (back to ``pending`` with a fresh retry budget; the row
+  notes ``requeue_count`` and ``requeued_at``), and :meth:`Admin.purge` with
+  ``dead_older_than``.
+- Retention: :meth:`Admin.purge` deletes consumed rows, published rows of services
+  consumed elsewhere, and dead rows older than given ages, ``batch_size`` rows per
+  transaction with a pause between batches, so it holds no long lock and sends
+  replicas no large spike.
+
+Ages are measured from a row's last change (``updated_at``, the database's clock):
+for a consumed row its consumption, for a dead row its death.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from outboxer.database.ops import RowFilter
+from outboxer.errors import AmbiguousMessageError, ConfigurationError, MessageNotFoundError
+from outboxer.models import OutboxMessage, ServiceStatus, Status
+from outboxer.routing import ServiceRoute
+from outboxer.settings import DEFAULT_PURGE_BATCH
+from outboxer.store import Storage, Store
+
+DEFAULT_PAGE = 50
+
+Progress = Callable[[str, Status, int], None]
+"""``progress(service, status, deleted_so_far)`` after each purge batch."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterPage:
+    """One page of dead letters (oldest id first within each service)."""
+
+    messages: list[OutboxMessage]
+    next_after: str | None
+    """Cursor of the next page (``service:id``); ``None`` on the last page."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PurgeRule:
+    """Delete rows of ``status`` last changed more than ``older_than`` seconds ago."""
+
+    status: Status
+    older_than: float
+
+
+@dataclass
+class PurgeResult:
+    """What a purge deleted (or, for a dry run, would delete)."""
+
+    deleted: dict[tuple[str, Status], int] = field(default_factory=dict)
+    """(service, status) -> rows."""
+    skipped: list[str] = field(default_factory=list)
+    """Why some service's published rows were kept (they are consumed here)."""
+    stopped: bool = False
+    """Asked to stop before the end."""
+
+    @property
+    def total(self) -> int:
+        return sum(self.deleted.values())
+
+
+def parse_cursor(after: str | None) -> tuple[str, int] | None:
+    """``service:id`` -> (service, id)."""
+    if after is None:
+        return None
+    service, sep, raw = after.rpartition(":")
+    if not sep or not service or not raw.isdigit():
+        raise ConfigurationError(f"invalid page cursor {after!r}: expected service:id")
+    return service, int(raw)
+
+
+class Admin:
+    """Operations across one application's outbox tables (see the module docstring).
+
+    ``consumed_here`` names the services this application has handlers for: their
+    ``published`` rows still wait for a consumer, so retention never deletes them.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        consumed_here: Callable[[], Collection[str]] = frozenset,
+    ) -> None:
+        self.storage = storage
+        self._consumed_here = consumed_here
+
+    def routes(self, services: Sequence[str] | None = None) -> list[ServiceRoute]:
+        """The routes of ``services`` (all registered ones when None or empty)."""
+        routes = self.storage.routes.select(services)
+        if not routes:
+            raise ConfigurationError("no services are registered (register_event/register_service)")
+        return routes
+
+    def _store(self, route: ServiceRoute) -> Store:
+        return self.storage.store(route)
+
+    # ------------------------------------------------------------------ status
+
+    def status(
+        self, services: Sequence[str] | None = None, *, rates: bool = False
+    ) -> list[tuple[ServiceRoute, ServiceStatus | None]]:
+        """Each service's :class:`ServiceStatus` (``None``: its table does not exist)."""
+        existing = self.storage.database.table_names()
+        return [
+            (r, self._store(r).status(rates=rates) if r.table_name in existing else None)
+            for r in self.routes(services)
+        ]
+
+    async def status_async(
+        self, services: Sequence[str] | None = None, *, rates: bool = False
+    ) -> list[tuple[ServiceRoute, ServiceStatus | None]]:
+        existing = await asyncio.to_thread(self.storage.database.table_names)
+        found: list[tuple[ServiceRoute, ServiceStatus | None]] = []
+        for r in self.routes(services):
+            st = (
+                await self._store(r).status_async(rates=rates) if r.table_name in existing else None
+            )
+            found.append((r, st))
+        return found
+
+    # ------------------------------------------------------------------ dead letters
+
+    def _dead_pages(
+        self,
+        services: Sequence[str] | None,
+        after: str | None,
+    ) -> list[tuple[ServiceRoute, int | None]]:
+        routes = sorted(self.routes(services), key=lambda r: r.service_name)
+        cursor = parse_cursor(after)
+        plan: list[tuple[ServiceRoute, int | None]] = []
+        for route in routes:
+            if cursor is None:
+                plan.append((route, None))
+            elif route.service_name == cursor[0]:
+                plan.append((route, cursor[1]))
+            elif route.service_name > cursor[0]:
+                plan.append((route, None))
+        return plan
+
+    def dead_letters(
+        self,
+        *,
+        services: Sequence[str] | None = None,
+        event_type: str | None = None,
+        older_than: float | None = None,
+        newer_than: float | None = None,
+        limit: int = DEFAULT_PAGE,
+        after: str | None = None,
+    ) -> DeadLetterPage:
+        """Dead letters, ``limit`` per page, in (service, id) order; ``older_than`` /
+        ``newer_than`` are seconds since they died; ``after`` is the cursor of the
+        previous page's ``next_after``."""
+        found: list[OutboxMessage] = []
+        for route, after_id in self._dead_pages(services, after):
+            want = limit - len(found)
+            where = RowFilter(
+                status=Status.DEAD,
+                event_type=event_type,
+                older_than=older_than,
+                newer_than=newer_than,
+                after_id=after_id,
+            )
+            found += self._store(route).find(where, want + 1)
+            if len(found) > limit:
+                break
+        return _page(found, limit)
+
+    async def dead_letters_async(
+        self,
+        *,
+        services: Sequence[str] | None = None,
+        event_type: str | None = None,
+        older_than: float | None = None,
+        newer_than: float | None = None,
+        limit: int = DEFAULT_PAGE,
+        after: str | None = None,
+    ) -> DeadLetterPage:
+        found: list[OutboxMessage] = []
+        for route, after_id in self._dead_pages(services, after):
+            want = limit - len(found)
+            where = RowFilter(
+                status=Status.DEAD,
+                event_type=event_type,
+                older_than=older_than,
+                newer_than=newer_than,
+                after_id=after_id,
+            )
+            found += await self._store(route).find_async(where, want + 1)
+            if len(found) > limit:
+                break
+        return _page(found, limit)
+
+    def message(self, outbox_id: int, *, service: str | None = None) -> OutboxMessage:
+        """The row ``outbox_id`` (any status) of ``service``, or of the only service
+        whose table has that id. Raises :class:`MessageNotFoundError`, or
+        :class:`AmbiguousMessageError` when several services have it."""
+        routes = self.routes([service] if service else None)
+        found = [m for m in (self._store(r).get_by_id(outbox_id) for r in routes) if m]
+        return _one(found, outbox_id, service)
+
+    async def message_async(self, outbox_id: int, *, service: str | None = None) -> OutboxMessage:
+        routes = self.routes([service] if service else None)
+        found = []
+        for r in routes:
+            m = await self._store(r).get_by_id_async(outbox_id)
+            if m is not None:
+                found.append(m)
+        return _one(found, outbox_id, service)
+
+    def requeue(
+        self,
+        ids: Sequence[int] | None = None,
+        *,
+        services: Sequence[str] | None = None,
+        event_type: str | None = None,
+        since: float | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, int]:
+        """Give dead letters a new start: ``pending``, due now, ``retry_count`` 0, and a
+        note (``requeue_count`` + 1, ``requeued_at``). Either ``ids`` (each must be
+        dead in exactly one of the chosen services) or ``services`` (all of their dead
+        letters, narrowed by ``event_type`` and ``since``: died within that many
+        seconds). Returns the rows requeued (``dry_run``: that would be) per service."""
+        plan = self._requeue_plan(ids, services, event_type, since, self._find_dead)
+        done: dict[str, int] = {}
+        for route, chosen in plan:
+            store = self._store(route)
+            if dry_run:
+                where = RowFilter(
+                    status=Status.DEAD, ids=chosen, event_type=event_type, newer_than=since
+                )
+                done[route.service_name] = store.count(where)
+            else:
+                done[route.service_name] = store.requeue(chosen, event_type=event_type, since=since)
+        return done
+
+    async def requeue_async(
+        self,
+        ids: Sequence[int] | None = None,
+        *,
+        services: Sequence[str] | None = None,
+        event_type: str | None = None,
+        since: float | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, int]:
+        return await asyncio.to_thread(
+            self.requeue,
+            ids,
+            services=services,
+            event_type=event_type,
+            since=since,
+            dry_run=dry_run,
+        )
+
+    def _find_dead(self, route: ServiceRoute, ids: Sequence[int]) -> set[int]:
+        rows = self._store(route).find(RowFilter(status=Status.DEAD, ids=ids), len(ids))
+        return {m.id for m in rows}
+
+    def _requeue_plan(
+        self,
+        ids: Sequence[int] | None,
+        services: Sequence[str] | None,
+        event_type: str | None,
+        since: float | None,
+        find_dead: Callable[[ServiceRoute, Sequence[int]], set[int]],
+    ) -> list[tuple[ServiceRoute, list[int] | None]]:
+        if ids is None:
+            if not services:
+                raise ConfigurationError(
+                    "name the dead letters to requeue: their ids, or the service(s) "
+                    "whose dead letters (of an event type, since a time) go back"
+                )
+            return [(r, None) for r in self.routes(services)]
+        ids = sorted(set(ids))
+        if not ids:
+            return []
+        owners: dict[int, list[ServiceRoute]] = {i: [] for i in ids}
+        for route in self.routes(services):
+            for oid in find_dead(route, ids):
+                owners[oid].append(route)
+        missing = [i for i, r in owners.items() if not r]
+        if missing:
+            raise MessageNotFoundError(
+                f"no dead letter with id {', '.join(map(str, missing))}"
+                + (f" in {', '.join(services)}" if services else "")
+            )
+        ambiguous = {i: r for i, r in owners.items() if len(r) > 1}
+        if ambiguous:
+            oid, routes = next(iter(ambiguous.items()))
+            names = ", ".join(r.service_name for r in routes)
+            raise AmbiguousMessageError(
+                f"dead letter {oid} exists in services {names}: name the service", outbox_id=oid
+            )
+        by_route: dict[str, tuple[ServiceRoute, list[int]]] = {}
+        for oid, (route,) in owners.items():
+            by_route.setdefault(route.service_name, (route, []))[1].append(oid)
+        return list(by_route.values())
+
+    # ------------------------------------------------------------------ retention
+
+    def purge_rules(
+        self,
+        *,
+        consumed_older_than: float | None = None,
+        published_older_than: float | None = None,
+        dead_older_than: float | None = None,
+    ) -> list[PurgeRule]:
+        rules = [
+            PurgeRule(status=status, older_than=age)
+            for status, age in (
+                (Status.CONSUMED, consumed_older_than),
+                (Status.PUBLISHED, published_older_than),
+                (Status.DEAD, dead_older_than),
+            )
+            if age is not None
+        ]
+        if not rules:
+            raise ConfigurationError(
+                "nothing to purge: give an age for consumed, published or dead rows"
+            )
+        return rules
+
+    def purge(
+        self,
+        *,
+        consumed_older_than: float | None = None,
+        published_older_than: float | None = None,
+        dead_older_than: float | None = None,
+        services: Sequence[str] | None = None,
+        event_type: str | None = None,
+        batch_size: int = DEFAULT_PURGE_BATCH,
+        pause: float = 0.0,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> PurgeResult:
+        """Delete consumed, published and dead rows older than the given ages (seconds
+        since their last change), ``batch_size`` rows per transaction, ``pause``
+        seconds between batches. Published rows are deleted only for services this
+        application has no handlers for (consumed elsewhere: ``published`` is final
+        there). ``dry_run`` counts instead; ``should_stop`` is asked between batches."""
+        if batch_size < 1:
+            raise ConfigurationError(f"batch size must be at least 1, got {batch_size}")
+        rules = self.purge_rules(
+            consumed_older_than=consumed_older_than,
+            published_older_than=published_older_than,
+            dead_older_than=dead_older_than,
+        )
+        consumed_here = set(self._consumed_here())
+        result = PurgeResult()
+        for route in self.routes(services):
+            store = self._store(route)
+            for rule in rules:
+                if rule.status is Status.PUBLISHED and route.service_name in consumed_here:
+                    result.skipped.append(
+                        f"{route.service_name}: published rows kept (handlers here consume them)"
+                    )
+                    continue
+                where = RowFilter(
+                    status=rule.status, event_type=event_type, older_than=rule.older_than
+                )
+                key = (route.service_name, rule.status)
+                if dry_run:
+                    result.deleted[key] = store.count(where)
+                    continue
+                result.deleted[key] = 0
+                while True:
+                    if should_stop is not None and should_stop():
+                        result.stopped = True
+                        return result
+                    n = store.purge_batch(where, batch_size)
+                    result.deleted[key] += n
+                    if progress is not None and n:
+                        progress(route.service_name, rule.status, result.deleted[key])
+                    if n < batch_size:
+                        break
+                    if pause > 0:
+                        time.sleep(pause)
+        return result
+
+    async def purge_async(self, **options: Any) -> PurgeResult:
+        """:meth:`purge` (same keyword arguments) on a worker thread: its batches are
+        separate transactions with pauses between them."""
+        return await asyncio.to_thread(lambda: self.purge(**options))
+
+
+def _page(found: list[OutboxMessage], limit: int) -> DeadLetterPage:
+    if len(found) <= limit:
+        return DeadLetterPage(found, None)
+    page = found[:limit]
+    last = page[-1]
+    return DeadLetterPage(page, f"{last.service_name}:{last.id}")
+
+
+def _one(found: list[OutboxMessage], outbox_id: int, service: str | None) -> OutboxMessage:
+    if not found:
+        where = f" in service {service!r}" if service else ""
+        raise MessageNotFoundError(f"no outbox message with id {outbox_id}{where}")
+    if len(found) > 1:
+        names = ", ".join(m.service_name for m in found)
+        raise AmbiguousMessageError(
+            f"outbox id {outbox_id} exists in services {names}: name the service",
+            outbox_id=outbox_id,
+        )
+    return found[0]

@@ -1,0 +1,267 @@
+"""Versioned schema migrations of the outbox tables.
+
+Each outbox table has a schema version, recorded step by step in the version table
+(``outboxer_schema``: table name, version, description, applied at). A step says
+what it adds (columns, indexes); applying it adds only what is missing, so every
+step is idempotent, and a table changed by hand or by Alembic to the same shape is
+simply recorded. A table that does not exist is created at the latest version (all
+steps recorded at once); an outbox table that exists without any record was created
+before versions existed: version 1.
+
+``plan`` computes the DDL and the version rows without changing anything (what
+``outboxer migrate --sql`` prints for a DBA), ``migrate`` applies them, one table at a
+time, under the database's single-instance lock so two processes never migrate at
+once.
+
+Version history:
+
+1. The table as ``Outbox.migrate()`` created it before versions (id ... updated_at,
+   the claim index and the status/updated_at index).
+2. ``headers`` (propagation headers such as the W3C ``traceparent``, as JSON),
+   ``requeue_count`` (``NOT NULL DEFAULT 0``) and ``requeued_at``: columns that old
+   code ignores and new rows of old code fill by default, so migrating before
+   deploying the new version needs no downtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Column, Connection, Index, MetaData, Table, inspect
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.schema import CreateIndex, CreateTable, ExecutableDDLElement
+from sqlalchemy.sql.compiler import DDLCompiler
+from sqlalchemy.sql.elements import ClauseElement
+
+from outboxer.database.engines import Database
+from outboxer.database.instructions import Execute
+from outboxer.database.locks import single_instance
+from outboxer.database.ops import op_record_versions, op_schema_versions
+from outboxer.database.runner import SyncRunner
+from outboxer.database.schema import Tables, outbox_table, version_table
+from outboxer.errors import StoreError
+from outboxer.routing import index_name
+
+MIGRATE_LOCK = "outboxer.migrate"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One schema version: what it adds to an outbox table."""
+
+    version: int
+    description: str
+    columns: tuple[str, ...] = ()
+    indexes: tuple[str, ...] = ()
+    """Index name suffixes (``due`` for ``ix_<table>_due``)."""
+
+
+STEPS: tuple[Step, ...] = (
+    Step(1, "outbox table with the claim and status indexes"),
+    Step(
+        2,
+        "headers (trace context), requeue_count, requeued_at",
+        columns=("headers", "requeue_count", "requeued_at"),
+    ),
+)
+LATEST = STEPS[-1].version
+
+
+def _added_after(version: int) -> tuple[set[str], set[str]]:
+    columns: set[str] = set()
+    indexes: set[str] = set()
+    for step in STEPS:
+        if step.version > version:
+            columns.update(step.columns)
+            indexes.update(step.indexes)
+    return columns, indexes
+
+
+def table_at(name: str, version: int, metadata: MetaData | None = None) -> Table:
+    """Outbox table ``name`` as version ``version`` defined it (tests, and the history
+    of what each step adds)."""
+    latest = outbox_table(name, MetaData())
+    if version >= LATEST:
+        return latest.to_metadata(metadata if metadata is not None else MetaData())
+    columns, indexes = _added_after(version)
+    later = {index_name(name, suffix) for suffix in indexes}
+    kept_indexes = [i for i in latest.indexes if i.name not in later]
+    return Table(
+        name,
+        metadata if metadata is not None else MetaData(),
+        *(c._copy() for c in latest.columns if c.name not in columns),
+        *(
+            Index(i.name, *(c.name for c in i.columns), unique=i.unique)
+            for i in sorted(kept_indexes, key=lambda i: str(i.name))
+        ),
+    )
+
+
+class AddColumn(ExecutableDDLElement):
+    """``ALTER TABLE t ADD COLUMN <spec>`` (SQLAlchemy Core has no construct for it)."""
+
+    def __init__(self, table: Table, column: Column[Any]) -> None:
+        self.table = table
+        self.column = column
+
+
+@compiles(AddColumn)
+def _compile_add_column(element: AddColumn, compiler: DDLCompiler, **kw: Any) -> str:
+    table = compiler.preparer.format_table(element.table)
+    return f"ALTER TABLE {table} ADD COLUMN {compiler.get_column_specification(element.column)}"
+
+
+@dataclass
+class TablePlan:
+    """What ``migrate`` does to one outbox table."""
+
+    table: str
+    current: int
+    """0 when the table does not exist."""
+    statements: list[ExecutableDDLElement] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    """Steps to record (everything after ``current``)."""
+
+    @property
+    def target(self) -> int:
+        return self.steps[-1].version if self.steps else self.current
+
+    @property
+    def up_to_date(self) -> bool:
+        return not self.steps
+
+
+def _plan_table(table: Table, present: dict[str, Any] | None, recorded: int) -> TablePlan:
+    if present is None:
+        statements: list[ExecutableDDLElement] = [CreateTable(table)]
+        statements += [CreateIndex(i) for i in sorted(table.indexes, key=lambda i: str(i.name))]
+        return TablePlan(table.name, 0, statements, list(STEPS))
+    current = recorded or 1  # existed before versions were recorded
+    plan = TablePlan(table.name, current)
+    columns = present["columns"]
+    indexes = present["indexes"]
+    for step in STEPS:
+        if step.version <= current:
+            continue
+        plan.steps.append(step)
+        for name in step.columns:
+            if name not in columns:
+                plan.statements.append(AddColumn(table, table.c[name]))
+        wanted = {index_name(table.name, suffix) for suffix in step.indexes}
+        for index in sorted(table.indexes, key=lambda i: str(i.name)):
+            if index.name in wanted and index.name not in indexes:
+                plan.statements.append(CreateIndex(index))
+    return plan
+
+
+def _inspect(conn: Connection, names: Iterable[str]) -> dict[str, dict[str, Any] | None]:
+    insp = inspect(conn)
+    existing = set(insp.get_table_names())
+    found: dict[str, dict[str, Any] | None] = {}
+    for name in names:
+        if name not in existing:
+            found[name] = None
+            continue
+        found[name] = {
+            "columns": {c["name"] for c in insp.get_columns(name)},
+            "indexes": {i["name"] for i in insp.get_indexes(name)},
+        }
+    return found
+
+
+def plan_on(conn: Connection, tables: Tables, outbox: Sequence[Table]) -> list[TablePlan]:
+    """The plan of every table in ``outbox`` on ``conn`` (reads only)."""
+    present = _inspect(conn, [t.name for t in outbox] + [tables.versions.name])
+    recorded: dict[str, int] = {}
+    if present[tables.versions.name] is not None:
+        recorded = SyncRunner(conn).run(op_schema_versions(tables.versions))
+    return [_plan_table(t, present[t.name], recorded.get(t.name, 0)) for t in outbox]
+
+
+def _outbox_tables(tables: Tables) -> list[Table]:
+    return sorted(
+        (t for t in tables.metadata.tables.values() if t is not tables.versions),
+        key=lambda t: t.name,
+    )
+
+
+def plan(database: Database, tables: Tables) -> list[TablePlan]:
+    """What :func:`migrate` would do to each outbox table in ``tables``."""
+    try:
+        with database.sync_engine.connect() as conn:
+            return plan_on(conn, tables, _outbox_tables(tables))
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot read the schema: {_orig(exc)}", url=database.safe_url) from exc
+
+
+def migrate(database: Database, tables: Tables) -> list[TablePlan]:
+    """Bring every outbox table in ``tables`` to the latest version; returns what was
+    done per table (idempotent: a second run does nothing)."""
+    outbox = _outbox_tables(tables)
+    try:
+        with single_instance(database, MIGRATE_LOCK, wait=True):
+            with database.sync_engine.begin() as conn:
+                tables.versions.create(conn, checkfirst=True)
+            plans = []
+            for table in outbox:
+                with database.sync_engine.begin() as conn:
+                    [table_plan] = plan_on(conn, tables, [table])
+                    for statement in table_plan.statements:
+                        conn.execute(statement)
+                    if table_plan.steps:
+                        SyncRunner(conn).run(
+                            op_record_versions(tables.versions, table.name, table_plan.steps)
+                        )
+                plans.append(table_plan)
+            return plans
+    except SQLAlchemyError as exc:
+        raise StoreError(f"migration failed: {_orig(exc)}", url=database.safe_url) from exc
+
+
+def sql_script(plans: Sequence[TablePlan], tables: Tables, dialect: Any) -> str:
+    """The DDL and version rows of ``plans`` as one SQL script for ``dialect`` (a
+    SQLAlchemy dialect), for a DBA to review and run."""
+    lines: list[str] = []
+    versions_ddl = str(CreateTable(tables.versions, if_not_exists=True).compile(dialect=dialect))
+    lines.append(versions_ddl.strip() + ";")
+    for table_plan in plans:
+        if table_plan.up_to_date:
+            continue
+        lines.append("")
+        lines.append(f"-- {table_plan.table}: version {table_plan.current} -> {table_plan.target}")
+        for statement in table_plan.statements:
+            lines.append(str(statement.compile(dialect=dialect)).strip() + ";")
+        op = op_record_versions(tables.versions, table_plan.table, table_plan.steps)
+        for instruction in op:
+            assert isinstance(instruction, Execute)
+            stmt = instruction.statement
+            for params in instruction.params or [{}]:
+                lines.append(_literal(stmt, params, dialect) + ";")
+    return "\n".join(lines) + "\n"
+
+
+def _literal(stmt: Any, params: dict[str, Any], dialect: Any) -> str:
+    bound: ClauseElement = stmt.values(**params)
+    return str(bound.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+
+
+def _orig(exc: SQLAlchemyError) -> object:
+    return getattr(exc, "orig", None) or exc
+
+
+__all__ = [
+    "LATEST",
+    "STEPS",
+    "AddColumn",
+    "Step",
+    "TablePlan",
+    "migrate",
+    "plan",
+    "plan_on",
+    "sql_script",
+    "table_at",
+    "version_table",
+]
