@@ -21,7 +21,7 @@ from typing import Any
 from outboxer.aio import in_daemon_thread, sleep_unless
 from outboxer.backoff import ErrorBackoff
 from outboxer.database.instructions import Op
-from outboxer.database.ops import BatchOutcome, Handler, Outcome, op_dispatch
+from outboxer.database.ops import BatchOutcome, Handler, Outcome, op_dispatch, op_inbox_receive
 from outboxer.database.runner import AsyncRunner, SyncRunner, callable_name, is_async_callable
 from outboxer.envelope import Envelope
 from outboxer.errors import HandlerError, describe_error
@@ -31,6 +31,7 @@ from outboxer.models import Status
 from outboxer.routing import RouteRegistry, ServiceRoute
 from outboxer.settings import OutboxSettings
 from outboxer.store import Storage
+from outboxer.transports.adapters import Adapter, InboxEvent, outboxer_envelope
 from outboxer.transports.base import IncomingMessage, Subscription
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class Dispatcher:
         """Skip the fast path: every handler in its own savepoint from the start."""
         self._ctx = storage.op_context(route)
         self._async_types = {e for e, h in handlers.items() if is_async_callable(h)}
-        self._headers: dict[int, Mapping[str, bytes]] = {}
+        self._headers: dict[str, Mapping[str, bytes]] = {}
         if isinstance(hooks, Hooks) and hooks.wants("handler_context"):
             # Observers (tracing) wrap each handler call: a span continuing the trace
             # in the message's headers.
@@ -118,7 +119,7 @@ class Dispatcher:
 
             @functools.wraps(fn)
             async def run_async(event: Envelope, tx: Any) -> Any:
-                cm = hooks.handler_context(service, event, headers.get(event.outbox_id, {}))
+                cm = hooks.handler_context(service, event, headers.get(event.event_id, {}))
                 with cm or contextlib.nullcontext():
                     return await fn(event, tx)
 
@@ -126,13 +127,13 @@ class Dispatcher:
 
         @functools.wraps(fn)
         def run(event: Envelope, tx: Any) -> Any:
-            cm = hooks.handler_context(service, event, headers.get(event.outbox_id, {}))
+            cm = hooks.handler_context(service, event, headers.get(event.event_id, {}))
             with cm or contextlib.nullcontext():
                 return fn(event, tx)
 
         return run
 
-    def decode(self, batch: Sequence[IncomingMessage], *, report: bool = True) -> list[Envelope]:
+    def decode(self, batch: Sequence[IncomingMessage], *, report: bool = True) -> list[Any]:
         """Valid envelopes of a batch; the rest are skipped (logged and counted when
         ``report``: a batch processed again does not count them twice)."""
         envelopes: list[Envelope] = []
@@ -145,7 +146,7 @@ class Dispatcher:
                     continue
                 env = Envelope.from_dict(obj)
                 envelopes.append(env)
-                self._headers[env.outbox_id] = msg.headers
+                self._headers[env.event_id] = msg.headers
             except Exception as exc:  # noqa: BLE001 - any undecodable input (RecursionError too)
                 if report:
                     self._skipped(msg, "undecodable", "undecodable message skipped", exc)
@@ -184,11 +185,12 @@ class Dispatcher:
             total.skipped += out.skipped
             total.handler_errors.extend(out.handler_errors)
             total.timings.extend(out.timings)
+            total.deferred.extend(out.deferred)
         return total
 
-    def _segments(self, envelopes: Sequence[Envelope]) -> list[tuple[bool, list[Envelope]]]:
+    def _segments(self, envelopes: Sequence[Any]) -> list[tuple[bool, list[Any]]]:
         """Consecutive runs of messages by handler kind (async or not), in order."""
-        segments: list[tuple[bool, list[Envelope]]] = []
+        segments: list[tuple[bool, list[Any]]] = []
         for env in envelopes:
             if env.event_type in self.handlers:
                 is_async = env.event_type in self._async_types
@@ -200,22 +202,30 @@ class Dispatcher:
                 segments.append((is_async, [env]))
         return segments
 
-    async def _transaction(self, envelopes: list[Envelope], is_async: bool) -> BatchOutcome:
-        failed: tuple[int, BaseException] | None = None
+    async def _transaction(self, items: list[Any], is_async: bool) -> BatchOutcome:
+        failed: tuple[Any, BaseException] | None = None
         timings: list[tuple[str, float, BaseException | None]] = []
         if not self.isolate:
-            fast = await self._run(
-                op_dispatch(self._ctx, envelopes, self.handlers, isolate=False), is_async
-            )
+            fast = await self._run(self._op(items, isolate=False, failed=None), is_async)
             if fast.failed_fast is None:
                 return fast
             # Rolled back: run again with a savepoint per handler; the failed message
             # keeps the error of its one call.
-            failed, timings = fast.failed_fast, fast.timings
-        op = op_dispatch(self._ctx, envelopes, self.handlers, isolate=True, failed=failed)
-        out = await self._run(op, is_async)
+            failed, timings = self._failed(fast), fast.timings
+        out = await self._run(self._op(items, isolate=True, failed=failed), is_async)
         out.timings[:0] = timings
         return out
+
+    def _op(
+        self, items: list[Any], *, isolate: bool, failed: tuple[Any, BaseException] | None
+    ) -> Op[BatchOutcome]:
+        """The batch transaction for decoded ``items`` (envelopes here)."""
+        return op_dispatch(self._ctx, items, self.handlers, isolate=isolate, failed=failed)
+
+    def _failed(self, fast: BatchOutcome) -> tuple[Any, BaseException]:
+        """The fast path's failure, named the way :meth:`_op` takes it."""
+        assert fast.failed_fast is not None
+        return fast.failed_fast
 
     async def _run(self, op: Op[BatchOutcome], is_async: bool) -> BatchOutcome:
         """Run a batch op in a transaction of its own; commit it, unless the op says
@@ -252,6 +262,8 @@ class Dispatcher:
             hooks.message_dead(service, o.outbox_id, o.attempts, o.reason)
         if out.skipped:
             hooks.messages_skipped(service, "settled", out.skipped)
+        if out.deferred:
+            hooks.messages_skipped(service, "deferred", len(out.deferred))
 
     async def dispatch_alone(self, message: IncomingMessage) -> None:
         """One message in its own transaction; if that fails, a failed attempt is
@@ -293,6 +305,94 @@ class Dispatcher:
             if out.failed_fast is not None:
                 tx.rollback()
             return out
+
+
+class InboxDispatcher(Dispatcher):
+    """Runs one inbox route's batches: each received message is read by the route's
+    adapter, stored in the inbox (once: a redelivered or duplicated message finds its
+    row) and handled in the same transaction. A failure leaves the inbox row pending
+    with its backoff, and the inbox's own relay runs it again later, so a failing
+    message never holds its partition back and nothing is acknowledged before the
+    database commit."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        route: ServiceRoute,
+        handlers: Mapping[str, Handler],
+        hooks: Observer,
+        *,
+        adapter: Adapter = outboxer_envelope,
+        isolate: bool = False,
+    ) -> None:
+        super().__init__(storage, route, handlers, hooks, isolate=isolate)
+        self.adapter = adapter
+
+    def decode(self, batch: Sequence[IncomingMessage], *, report: bool = True) -> list[Any]:
+        events: list[InboxEvent] = []
+        for msg in batch:
+            try:
+                event = self.adapter(msg)
+                if event is None:
+                    continue
+                # Checked now, so one bad message cannot fail the batch's insert.
+                self.storage.rows.received(self.route, **_received(event))
+            except Exception as exc:  # noqa: BLE001 - whatever the adapter cannot read
+                if report:
+                    self._skipped(msg, "undecodable", "unreadable message skipped", exc)
+                continue
+            events.append(event)
+            self._headers[event.event_id] = msg.headers
+        return events
+
+    def _op(
+        self, items: list[Any], *, isolate: bool, failed: tuple[Any, BaseException] | None
+    ) -> Op[BatchOutcome]:
+        unique = {e.event_id: e for e in items}
+        rows = [self.storage.rows.received(self.route, **_received(e)) for e in unique.values()]
+        return op_inbox_receive(
+            self._ctx, items, rows, self.handlers, isolate=isolate, failed=failed
+        )
+
+    def _failed(self, fast: BatchOutcome) -> tuple[Any, BaseException]:
+        # The fast path's insert was rolled back: its row ids mean nothing now.
+        assert fast.failed_fast is not None
+        row_id, error = fast.failed_fast
+        return fast.event_ids[row_id], error
+
+    async def dispatch_alone(self, message: IncomingMessage) -> None:
+        try:
+            await self.dispatch([message], first_pass=False)
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever broke it is recorded below
+            failure = exc
+        events = self.decode([message], report=False)
+        if not events:
+            return
+        event = events[0]
+        logger.error(
+            "message %s breaks its own transaction; stored and counted as a failed attempt",
+            event.event_id,
+            exc_info=failure,
+            extra={"service": self.route.service_name, "event_id": event.event_id},
+        )
+        row = self.storage.rows.received(self.route, **_received(event))
+        store = self.storage.store(self.route)
+        row_id = await store.store_received_async(row)
+        outcome = await store.mark_failed_many_async([(row_id, describe_error(failure))])
+        if outcome.get(row_id) is not None:
+            self.hooks.handler_finished(self.route.service_name, event.event_type, 0.0, failure)
+
+
+def _received(event: InboxEvent) -> dict[str, Any]:
+    return {
+        "event_id": event.event_id,
+        "event_type": event.event_type,
+        "key": event.key,
+        "payload": event.payload,
+        "version": event.version,
+        "aggregate_id": event.aggregate_id,
+    }
 
 
 def _fields(service: str, o: Outcome) -> dict[str, Any]:

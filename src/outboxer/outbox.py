@@ -35,6 +35,7 @@ from outboxer.routing import RouteRegistry, ServiceRoute
 from outboxer.runtime import Runtime
 from outboxer.settings import OutboxSettings, load_settings
 from outboxer.store import RowBuilder, Storage, Store
+from outboxer.transports.adapters import Adapter
 from outboxer.transports.base import Transport
 from outboxer.transports.registry import make_transport
 
@@ -99,6 +100,7 @@ class Outbox:
                 max_payload_bytes=settings.max_payload_bytes,
             ),
             notify=settings.notify,
+            dead_blocks=settings.ordered_after_dead == "block",
         )
         self._publisher = Publisher(self.storage, self.hooks)
         self._handlers = Handlers()
@@ -109,7 +111,10 @@ class Outbox:
         self.transport: Transport = make_transport(
             transport if transport is not None else settings.transport, settings
         )
-        self._runtime = Runtime(self.storage, self._handlers, self.transport, settings, self.hooks)
+        self._adapters: dict[str, Adapter] = {}
+        self._runtime = Runtime(
+            self.storage, self._handlers, self.transport, settings, self.hooks, self._adapters
+        )
 
     @property
     def metadata(self) -> MetaData:
@@ -125,9 +130,56 @@ class Outbox:
         table: str | None = None,
         topic: str | None = None,
         group: str | None = None,
+        ordered: bool | None = None,
     ) -> ServiceRoute:
-        """Declare a service's route (defaults derived from its name)."""
-        route = self.routes.register_service(name, table=table, topic=topic, group=group)
+        """Declare a service's route (defaults derived from its name).
+
+        ``ordered=True``: events with the same key are handled in publish order, even
+        across failures (a failing event holds back the later events of its key).
+        """
+        return self._declared(
+            name,
+            self.routes.register_service(
+                name, table=table, topic=topic, group=group, ordered=ordered
+            ),
+        )
+
+    def register_inbox(
+        self,
+        service: str,
+        *,
+        consumer: str,
+        table: str | None = None,
+        topic: str | None = None,
+        group: str | None = None,
+        adapter: Adapter | None = None,
+        ordered: bool | None = None,
+    ) -> ServiceRoute:
+        """Consume ``service``'s events, published from another database, into an
+        inbox table in this application's database.
+
+        ``consumer`` names this application: its inbox table
+        (``<consumer>_<service>_inbox``) and its consumer group
+        (``<prefix>.<service>.<consumer>``, so several applications each get every
+        event). Each event's effects apply once here: a message delivered again finds
+        its event id in the inbox. ``adapter`` reads messages that are not outboxer
+        envelopes (:mod:`outboxer.transports.adapters`, e.g. ``Debezium()``).
+        """
+        route = self.routes.register_inbox(
+            service, consumer=consumer, table=table, topic=topic, group=group, ordered=ordered
+        )
+        if adapter is not None:
+            self._adapters[service] = adapter
+        return self._declared(service, route)
+
+    def _declared(self, name: str, route: ServiceRoute) -> ServiceRoute:
+        # A default route taken on first use (register_event before register_service)
+        # is replaced: its table must not linger in the metadata.
+        for table in list(self.tables.metadata.tables):
+            if table not in (route.table_name, self.tables.versions.name) and table not in {
+                r.table_name for r in self.routes.routes()
+            }:
+                self.tables.forget(table)
         self.tables.table(route)
         return route
 

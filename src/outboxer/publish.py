@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from outboxer.database.ops import OpContext, op_insert, op_insert_many
 from outboxer.database.runner import AsyncRunner, SyncRunner
+from outboxer.errors import RoutingError
 from outboxer.hooks import Observer
 from outboxer.models import Event
 from outboxer.routing import ServiceRoute, validate_event_type
@@ -39,6 +40,13 @@ class Publisher:
     ) -> tuple[ServiceRoute, dict[str, Any]]:
         event_type = validate_event_type(event_type)
         route = self.storage.routes.resolve_event(event_type)
+        if route.inbox:
+            raise RoutingError(
+                f"service {route.service_name!r} is consumed here through an inbox; its "
+                f"events are published by its own application, not this one",
+                event_type=event_type,
+                service=route.service_name,
+            )
         values = self.storage.rows.event(route, event_type, payload, **options)
         carrier: dict[str, str] = {}
         self.hooks.inject_context(route.service_name, event_type, carrier)

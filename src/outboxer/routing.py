@@ -31,6 +31,7 @@ _TABLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOPIC_RE = re.compile(r"[A-Za-z0-9._-]+")
 _SERVICE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 TABLE_SUFFIX = "_outbox_messages"
+INBOX_SUFFIX = "_inbox"
 DEFAULT_TOPIC_PREFIX = "outboxer"
 
 
@@ -102,12 +103,20 @@ def index_name(table: str, suffix: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ServiceRoute:
-    """Where one service's events live: its outbox table, topic and consumer group."""
+    """Where one service's events live: its outbox table, topic and consumer group.
+
+    ``inbox``: this application consumes the service's events into an inbox table of
+    its own database (the service publishes them from another database).
+    ``ordered``: events with the same key are handled in publish order, across
+    failures.
+    """
 
     service_name: str
     table_name: str
     topic: str
     group_id: str
+    inbox: bool = False
+    ordered: bool = False
 
     def __post_init__(self) -> None:
         validate_service_name(self.service_name)
@@ -123,6 +132,7 @@ class ServiceOverride:
     table: str | None = None
     topic: str | None = None
     group: str | None = None
+    ordered: bool | None = None
 
 
 def _join(prefix: str, *parts: str) -> str:
@@ -175,13 +185,25 @@ class RouteRegistry:
         self.topic_prefix = topic_prefix
         self._overrides = {_override_key(k): v for k, v in (overrides or {}).items()}
         self._routes: dict[str, ServiceRoute] = {}
+        self._explicit: set[str] = set()
+        """Services declared by register_service/register_inbox (not defaults)."""
         self._events: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def _build(
-        self, name: str, table: str | None, topic: str | None, group: str | None
+        self,
+        name: str,
+        table: str | None,
+        topic: str | None,
+        group: str | None,
+        ordered: bool | None = None,
+        inbox_of: str | None = None,
     ) -> ServiceRoute:
         default_table, default_topic, default_group = _default_names(name, self.topic_prefix)
+        if inbox_of is not None:
+            # The consumer's own table and group: several apps consume one service.
+            default_table = f"{inbox_of}_{name}".replace("-", "_") + INBOX_SUFFIX
+            default_group = _join(self.topic_prefix, name, inbox_of)
         override = self._overrides.get(_override_key(name), ServiceOverride())
         for key, code_value, config_value in (
             ("table", table, override.table),
@@ -202,6 +224,8 @@ class RouteRegistry:
             table_name=_pick(table, override.table, default_table),
             topic=_pick(topic, override.topic, default_topic),
             group_id=_pick(group, override.group, default_group),
+            inbox=inbox_of is not None,
+            ordered=bool(ordered if ordered is not None else override.ordered),
         )
 
     def register_service(
@@ -211,13 +235,37 @@ class RouteRegistry:
         table: str | None = None,
         topic: str | None = None,
         group: str | None = None,
+        ordered: bool | None = None,
     ) -> ServiceRoute:
         """Declare a service and its route; the same declaration again is a no-op."""
         validate_service_name(name)
-        route = self._build(name, table, topic, group)
+        return self._declare(self._build(name, table, topic, group, ordered))
+
+    def register_inbox(
+        self,
+        name: str,
+        *,
+        consumer: str,
+        table: str | None = None,
+        topic: str | None = None,
+        group: str | None = None,
+        ordered: bool | None = None,
+    ) -> ServiceRoute:
+        """Declare that this application (``consumer``) consumes service ``name``'s
+        events, published from another database, into an inbox table of its own.
+
+        Defaults: table ``<consumer>_<name>_inbox``, the service's default topic, group
+        ``<prefix>.<name>.<consumer>`` (each consuming application has its own group).
+        """
+        validate_service_name(name)
+        validate_service_name(consumer)
+        return self._declare(self._build(name, table, topic, group, ordered, inbox_of=consumer))
+
+    def _declare(self, route: ServiceRoute) -> ServiceRoute:
+        name = route.service_name
         with self._lock:
             existing = self._routes.get(name)
-            if existing is not None and existing != route:
+            if existing is not None and existing != route and name in self._explicit:
                 raise RouteConflictError(
                     f"service {name!r} is already registered with a different route",
                     service=name,
@@ -225,7 +273,8 @@ class RouteRegistry:
                     requested=route,
                 )
             self._check_table_unused(route)
-            self._routes[name] = route
+            self._routes[name] = route  # replaces a default route taken on first use
+            self._explicit.add(name)
         return route
 
     def _check_table_unused(self, route: ServiceRoute) -> None:
@@ -238,11 +287,20 @@ class RouteRegistry:
                 )
 
     def route_for_service(self, name: str) -> ServiceRoute:
-        """The service's route, registering its default (plus overrides) on first use."""
+        """The service's route, registering its default (plus overrides) on first use
+        (a later register_service/register_inbox may still replace it)."""
         route = self._routes.get(name)
         if route is not None:
             return route
-        return self.register_service(name)
+        validate_service_name(name)
+        route = self._build(name, None, None, None)
+        with self._lock:
+            existing = self._routes.get(name)
+            if existing is not None:
+                return existing
+            self._check_table_unused(route)
+            self._routes[name] = route
+        return route
 
     def register_event(self, event_type: str, service: str) -> ServiceRoute:
         """Make ``service`` the owner of ``event_type``.

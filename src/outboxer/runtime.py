@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from outboxer.admin import Admin
 from outboxer.backoff import ErrorBackoff
-from outboxer.consumer import Dispatcher, Handlers, consume_loop
+from outboxer.consumer import Dispatcher, Handlers, InboxDispatcher, consume_loop
 from outboxer.database.ops import Handler
 from outboxer.errors import ConfigurationError, OutboxError
 from outboxer.hooks import Hooks
@@ -27,7 +27,9 @@ from outboxer.routing import ServiceRoute
 from outboxer.settings import OutboxSettings
 from outboxer.signals import stop_on_signals
 from outboxer.store import Storage
+from outboxer.transports.adapters import Adapter, outboxer_envelope
 from outboxer.transports.base import Transport
+from outboxer.transports.local import LocalTransport
 from outboxer.wake import CommitWake, NotificationWake, Waker
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ class _Plan:
     relay: list[ServiceRoute]
     consume: list[ServiceRoute]
     handlers: dict[str, dict[str, Handler]]
+    inbox: list[ServiceRoute] = field(default_factory=list)
+    """Services consumed here into an inbox (from the broker, retried locally)."""
 
 
 @dataclass
@@ -65,12 +69,16 @@ class Runtime:
         transport: Transport,
         settings: OutboxSettings,
         hooks: Hooks,
+        adapters: Mapping[str, Adapter] | None = None,
     ) -> None:
         self.storage = storage
         self.handlers = handlers
         self.transport = transport
         self.settings = settings
         self.hooks = hooks
+        self.adapters = adapters if adapters is not None else {}
+        """Inbox services whose messages are not outboxer envelopes -> their adapter."""
+        self._inbox_transport: LocalTransport | None = None
         self.waker = Waker()
         self._commit_wake = CommitWake(self.waker)
         self._running: _Running | None = None
@@ -101,7 +109,7 @@ class Runtime:
         if self._running is not None:
             raise ConfigurationError("this Outbox is already running")
         plan = self._plan(services, relay, consume)
-        await self._check_tables([*plan.relay, *plan.consume])
+        await self._check_tables([*plan.relay, *plan.consume, *plan.inbox])
         running = self._running = _Running()
         self._loop = loop = asyncio.get_running_loop()
         ended: list[str] = []
@@ -125,7 +133,14 @@ class Runtime:
 
     def _plan(self, services: Sequence[str] | None, relay: bool, consume: bool) -> _Plan:
         by_service = self.handlers.by_service(self.storage.routes)
-        chosen = self.storage.routes.select(services)
+        selected = self.storage.routes.select(services)
+        chosen = [r for r in selected if not r.inbox]
+        inbox = [r for r in selected if r.inbox and r.service_name in by_service] if consume else []
+        if inbox and self.transport.delivers_in_process:
+            raise ConfigurationError(
+                "an inbox consumes another database's events from a broker: use a broker "
+                f"transport (services: {', '.join(r.service_name for r in inbox)})"
+            )
         consume_routes = [r for r in chosen if r.service_name in by_service] if consume else []
         if self.transport.delivers_in_process:
             if not (relay and consume):
@@ -137,15 +152,15 @@ class Runtime:
             _log_services_without_handlers(chosen, consume_routes)
         else:
             relay_routes = chosen if relay else []
-        if not relay_routes and not consume_routes:
-            if not chosen:
+        if not relay_routes and not consume_routes and not inbox:
+            if not selected:
                 raise ConfigurationError("nothing to run: no registered services")
-            names = ", ".join(r.service_name for r in chosen)
+            names = ", ".join(r.service_name for r in selected)
             raise ConfigurationError(
                 f"nothing to run: no handlers are registered for {names}; register handlers "
                 "(or run relays only, with a broker transport)"
             )
-        return _Plan(relay_routes, consume_routes, by_service)
+        return _Plan(relay_routes, consume_routes, by_service, inbox)
 
     async def _check_tables(self, routes: Sequence[ServiceRoute]) -> None:
         existing = await asyncio.to_thread(self.storage.database.table_names)
@@ -159,7 +174,7 @@ class Runtime:
     async def _start(self, plan: _Plan, running: _Running) -> None:
         transport = self.transport
         await transport.start(
-            list({r.service_name: r for r in [*plan.relay, *plan.consume]}.values())
+            list({r.service_name: r for r in [*plan.relay, *plan.consume, *plan.inbox]}.values())
         )
         for route in plan.consume:
             sub = await transport.subscribe(route)
@@ -176,7 +191,9 @@ class Runtime:
                     name=f"outboxer-consume-{route.service_name}",
                 )
             )
-        self.waker.bind(asyncio.get_running_loop(), [r.service_name for r in plan.relay])
+        await self._start_inboxes(plan, running)
+        services = [r.service_name for r in [*plan.relay, *plan.inbox]]
+        self.waker.bind(asyncio.get_running_loop(), services)
         self.hooks.add(self._commit_wake)
         listener = self._notification_wake(plan.relay)
         if listener is not None:
@@ -198,7 +215,7 @@ class Runtime:
         running.side += start_sweeper(
             Admin(self.storage, lambda: set(plan.handlers)),
             self.settings.retention,
-            {r.service_name for r in [*plan.relay, *plan.consume]},
+            {r.service_name for r in [*plan.relay, *plan.consume, *plan.inbox]},
             self.hooks,
             running.relay_stop,
         )
@@ -208,8 +225,49 @@ class Runtime:
                 "transport": transport.name,
                 "relay": [r.service_name for r in plan.relay],
                 "consume": [r.service_name for r in plan.consume],
+                "inbox": [r.service_name for r in plan.inbox],
             },
         )
+
+    async def _start_inboxes(self, plan: _Plan, running: _Running) -> None:
+        """Per inbox: a consumer on the broker that stores and handles what arrives,
+        and a relay with its consumer over an in-process handoff that runs the inbox's
+        failed (and held back) messages again when they are due."""
+        if not plan.inbox:
+            return
+        local = self._inbox_transport = LocalTransport()
+        await local.start(plan.inbox)
+        for route in plan.inbox:
+            handlers = plan.handlers[route.service_name]
+            received = InboxDispatcher(
+                self.storage,
+                route,
+                handlers,
+                self.hooks,
+                adapter=self.adapters.get(route.service_name, outboxer_envelope),
+                isolate=self.settings.isolate_handlers,
+            )
+            again = Dispatcher(
+                self.storage, route, handlers, self.hooks, isolate=self.settings.isolate_handlers
+            )
+            for name, sub, dispatcher in (
+                ("consume", await self.transport.subscribe(route), received),
+                ("retry", await local.subscribe(route), again),
+            ):
+                running.consumers.append(
+                    asyncio.create_task(
+                        consume_loop(sub, dispatcher, running.consume_stop, self.settings),
+                        name=f"outboxer-inbox-{name}-{route.service_name}",
+                    )
+                )
+            relay = Relay(
+                self.storage.store(route), local, self.settings, hooks=self.hooks, waker=self.waker
+            )
+            running.relays.append(
+                asyncio.create_task(
+                    relay.run(running.relay_stop), name=f"outboxer-inbox-{route.service_name}"
+                )
+            )
 
     def _notification_wake(self, routes: Sequence[ServiceRoute]) -> NotificationWake | None:
         dialect = self.storage.database.dialect
@@ -257,10 +315,14 @@ class Runtime:
             await asyncio.wait(running.side)
         self.hooks.remove(self._commit_wake)
         self.waker.unbind()
-        try:  # closes the subscriptions too
-            await self.transport.close()
-        except Exception:
-            logger.exception("closing the transport failed")
+        for transport in (self.transport, self._inbox_transport):
+            if transport is None:
+                continue
+            try:  # closes the subscriptions too
+                await transport.close()
+            except Exception:
+                logger.exception("closing the transport failed")
+        self._inbox_transport = None
         await self.storage.database.dispose_async_only()
         logger.info("outboxer stopped")
 

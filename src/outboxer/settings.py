@@ -24,7 +24,7 @@ import difflib
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -113,6 +113,7 @@ class ServiceSettings(BaseModel):
     table: str | None = None
     topic: str | None = None
     group: str | None = None
+    ordered: bool | None = None
 
     @field_validator("table")
     @classmethod
@@ -125,7 +126,9 @@ class ServiceSettings(BaseModel):
         return None if v is None else validate_topic_name(v)
 
     def as_override(self) -> ServiceOverride:
-        return ServiceOverride(table=self.table, topic=self.topic, group=self.group)
+        return ServiceOverride(
+            table=self.table, topic=self.topic, group=self.group, ordered=self.ordered
+        )
 
 
 class OutboxSettings(BaseSettings):
@@ -170,6 +173,9 @@ class OutboxSettings(BaseSettings):
     """PostgreSQL: ``publish`` notifies (NOTIFY, one per transaction and table) and
     workers listen (LISTEN), so a publish in another process wakes the relay at once.
     Polling stays as the fallback."""
+    ordered_after_dead: Literal["skip", "block"] = "skip"
+    """Ordered services: when an event ends dead, the later events of its key go on
+    (``skip``) or wait until it is requeued and consumed, or purged (``block``)."""
     isolate_handlers: bool = False
     """Run every handler in its own SAVEPOINT from the start. By default a consumer
     batch first runs its handlers without savepoints (one transaction, the fast

@@ -38,6 +38,7 @@ from outboxer.database.ops import (
     op_count,
     op_find,
     op_get,
+    op_inbox_store,
     op_insert,
     op_list_due,
     op_mark_consumed,
@@ -50,7 +51,7 @@ from outboxer.database.ops import (
     op_status,
 )
 from outboxer.database.runner import AsyncRunner, SyncRunner
-from outboxer.database.schema import MAX_KEY_CHARS, Tables
+from outboxer.database.schema import MAX_EVENT_ID_CHARS, MAX_KEY_CHARS, Tables
 from outboxer.envelope import DEFAULT_VERSION, JsonDefault, build_stored_envelope, encode_json
 from outboxer.errors import (
     ConfigurationError,
@@ -167,6 +168,44 @@ class RowBuilder:
             "max_retry": max_retry,
         }
 
+    def received(
+        self,
+        route: ServiceRoute,
+        *,
+        event_id: str,
+        event_type: str,
+        key: str,
+        payload: Any,
+        version: str,
+        aggregate_id: str,
+    ) -> dict[str, Any]:
+        """The inbox row of an event received from another producer: stored as it
+        came (no strictness or size rule: it was already accepted once), with its
+        key made to fit the column."""
+        if not event_id or len(event_id) > MAX_EVENT_ID_CHARS:
+            raise InvalidEventError(
+                f"event id must have 1 to {MAX_EVENT_ID_CHARS} characters", event_type=event_type
+            )
+        event_type = validate_event_type(event_type)
+        document = build_stored_envelope(
+            event_type=event_type,
+            payload=payload,
+            event_id=event_id,
+            version=version or DEFAULT_VERSION,
+            aggregate_id=aggregate_id or key,
+        )
+        text = encode_json(document, strict=False, json_default=self.json_default)
+        fitted = "".join("?" if unicodedata.category(c) == "Cc" else c for c in key.strip())
+        return {
+            "event_type": event_type,
+            "service_name": route.service_name,
+            "topic": route.topic,
+            "message_key": fitted[:MAX_KEY_CHARS],
+            "payload": text,
+            "max_retry": self.policy.max_retry,
+            "event_id": event_id,
+        }
+
     def event(
         self,
         route: ServiceRoute,
@@ -222,14 +261,16 @@ class Storage:
     rows: RowBuilder
     notify: bool = True
     """Inserts notify relays waiting on the database (PostgreSQL NOTIFY)."""
+    dead_blocks: bool = False
+    """Ordered services: a dead event holds back the later events of its key."""
 
     def op_context(self, route: ServiceRoute, tx: Any = None) -> OpContext:
         """The context the ops need for ``route``, on outboxer's engines or on the
         caller's transaction ``tx``."""
         dialect = self.database.dialect if tx is None else dialect_for(dialect_name(tx))
         table = self.tables.table(route)
-        channel = dialect.notify_channel(table.name) if self.notify else None
-        return OpContext(table, route, dialect, self.rows.policy, channel)
+        channel = dialect.notify_channel(table.name) if self.notify and not route.inbox else None
+        return OpContext(table, route, dialect, self.rows.policy, channel, self.dead_blocks)
 
     def store(self, route: ServiceRoute, tx: SyncTx | AsyncTx | None = None) -> Store:
         return Store(self, route, tx)
@@ -536,6 +577,10 @@ class Store:
     async def release_async(self, ids: Iterable[int], delay: float = 0.0) -> int:
         """Claimed rows due again in ``delay`` seconds, no attempt counted."""
         return int(await self._run_async(op_release(self._ctx, list(ids), delay), single=True))
+
+    async def store_received_async(self, row: dict[str, Any]) -> int:
+        """Store a received event in this inbox (once) and return its row id."""
+        return await self._run_async(op_inbox_store(self._ctx, row))
 
     async def mark_consumed_async(self, outbox_id: int) -> None:
         await self._run_async(op_mark_consumed(self._ctx, [outbox_id]), single=True)

@@ -165,14 +165,16 @@ async def drain(
 ) -> None:
     """Run ``outbox``'s relays and consumers until its work is done, then stop them.
 
-    Done means: no row of the chosen services is pending, and no row of a service
-    with handlers here is published but not yet consumed. A message retried with a
-    backoff is waited for (keep ``retry_unit`` small in tests). Raises
-    ``TimeoutError`` after ``timeout`` seconds, and whatever the loops raised.
+    Done means: no row of the chosen services is pending, no row of a service with
+    handlers here is published but not yet consumed, and (with the in-memory broker)
+    every message sent has been acknowledged by the consumer groups reading it. A
+    message retried with a backoff is waited for (keep ``retry_unit`` small in tests).
+    Raises ``TimeoutError`` after ``timeout`` seconds, and whatever the loops raised.
     """
     routes = outbox.routes.select(services)
     consumed = {s for s in outbox.handled_services() if s in {r.service_name for r in routes}}
-    runner = asyncio.create_task(outbox.run_async(services=services))
+    ready = asyncio.Event()
+    runner = asyncio.create_task(outbox.run_async(services=services, ready=ready.set))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
@@ -180,7 +182,7 @@ async def drain(
             if runner.done():
                 runner.result()
                 raise OutboxError("the outbox stopped before its work was done")
-            if await _settled(outbox, routes, consumed):
+            if ready.is_set() and await _settled(outbox, routes, consumed):
                 return
             if loop.time() > deadline:
                 raise TimeoutError(f"outbox work not done after {timeout}s")
@@ -193,6 +195,9 @@ async def drain(
 
 
 async def _settled(outbox: Outbox, routes: Sequence[ServiceRoute], consumed: set[str]) -> bool:
+    transport = outbox.transport
+    if isinstance(transport, InMemoryTransport) and transport.pending():
+        return False
     for route in routes:
         counts = (await outbox.storage.store(route).status_async()).counts
         if counts.get(Status.PENDING.value, 0):

@@ -21,6 +21,12 @@ Version history:
    ``requeue_count`` (``NOT NULL DEFAULT 0``) and ``requeued_at``: columns that old
    code ignores and new rows of old code fill by default, so migrating before
    deploying the new version needs no downtime.
+3. An index on ``(message_key, id)``: services with ordered delivery look up the
+   open rows of a key (the publish path pays one more index entry per row).
+
+Inbox tables (a service consumed here from another database) are the outbox template
+plus a unique ``event_id``; they were introduced at version 3, so they are always
+created at the latest version and migrated with the same steps from then on.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ STEPS: tuple[Step, ...] = (
         "headers (trace context), requeue_count, requeued_at",
         columns=("headers", "requeue_count", "requeued_at"),
     ),
+    Step(3, "index on (message_key, id) for ordered delivery", indexes=("key",)),
 )
 LATEST = STEPS[-1].version
 

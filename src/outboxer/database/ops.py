@@ -77,6 +77,8 @@ class OpContext:
     policy: RetryPolicy
     channel: str | None = None
     """Where a commit that inserted rows notifies waiting relays (None: no notice)."""
+    dead_blocks: bool = False
+    """Ordered services: a dead event holds back the later events of its key."""
 
     def ctx(self, **extra: Any) -> dict[str, Any]:
         return {"service": self.route.service_name, "table": self.table.name, **extra}
@@ -612,6 +614,10 @@ class BatchOutcome:
     handler_errors: list[tuple[int, BaseException]] = field(default_factory=list)
     timings: list[tuple[str, float, BaseException | None]] = field(default_factory=list)
     """(event type, seconds, error) of every handler call."""
+    deferred: list[int] = field(default_factory=list)
+    """Ordered services: messages held back behind an earlier event of their key."""
+    event_ids: dict[int, str] = field(default_factory=dict)
+    """Inbox batches: row id -> the producer's event id."""
     failed_fast: tuple[int, BaseException] | None = None
     """Fast path only: the message whose handler raised; nothing was marked and the
     transaction must be rolled back, then the batch run isolated."""
@@ -647,7 +653,7 @@ def op_dispatch(
     out = BatchOutcome()
     ids = sorted({e.outbox_id for e in envelopes})
     result = yield Execute(
-        select(t.c.id, t.c.status, t.c.event_type, t.c.retry_count, t.c.created_at)
+        select(t.c.id, t.c.status, t.c.event_type, t.c.retry_count, t.c.created_at, t.c.message_key)
         .where(t.c.id.in_(ids))
         .order_by(t.c.id)
         .with_for_update(),
@@ -689,10 +695,22 @@ def op_dispatch(
             continue
         out.latencies.append((env.event_type, time.time() - row.created_at.timestamp()))
         live.append((env, handler))
+    order: _KeyOrder | None = None
+    if c.route.ordered and live:
+        # A key's events are handled in publish (id) order; an event whose key has an
+        # earlier event still open waits for it.
+        live.sort(key=lambda item: item[0].outbox_id)
+        order = yield from _key_order(c, [(e.outbox_id, rows[e.outbox_id]) for e, _ in live])
     clock = time.perf_counter
     failures: list[tuple[int, str]] = []
     types: dict[int, str] = {}
     for env, handler in live:
+        if order is not None:
+            wait = order.wait(env.outbox_id)
+            if wait is not None:
+                out.deferred.append(env.outbox_id)
+                order.defer(env.outbox_id, wait)
+                continue
         started = clock()
         if not isolate:
             error = yield Invoke(handler, (env,), capture=True, guard=True)
@@ -713,6 +731,9 @@ def op_dispatch(
             failures.append((env.outbox_id, describe_error(error)))
             types[env.outbox_id] = env.event_type
             out.handler_errors.append((env.outbox_id, error))
+            if order is not None:
+                retry_count = rows[env.outbox_id].retry_count
+                order.hold(env.outbox_id, c.policy.delay(retry_count + 1))
     yield from op_mark_consumed(c, out.consumed)
     if failures:
         marked = yield from op_mark_failed(c, failures)
@@ -724,6 +745,164 @@ def op_dispatch(
             (out.dead if status is Status.DEAD else out.retried).append(outcome)
     for reason, dead_ids in dead.items():
         yield from op_mark_dead(c, dead_ids, reason)
+    if order is not None and order.deferred:
+        yield from op_defer(c, order.deferred)
+    return out
+
+
+ORDER_MARGIN = 0.05
+"""Seconds an event held back waits after the event it waits for is due."""
+IN_FLIGHT_WAIT = 1.0
+"""Seconds an event waits for an earlier event of its key that is on its way."""
+DEAD_WAIT = 60.0
+"""Seconds between looks at a key held by a dead event (``ordered_after_dead=block``)."""
+
+
+class _KeyOrder:
+    """Which events of an ordered batch must wait, and for how long."""
+
+    def __init__(self, keys: dict[int, str], waits: dict[str, list[tuple[int, float]]]) -> None:
+        self.keys = keys
+        self.earlier = waits
+        """key -> (id, seconds until it may be done) of its open rows outside the batch."""
+        self.held: dict[str, float] = {}
+        """Keys held in this batch (an event failed or waits) -> seconds to wait."""
+        self.deferred: dict[int, float] = {}
+
+    def wait(self, outbox_id: int) -> float | None:
+        key = self.keys[outbox_id]
+        waits = [w for oid, w in self.earlier.get(key, ()) if oid < outbox_id]
+        if key in self.held:
+            waits.append(self.held[key])
+        return max(waits) + ORDER_MARGIN if waits else None
+
+    def defer(self, outbox_id: int, seconds: float) -> None:
+        self.deferred[outbox_id] = seconds
+        self.hold(outbox_id, seconds)
+
+    def hold(self, outbox_id: int, seconds: float) -> None:
+        key = self.keys[outbox_id]
+        self.held[key] = max(self.held.get(key, 0.0), seconds)
+
+
+def _key_order(c: OpContext, live: list[tuple[int, Any]]) -> Op[_KeyOrder]:
+    """The open rows (pending, published; dead too when dead blocks) that come before
+    the batch's rows of the same keys."""
+    t = c.table
+    keys = {oid: row.message_key for oid, row in live}
+    ids = [oid for oid, _ in live]
+    open_statuses = [Status.PENDING.value, Status.PUBLISHED.value]
+    if c.dead_blocks:
+        open_statuses.append(Status.DEAD.value)
+    result = yield Execute(
+        select(t.c.id, t.c.message_key, t.c.status, t.c.next_retry_at, db_now().label("now"))
+        .where(
+            t.c.message_key.in_(set(keys.values())),
+            t.c.status.in_(open_statuses),
+            t.c.id < max(ids),
+            t.c.id.not_in(ids),
+        )
+        .order_by(t.c.id),
+        what="ordered keys",
+        context=c.ctx(),
+    )
+    waits: dict[str, list[tuple[int, float]]] = {}
+    for r in result.all():
+        if r.status == Status.DEAD.value:
+            seconds = DEAD_WAIT
+        elif r.status == Status.PENDING.value and r.next_retry_at is not None:
+            seconds = max(0.0, (r.next_retry_at - r.now).total_seconds())
+        else:  # published, or claimed and on its way
+            seconds = IN_FLIGHT_WAIT
+        waits.setdefault(r.message_key, []).append((r.id, seconds))
+    return _KeyOrder(keys, waits)
+
+
+def op_defer(c: OpContext, delays: Mapping[int, float]) -> Op[None]:
+    """Hold events back without an attempt: pending again, due in their delay (the
+    relay sends them again then; an inbox's retry loop picks them up)."""
+    t = c.table
+    yield Execute(
+        update(t)
+        .where(t.c.id == bindparam("_id"), t.c.status.not_in(FINAL_STATUSES))
+        .values(
+            status=Status.PENDING.value,
+            next_retry_at=db_now_plus(bindparam("_delay")),
+            updated_at=db_now(),
+        ),
+        [{"_id": oid, "_delay": delay} for oid, delay in delays.items()],
+        what="defer",
+        context=c.ctx(),
+    )
+
+
+# ----------------------------------------------------------- the inbox
+
+
+def _store_received(c: OpContext, rows: Sequence[dict[str, Any]]) -> Op[None]:
+    stmt = c.dialect.insert_ignoring_duplicates(c.table, "event_id").values(
+        status=Status.PENDING.value,
+        retry_count=0,
+        next_retry_at=db_now(),
+        created_at=db_now(),
+        updated_at=db_now(),
+        requeue_count=0,
+    )
+    yield Execute(stmt, list(rows), what="store in inbox", context=c.ctx())
+
+
+def op_inbox_store(c: OpContext, row: dict[str, Any]) -> Op[int]:
+    """Store one received event in the inbox (unless it is there) and return its id."""
+    t = c.table
+    yield from _store_received(c, [row])
+    result = yield Execute(
+        select(t.c.id).where(t.c.event_id == row["event_id"]), what="inbox id", context=c.ctx()
+    )
+    return int(result.scalar_one())
+
+
+def op_inbox_receive(
+    c: OpContext,
+    events: Sequence[Any],
+    rows: Sequence[dict[str, Any]],
+    handlers: Mapping[str, Handler],
+    *,
+    isolate: bool = True,
+    failed: tuple[str, BaseException] | None = None,
+) -> Op[BatchOutcome]:
+    """Store received events in the inbox (a duplicate of one already there is not
+    stored again) and handle them as :func:`op_dispatch` does, in one transaction.
+
+    ``events`` are the adapter's :class:`~outboxer.transports.adapters.InboxEvent`,
+    ``rows`` their inbox rows (as built by the store's row rules, with ``event_id``);
+    ``failed`` names the fast path's failure by event id (row ids of a rolled back
+    insert are not reused).
+    """
+    t = c.table
+    if rows:
+        yield from _store_received(c, rows)
+    event_ids = sorted({e.event_id for e in events})
+    result = yield Execute(
+        select(t.c.id, t.c.event_id).where(t.c.event_id.in_(event_ids)),
+        what="inbox ids",
+        context=c.ctx(),
+    )
+    row_of = {r.event_id: int(r.id) for r in result.all()}
+    envelopes = [
+        Envelope(
+            outbox_id=row_of[e.event_id],
+            event_id=e.event_id,
+            event_type=e.event_type,
+            event_version=e.version,
+            aggregate_id=e.aggregate_id or e.key,
+            payload=e.payload,
+        )
+        for e in events
+        if e.event_id in row_of
+    ]
+    fail = None if failed is None else (row_of[failed[0]], failed[1])
+    out = yield from op_dispatch(c, envelopes, handlers, isolate=isolate, failed=fail)
+    out.event_ids = {oid: event_id for event_id, oid in row_of.items()}
     return out
 
 

@@ -151,7 +151,24 @@ def outbox_table(name: str, metadata: MetaData) -> Table:
         Index(index_name(name, "due"), "status", "next_retry_at", "id"),
         # Operations: listing/purging by status and age, status counts.
         Index(index_name(name, "status_updated"), "status", "updated_at"),
+        # Schema version 3: ordered services look up the open rows of a key.
+        Index(index_name(name, "key"), "message_key", "id"),
     )
+
+
+MAX_EVENT_ID_CHARS = 255
+
+
+def inbox_table(name: str, metadata: MetaData) -> Table:
+    """Build (or return) inbox table ``name``: the outbox template plus the event id
+    of the producer, unique, so a message received twice is stored once."""
+    existing = metadata.tables.get(name)
+    if existing is not None:
+        return existing
+    table = outbox_table(name, metadata)
+    table.append_column(Column("event_id", String(MAX_EVENT_ID_CHARS), nullable=False))
+    Index(index_name(name, "event"), table.c.event_id, unique=True)
+    return table
 
 
 VERSION_TABLE = "outboxer_schema"
@@ -182,5 +199,14 @@ class Tables:
         self.versions = version_table(self.metadata)
 
     def table(self, route: ServiceRoute) -> Table:
-        """The table of ``route`` (built on first use)."""
+        """The table of ``route`` (built on first use): an outbox table, or an inbox
+        table for a service consumed here from another database."""
+        if route.inbox:
+            return inbox_table(route.table_name, self.metadata)
         return outbox_table(route.table_name, self.metadata)
+
+    def forget(self, name: str) -> None:
+        """Drop table ``name`` from the metadata (a default route that was replaced)."""
+        table = self.metadata.tables.get(name)
+        if table is not None and table is not self.versions:
+            self.metadata.remove(table)

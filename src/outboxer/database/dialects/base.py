@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-from sqlalchemy import Engine, Row, Select, Table, create_engine, select, text, update
+from sqlalchemy import Engine, Insert, Row, Select, Table, create_engine, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.sql import ColumnElement, Executable
 from sqlalchemy.types import TypeEngine
@@ -60,6 +60,11 @@ class Dialect:
         """Whether a statement makes the database commit the open transaction (beyond
         COMMIT/ROLLBACK/BEGIN, which every database treats so)."""
         return False
+
+    def insert_ignoring_duplicates(self, table: Table, unique: str) -> Insert:
+        """An INSERT into ``table`` that skips rows whose ``unique`` column value is
+        already there (the inbox: a message received twice is stored once)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ wake-ups
 

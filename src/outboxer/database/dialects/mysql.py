@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, Table, func, select, update
+from sqlalchemy import Insert, Row, Table, func, select, update
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Executable
@@ -56,6 +56,12 @@ class MySQLDialect(Dialect):
 
     def implicitly_commits(self, statement: str) -> bool:
         return _IMPLICIT_COMMIT.match(statement) is not None
+
+    def insert_ignoring_duplicates(self, table: Table, unique: str) -> Insert:
+        # ON DUPLICATE KEY UPDATE with a no-op, not INSERT IGNORE (which would turn
+        # other errors, a value too long say, into warnings).
+        stmt = mysql.insert(table)
+        return stmt.on_duplicate_key_update({unique: stmt.inserted[unique]})
 
     def now_sql(self) -> str:
         return "UTC_TIMESTAMP(6)"

@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Insert, Table, func, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import Executable
@@ -71,6 +71,9 @@ class PostgreSQLDialect(Dialect):
                 async for notice in conn.notifies(timeout=10.0):
                     on_notify(notice.channel)
                 await conn.execute("SELECT 1")
+
+    def insert_ignoring_duplicates(self, table: Table, unique: str) -> Insert:
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=[unique])
 
     def now_sql(self) -> str:
         return "statement_timestamp()"

@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, String, event
+from sqlalchemy import Engine, Insert, String, Table, event
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeEngine
@@ -72,6 +73,9 @@ class SQLiteDialect(Dialect):
     def in_transaction(self, driver_connection: Any) -> bool | None:
         state = getattr(driver_connection, "in_transaction", None)  # sqlite3 and aiosqlite
         return state if isinstance(state, bool) else None
+
+    def insert_ignoring_duplicates(self, table: Table, unique: str) -> Insert:
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=[unique])
 
     def now_sql(self) -> str:
         return f"strftime('{TS_FORMAT}', 'now')"
