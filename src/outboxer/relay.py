@@ -19,8 +19,10 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from outboxer.aio import sleep_unless
 from outboxer.backoff import ErrorBackoff
@@ -49,6 +51,8 @@ class _Batch:
     outgoing: list[OutgoingMessage]
     redelivered: set[int] = field(default_factory=set)
     started: float = 0.0
+    claimed_at: dict[int, datetime | None] = field(default_factory=dict)
+    """Each row's claim stamp: its published mark requires the row unchanged since."""
 
 
 class Relay:
@@ -123,14 +127,16 @@ class Relay:
                     },
                 )
             again = [
-                Claimed(m.id, m.message_key, m.payload, m.retry_count, m.headers) for m in found
+                Claimed(m.id, m.message_key, m.payload, m.retry_count, m.headers, m.updated_at)
+                for m in found
             ]
         rows = await self.store.claim_to_send_async(size - len(again), self.settings.lease)
         self.hooks.batch_claimed(self.route.service_name, len(rows), len(again))
         if not rows and not again:
             return None
         outgoing = await self._prepare([*rows, *again])
-        return _Batch(len(rows) + len(again), outgoing, {m.id for m in again}, started)
+        stamps = {m.id: m.claimed_at for m in [*rows, *again]}
+        return _Batch(len(rows) + len(again), outgoing, {m.id for m in again}, started, stamps)
 
     async def _prepare(self, rows: list[Claimed]) -> list[OutgoingMessage]:
         """Wire messages for the rows; undecodable rows are marked dead."""
@@ -179,7 +185,11 @@ class Relay:
                 return
             self._outage_over()
             await self._record(
-                batch.outgoing, deliveries, batch.redelivered, time.perf_counter() - sent_at
+                batch.outgoing,
+                deliveries,
+                batch.redelivered,
+                time.perf_counter() - sent_at,
+                batch.claimed_at,
             )
         self.hooks.relay_round(
             self.route.service_name, batch.claimed, time.perf_counter() - batch.started
@@ -236,9 +246,11 @@ class Relay:
         deliveries: list[Delivery],
         redelivered: AbstractSet[int] = frozenset(),
         seconds: float = 0.0,
+        claimed_at: Mapping[int, datetime | None] | None = None,
     ) -> None:
         service = self.route.service_name
-        published: dict[int, list[int]] = defaultdict(list)
+        stamps = claimed_at or {}
+        published: dict[tuple[int, datetime | None], list[int]] = defaultdict(list)
         handed_over = 0
         handoff_failed: list[str] = []
         failed: list[tuple[int, str]] = []
@@ -251,7 +263,7 @@ class Relay:
                 else:
                     handed_over += 1
             elif d.error is None:
-                published[msg.retry_count].append(msg.outbox_id)
+                published[msg.retry_count, stamps.get(msg.outbox_id)].append(msg.outbox_id)
             elif msg.outbox_id in redelivered:
                 # A copy was delivered before; a failed resend must not become an
                 # attempt or a dead letter (the consumer would then skip that copy).
@@ -262,9 +274,9 @@ class Relay:
             else:
                 failed.append((msg.outbox_id, f"send failed: {d.error}"))
         marked = 0
-        for retry_count, ids in published.items():
+        for (retry_count, stamp), ids in published.items():
             marked += await self.store.mark_published_many_async(
-                ids, expect_retry_count=retry_count
+                ids, expect_retry_count=retry_count, expect_updated_at=stamp
             )
         sent = handed_over + sum(len(ids) for ids in published.values())
         if sent:

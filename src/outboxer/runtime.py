@@ -51,8 +51,9 @@ class _Running:
     relays: list[asyncio.Task[None]] = field(default_factory=list)
     consumers: list[asyncio.Task[None]] = field(default_factory=list)
     side: list[asyncio.Task[None]] = field(default_factory=list)
-    """Side tasks (the notification listener, the retention sweep): stopped with the
-    relays, never supervised."""
+    listeners: list[asyncio.Task[None]] = field(default_factory=list)
+    """Wake-up sources (the notification listener): cancelled when the stop begins."""
+    """Side tasks (the retention sweep): stopped with the relays, never supervised."""
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:
@@ -197,7 +198,7 @@ class Runtime:
         self.hooks.add(self._commit_wake)
         listener = self._notification_wake(plan.relay)
         if listener is not None:
-            running.side.append(asyncio.create_task(listener.run(), name="outboxer-listen"))
+            running.listeners.append(asyncio.create_task(listener.run(), name="outboxer-listen"))
         for route in plan.relay:
             relay = Relay(
                 self.storage.store(route),
@@ -305,14 +306,14 @@ class Runtime:
     async def _shutdown(self, running: _Running) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.shutdown_timeout
+        for task in running.listeners:  # they only wake relays, which are stopping
+            task.cancel()
         # Relays first: an in-flight batch may still need the consumers (local transport).
         await _finish([*running.relays, *running.side], deadline - loop.time())
         running.consume_stop.set()
         await _finish(running.consumers, deadline - loop.time())
-        for task in running.side:
-            task.cancel()
-        if running.side:
-            await asyncio.wait(running.side)
+        if running.listeners:
+            await asyncio.wait(running.listeners)
         self.hooks.remove(self._commit_wake)
         self.waker.unbind()
         for transport in (self.transport, self._inbox_transport):

@@ -14,7 +14,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table
@@ -569,9 +569,13 @@ class Store:
         await self._run_async(op_mark_published(self._ctx, [outbox_id]), single=True)
 
     async def mark_published_many_async(
-        self, ids: Iterable[int], *, expect_retry_count: int | None = None
+        self,
+        ids: Iterable[int],
+        *,
+        expect_retry_count: int | None = None,
+        expect_updated_at: datetime | None = None,
     ) -> int:
-        op = op_mark_published(self._ctx, list(ids), expect_retry_count)
+        op = op_mark_published(self._ctx, list(ids), expect_retry_count, expect_updated_at)
         return int(await self._run_async(op, single=True))
 
     async def release_async(self, ids: Iterable[int], delay: float = 0.0) -> int:

@@ -16,6 +16,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -241,28 +242,46 @@ class Claimed(NamedTuple):
     retry_count: int
     headers: str | None
     """Propagation headers stored with the row (JSON text), if any."""
+    claimed_at: datetime | None = None
+    """The row's ``updated_at`` as the claim set it: the relay's published mark
+    requires it unchanged, so nothing a consumer did meanwhile is overwritten."""
 
 
 def op_claim_to_send(c: OpContext, limit: int, lease: float) -> Op[list[Claimed]]:
     """:func:`op_claim` returning only what the relay sends (no row objects)."""
     t = c.table
-    cols = (t.c.id, t.c.message_key, t.c.payload, t.c.retry_count, t.c.headers)
+    cols = (t.c.id, t.c.message_key, t.c.payload, t.c.retry_count, t.c.headers, t.c.updated_at)
     limit = limit if limit > 0 else DEFAULT_BATCH_SIZE
     claimed = yield from c.dialect.claim(
         t, _due(c, None), (t.c.next_retry_at, t.c.id), limit, _claim_values(lease), c.ctx(), cols
     )
-    rows = [Claimed(r.id, r.message_key, r.payload, r.retry_count, r.headers) for r, _ in claimed]
+    rows = [
+        Claimed(
+            r.id,
+            r.message_key,
+            r.payload,
+            r.retry_count,
+            r.headers,
+            new.get("updated_at", r.updated_at),
+        )
+        for r, new in claimed
+    ]
     rows.sort()
     return rows
 
 
 def op_mark_published(
-    c: OpContext, ids: Sequence[int], expect_retry_count: int | None = None
+    c: OpContext,
+    ids: Sequence[int],
+    expect_retry_count: int | None = None,
+    expect_updated_at: datetime | None = None,
 ) -> Op[int]:
     """pending -> published; never overwrites consumed or dead.
 
     ``expect_retry_count`` (the relay passes the value it claimed) also skips rows
-    that failed meanwhile, so a consumer's retry is never hidden by a late mark.
+    that failed meanwhile, so a consumer's retry is never hidden by a late mark;
+    ``expect_updated_at`` (the claim's stamp) skips rows changed in any way since the
+    claim (a consumer that already held the event back behind an earlier one).
     """
     if not ids:
         return 0
@@ -270,6 +289,8 @@ def op_mark_published(
     cond = and_(t.c.id.in_(list(ids)), t.c.status.not_in(FINAL_STATUSES))
     if expect_retry_count is not None:
         cond = and_(cond, t.c.retry_count == expect_retry_count)
+    if expect_updated_at is not None:
+        cond = and_(cond, t.c.updated_at == expect_updated_at)
     stmt = (
         update(t)
         .where(cond)
@@ -754,8 +775,12 @@ ORDER_MARGIN = 0.05
 """Seconds an event held back waits after the event it waits for is due."""
 IN_FLIGHT_WAIT = 1.0
 """Seconds an event waits for an earlier event of its key that is on its way."""
-DEAD_WAIT = 60.0
-"""Seconds between looks at a key held by a dead event (``ordered_after_dead=block``)."""
+MAX_ORDER_WAIT = 10.0
+"""Longest hold behind an event waiting for its retry: a held event looks again at
+least this often (the earlier event may be retried sooner, after a requeue say)."""
+DEAD_WAIT = MAX_ORDER_WAIT
+"""Seconds between looks at a key held by a dead event (``ordered_after_dead=block``):
+a requeue of the dead event releases the key within this time."""
 
 
 class _KeyOrder:
@@ -795,7 +820,14 @@ def _key_order(c: OpContext, live: list[tuple[int, Any]]) -> Op[_KeyOrder]:
     if c.dead_blocks:
         open_statuses.append(Status.DEAD.value)
     result = yield Execute(
-        select(t.c.id, t.c.message_key, t.c.status, t.c.next_retry_at, db_now().label("now"))
+        select(
+            t.c.id,
+            t.c.message_key,
+            t.c.status,
+            t.c.retry_count,
+            t.c.next_retry_at,
+            db_now().label("now"),
+        )
         .where(
             t.c.message_key.in_(set(keys.values())),
             t.c.status.in_(open_statuses),
@@ -810,9 +842,11 @@ def _key_order(c: OpContext, live: list[tuple[int, Any]]) -> Op[_KeyOrder]:
     for r in result.all():
         if r.status == Status.DEAD.value:
             seconds = DEAD_WAIT
-        elif r.status == Status.PENDING.value and r.next_retry_at is not None:
-            seconds = max(0.0, (r.next_retry_at - r.now).total_seconds())
-        else:  # published, or claimed and on its way
+        elif r.status == Status.PENDING.value and r.retry_count and r.next_retry_at is not None:
+            # Waiting for its retry (or claimed for it: the lease is no measure).
+            left = (r.next_retry_at - r.now).total_seconds()
+            seconds = min(max(0.0, left), MAX_ORDER_WAIT)
+        else:  # published, or due for its first send, or on its way
             seconds = IN_FLIGHT_WAIT
         waits.setdefault(r.message_key, []).append((r.id, seconds))
     return _KeyOrder(keys, waits)
@@ -824,7 +858,11 @@ def op_defer(c: OpContext, delays: Mapping[int, float]) -> Op[None]:
     t = c.table
     yield Execute(
         update(t)
-        .where(t.c.id == bindparam("_id"), t.c.status.not_in(FINAL_STATUSES))
+        .where(
+            t.c.id == bindparam("_id"),
+            t.c.status != Status.CONSUMED.value,  # not_in: no expanding IN in executemany
+            t.c.status != Status.DEAD.value,
+        )
         .values(
             status=Status.PENDING.value,
             next_retry_at=db_now_plus(bindparam("_delay")),
