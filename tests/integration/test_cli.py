@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from outboxer import Outbox, OutboxSettings
 from outboxer.cli import app
+from outboxer.database.migrations import LATEST
 from outboxer.settings import CONFIG_ENV
 from tests.helpers import ServerDatabase
 
@@ -130,7 +131,7 @@ def child_env() -> dict[str, str]:
 def test_migrate_creates_the_table_then_finds_it(sqlite_app: AppModule) -> None:
     code, out, err = invoke("--app", sqlite_app.spec, "migrate")
     assert code == 0, err
-    assert table_row(out, SERVICE) == [SERVICE, TABLE, "2", "created"]
+    assert table_row(out, SERVICE) == [SERVICE, TABLE, str(LATEST), "created"]
     assert sqlite_app.db is not None
     with sqlite3.connect(sqlite_app.db) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -139,7 +140,7 @@ def test_migrate_creates_the_table_then_finds_it(sqlite_app: AppModule) -> None:
 
     code, out, err = invoke("--app", sqlite_app.spec, "migrate")
     assert code == 0, err
-    assert table_row(out, SERVICE) == [SERVICE, TABLE, "2", "up to date"]
+    assert table_row(out, SERVICE) == [SERVICE, TABLE, str(LATEST), "up to date"]
 
 
 def test_app_from_the_environment(sqlite_app: AppModule) -> None:

@@ -136,7 +136,8 @@ def test_half_applied_step_is_completed(db_url: str, service: str, fresh: Any) -
     with ob.db.sync_engine.begin() as conn:
         conn.execute(plan.statements[0])
     [plan] = ob.migration_plan()
-    assert len(plan.statements) == len(STEPS[1].columns) - 1
+    later = sum(len(step.columns) + len(step.indexes) for step in STEPS[1:])
+    assert len(plan.statements) == later - 1
     ob.migrate()
     assert _describe(ob, route.table_name)["columns"] == fresh["columns"]
     drop_tables(ob)
