@@ -21,7 +21,14 @@ from typing import Any
 from outboxer.aio import in_daemon_thread, sleep_unless
 from outboxer.backoff import ErrorBackoff
 from outboxer.database.instructions import Op
-from outboxer.database.ops import BatchOutcome, Handler, Outcome, op_dispatch, op_inbox_receive
+from outboxer.database.ops import (
+    BatchHandler,
+    BatchOutcome,
+    Handler,
+    Outcome,
+    op_dispatch,
+    op_inbox_receive,
+)
 from outboxer.database.runner import AsyncRunner, SyncRunner, callable_name, is_async_callable
 from outboxer.envelope import Envelope
 from outboxer.errors import HandlerError, describe_error
@@ -51,19 +58,23 @@ def check_handler(event_type: str, fn: Handler) -> None:
         pass
 
 
+def _fn(handler: Handler | BatchHandler) -> Handler:
+    return handler.fn if isinstance(handler, BatchHandler) else handler
+
+
 class Handlers:
-    """Event type -> handler, for the consumers of one application."""
+    """Event type -> handler (or batch handler), for the consumers of one application."""
 
     def __init__(self) -> None:
-        self._by_type: dict[str, Handler] = {}
+        self._by_type: dict[str, Handler | BatchHandler] = {}
 
-    def register(self, event_type: str, fn: Handler) -> None:
+    def register(self, event_type: str, fn: Handler | BatchHandler) -> None:
         event_type = event_type.strip()
-        check_handler(event_type, fn)
+        check_handler(event_type, _fn(fn))
         existing = self._by_type.get(event_type)
-        if existing is not None and existing is not fn:
+        if existing is not None and existing is not fn and _fn(existing) is not _fn(fn):
             raise HandlerError(
-                f"event type {event_type!r} already has a handler ({callable_name(existing)})",
+                f"event type {event_type!r} already has a handler ({callable_name(_fn(existing))})",
                 event_type=event_type,
             )
         self._by_type[event_type] = fn
@@ -105,12 +116,15 @@ class Dispatcher:
         self.isolate = isolate
         """Skip the fast path: every handler in its own savepoint from the start."""
         self._ctx = storage.op_context(route)
-        self._async_types = {e for e, h in handlers.items() if is_async_callable(h)}
+        self._async_types = {e for e, h in handlers.items() if is_async_callable(_fn(h))}
         self._headers: dict[str, Mapping[str, bytes]] = {}
         if isinstance(hooks, Hooks) and hooks.wants("handler_context"):
             # Observers (tracing) wrap each handler call: a span continuing the trace
             # in the message's headers.
-            self.handlers = {e: self._in_context(h) for e, h in handlers.items()}
+            self.handlers = {
+                e: h if isinstance(h, BatchHandler) else self._in_context(h)
+                for e, h in handlers.items()
+            }
 
     def _in_context(self, fn: Handler) -> Handler:
         hooks, service, headers = self.hooks, self.route.service_name, self._headers
@@ -222,10 +236,11 @@ class Dispatcher:
         """The batch transaction for decoded ``items`` (envelopes here)."""
         return op_dispatch(self._ctx, items, self.handlers, isolate=isolate, failed=failed)
 
-    def _failed(self, fast: BatchOutcome) -> tuple[Any, BaseException]:
-        """The fast path's failure, named the way :meth:`_op` takes it."""
+    def _failed(self, fast: BatchOutcome) -> tuple[Any, BaseException] | None:
+        """The fast path's failure, named the way :meth:`_op` takes it (None: a batch
+        handler failed, so which event failed is unknown)."""
         assert fast.failed_fast is not None
-        return fast.failed_fast
+        return fast.failed_fast if fast.failed_fast[0] else None
 
     async def _run(self, op: Op[BatchOutcome], is_async: bool) -> BatchOutcome:
         """Run a batch op in a transaction of its own; commit it, unless the op says
@@ -354,11 +369,12 @@ class InboxDispatcher(Dispatcher):
             self._ctx, items, rows, self.handlers, isolate=isolate, failed=failed
         )
 
-    def _failed(self, fast: BatchOutcome) -> tuple[Any, BaseException]:
+    def _failed(self, fast: BatchOutcome) -> tuple[Any, BaseException] | None:
         # The fast path's insert was rolled back: its row ids mean nothing now.
         assert fast.failed_fast is not None
         row_id, error = fast.failed_fast
-        return fast.event_ids[row_id], error
+        event_id = fast.event_ids.get(row_id)
+        return None if event_id is None else (event_id, error)
 
     async def dispatch_alone(self, message: IncomingMessage) -> None:
         try:

@@ -24,7 +24,7 @@ from outboxer.consumer import Handlers
 from outboxer.database import migrations
 from outboxer.database.engines import Database
 from outboxer.database.migrations import TablePlan
-from outboxer.database.ops import Handler
+from outboxer.database.ops import BatchHandler, Handler
 from outboxer.database.schema import Tables
 from outboxer.envelope import JsonDefault
 from outboxer.errors import ConfigurationError
@@ -217,6 +217,33 @@ class Outbox:
         if service is not None:
             self.register_event(event_type.strip(), service)
         self._handlers.register(event_type, fn)
+
+    def batch_handler(self, event_type: str, *, service: str | None = None) -> Callable[[H], H]:
+        """Decorator: ``fn(events, tx)`` handles lists of ``event_type`` events (see
+        :meth:`register_batch_handler`)."""
+
+        def decorate(fn: H) -> H:
+            self.register_batch_handler(event_type, fn, service=service)
+            return fn
+
+        return decorate
+
+    def register_batch_handler(
+        self, event_type: str, fn: Handler, *, service: str | None = None
+    ) -> None:
+        """Make ``fn`` the handler of ``event_type``, called with a list of events.
+
+        ``def fn(events: list[Envelope], tx: Session)`` (or ``async def`` with an
+        ``AsyncSession``): the consumer's fast path passes consecutive events of the
+        type in one call, so a handler can write them with one statement (one round
+        trip for many events). If the call raises, the batch is rolled back and each
+        event runs again alone, in a list of one, so a failure is recorded against the
+        event that fails. Its writes commit with the consumed marks, as for
+        :meth:`register_handler`.
+        """
+        if service is not None:
+            self.register_event(event_type.strip(), service)
+        self._handlers.register(event_type, BatchHandler(fn))
 
     def handled_services(self) -> set[str]:
         """The services that have handlers registered in this process."""

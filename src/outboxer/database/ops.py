@@ -52,6 +52,18 @@ Handler = Callable[..., Any]
 """``async def h(event: Envelope, tx: AsyncSession)`` or ``def h(event, tx: Session)``."""
 
 
+@dataclass(frozen=True, slots=True)
+class BatchHandler:
+    """A handler that takes a list of events: ``fn(events, tx)``. The fast path calls
+    it once with consecutive events of its type (in order); after a failure each
+    event is run again alone, in its own savepoint."""
+
+    fn: Callable[..., Any]
+
+    def __call__(self, events: list[Envelope], tx: Any) -> Any:
+        return self.fn(events, tx)
+
+
 def truncate_error(reason: str) -> str:
     """``reason`` as stored in ``last_error``: its first 2000 characters.
 
@@ -725,7 +737,10 @@ def op_dispatch(
     clock = time.perf_counter
     failures: list[tuple[int, str]] = []
     types: dict[int, str] = {}
-    for env, handler in live:
+    index = 0
+    while index < len(live):
+        env, handler = live[index]
+        index += 1
         if order is not None:
             wait = order.wait(env.outbox_id)
             if wait is not None:
@@ -734,6 +749,24 @@ def op_dispatch(
                 continue
         started = clock()
         if not isolate:
+            if isinstance(handler, BatchHandler):
+                group = [env]
+                while (
+                    index < len(live)
+                    and live[index][1] is handler
+                    and (order is None or order.wait(live[index][0].outbox_id) is None)
+                ):
+                    group.append(live[index][0])
+                    index += 1
+                error = yield Invoke(handler.fn, (group,), capture=True, guard=True)
+                share = (clock() - started) / len(group)
+                out.timings.extend((e.event_type, share, error) for e in group)
+                if error is not None:
+                    # Which event failed is unknown: each runs again alone.
+                    out.failed_fast = (0, error)
+                    return out
+                out.consumed.extend(e.outbox_id for e in group)
+                continue
             error = yield Invoke(handler, (env,), capture=True, guard=True)
             out.timings.append((env.event_type, clock() - started, error))
             if error is not None:
@@ -744,7 +777,10 @@ def op_dispatch(
         if failed is not None and failed[0] == env.outbox_id:
             error = failed[1]  # it ran and failed in the fast path: one call, one attempt
         else:
-            error = yield Invoke(handler, (env,), savepoint=True, capture=True, guard=True)
+            call, args = (
+                (handler.fn, ([env],)) if isinstance(handler, BatchHandler) else (handler, (env,))
+            )
+            error = yield Invoke(call, args, savepoint=True, capture=True, guard=True)
             out.timings.append((env.event_type, clock() - started, error))
         if error is None:
             out.consumed.append(env.outbox_id)
