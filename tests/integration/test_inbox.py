@@ -27,6 +27,7 @@ from outboxer import Envelope, Outbox, RoutingError, Status
 from outboxer.testing import EmbeddedKafka
 from outboxer.transports.adapters import Debezium
 from tests.helpers import isolated_settings
+from tests.integration.engine_helpers import run_until
 
 pytestmark = pytest.mark.kafka
 
@@ -110,26 +111,6 @@ class Pair:
         self.producer.close()
 
 
-async def _run_until(outboxes: list[Outbox], done: Any, timeout: float = 180.0) -> None:
-    tasks = [asyncio.create_task(ob.run_async()) for ob in outboxes]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    try:
-        while not await asyncio.to_thread(done):
-            for t in tasks:
-                if t.done():
-                    t.result()
-                    raise AssertionError("an outbox stopped on its own")
-            assert loop.time() < deadline, f"not done after {timeout}s"
-            await asyncio.sleep(0.2)
-    finally:
-        for ob in outboxes:
-            ob.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for ob in outboxes:
-            await ob.db.dispose_async_only()
-
-
 def _duplicate(broker: EmbeddedKafka, topic: str, values: list[bytes]) -> None:
     producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
     for value in values:
@@ -163,7 +144,7 @@ async def test_inbox_applies_each_event_once(
         def done() -> bool:
             return pair.inbox()[Status.CONSUMED.value] == EVENTS
 
-        await _run_until([pair.producer, pair.consumer], done)
+        await run_until([pair.producer, pair.consumer], done, timeout=180)
         assert pair.effects() == (EVENTS, EVENTS)
         counts = pair.inbox()
         assert counts[Status.PENDING.value] == 0
@@ -241,7 +222,7 @@ async def _relay_all(pair: Pair) -> None:
     def published() -> bool:
         return pair.producer.store("orders").status().counts[Status.PUBLISHED.value] == EVENTS
 
-    await _run_until([pair.producer], published)
+    await run_until([pair.producer], published)
 
 
 async def _wait(condition: Any, timeout: float = 120.0) -> bool:
@@ -308,7 +289,7 @@ async def test_debezium_events_into_the_inbox(
         def done() -> bool:
             return consumer.store("orders").status().counts[Status.CONSUMED.value] == 20
 
-        await _run_until([consumer], done, timeout=120)
+        await run_until([consumer], done, timeout=120)
         with consumer.db.sync_engine.connect() as conn:
             got = conn.execute(select(fx.c.n).order_by(fx.c.n)).scalars().all()
         assert got == list(range(20))

@@ -8,7 +8,6 @@ published, and every event took effect exactly once.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import uuid
 from typing import Any
@@ -20,6 +19,7 @@ from sqlalchemy.orm import Session
 from outboxer import Envelope, Outbox, Status
 from outboxer.testing import InMemoryTransport
 from tests.helpers import isolated_settings
+from tests.integration.engine_helpers import run_until
 
 KEYS = 6
 EVENTS = 90
@@ -48,24 +48,6 @@ def _outbox(url: str, transport: InMemoryTransport, prefix: str, **settings: Any
     ob.register_service("ledger", ordered=True)
     ob.register_event("entry.added", "ledger")
     return ob
-
-
-async def _run_until(outboxes: list[Outbox], done: Any, timeout: float = 120.0) -> None:
-    tasks = [asyncio.create_task(ob.run_async()) for ob in outboxes]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    try:
-        while not await asyncio.to_thread(done):
-            for t in tasks:
-                if t.done():
-                    t.result()
-                    raise AssertionError("an outbox stopped on its own")
-            assert loop.time() < deadline, f"not done after {timeout}s"
-            await asyncio.sleep(0.1)
-    finally:
-        for ob in outboxes:
-            ob.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -104,7 +86,7 @@ async def test_each_key_is_handled_in_publish_order(server_url: str, seed: int) 
         def done() -> bool:
             return st.status().counts[Status.CONSUMED.value] == EVENTS
 
-        await _run_until(outboxes, done)
+        await run_until(outboxes, done)
         with first.db.sync_engine.connect() as conn:
             rows = conn.execute(select(fx.c.key, fx.c.seq).order_by(fx.c.id)).all()
             total = conn.execute(select(func.count()).select_from(fx)).scalar_one()
@@ -154,7 +136,7 @@ async def test_a_dead_event_skips_or_blocks_its_key(db_url: str, after_dead: str
                 return one.status is Status.DEAD and two.status is Status.CONSUMED
             return one.status is Status.DEAD
 
-        await _run_until([ob], settled, timeout=60)
+        await run_until([ob], settled, timeout=60)
         two = st.get_by_id(second)
         assert two is not None
         if after_dead == "block":
@@ -167,7 +149,7 @@ async def test_a_dead_event_skips_or_blocks_its_key(db_url: str, after_dead: str
             def both() -> bool:
                 return st.status().counts[Status.CONSUMED.value] == 2
 
-            await _run_until([ob], both, timeout=60)
+            await run_until([ob], both, timeout=60)
             with ob.db.sync_engine.connect() as conn:
                 seqs = conn.execute(select(fx.c.seq).order_by(fx.c.id)).scalars().all()
             assert seqs == [0, 1]
