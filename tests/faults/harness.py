@@ -112,6 +112,9 @@ LOG_EVENTS = {
     "relay rounds failed": re.compile(r"relay round failed"),
     "consumer batches failed": re.compile(r"consumer batch failed"),
     "messages whose own transaction failed": re.compile(r"breaks its own transaction"),
+    "handler calls failed": re.compile(r"handler failed for outbox id"),
+    "in-process handoffs failed (messages)": re.compile(r"in-process handoff of (\d+) message"),
+    "offset commits failed": re.compile(r"offset commit failed"),
 }
 """Log lines of the workers counted into a scenario's figures (``Figures.engine``)."""
 
@@ -223,14 +226,15 @@ class Workers:
         stop_process(worker.process)
         return int(worker.process.returncode)
 
-    def stop_all(self) -> dict[int, int]:
-        """Stop every running worker (SIGTERM, then SIGKILL); their exit codes."""
+    def stop_all(self) -> None:
+        """Stop every running worker: SIGTERM to all, then each is waited for and
+        SIGKILLed if it has not exited (every one, even if another step raised)."""
         running = self.running
         for w in running:
             w.process.send_signal(signal.SIGTERM)
-        for w in running:
-            stop_process(w.process)
-        return {w.number: int(w.process.returncode) for w in running}
+        with ExitStack() as stack:
+            for w in running:
+                stack.callback(stop_process, w.process)
 
     def log_counts(self) -> Counter[str]:
         """What the workers' logs say the engine did about the faults."""
@@ -736,6 +740,25 @@ class Scenario:
             self.pause(start + (i + 1) * gap + i * lasting - time.monotonic())
             yield i
 
+    def effects_of(self, worker: Worker) -> Counter[str]:
+        """Effect rows ``worker`` applied, per service."""
+        query = (
+            select(EFFECTS.c.service, func.count())
+            .where(EFFECTS.c.worker == worker.pid)
+            .group_by(EFFECTS.c.service)
+        )
+        with self._engine.connect() as conn:
+            return Counter({str(svc): int(n) for svc, n in conn.execute(query)})
+
+    def wait_until_consuming(self, worker: Worker, timeout: float = 120) -> float:
+        """Until ``worker`` has applied effects of every service: it has partitions of
+        every consumer group, so the rebalance its join started is complete."""
+
+        def consuming() -> bool:
+            return set(self.effects_of(worker)) == set(SERVICES)
+
+        return self._wait(consuming, timeout, f"worker {worker.number} consuming every service")
+
     def _wait(self, condition: Callable[[], bool], timeout: float, what: str) -> float:
         def check() -> bool:
             self.healthy()
@@ -857,12 +880,15 @@ class Scenario:
             assert f.max_retry_count == 0, report
 
     def close(self) -> None:
-        if self.publisher is not None:
-            self.publisher.stop()
-            self.publisher.join(timeout=60)
-            self.publisher.close()
-        self.workers.stop_all()
-        self.outbox.close()
+        """Stop the publisher and every worker; each step runs even if one before it
+        failed (a worker left running would outlive the test)."""
+        with ExitStack() as stack:  # runs the callbacks last first
+            stack.callback(self.outbox.close)
+            stack.callback(self.workers.stop_all)
+            if self.publisher is not None:
+                stack.callback(self.publisher.close)
+                stack.callback(self.publisher.join, 60)
+                stack.callback(self.publisher.stop)
 
 
 @contextmanager
