@@ -109,6 +109,12 @@ LOG_EVENTS = {
     "rows sent again after redeliver_after": re.compile(
         r"(\d+) published message\(s\) not consumed within"
     ),
+    "messages held after a broker-side failure (no attempt)": re.compile(
+        r"(\d+) message\(s\) not acknowledged for a broker-side reason"
+    ),
+    "messages failed for retry by the broker (attempt)": re.compile(
+        r"(\d+) message\(s\) not acknowledged by the broker; will retry"
+    ),
     "relay rounds failed": re.compile(r"relay round failed"),
     "consumer batches failed": re.compile(r"consumer batch failed"),
     "messages whose own transaction failed": re.compile(r"breaks its own transaction"),
