@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CODE := src tests $(wildcard bench)
 
-.PHONY: all demo test lint format bench services clean constraints
+.PHONY: all demo test chaos lint format bench services clean constraints
 
 all: lint test
 
@@ -37,6 +37,11 @@ services:
 
 test: $(STAMP) lint services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fault scenarios at full size (tests/faults; make test runs them at CI size);
+# writes tests/faults/RESULTS.md.
+chaos: $(STAMP) services
+	OUTBOXER_FAULTS=full $(BIN)/python -m pytest tests/faults -m faults $(PYTEST_ARGS)
 
 bench: $(STAMP) services
 	$(BIN)/python -m bench

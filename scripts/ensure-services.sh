@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the database servers the integration tests talk to are running.
 # On a machine where they already run this only checks; where one has stopped
-# it starts it again with the machine's own service command. Exits non-zero if a
+# it starts it again with the machine's own service command, and creates the
+# MariaDB database `test` that the default test URL names. Exits non-zero if a
 # server cannot be reached, so CI fails loudly instead of skipping tests.
 set -uo pipefail
 
@@ -35,7 +36,13 @@ if command -v mariadb-admin >/dev/null 2>&1; then
         echo "ensure-services: starting MariaDB"
         start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd || true
     fi
-    wait_for MariaDB maria_up || status=1
+    if wait_for MariaDB maria_up; then
+        # The default test URL (tests/helpers.py) names the database `test`.
+        mariadb --protocol=tcp -h 127.0.0.1 -P 3306 -uroot \
+            -e "CREATE DATABASE IF NOT EXISTS test" || status=1
+    else
+        status=1
+    fi
 else
     echo "ensure-services: MariaDB client tools not installed" >&2
     [ "${CI:-}" = "true" ] && status=1

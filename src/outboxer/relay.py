@@ -4,8 +4,10 @@ Per service route: claim up to ``batch_size`` due rows in one statement (with a
 lease, so many relays can run at once and a crashed one's rows come back), send
 them as one batch, then mark every acknowledged row published in one statement
 (guarded by the claimed ``retry_count``), failed ones failed-for-retry and
-permanently refused or undecodable ones dead. No database transaction is open while
-the transport is waiting on the broker.
+permanently refused or undecodable ones dead. Broker-side (transient) failures are
+never attempts: a batch failing only so is an outage (the rows are held and the
+relay backs off); beside successes, their rows are due again after ``error_delay``.
+No database transaction is open while the transport is waiting on the broker.
 
 Batches are pipelined: while the broker acknowledges one batch, the relay claims
 and sends the next ones, up to ``relay_pipeline`` batches in flight, so the
@@ -254,6 +256,8 @@ class Relay:
         handed_over = 0
         handoff_failed: list[str] = []
         failed: list[tuple[int, str]] = []
+        held: list[int] = []
+        held_error = ""
         dead: dict[str, list[int]] = defaultdict(list)
         resend_failed: list[str] = []
         for msg, d in zip(outgoing, deliveries, strict=True):
@@ -271,6 +275,11 @@ class Relay:
                 resend_failed.append(d.error)
             elif d.permanent:
                 dead[f"broker refused the message permanently: {d.error}"].append(msg.outbox_id)
+            elif d.transient:
+                # The broker's trouble, not the message's (a replaced broker that does
+                # not know the producer, a timeout): sent again, no attempt counted.
+                held.append(msg.outbox_id)
+                held_error = held_error or d.error
             else:
                 failed.append((msg.outbox_id, f"send failed: {d.error}"))
         marked = 0
@@ -300,13 +309,29 @@ class Relay:
                 failed[0][1],
                 extra={"service": service},
             )
+        if held:
+            delay = self.settings.error_delay
+            await self.store.release_async(held, delay)
+            logger.warning(
+                "%d message(s) not acknowledged for a broker-side reason; sent again in "
+                "%.1fs without counting an attempt: %s",
+                len(held),
+                delay,
+                held_error,
+                extra={"service": service, "outbox_ids": held[:20]},
+            )
         for reason, ids in dead.items():
             await self.store.mark_dead_many_async(ids, reason, unless_final=True)
             logger.error("%s", reason, extra={"service": service, "outbox_ids": ids[:20]})
-        if failed or dead:
-            first = failed[0][1] if failed else next(iter(dead))
+        if failed or held or dead:
+            if failed:
+                first = failed[0][1]
+            elif held:
+                first = f"send failed: {held_error}"
+            else:
+                first = next(iter(dead))
             self.hooks.batch_failed(
-                service, len(failed), sum(len(ids) for ids in dead.values()), first
+                service, len(failed) + len(held), sum(len(ids) for ids in dead.values()), first
             )
 
     def _report_dead(

@@ -26,6 +26,8 @@ from outboxer.database.runner import ends_transaction
 from outboxer.testing import InMemoryTransport, drain
 from tests.helpers import isolated_settings
 
+pytestmark = pytest.mark.faults
+
 
 def _app(url: str, service: str, **settings: Any) -> tuple[Outbox, Table]:
     values: dict[str, Any] = {"retry_unit": 0.01, "poll_interval": 0.05, **settings}

@@ -11,6 +11,7 @@ import asyncio
 import threading
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -19,6 +20,8 @@ from outboxer.consumer import Dispatcher
 from outboxer.hooks import Stats
 from outboxer.transports.base import IncomingMessage
 from tests.helpers import drop_tables, make_outbox
+
+pytestmark = pytest.mark.faults
 
 SECOND_WAIT = 5.0
 """How long the first handler waits for the second to enter its handler too (only

@@ -216,16 +216,28 @@ async def test_a_batch_failing_only_transiently_is_an_outage(tmp_path: Path) -> 
     await ob.aclose()
 
 
-async def test_a_transient_error_beside_successes_counts_an_attempt(tmp_path: Path) -> None:
-    transport = ScriptedTransport("_MSG_TIMED_OUT", transient=True)
-    ob = _outbox(tmp_path, transport)
+async def test_a_transient_error_beside_successes_counts_no_attempt(tmp_path: Path) -> None:
+    # Seen after a broker was replaced mid-batch: the requests the old broker had
+    # acknowledged succeeded, the one that reached the new broker failed with
+    # UNKNOWN_PRODUCER_ID. Counting it spent an attempt on a row for the broker's fault.
+    transport = ScriptedTransport("UNKNOWN_PRODUCER_ID: Unknown Producer Id", transient=True)
+    ob = _outbox(tmp_path, transport, error_delay=60.0)
     st = ob.store("svc")
     good = st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}})
-    bad = st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}})
+    bad = st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}}, max_retry=1)
     transport.ok_ids = {good}
-    relay = Relay(st, transport, ob.settings, hooks=Stats(), waker=Waker())
+    stats = Stats()
+    relay = Relay(st, transport, ob.settings, hooks=stats, waker=Waker())
     await relay.run_once()
     assert relay.outage_since is None
     assert st.get_by_id(good).status is Status.PUBLISHED  # type: ignore[union-attr]
-    assert st.get_by_id(bad).retry_count == 1  # type: ignore[union-attr]
+    row = st.get_by_id(bad)
+    assert row is not None
+    assert (row.status, row.retry_count, row.last_error) == (Status.PENDING, 0, None)
+    assert stats.get("send_failed") == 1
+    assert await relay.run_once() == 0  # due again only after error_delay
+    transport.ok_ids.add(bad)
+    backdate(ob, "svc", bad, "next_retry_at", 120)
+    assert await relay.run_once() == 1
+    assert st.get_by_id(bad).status is Status.PUBLISHED  # type: ignore[union-attr]
     await ob.aclose()

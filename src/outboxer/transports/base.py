@@ -72,8 +72,9 @@ class Delivery:
     ``error`` is ``None`` when the broker acknowledged it. ``permanent`` errors (a
     message larger than the broker accepts, say) will never succeed: the relay marks
     the row dead instead of retrying. ``transient`` errors are the broker's, not the
-    message's (unreachable, timed out, no leader, producer state): when every message
-    of a batch fails so, the relay treats it as an outage and counts no attempt.
+    message's (unreachable, timed out, no leader, producer state): they never count
+    an attempt; when every message of a batch fails so, the relay treats it as an
+    outage and backs off.
     ``settled`` means the consumer side already recorded the outcome in the database
     (the in-process transport), so the relay must not mark the row published.
     """

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import Engine, Insert, Row, Select, Table, create_engine, select, text, update
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import ColumnElement, Executable
 from sqlalchemy.types import TypeEngine
 
@@ -166,7 +167,9 @@ class Dialect:
         """Create database ``name`` on the server of ``admin_url``, yield its URL and
         drop it afterwards."""
         url = make_url(admin_url)
-        admin = create_engine(url, **self.scratch_options())
+        # No pool: the drop must not reuse a connection that a server restart (or an
+        # idle timeout) closed while the database was in use.
+        admin = create_engine(url, poolclass=NullPool, **self.scratch_options())
         # CREATE/DROP DATABASE have no Core construct; the name is ours and quoted.
         quoted = admin.dialect.identifier_preparer.quote_identifier(name)
         try:

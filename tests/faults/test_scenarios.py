@@ -1,0 +1,236 @@
+"""Fault scenarios with real processes, real databases and the real broker binary.
+
+Each scenario starts ``outboxer run`` workers, publishes events at a steady rate
+in business transactions, injects its faults, waits until everything committed is
+settled and ends in the same audit (tests/faults/harness.py): every committed event
+has exactly one effect, every row is consumed or dead with a reason. Sizes:
+``OUTBOXER_FAULTS=ci`` (default, ``make test``) or ``full`` (``make chaos``, which
+writes tests/faults/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from outboxer.testing import EmbeddedKafka, scratch_database
+from tests.faults.harness import (
+    FULL,
+    PrivatePostgres,
+    Scenario,
+    database_name,
+    kill_mariadb_connections,
+    scenario,
+)
+from tests.helpers import MYSQL_ADMIN_URL
+
+
+@dataclass(frozen=True)
+class Size:
+    events: int
+    rate: float
+    """Events committed per second by the publisher."""
+    faults: int
+    drain_timeout: float = 300.0
+    """Bound on the drain after publishing ended (a failure, not a figure, if hit)."""
+
+
+SIZES = {
+    "ci": {
+        "kill-pg-kafka": Size(3_000, 120, 3),
+        "kill-mariadb-local": Size(2_000, 100, 3),
+        "broker-replaced": Size(2_000, 80, 1),
+        "broker-down": Size(2_000, 40, 1),
+        "database-restarted": Size(2_000, 60, 4),
+        "mariadb-backends-killed": Size(2_000, 80, 3),
+        "consumers-join-leave": Size(3_000, 100, 4),
+    },
+    "full": {
+        "kill-pg-kafka": Size(50_000, 400, 10, 900),
+        "kill-mariadb-local": Size(20_000, 250, 5, 900),
+        "broker-replaced": Size(20_000, 200, 3, 900),
+        "broker-down": Size(20_000, 150, 2, 900),
+        "database-restarted": Size(20_000, 200, 8, 900),
+        "mariadb-backends-killed": Size(20_000, 200, 8, 900),
+        "consumers-join-leave": Size(30_000, 250, 10, 900),
+    },
+}["full" if FULL else "ci"]
+
+OUTAGE = 30.0
+"""Seconds the broker stays down in the broker-down scenario."""
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(7200 if FULL else 900)]
+
+
+def _kill_loop(sc: Scenario, size: Size) -> None:
+    for _ in sc.fault_times(size.faults):
+        sc.kill_worker()
+
+
+def test_workers_sigkilled_postgresql_kafka(
+    pg_scratch: str, broker: EmbeddedKafka, tmp_path: Path, fault_results: None
+) -> None:
+    size = SIZES["kill-pg-kafka"]
+    with scenario(
+        "workers SIGKILLed",
+        tmp_path,
+        pg_scratch,
+        broker.transport_url,
+        setup="PostgreSQL, Kafka",
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate)
+        _kill_loop(sc, size)
+        sc.finish(size.drain_timeout)
+        sc.check()
+
+
+def test_workers_sigkilled_mariadb_local(
+    mariadb_scratch: str, tmp_path: Path, fault_results: None
+) -> None:
+    size = SIZES["kill-mariadb-local"]
+    with scenario(
+        "workers SIGKILLed", tmp_path, mariadb_scratch, "local", setup="MariaDB, in-process"
+    ) as sc:
+        sc.start_workers(["both", "both"])
+        sc.publish(size.events, size.rate)
+        _kill_loop(sc, size)
+        sc.finish(size.drain_timeout)
+        sc.check()
+
+
+def _no_worker_restarted(sc: Scenario) -> None:
+    gone = [w for w in sc.workers.all if not w.alive]
+    assert not gone, f"workers exited: {[w.number for w in gone]}\n{sc.workers.logs()}"
+
+
+def test_broker_replaced_by_a_fresh_one(
+    pg_scratch: str, broker: EmbeddedKafka, tmp_path: Path, fault_results: None
+) -> None:
+    """SIGKILL the broker and start a new, empty one on the same address at once: it
+    has lost topics, offsets, groups, producer ids and acknowledged messages. The
+    same workers deliver everything; no attempt is spent, nothing is dead."""
+    size = SIZES["broker-replaced"]
+    with scenario(
+        "broker replaced", tmp_path, pg_scratch, broker.transport_url, setup="PostgreSQL, Kafka"
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate)
+        for _ in sc.fault_times(size.faults):
+            broker.stop()
+            broker.start()
+            sc.fault("broker replaced")
+        sc.finish(size.drain_timeout)
+        _no_worker_restarted(sc)
+        sc.check(broker_fault=True)
+
+
+def test_broker_down_30s_and_back(
+    pg_scratch: str, broker: EmbeddedKafka, tmp_path: Path, fault_results: None
+) -> None:
+    """The broker gone for 30 s (publishing goes on), then a fresh one on the same
+    address: the relays hold the rows without counting attempts, and the same
+    workers drain everything once it is back."""
+    size = SIZES["broker-down"]
+    with scenario(
+        "broker down 30 s", tmp_path, pg_scratch, broker.transport_url, setup="PostgreSQL, Kafka"
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate)
+        for _ in sc.fault_times(size.faults, lasting=OUTAGE):
+            broker.stop()
+            sc.pause(OUTAGE)
+            broker.start()
+            sc.fault("broker down 30 s")
+        sc.finish(size.drain_timeout)
+        _no_worker_restarted(sc)
+        sc.check(broker_fault=True)
+
+
+def test_database_restarted_and_backends_terminated(
+    private_pg: PrivatePostgres, broker: EmbeddedKafka, tmp_path: Path, fault_results: None
+) -> None:
+    """A private PostgreSQL cluster restarted mid-run (immediate, i.e. a crash and
+    recovery, then fast), and every backend of the app's database terminated with
+    pg_terminate_backend, alternately."""
+    size = SIZES["database-restarted"]
+    with (
+        scratch_database(private_pg.admin_url, prefix="outboxer_faults") as url,
+        scenario(
+            "database restarted, backends terminated",
+            tmp_path,
+            url,
+            broker.transport_url,
+            setup="PostgreSQL (private cluster), Kafka",
+        ) as sc,
+    ):
+        db = database_name(url)
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate)
+        for i in sc.fault_times(size.faults, lasting=3.0):
+            if i % 2:
+                cut = private_pg.terminate_backends(db)
+                sc.fault("pg_terminate_backend of every connection", cut)
+            else:
+                mode = "immediate" if i % 4 == 0 else "fast"
+                private_pg.restart(mode, down_for=3.0)
+                sc.fault(f"PostgreSQL restart ({mode})")
+        sc.finish(size.drain_timeout)
+        sc.check()
+
+
+def test_mariadb_backends_killed(mariadb_scratch: str, tmp_path: Path, fault_results: None) -> None:
+    """MariaDB ``KILL CONNECTION`` for every connection to the app's database (the
+    workers' and the publisher's), repeatedly."""
+    size = SIZES["mariadb-backends-killed"]
+    db = database_name(mariadb_scratch)
+    with scenario(
+        "backends killed", tmp_path, mariadb_scratch, "local", setup="MariaDB, in-process"
+    ) as sc:
+        sc.start_workers(["both", "both"])
+        sc.publish(size.events, size.rate)
+        for _ in sc.fault_times(size.faults):
+            cut = kill_mariadb_connections(MYSQL_ADMIN_URL, db)
+            sc.fault("MariaDB KILL of every connection", cut)
+        sc.finish(size.drain_timeout)
+        sc.check()
+
+
+def test_consumers_join_and_leave(
+    pg_scratch: str, broker: EmbeddedKafka, tmp_path: Path, fault_results: None
+) -> None:
+    """Consume-only workers join and leave in turn (leaving: SIGTERM, a clean stop)
+    while one relay sends: every rebalance hands partitions over without losing or
+    repeating an effect.
+
+    A worker leaves only once the last joiner consumes every service (its join's
+    rebalance is complete): the test broker (Tansu 0.6.0) keeps a group leader that
+    leaves during a rebalance as the leader for good, so the group never assigns a
+    partition again (reproduced with plain confluent-kafka consumers; a SIGKILLed
+    leader is evicted after the session timeout as it should be)."""
+    size = SIZES["consumers-join-leave"]
+    with scenario(
+        "consumers join and leave",
+        tmp_path,
+        pg_scratch,
+        broker.transport_url,
+        setup="PostgreSQL, Kafka",
+    ) as sc:
+        sc.start_workers(["relay", "consume"])
+        sc.publish(size.events, size.rate)
+        for i in sc.fault_times(size.faults):
+            consumers = [w for w in sc.workers.running if w.mode == "consume"]
+            if i % 2 == 0 or len(consumers) < 2:
+                joined = sc.workers.start("consume")
+                sc.fault("consumer joined")
+                sc.wait_until_consuming(joined)
+            else:
+                leaving = sc.rng.choice(consumers)
+                code = sc.workers.terminate(leaving)
+                assert code == 0, sc.workers.logs()
+                sc.fault("consumer left")
+        sc.finish(size.drain_timeout)
+        sc.figures.workers = "1 relay + 1 to 2 consume"
+        sc.check()
