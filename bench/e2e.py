@@ -237,7 +237,7 @@ def run(bench: Bench) -> Section:
             names = [*engines, *([PROCRASTINATE] if proc else [])]
             for name in names:
                 size = n_proc if name == PROCRASTINATE else n
-                note = f"procrastinate {proc.version}" if name == PROCRASTINATE and proc else ""
+                note = f"version {proc.version}" if name == PROCRASTINATE and proc else ""
                 section.add(name, "events/s", size, note)
             say(f"  e2e: {n:,} events per outboxer run, {n_proc:,} jobs per procrastinate run")
             plan = [(-1, name) for name in names] + list(interleave(bench.rounds, names))

@@ -165,7 +165,8 @@ def summary_table(sections: list[Section]) -> list[str]:
 
 
 def _section_md(section: Section, plots: dict[str, str]) -> list[str]:
-    out = [f"## {section.title}", "", section.method.strip(), ""]
+    method = section.method.strip().replace("``", "`")  # docstrings are reST
+    out = [f"## {section.title}", "", method, ""]
     if section.series:
         out += [
             "| contender | per run | median | min-max | rounds |",
