@@ -42,7 +42,7 @@ from bench.core import (
     spread,
     unique,
 )
-from bench.relay import StatementCounter
+from bench.relay import StatementCounter, batch_times
 from bench.workers import InProcessWorker, effect_handler, publish_one
 from outboxer import Outbox, Status
 from outboxer.testing import fill_due
@@ -263,6 +263,7 @@ def run(bench: Bench) -> Section:
                     section.series[name].samples.append(rate)
                     say(f"    {run_name}: {rate:,.0f} events/s")
         finally:
+            section.extra["batches"] = {name: batch_times(e.worker) for name, e in engines.items()}
             for e in engines.values():
                 e.close()
             if proc is not None:

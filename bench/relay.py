@@ -296,6 +296,7 @@ def run(bench: Bench) -> Section:
             if worker is not None:
                 rows = bench.rounds * n + min(n, 50)
                 section.extra["relay_statements_per_row"] = counter.count / rows
+                section.extra["relay_batches"] = batch_times(worker)
         finally:
             if worker is not None:
                 worker.stop()
@@ -367,6 +368,18 @@ def _one(
         return size / took
     c.check_published(section, run_name, size)
     return size / took
+
+
+def batch_times(worker: InProcessWorker) -> dict[str, float | None]:
+    """Median milliseconds of a relay round (claim, send, mark) and of its send (until
+    the broker acknowledged the batch), as the relay reports them to its observers."""
+    rounds, sends = worker.progress.round_seconds, worker.progress.send_seconds
+    round_s, send_s = median(rounds), median(sends)
+    return {
+        "round_ms": None if round_s is None else 1000 * round_s,
+        "send_ms": None if send_s is None else 1000 * send_s,
+        "batches": float(len(rounds)),
+    }
 
 
 def _ratios(section: Section, rounds: int) -> None:

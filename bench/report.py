@@ -209,6 +209,20 @@ def _section_md(section: Section, plots: dict[str, str]) -> list[str]:
             f"SQL statements per row sent by the Kafka relay: "
             f"{extra['relay_statements_per_row']:.3f}."
         )
+    batches = extra.get("relay_batches")
+    if batches and batches.get("round_ms") is not None:
+        out.append(
+            f"outboxer relay, per batch (median of {batches['batches']:.0f}): a round (claim,"
+            f" send, mark) {batches['round_ms']:.1f} ms, of which the send until the broker"
+            f" acknowledged {batches['send_ms']:.1f} ms."
+        )
+    for name, b in extra.get("batches", {}).items():
+        if b.get("round_ms") is not None:
+            out.append(
+                f"{name}, per relay batch (median of {b['batches']:.0f}): a round (claim, hand"
+                f" over or send, mark) {b['round_ms']:.1f} ms, of which the hand-over/send"
+                f" {b['send_ms']:.1f} ms."
+            )
     if "per_worker" in extra:
         for name, shares in extra["per_worker"].items():
             text_ = "; ".join("/".join(str(x) for x in s) for s in shares)

@@ -60,6 +60,10 @@ class Progress(Observer):
         self._lock = threading.Lock()
         self.counts = {"published": 0, "consumed": 0}
         self._goals: list[_Goal] = []
+        self.send_seconds: list[float] = []
+        """How long each batch took the transport to send (hand over) and acknowledge."""
+        self.round_seconds: list[float] = []
+        """How long each relay round that claimed rows took (claim, send, mark)."""
 
     def goal(self, what: str, target: int) -> _Goal:
         goal = _Goal(what, target)
@@ -84,7 +88,12 @@ class Progress(Observer):
                 self._goals.remove(goal)
 
     def batch_sent(self, service: str, sent: int, published: int, seconds: float) -> None:
+        self.send_seconds.append(seconds)
         self._bump("published", published)
+
+    def relay_round(self, service: str, claimed: int, seconds: float) -> None:
+        if claimed:
+            self.round_seconds.append(seconds)
 
     def messages_consumed(self, service: str, count: int) -> None:
         self._bump("consumed", count)
