@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     command = report.command_line()
     started, t0 = report.now(), time.perf_counter()
     say(f"outboxer benchmark, mode {sizes.mode}, {sizes.rounds} round(s): {command}")
+    info = report.facts()
     bench = Bench(sizes, out)
     sections: list[Section] = []
     try:
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=sizes.rounds,
         started=started,
         seconds=seconds,
+        info=info,
     )
     print("\n".join(report.summary_table(sections)))
     failed = [c for s in sections for c in s.checks if not c.ok]

@@ -261,7 +261,10 @@ def say(text: str) -> None:
 
 def have(module: str) -> bool:
     """Whether an optional package is importable (contenders that need it skip if not)."""
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def has_publish_many() -> bool:

@@ -25,6 +25,7 @@ from bench.core import (
     Section,
     has_publish_many,
     have,
+    say,
     spread,
     wake_settings,
     wake_sources,
@@ -267,6 +268,7 @@ def markdown(
     started: datetime,
     seconds: float,
     plots: dict[str, str],
+    plot_note: str | None = None,
 ) -> str:
     checks = [c for s in sections for c in s.checks]
     failed = [c for c in checks if not c.ok]
@@ -314,6 +316,8 @@ def markdown(
     ]
     if "throughput" in plots:
         lines += [f"![throughput]({plots['throughput']})", ""]
+    if plot_note:
+        lines += [f"Plots: none ({plot_note}).", ""]
     for section in sections:
         lines += _section_md(section, plots)
     return "\n".join(lines).rstrip() + "\n"
@@ -326,7 +330,7 @@ def plots(sections: list[Section], out: Path) -> tuple[dict[str, str], str | Non
     """PNG files in ``out``; ``({section key or 'throughput': file name}, reason if
     none could be made)``."""
     if not have("matplotlib"):
-        return {}, "matplotlib is not installed (the bench extra): no plots"
+        return {}, "matplotlib is not installed: pip install -e '.[bench]'"
     import matplotlib  # noqa: PLC0415 - bench extra
 
     matplotlib.use("Agg")
@@ -404,15 +408,16 @@ def write(
     rounds: int,
     started: datetime,
     seconds: float,
+    info: dict[str, Any],
 ) -> Path:
+    """Write the report; ``info`` is :func:`facts` taken when the run started (the
+    code measured), its load average is refreshed now."""
     out.mkdir(parents=True, exist_ok=True)
-    info = facts()
+    info = {**info, "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     made, why_not = plots(sections, out)
     if why_not:
-        for section in sections:
-            section.notes.append(why_not)
-            break
-    md = markdown(sections, info, command, mode, rounds, started, seconds, made)
+        say(f"  skipped the plots: {why_not}")
+    md = markdown(sections, info, command, mode, rounds, started, seconds, made, why_not)
     path = out / "latest.md"
     path.write_text(md)
     data = {
