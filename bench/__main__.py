@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                     section.failed(key, exc)
             section.seconds = time.perf_counter() - began
             section.extra["log"] = {"count": tally.count, "first": tally.first}
+            if hasattr(os, "getloadavg"):  # how busy the machine was (others run too)
+                section.extra["load"] = os.getloadavg()[0]
             sections.append(section)
     finally:
         bench.close()

@@ -189,13 +189,16 @@ def _section_md(section: Section, plots: dict[str, str]) -> list[str]:
     latency = section.extra.get("latency")
     if latency:
         out += [
-            "| layout | rate | events | p50 ms | p90 ms | p99 ms | max ms | p50 per round |",
+            "| layout | rate (achieved) | events | p50 ms | p90 ms | p99 ms | max ms |"
+            " p50 per round |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for name, d in latency.items():
             per = ", ".join(f"{r['p50']:.1f}" for r in d["per_round"])
+            got = [r["achieved_rate"] for r in d["per_round"]]
+            achieved = f" ({min(got):.0f}-{max(got):.0f})" if got else ""
             out.append(
-                f"| {name} | {d['rate']:.0f}/s | {d['events']:,} | {d['p50']:.1f} | "
+                f"| {name} | {d['rate']:.0f}/s{achieved} | {d['events']:,} | {d['p50']:.1f} | "
                 f"{d['p90']:.1f} | {d['p99']:.1f} | {d['max']:.1f} | {per} |"
             )
         out.append("")
@@ -255,7 +258,9 @@ def _section_md(section: Section, plots: dict[str, str]) -> list[str]:
     out += [f"- {c.name}: {c.detail}" for c in failed]
     if section.key in plots:
         out += ["", f"![{section.title}]({plots[section.key]})"]
-    out += ["", f"({section.seconds:.0f} s)", ""]
+    load = extra.get("load")
+    busy = f", load average {load:.1f} on {os.cpu_count()} cores at its end" if load else ""
+    out += ["", f"({section.seconds:.0f} s{busy})", ""]
     return out
 
 
