@@ -138,6 +138,8 @@ class Series:
     """Work per run (rows, events, transactions), for the report."""
     samples: list[float] = field(default_factory=list)
     note: str = ""
+    reference: bool = False
+    """A reference to compare outboxer with (a ceiling, another tool), not outboxer."""
 
     @property
     def median(self) -> float | None:
@@ -192,9 +194,11 @@ class Section:
     """Measure-specific data (latency samples, RSS series, per-worker shares)."""
     seconds: float = 0.0
 
-    def add(self, name: str, unit: str, size: int = 0, note: str = "") -> Series:
+    def add(
+        self, name: str, unit: str, size: int = 0, note: str = "", *, reference: bool = False
+    ) -> Series:
         if name not in self.series:
-            self.series[name] = Series(name, unit, size, note=note)
+            self.series[name] = Series(name, unit, size, note=note, reference=reference)
         return self.series[name]
 
     def check(self, name: str, ok: bool, detail: str = "") -> bool:

@@ -238,7 +238,7 @@ def run(bench: Bench) -> Section:
             for name in names:
                 size = n_proc if name == PROCRASTINATE else n
                 note = f"version {proc.version}" if name == PROCRASTINATE and proc else ""
-                section.add(name, "events/s", size, note)
+                section.add(name, "events/s", size, note, reference=name == PROCRASTINATE)
             say(f"  e2e: {n:,} events per outboxer run, {n_proc:,} jobs per procrastinate run")
             plan = [(-1, name) for name in names] + list(interleave(bench.rounds, names))
             for r, name in plan:

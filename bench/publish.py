@@ -104,7 +104,8 @@ def run(bench: Bench) -> Section:
                 )
             for name in bodies:
                 unit = "events/s" if name in (TEN, MANY) else "tx/s"
-                section.add(name, unit, k if unit == "tx/s" else k // 10 * 10)
+                size = k if unit == "tx/s" else k // 10 * 10
+                section.add(name, unit, size, reference=name == WITHOUT)
             say(f"  publish: {k:,} transactions per run")
             plan = [(-1, name) for name in bodies] + list(interleave(bench.rounds, list(bodies)))
             for r, name in plan:

@@ -275,7 +275,8 @@ def run(bench: Bench) -> Section:
             contenders[PRODUCE] = _Contender(url, PRODUCE)
         batch = ceiling.batch
         for name in contenders:
-            section.add(name, "rows/s", n_naive if name == NAIVE else n)
+            size = n_naive if name == NAIVE else n
+            section.add(name, "rows/s", size, reference=name in (CEILING, NAIVE, PRODUCE))
         say(f"  relay: {n:,} rows per run ({n_naive:,} for the one-at-a-time relay), batch {batch}")
         try:
             # One untimed pass of each contender: connection pools, statement caches.

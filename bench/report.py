@@ -353,7 +353,7 @@ def plots(sections: list[Section], out: Path) -> tuple[dict[str, str], str | Non
             meds = [x.median or 0 for x in series]
             lows = [m - (x.low or 0) for m, x in zip(meds, series, strict=True)]
             highs = [(x.high or 0) - m for m, x in zip(meds, series, strict=True)]
-            colors = ["tab:blue" if x.name.startswith("outboxer") else "tab:gray" for x in series]
+            colors = ["tab:gray" if x.reference else "tab:blue" for x in series]
             ax.barh(names, meds, xerr=[lows, highs], color=colors, capsize=3)
             ax.invert_yaxis()
             units = sorted({x.unit for x in series})
@@ -361,8 +361,12 @@ def plots(sections: list[Section], out: Path) -> tuple[dict[str, str], str | Non
             if max(meds) / max(min(m for m in meds if m > 0), 1e-9) > 20:
                 ax.set_xscale("log")
             ax.set_title(section.title, fontsize=10)
-            for i, m in enumerate(meds):
-                ax.annotate(f" {m:,.0f}", (m, i), va="center", fontsize=8)
+            for i, x in enumerate(series):
+                # The median's label right of the whisker, so neither hides the other.
+                label = f"  {x.median or 0:,.0f} {x.unit}"
+                ax.annotate(label, (x.high or 0, i), va="center", fontsize=8)
+            ax.margins(x=0.2)
+        fig.suptitle("blue: outboxer, grey: references", fontsize=9, x=0.99, ha="right")
         fig.tight_layout()
         fig.savefig(out / "throughput.png", dpi=110)
         plt.close(fig)
