@@ -374,7 +374,7 @@ def plots(sections: list[Section], out: Path) -> tuple[dict[str, str], str | Non
     latency = by_key.get("latency")
     dist = latency.extra.get("latency") if latency else None
     if dist:
-        fig, ax = plt.subplots(figsize=(9, 1.2 + 0.7 * len(dist)))
+        fig, ax = plt.subplots(figsize=(11, 1.4 + 0.7 * len(dist)))
         names = list(dist)
         data = [[max(x, 0.01) for x in dist[n]["samples_ms"]] for n in names]
         ax.boxplot(data, vert=False, whis=(1, 99), showfliers=False, tick_labels=names)
@@ -382,7 +382,9 @@ def plots(sections: list[Section], out: Path) -> tuple[dict[str, str], str | Non
         ax.set_xscale("log")
         for limit, style in ((5, "--"), (25, ":")):
             ax.axvline(limit, color="tab:red", linestyle=style, linewidth=1)
-        ax.set_xlabel("commit -> handler start, ms (box: p25-p75, whiskers: p1-p99; red: 5, 25 ms)")
+        ax.set_xlabel(
+            "commit -> handler start, ms\n(box: p25-p75, whiskers: p1-p99; red lines: 5 and 25 ms)"
+        )
         ax.set_title("Latency per transport and process layout", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / "latency.png", dpi=110)
