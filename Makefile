@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-installed-stamp
 CODE := src tests $(wildcard bench)
 
-.PHONY: all demo test chaos lint format bench services clean constraints
+.PHONY: all demo test chaos lint format bench bench-quick services clean constraints
 
 all: lint test
 
-# constraints.txt pins the versions CI was last green with (refresh: make constraints).
+# constraints.txt pins the versions CI was last green with (refresh: make constraints,
+# after `make bench` so that the pins of the bench extra stay).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -43,8 +45,17 @@ test: $(STAMP) lint services
 chaos: $(STAMP) services
 	OUTBOXER_FAULTS=full $(BIN)/python -m pytest tests/faults -m faults $(PYTEST_ARGS)
 
-bench: $(STAMP) services
+# The benchmark's extra contenders and plots (procrastinate, matplotlib) are not in
+# `dev`: `make test` runs the benchmark at tiny size without them (they skip).
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]' -c constraints.txt
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) services
 	$(BIN)/python -m bench
+
+bench-quick: $(BENCH_STAMP) services
+	$(BIN)/python -m bench --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist

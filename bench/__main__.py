@@ -1,163 +1,120 @@
-"""Relay cost: outboxer's claim/batch-mark relay against the seed's per-message relay.
+"""The benchmark of issue 8: ``python -m bench`` (``make bench``), ``--quick``
+(``make bench-quick``) or ``--tiny`` (what the test suite runs, so it cannot rot).
 
-Both relays move the same number of pending rows to ``published`` through the same
-no-op transport on the same database, one after the other in one run, and the
-statements each sends are counted. Then end-to-end drain rates of the in-process
-engine (handler writing one row per event) are printed.
-
-Run: ``make bench`` (or ``.venv/bin/python -m bench [--events N] [--backends ...]``).
+Every comparison runs in this one process, its contenders interleaved over the
+rounds; each run is checked for correctness (every event delivered, each effect
+once). The report goes to ``--out`` (``bench/results``): ``latest.md``,
+``results.json`` and PNG plots. The exit code is 1 when a correctness check failed,
+never because a target was missed.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import dataclasses
+import logging
 import os
-import tempfile
+import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from types import ModuleType
 
-from sqlalchemy import Engine, event, text
+from bench import e2e, latency, memory, publish, relay, report, scale
+from bench.core import FULL, QUICK, ROOT, TINY, Bench, LogTally, Section, say
 
-from outboxer import Outbox, OutboxSettings, Status
-from outboxer.testing import fill_due, scratch_database
-
-PG_ADMIN = os.environ.get(
-    "OUTBOXER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-MYSQL_ADMIN = os.environ.get("OUTBOXER_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
-
-
-@contextmanager
-def database(backend: str) -> Iterator[str]:
-    """A throw-away database for one backend, dropped afterwards."""
-    if backend == "sqlite":
-        with tempfile.TemporaryDirectory() as tmp:
-            yield f"sqlite:///{tmp}/bench.db"
-        return
-    admin = PG_ADMIN if backend == "postgresql" else MYSQL_ADMIN
-    with scratch_database(admin, prefix="outboxer_bench") as url:
-        yield url
+MEASURES: dict[str, ModuleType] = {
+    "publish": publish,
+    "relay": relay,
+    "e2e": e2e,
+    "latency": latency,
+    "scale": scale,
+    "memory": memory,
+}
 
 
-class StatementCounter:
-    def __init__(self, engine: Engine) -> None:
-        self.count = 0
-        event.listen(engine, "before_cursor_execute", self._hit)
-
-    def _hit(self, *args: Any) -> None:
-        self.count += 1
-
-
-def seed_style_relay(ob: Outbox, service: str) -> None:
-    """The seed's loop: list due rows, then per message: send, mark published."""
-    st = ob.store(service)
-    while True:
-        due = st.list_due_messages(limit=100)
-        if not due:
-            return
-        for msg in due:
-            msg.envelope()  # decode as the seed does before sending
-            st.mark_published(msg.id)
-
-
-def outboxer_relay(ob: Outbox, service: str) -> None:
-    """outboxer's loop: claim a batch with a lease, send, mark the batch in one statement."""
-    st = ob.store(service)
-    while True:
-        claimed = st.claim_due(limit=100, lease=30)
-        if not claimed:
-            return
-        for msg in claimed:
-            msg.envelope()
-        st.mark_published_many([m.id for m in claimed], expect_retry_count=0)
-
-
-@dataclass
-class Run:
-    seconds: float
-    statements: int
-
-
-def measure(url: str, n: int, relay: Callable[[Outbox, str], None]) -> Run:
-    ob = Outbox(url, settings=OutboxSettings.from_values())
-    service = f"b{uuid.uuid4().hex[:8]}"
-    ob.register_event("bench.e", service)
-    ob.migrate()
-    fill_due(ob, service, n, event_type="bench.e")
-    counter = StatementCounter(ob.db.sync_engine)
-    start = time.perf_counter()
-    relay(ob, service)
-    took = time.perf_counter() - start
-    assert ob.store(service).status().counts[Status.PUBLISHED.value] == n
-    with ob.db.sync_engine.begin() as conn:
-        ob.metadata.drop_all(conn)
-    ob.close()
-    return Run(took, counter.count)
-
-
-async def drain(url: str, n: int) -> float:
-    """Events/s of the in-process engine, handler writing one row per event."""
-    ob = Outbox(url, settings=OutboxSettings.from_values(poll_interval=0.05))
-    service = f"d{uuid.uuid4().hex[:8]}"
-    ob.register_event("bench.e", service)
-    effects = f"{service}_effects"
-    with ob.db.sync_engine.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {effects} (outbox_id BIGINT)"))
-
-    @ob.handler("bench.e")
-    def handle(event: Any, tx: Any) -> None:
-        tx.execute(text(f"INSERT INTO {effects} (outbox_id) VALUES (:o)"), {"o": event.outbox_id})
-
-    ob.migrate()
-    fill_due(ob, service, n, event_type="bench.e")
-    task = asyncio.create_task(ob.run_async())
-    start = time.perf_counter()
-    st = ob.store(service)
-    while (await st.status_async()).counts[Status.CONSUMED.value] < n:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)  # the database is the source of truth
-    took = time.perf_counter() - start
-    ob.stop()
-    await task
-    with ob.db.sync_engine.begin() as conn:
-        ob.metadata.drop_all(conn)
-        conn.execute(text(f"DROP TABLE {effects}"))
-    ob.close()
-    return n / took
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=5000)
-    parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql", "mariadb"])
-    args = parser.parse_args()
-    n = args.events
-    print(f"relay: {n} pending rows to published, no-op transport, same database, one run\n")
-    header = (
-        f"{'backend':<11} {'seed msg/s':>11} {'outboxer msg/s':>15} {'speed-up':>9} "
-        f"{'seed stmts/msg':>15} {'outboxer stmts/msg':>19}"
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=(__doc__ or "").splitlines()[0]
     )
-    print(header)
-    print("-" * len(header))
-    drains: dict[str, float] = {}
-    for backend in args.backends:
-        with database(backend) as url:
-            seed = measure(url, n, seed_style_relay)
-            ours = measure(url, n, outboxer_relay)
-            print(
-                f"{backend:<11} {n / seed.seconds:>11.0f} {n / ours.seconds:>15.0f} "
-                f"{seed.seconds / ours.seconds:>8.1f}x {seed.statements / n:>15.2f} "
-                f"{ours.statements / n:>19.3f}"
-            )
-            drains[backend] = asyncio.run(drain(url, n))
-    print(f"\nend to end, in-process transport, sync handler writing one row ({n} events):")
-    for backend, rate in drains.items():
-        print(f"  {backend:<11} {rate:>8.0f} events/s")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
+    size.add_argument("--tiny", action="store_true", help="smallest sizes, one round (tests)")
+    parser.add_argument(
+        "--only",
+        default=",".join(MEASURES),
+        help=f"comma-separated measures to run (default: all of {', '.join(MEASURES)})",
+    )
+    parser.add_argument("--rounds", type=int, help="rounds per comparison (default: 5; tiny 1)")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results", help="report folder"
+    )
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.only.split(",") if m not in MEASURES]
+    if unknown:
+        parser.error(f"unknown measure(s) {', '.join(unknown)}; choose from {', '.join(MEASURES)}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    sizes = TINY if args.tiny else QUICK if args.quick else FULL
+    if args.rounds:
+        sizes = dataclasses.replace(sizes, rounds=args.rounds)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        filename=out / "bench.log",
+        filemode="w",
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    command = report.command_line()
+    started, t0 = report.now(), time.perf_counter()
+    say(f"outboxer benchmark, mode {sizes.mode}, {sizes.rounds} round(s): {command}")
+    info = report.facts()
+    bench = Bench(sizes, out)
+    sections: list[Section] = []
+    try:
+        for key in args.only.split(","):
+            say(f"== {key}")
+            began = time.perf_counter()
+            tally = LogTally()
+            with tally.attached():
+                try:
+                    section = MEASURES[key].run(bench)
+                except Exception as exc:
+                    section = Section(key, key, "")
+                    section.failed(key, exc)
+            section.seconds = time.perf_counter() - began
+            section.extra["log"] = {"count": tally.count, "first": tally.first}
+            if hasattr(os, "getloadavg"):  # how busy the machine was (others run too)
+                section.extra["load"] = os.getloadavg()[0]
+            sections.append(section)
+    finally:
+        bench.close()
+    seconds = time.perf_counter() - t0
+    path = report.write(
+        out,
+        sections,
+        command=command,
+        mode=sizes.mode,
+        rounds=sizes.rounds,
+        started=started,
+        seconds=seconds,
+        info=info,
+    )
+    print("\n".join(report.summary_table(sections)))
+    failed = [c for s in sections for c in s.checks if not c.ok]
+    checks = sum(len(s.checks) for s in sections)
+    print(
+        f"\n{checks} correctness checks, "
+        + ("all passed" if not failed else f"{len(failed)} FAILED")
+        + f"; report: {path} ({seconds / 60:.1f} min)"
+    )
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""End-to-end throughput: a backlog of events, each handled by a handler that inserts
+one row, on PostgreSQL.
+
+Contenders, interleaved round by round:
+
+- **outboxer (local)** and **outboxer (kafka)**: ``Outbox.run_async()`` (relay and
+  consumer in one process), started once per transport and warmed up. Per run a
+  backlog is inserted (``fill_due``) and one more event published, whose commit wakes
+  the relay; timed from the backlog's commit until the consumer reported the last
+  event consumed (its handler's row and the consumed mark committed together).
+- **procrastinate** (its own database): the same number of jobs deferred in one
+  batch (untimed), then ``run_worker_async(concurrency=20, wait=False)`` timed until
+  it returns with the queue empty; its task inserts the same row. Its task's insert
+  commits apart from the job's status (procrastinate's at-least-once), so its work per
+  event is lighter than outboxer's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, select, text
+
+from bench.core import (
+    EVENT,
+    Bench,
+    Section,
+    Target,
+    count_by_id,
+    effects_table,
+    exactly_once,
+    have,
+    interleave,
+    median,
+    pg_conninfo,
+    say,
+    settings,
+    spread,
+    unique,
+)
+from bench.relay import StatementCounter, batch_times
+from bench.workers import InProcessWorker, effect_handler, publish_one
+from outboxer import Outbox, Status
+from outboxer.testing import fill_due
+
+LOCAL = "outboxer (local)"
+KAFKA = "outboxer (kafka)"
+PROCRASTINATE = "procrastinate (concurrency 20)"
+CONCURRENCY = 20
+
+RATIO_TARGET = 50.0
+RATE_TARGET = 10_000.0
+
+
+def _truncate(engine: Engine, *names: str, cascade: bool = False) -> None:
+    with engine.begin() as conn:
+        prep = conn.dialect.identifier_preparer
+        tables = ", ".join(prep.quote(n) for n in names)
+        conn.execute(text(f"TRUNCATE {tables}{' CASCADE' if cascade else ''}"))
+
+
+class _Engine:
+    """One outboxer contender: its outbox, service, effects table and running worker."""
+
+    def __init__(self, url: str, transport: str) -> None:
+        self.service = unique("e")
+        self.effects = f"{self.service}_effects"
+        self.outbox = Outbox(
+            url, transport=transport, topic_prefix=unique("bench"), settings=settings()
+        )
+        self.outbox.register_event(EVENT, self.service)
+        effect_handler(self.outbox, self.effects)
+        self.outbox.migrate()
+        with self.outbox.db.sync_engine.begin() as conn:
+            effects_table(self.effects).create(conn)
+        self.app_engine = create_engine(url)
+        self.worker = InProcessWorker(self.outbox).start()
+        self.counters = [
+            StatementCounter(self.outbox.db.sync_engine),
+            StatementCounter(self.outbox.db.async_engine.sync_engine),
+        ]
+
+    def statements(self) -> int:
+        return sum(c.count for c in self.counters)
+
+    def warm_up(self, timeout: float = 60.0) -> None:
+        """One event through, so the consumer (a Kafka group member) is ready."""
+        goal = self.worker.progress.goal("consumed", self.worker.progress.counts["consumed"] + 1)
+        publish_one(self.outbox, self.app_engine, {"warm": True})
+        if not goal.done.wait(timeout):
+            raise TimeoutError(f"warm-up event not consumed within {timeout}s")
+
+    def run(self, n: int, section: Section, run_name: str) -> tuple[float, int] | None:
+        table = self.outbox.table_for(self.service)
+        _truncate(self.outbox.db.sync_engine, table.name, self.effects)
+        progress = self.worker.progress
+        goal = progress.goal("consumed", progress.counts["consumed"] + n)
+        fill_due(self.outbox, self.service, n - 1, event_type=EVENT)
+        before = self.statements()
+        start = time.perf_counter()
+        publish_one(self.outbox, self.app_engine, {"kick": True})  # its commit wakes the relay
+        if not goal.done.wait(max(120.0, n / 200)):
+            section.check(f"{run_name}: drained", False, "not done in time")
+            return None
+        took = goal.at - start
+        statements = self.statements() - before
+        with self.outbox.db.sync_engine.connect() as conn:
+            ids = list(conn.execute(select(table.c.id)).scalars())
+            counts = count_by_id(conn, effects_table(self.effects), 0, 2**62)
+        ok, detail = exactly_once(counts, ids)
+        section.check(f"{run_name}: every event handled once", ok and len(ids) == n, detail)
+        status = self.outbox.store(self.service).status().counts
+        section.check(
+            f"{run_name}: every row consumed",
+            status.get(Status.CONSUMED.value, 0) == n,
+            str(status),
+        )
+        return n / took, statements
+
+    def close(self) -> None:
+        try:
+            self.worker.stop()
+        finally:
+            self.app_engine.dispose()
+            self.outbox.close()
+
+
+# ---------------------------------------------------------------------------- procrastinate
+
+
+class _Procrastinate:
+    """procrastinate on its own database, its schema applied once."""
+
+    def __init__(self, url: str) -> None:
+        import procrastinate  # noqa: PLC0415 - bench extra
+
+        self.version = getattr(procrastinate, "__version__", "")
+        self.conninfo = pg_conninfo(url)
+        self.engine = create_engine(url)
+        with self.engine.begin() as conn:
+            effects_table("effects").create(conn)
+        logging.getLogger("procrastinate").setLevel(logging.WARNING)
+        asyncio.run(self._schema())
+
+    def _app(self) -> Any:
+        import procrastinate  # noqa: PLC0415
+
+        connector = procrastinate.PsycopgConnector(
+            conninfo=self.conninfo, min_size=CONCURRENCY + 2, max_size=CONCURRENCY + 2
+        )
+        app = procrastinate.App(connector=connector)
+        pid = os.getpid()
+
+        @app.task(name="insert_effect", pass_context=True)
+        async def insert_effect(context: Any, n: int) -> None:
+            started = time.time()
+            await context.app.connector.execute_query_async(
+                "INSERT INTO effects (outbox_id, started_at, worker) VALUES (%(n)s, %(t)s, %(w)s)",
+                n=n,
+                t=started,
+                w=pid,
+            )
+
+        return app, insert_effect
+
+    async def _schema(self) -> None:
+        app, _ = self._app()
+        async with app.open_async():
+            await app.schema_manager.apply_schema_async()
+
+    async def _drain(self, n: int) -> float:
+        app, task = self._app()
+        async with app.open_async():
+            await task.batch_defer_async(*({"n": i} for i in range(1, n + 1)))
+            start = time.perf_counter()
+            await app.run_worker_async(
+                concurrency=CONCURRENCY,
+                wait=False,
+                install_signal_handlers=False,
+                listen_notify=False,
+            )
+            return time.perf_counter() - start
+
+    def run(self, n: int, section: Section, run_name: str) -> float:
+        _truncate(self.engine, "procrastinate_jobs", "effects", cascade=True)
+        took = asyncio.run(self._drain(n))
+        with self.engine.connect() as conn:
+            counts = count_by_id(conn, effects_table("effects"), 0, 2**62)
+            jobs: dict[str, int] = {
+                str(status): int(k)
+                for status, k in conn.execute(
+                    text("SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1")
+                )
+            }
+        ok, detail = exactly_once(counts, range(1, n + 1))
+        section.check(f"{run_name}: every job's row inserted once", ok, detail)
+        section.check(f"{run_name}: every job succeeded", jobs == {"succeeded": n}, f"{jobs}")
+        return n / took
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+# ---------------------------------------------------------------------------- the measure
+
+
+def run(bench: Bench) -> Section:
+    sizes = bench.sizes
+    n, n_proc = sizes.e2e_events, sizes.procrastinate_jobs
+    section = Section("e2e", "End-to-end throughput (PostgreSQL)", __doc__ or "")
+    if not have("psycopg"):
+        section.skip("e2e", "psycopg is not installed (pip install '.[postgres]')")
+        return section
+    engines: dict[str, _Engine] = {}
+    proc: _Procrastinate | None = None
+    statements: dict[str, list[float]] = {}
+    with bench.database("postgresql") as url, bench.database("postgresql") as proc_url:
+        try:
+            engines[LOCAL] = _Engine(url, "local")
+            broker = bench.kafka()
+            if broker is None:
+                section.skip(KAFKA, bench.kafka_missing())
+            else:
+                engines[KAFKA] = _Engine(url, broker.transport_url)
+            if have("procrastinate"):
+                proc = _Procrastinate(proc_url)
+            else:
+                section.skip(
+                    "procrastinate", "not installed (the bench extra: pip install -e '.[bench]')"
+                )
+            for e in engines.values():
+                e.warm_up()
+            names = [*engines, *([PROCRASTINATE] if proc else [])]
+            for name in names:
+                size = n_proc if name == PROCRASTINATE else n
+                note = f"version {proc.version}" if name == PROCRASTINATE and proc else ""
+                section.add(name, "events/s", size, note, reference=name == PROCRASTINATE)
+            say(f"  e2e: {n:,} events per outboxer run, {n_proc:,} jobs per procrastinate run")
+            plan = [(-1, name) for name in names] + list(interleave(bench.rounds, names))
+            for r, name in plan:
+                run_name = f"{name}, round {r + 1}" if r >= 0 else f"{name}, warm-up"
+                try:
+                    if name == PROCRASTINATE:
+                        assert proc is not None
+                        rate: float | None = proc.run(
+                            min(n_proc, 20) if r < 0 else n_proc, section, run_name
+                        )
+                    else:
+                        got = engines[name].run(min(n, 100) if r < 0 else n, section, run_name)
+                        rate = None
+                        if got is not None:
+                            rate, stmts = got
+                            if r >= 0:
+                                statements.setdefault(name, []).append(stmts / n)
+                except Exception as exc:
+                    section.failed(run_name, exc)
+                    continue
+                if r >= 0 and rate is not None:
+                    section.series[name].samples.append(rate)
+                    say(f"    {run_name}: {rate:,.0f} events/s")
+        finally:
+            section.extra["batches"] = {name: batch_times(e.worker) for name, e in engines.items()}
+            for e in engines.values():
+                e.close()
+            if proc is not None:
+                proc.close()
+    section.extra["statements_per_event"] = {k: median(v) for k, v in statements.items()}
+    _targets(section)
+    return section
+
+
+def _targets(section: Section) -> None:
+    s = section.series
+
+    def samples(name: str) -> list[float]:
+        return s[name].samples if name in s else []
+
+    ratio = [a / b for a, b in zip(samples(LOCAL), samples(PROCRASTINATE), strict=False) if b]
+    section.ratios["outboxer local / procrastinate"] = ratio
+    kratio = [a / b for a, b in zip(samples(KAFKA), samples(PROCRASTINATE), strict=False) if b]
+    section.ratios["outboxer kafka / procrastinate"] = kratio
+    m = median(ratio)
+    section.targets.append(
+        Target(
+            "end-to-end events/s, local transport, handler inserts a row, vs procrastinate",
+            spread(samples(LOCAL)),
+            f"procrastinate {spread(samples(PROCRASTINATE))}",
+            spread(ratio, "{:.1f}x"),
+            f">= {RATIO_TARGET:.0f}x",
+            None if m is None else m >= RATIO_TARGET,
+        )
+    )
+    for name in (LOCAL, KAFKA):
+        rate = median(samples(name))
+        section.targets.append(
+            Target(
+                f"end-to-end events/s, {name}",
+                spread(samples(name)),
+                "",
+                "",
+                f">= {RATE_TARGET:,.0f}/s",
+                None if rate is None else rate >= RATE_TARGET,
+            )
+        )

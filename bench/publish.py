@@ -1,0 +1,207 @@
+"""The cost of publishing: business transactions per second on PostgreSQL, one after
+another on one connection, each inserting one order and committing.
+
+Contenders, interleaved round by round (no relay runs; the publisher is a web
+process, the worker runs elsewhere):
+
+- **without publish**: ``INSERT`` an order, ``COMMIT``.
+- **with one publish**: the same plus ``Outbox.publish`` of one event on the same
+  connection, in the same transaction.
+- **ten events, publish x10** / **ten events, publish_many**: an order with ten
+  events, published one call each, and (when the outbox has it) in one
+  ``publish_many`` call; reported in events/s.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Integer,
+    MetaData,
+    Table,
+    create_engine,
+    func,
+    insert,
+    select,
+)
+
+from bench.core import (
+    EVENT,
+    Bench,
+    Section,
+    Target,
+    has_publish_many,
+    have,
+    interleave,
+    median,
+    say,
+    settings,
+    spread,
+    unique,
+)
+from outboxer import Outbox
+
+WITHOUT = "business tx without publish"
+WITH = "business tx + one publish"
+TEN = "business tx + 10 events (publish x10)"
+MANY = "business tx + 10 events (publish_many)"
+
+TARGET = 0.90
+
+
+def run(bench: Bench) -> Section:
+    k = bench.sizes.publish_tx
+    section = Section("publish", "Publishing cost (PostgreSQL)", __doc__ or "")
+    if not have("psycopg"):
+        section.skip("publish", "psycopg is not installed (pip install '.[postgres]')")
+        return section
+    with bench.database("postgresql") as url:
+        service = unique("p")
+        outbox = Outbox(url, settings=settings())
+        outbox.register_event(EVENT, service)
+        outbox.migrate()
+        orders = Table(
+            f"{service}_orders",
+            MetaData(),
+            Column("id", BigInteger, primary_key=True, autoincrement=True),
+            Column("n", Integer, nullable=False),
+        )
+        engine = create_engine(url)
+        orders.create(engine)
+        table = outbox.table_for(service)
+        try:
+            bodies: dict[str, Callable[[Connection, int], Any]] = {
+                WITHOUT: lambda conn, i: conn.execute(insert(orders).values(n=i)),
+                WITH: lambda conn, i: (
+                    conn.execute(insert(orders).values(n=i)),
+                    outbox.publish(conn, EVENT, {"order": i}, key=f"order-{i}"),
+                ),
+                TEN: lambda conn, i: (
+                    conn.execute(insert(orders).values(n=i)),
+                    [outbox.publish(conn, EVENT, {"order": i, "line": j}) for j in range(10)],
+                ),
+            }
+            many = _publish_many(outbox, engine) if has_publish_many() else None
+            if many is not None:
+                bodies[MANY] = lambda conn, i: (
+                    conn.execute(insert(orders).values(n=i)),
+                    many(conn, [{"order": i, "line": j} for j in range(10)]),
+                )
+                section.notes.append("publish_many found on Outbox: measured.")
+            elif has_publish_many():
+                section.skip(MANY, "publish_many exists but takes none of the forms tried")
+            else:
+                section.notes.append(
+                    "Outbox has no publish_many yet: ten events are ten publish calls; "
+                    "the harness measures publish_many as soon as it exists."
+                )
+            for name in bodies:
+                unit = "events/s" if name in (TEN, MANY) else "tx/s"
+                size = k if unit == "tx/s" else k // 10 * 10
+                section.add(name, unit, size, reference=name == WITHOUT)
+            say(f"  publish: {k:,} transactions per run")
+            plan = [(-1, name) for name in bodies] + list(interleave(bench.rounds, list(bodies)))
+            for r, name in plan:
+                run_name = f"{name}, round {r + 1}" if r >= 0 else f"{name}, warm-up"
+                count = 20 if r < 0 else (k // 10 if name in (TEN, MANY) else k)
+                try:
+                    rate = _run(engine, outbox, orders, table, bodies[name], count)
+                except Exception as exc:
+                    section.failed(run_name, exc)
+                    continue
+                events = {WITHOUT: 0, WITH: 1}.get(name, 10)
+                ok, detail = _check(engine, orders, table, count, count * events)
+                section.check(f"{run_name}: every order and event written", ok, detail)
+                if r >= 0:
+                    rate *= 1 if events <= 1 else events
+                    section.series[name].samples.append(rate)
+                    say(f"    {run_name}: {rate:,.0f} {section.series[name].unit}")
+        finally:
+            engine.dispose()
+            outbox.close()
+    _targets(section)
+    return section
+
+
+def _publish_many(outbox: Outbox, engine: Engine) -> Callable[[Connection, list[Any]], Any] | None:
+    """A call of ``Outbox.publish_many`` for ten payloads of one event type, in the
+    first form the method accepts (tried in a transaction that is rolled back):
+    ``(tx, event_type, payloads)``, ``(tx, [(event_type, payload), ...])`` or
+    ``(tx, [{"event_type": ..., "payload": ...}, ...])``."""
+    method = outbox.publish_many  # type: ignore[attr-defined]
+    forms: list[Callable[[Connection, list[Any]], Any]] = [
+        lambda conn, payloads: method(conn, EVENT, payloads),
+        lambda conn, payloads: method(conn, [(EVENT, p) for p in payloads]),
+        lambda conn, payloads: method(
+            conn, [{"event_type": EVENT, "payload": p} for p in payloads]
+        ),
+    ]
+    for form in forms:
+        with engine.connect() as conn:
+            tx = conn.begin()
+            try:
+                form(conn, [{"probe": True}, {"probe": True}])
+            except (TypeError, ValueError, AttributeError):
+                continue
+            finally:
+                tx.rollback()
+            return form
+    return None
+
+
+def _run(
+    engine: Engine,
+    outbox: Outbox,
+    orders: Table,
+    table: Table,
+    body: Callable[[Connection, int], Any],
+    count: int,
+) -> float:
+    with engine.begin() as conn:
+        conn.execute(orders.delete())
+        conn.execute(table.delete())
+    with engine.connect() as conn:
+        start = time.perf_counter()
+        for i in range(count):
+            with conn.begin():
+                body(conn, i)
+        took = time.perf_counter() - start
+    return count / took
+
+
+def _check(
+    engine: Engine, orders: Table, table: Table, count: int, events: int
+) -> tuple[bool, str]:
+    with engine.connect() as conn:
+        n_orders = conn.execute(select(func.count()).select_from(orders)).scalar_one()
+        n_events = conn.execute(select(func.count()).select_from(table)).scalar_one()
+    ok = n_orders == count and n_events == events
+    return ok, f"orders {n_orders} of {count}, events {n_events} of {events}"
+
+
+def _targets(section: Section) -> None:
+    s = section.series
+    ratio = [a / b for a, b in zip(s[WITH].samples, s[WITHOUT].samples, strict=False) if b]
+    section.ratios["with / without publish"] = ratio
+    if MANY in s:
+        section.ratios["publish_many / publish x10"] = [
+            a / b for a, b in zip(s[MANY].samples, s[TEN].samples, strict=False) if b
+        ]
+    m = median(ratio)
+    section.targets.append(
+        Target(
+            "business transactions/s with one publish vs without",
+            spread(s[WITH].samples),
+            f"without {spread(s[WITHOUT].samples)}",
+            spread(ratio, "{:.2f}"),
+            f">= {TARGET:.2f}",
+            None if m is None else m >= TARGET,
+        )
+    )
