@@ -245,17 +245,19 @@ class Dispatcher:
     async def _run(self, op: Op[BatchOutcome], is_async: bool) -> BatchOutcome:
         """Run a batch op in a transaction of its own; commit it, unless the op says
         the fast path failed (then roll it back)."""
-        if not is_async:
-            return await in_daemon_thread(self._run_sync, op)
-        conn = await self.storage.database.async_engine.connect()
-        try:
-            async with conn.begin() as tx:
-                out = await AsyncRunner(conn).run(op)
-                if out.failed_fast is not None:
-                    await tx.rollback()
-            return out
-        finally:
-            await conn.close()
+        database = self.storage.database
+        async with database.writer():
+            if not is_async:
+                return await in_daemon_thread(self._run_sync, op)
+            conn = await database.async_engine.connect()
+            try:
+                async with conn.begin() as tx:
+                    out = await AsyncRunner(conn).run(op)
+                    if out.failed_fast is not None:
+                        await tx.rollback()
+                return out
+            finally:
+                await conn.close()
 
     def _report(self, out: BatchOutcome) -> None:
         service = self.route.service_name

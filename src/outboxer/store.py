@@ -10,6 +10,7 @@ facade.
 
 from __future__ import annotations
 
+import contextlib
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
@@ -375,11 +376,13 @@ class Store:
     ) -> T:
         tx = self._tx
         if tx is None:
-            engine = self._storage.database.async_engine
+            database = self._storage.database
+            engine = database.async_engine
             runner: AsyncRunner | None = None
             options = self._options(read_only, single)
+            writer = contextlib.nullcontext() if read_only else database.writer()
             try:
-                async with engine.connect() as conn:
+                async with writer, engine.connect() as conn:
                     if options:
                         await conn.execution_options(**options)
                     async with conn.begin():

@@ -20,6 +20,8 @@ MySQL/MariaDB  ``mysql://``, ``mariadb://``,                PyMySQL / aiomysql,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 from typing import Any
 
@@ -124,6 +126,7 @@ class Database:
         self._async: AsyncEngine | None = None
         self._owns_sync = True
         self._owns_async = True
+        self._writer: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._lock = threading.Lock()
         if isinstance(url_or_engine, Engine | AsyncEngine):
             self.url = url_or_engine.url
@@ -169,6 +172,21 @@ class Database:
         except SQLAlchemyError as exc:
             orig = getattr(exc, "orig", None) or exc
             raise StoreError(f"cannot read the database: {orig}", url=self.safe_url) from exc
+
+    def writer(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Held by this process's loops around each writing transaction on SQLite.
+
+        SQLite has one writer: a loop that starts a write while another holds the
+        lock waits inside the driver (up to the busy timeout), where a stop cannot
+        interrupt it. Waiting on this lock instead keeps every wait cancellable. Other
+        databases lock rows, not the database: no lock.
+        """
+        if self.family != "sqlite":
+            return contextlib.nullcontext()
+        loop = asyncio.get_running_loop()
+        if self._writer is None or self._writer[0] is not loop:
+            self._writer = (loop, asyncio.Lock())  # a lock belongs to one loop
+        return self._writer[1]
 
     @property
     def safe_url(self) -> str:
