@@ -97,7 +97,9 @@ async def test_metrics_endpoint_is_scraped_and_parsed(db_url: str, service: str)
         event_type=f"{service}.ok",
         outcome="ok",
     )
-    assert handled == 6
+    # Every call is timed: the fast path runs a batch's handlers again (isolated) after
+    # the poison failed, so the successful calls may outnumber the six events.
+    assert handled >= 6
     assert _value(after, "outboxer_commit_to_handler_seconds_count", service=service) == 8
     assert _value(after, "outboxer_relay_batch_size_count", service=service) >= 1
     assert _value(after, "outboxer_relay_round_duration_seconds_count", service=service) >= 1
