@@ -50,8 +50,9 @@ class Publisher:
         values = self.storage.rows.event(route, event_type, payload, **options)
         carrier: dict[str, str] = {}
         self.hooks.inject_context(route.service_name, event_type, carrier)
-        if carrier:  # the trace context of the caller, continued by the consumer
-            values["headers"] = json.dumps(carrier, separators=(",", ":"))
+        # The trace context of the caller, continued by the consumer; always a key, so
+        # rows of one publish_many statement all bind the same columns.
+        values["headers"] = json.dumps(carrier, separators=(",", ":")) if carrier else None
         return route, values
 
     def publish(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ from outboxer.logs import JsonFormatter
 from outboxer.metrics import PrometheusMetrics
 from outboxer.testing import InMemoryTransport, drain
 from outboxer.tracing import Tracing
-from tests.helpers import drop_tables, isolated_settings
+from tests.helpers import drop_tables, isolated_settings, make_outbox
 
 
 def _outbox(db_url: str, service: str, **kw: Any) -> Outbox:
@@ -253,3 +255,29 @@ async def test_failed_attempts_and_dead_letters_log_one_line_each(
     assert "second line of the message" in row.last_error
     drop_tables(ob)
     await ob.aclose()
+
+
+def test_publish_many_mixes_rows_with_and_without_a_trace(db_url: str) -> None:
+    """Rows of one publish_many statement bind the same columns whether or not a
+    trace context was active when each was prepared."""
+    provider = TracerProvider()
+    ob = make_outbox(db_url, observers=[Tracing(provider)])
+    service = f"svc_{uuid.uuid4().hex[:8]}"
+    ob.register_event(f"{service}.e", service)
+    ob.migrate()
+    tracer = provider.get_tracer("test")
+
+    def events() -> Iterator[tuple[str, dict[str, int]]]:
+        yield (f"{service}.e", {"n": 0})  # no span active
+        with tracer.start_as_current_span("request"):
+            yield (f"{service}.e", {"n": 1})  # prepared inside a span
+
+    try:
+        with ob.db.sync_engine.begin() as conn:
+            ids = ob.publish_many(conn, events())
+            ob.publish(conn, f"{service}.e", {"n": 2})
+        rows = [ob.store(service).get_by_id(i) for i in ids]
+        assert [r is not None for r in rows] == [True, True]
+    finally:
+        drop_tables(ob)
+        ob.close()

@@ -121,7 +121,15 @@ def _new_rows(t: Table) -> Insert:
     return stmt
 
 
-_NEW_COLUMNS = ("event_type", "service_name", "topic", "message_key", "payload", "max_retry")
+_NEW_COLUMNS = (
+    "event_type",
+    "service_name",
+    "topic",
+    "message_key",
+    "payload",
+    "max_retry",
+    "headers",
+)
 _NOTIFYING: weakref.WeakKeyDictionary[Table, dict[str, Executable]] = weakref.WeakKeyDictionary()
 
 
@@ -144,7 +152,8 @@ def op_insert(c: OpContext, values: dict[str, Any]) -> Op[int]:
     ctx = c.ctx(event_type=values["event_type"])
     if c.channel is not None:
         stmt = _insert_and_notify(c.table, c.channel)
-        result = yield Execute(stmt, values, what="insert", context=ctx)
+        params = {"headers": None, **values}  # every bound column needs a value here
+        result = yield Execute(stmt, params, what="insert", context=ctx)
         return int(result.scalar_one())
     result = yield Execute(_new_rows(c.table), values, what="insert", context=ctx)
     return int(result.inserted_primary_key[0])
