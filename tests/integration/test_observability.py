@@ -7,7 +7,6 @@ import json
 import logging
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
-from outboxer import Envelope, Outbox
+from outboxer import Envelope, Observer, Outbox
 from outboxer.logs import JsonFormatter
 from outboxer.metrics import PrometheusMetrics
 from outboxer.testing import InMemoryTransport, drain
@@ -259,25 +258,30 @@ async def test_failed_attempts_and_dead_letters_log_one_line_each(
 
 def test_publish_many_mixes_rows_with_and_without_a_trace(db_url: str) -> None:
     """Rows of one publish_many statement bind the same columns whether or not a
-    trace context was active when each was prepared."""
-    provider = TracerProvider()
-    ob = make_outbox(db_url, observers=[Tracing(provider)])
+    propagation header was injected for each."""
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    class EverySecond(Observer):
+        def __init__(self) -> None:
+            self.seen = 0
+
+        def inject_context(self, service: str, event_type: str, carrier: dict[str, str]) -> None:
+            self.seen += 1
+            if self.seen % 2 == 0:
+                carrier["traceparent"] = traceparent
+
+    ob = make_outbox(db_url, observers=[EverySecond()])
     service = f"svc_{uuid.uuid4().hex[:8]}"
     ob.register_event(f"{service}.e", service)
     ob.migrate()
-    tracer = provider.get_tracer("test")
-
-    def events() -> Iterator[tuple[str, dict[str, int]]]:
-        yield (f"{service}.e", {"n": 0})  # no span active
-        with tracer.start_as_current_span("request"):
-            yield (f"{service}.e", {"n": 1})  # prepared inside a span
-
     try:
         with ob.db.sync_engine.begin() as conn:
-            ids = ob.publish_many(conn, events())
-            ob.publish(conn, f"{service}.e", {"n": 2})
-        rows = [ob.store(service).get_by_id(i) for i in ids]
-        assert [r is not None for r in rows] == [True, True]
+            ids = ob.publish_many(conn, [(f"{service}.e", {"n": n}) for n in range(2)])
+        first, second = (ob.store(service).get_by_id(i) for i in ids)
+        assert first is not None
+        assert second is not None
+        assert first.headers is None
+        assert second.headers == f'{{"traceparent":"{traceparent}"}}'  # kept, not dropped
     finally:
         drop_tables(ob)
         ob.close()
