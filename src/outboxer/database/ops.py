@@ -314,7 +314,7 @@ def op_mark_published(
         cond = and_(cond, t.c.updated_at == expect_updated_at)
     stmt = (
         update(t)
-        .where(cond)
+        .where(c.dialect.in_lock_order(t, cond))
         .values(
             status=Status.PUBLISHED.value,
             published_at=db_now(),
@@ -339,7 +339,11 @@ def op_release(c: OpContext, ids: Sequence[int], delay: float) -> Op[int]:
     t = c.table
     stmt = (
         update(t)
-        .where(t.c.id.in_(list(ids)), t.c.status == Status.PENDING.value)
+        .where(
+            c.dialect.in_lock_order(
+                t, and_(t.c.id.in_(list(ids)), t.c.status == Status.PENDING.value)
+            )
+        )
         .values(next_retry_at=db_now_plus(delay), updated_at=db_now())
     )
     result = yield Execute(stmt, what="release", context=c.ctx(outbox_id=_first(ids)))
@@ -377,7 +381,7 @@ def op_mark_dead(
         cond = and_(cond, t.c.status.not_in(FINAL_STATUSES))
     stmt = (
         update(t)
-        .where(cond)
+        .where(c.dialect.in_lock_order(t, cond))
         .values(
             status=Status.DEAD.value,
             last_error=truncate_error(reason),
@@ -413,6 +417,7 @@ def op_mark_failed(c: OpContext, failures: Sequence[tuple[int, str]]) -> Op[dict
     result = yield Execute(
         select(t.c.id, t.c.status, t.c.retry_count, t.c.max_retry)
         .where(t.c.id.in_(list(reasons)))
+        .order_by(t.c.id)  # the order consumers lock in: no deadlock with them
         .with_for_update(),
         what="lock for retry",
         context=ctx,
@@ -913,7 +918,7 @@ def op_defer(c: OpContext, delays: Mapping[int, float]) -> Op[None]:
             next_retry_at=db_now_plus(bindparam("_delay")),
             updated_at=db_now(),
         ),
-        [{"_id": oid, "_delay": delay} for oid, delay in delays.items()],
+        [{"_id": oid, "_delay": delay} for oid, delay in sorted(delays.items())],
         what="defer",
         context=c.ctx(),
     )

@@ -62,6 +62,12 @@ class Dialect:
         COMMIT/ROLLBACK/BEGIN, which every database treats so)."""
         return False
 
+    def in_lock_order(self, table: Table, cond: ColumnElement[bool]) -> ColumnElement[bool]:
+        """``cond`` for an UPDATE of several rows, so that the rows are locked in id
+        order (the order consumers lock their batches in: no deadlock between an
+        update of the relay and a consumer's batch). By default ``cond`` itself."""
+        return cond
+
     def insert_ignoring_duplicates(self, table: Table, unique: str) -> Insert:
         """An INSERT into ``table`` that skips rows whose ``unique`` column value is
         already there (the inbox: a message received twice is stored once)."""

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Insert, Table, func, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
-from sqlalchemy.sql import Executable
+from sqlalchemy.sql import ColumnElement, Executable
 from sqlalchemy.types import TypeEngine
 
 from outboxer.database.dialects.base import Dialect
@@ -71,6 +71,11 @@ class PostgreSQLDialect(Dialect):
                 async for notice in conn.notifies(timeout=10.0):
                     on_notify(notice.channel)
                 await conn.execute("SELECT 1")
+
+    def in_lock_order(self, table: Table, cond: ColumnElement[bool]) -> ColumnElement[bool]:
+        # An UPDATE locks rows in the order it finds them; lock them first, by id.
+        locked = select(table.c.id).where(cond).order_by(table.c.id).with_for_update()
+        return table.c.id.in_(locked.scalar_subquery())
 
     def insert_ignoring_duplicates(self, table: Table, unique: str) -> Insert:
         return postgresql.insert(table).on_conflict_do_nothing(index_elements=[unique])
