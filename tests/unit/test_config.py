@@ -110,3 +110,20 @@ def test_password_never_shown() -> None:
     assert "s3cret" not in safe_url("postgresql://app:s3cret@db/app")
     ob = Outbox("postgresql://app:s3cret@db/app", settings=OutboxSettings.from_values())
     assert "s3cret" not in repr(ob)
+
+
+def test_kafka_client_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # librdkafka's setting names contain dots: the environment gives them as one JSON object.
+    from outboxer.transports.kafka.settings import KafkaSettings  # noqa: PLC0415
+
+    monkeypatch.setenv(
+        "OUTBOXER_KAFKA__CONFIG", '{"security.protocol": "SSL", "fetch.wait.max.ms": 10}'
+    )
+    assert KafkaSettings.parse(load_settings().kafka).config == {
+        "security.protocol": "SSL",
+        "fetch.wait.max.ms": 10,
+    }
+    for bad in ("security.protocol=SSL", '["SSL"]'):
+        monkeypatch.setenv("OUTBOXER_KAFKA__CONFIG", bad)
+        with pytest.raises(ConfigurationError, match="JSON object"):
+            KafkaSettings.parse(load_settings().kafka)

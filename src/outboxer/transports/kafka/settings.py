@@ -6,9 +6,10 @@ confluent-kafka installed.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from outboxer.errors import ConfigurationError
 
@@ -27,7 +28,22 @@ class KafkaSettings(BaseModel):
     """Seconds a consumer may have no partition (while its group does not cover the
     topic) before it is closed and built again; doubles after each rebuild."""
     config: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    """Extra librdkafka settings for producer and consumers (security, tuning)."""
+    """Extra librdkafka settings for producer and consumers (security, tuning). In the
+    environment, one JSON object: ``OUTBOXER_KAFKA__CONFIG='{"security.protocol": "SSL"}'``
+    (librdkafka's names contain dots, which variable names cannot)."""
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _config_from_json(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            decoded = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"kafka.config given as text must be a JSON object: {exc}") from exc
+        if not isinstance(decoded, dict):
+            raise ValueError("kafka.config given as text must be a JSON object")
+        return decoded
 
     @classmethod
     def parse(cls, values: KafkaSettings | dict[str, Any] | None) -> KafkaSettings:
