@@ -358,6 +358,7 @@ class Bench:
 # measure outboxer rather than this broker's long-poll.
 BROKER_CONFIG = {"fetch.wait.max.ms": 10}
 
+
 def settings(**values: Any) -> OutboxSettings:
     """Default settings (nothing read from the environment or a file), plus ``values``."""
     kafka = {

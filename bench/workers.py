@@ -29,6 +29,7 @@ from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
 from bench.core import (
+    BROKER_CONFIG,
     EVENT,
     KAFKA_SESSION_TIMEOUT_MS,
     ROOT,
@@ -205,6 +206,7 @@ class WorkerProcess:
                 "OUTBOXER_TRANSPORT": transport,
                 "OUTBOXER_TOPIC_PREFIX": topic_prefix,
                 "OUTBOXER_KAFKA__SESSION_TIMEOUT_MS": str(KAFKA_SESSION_TIMEOUT_MS),
+                "OUTBOXER_KAFKA__CONFIG": json.dumps(BROKER_CONFIG),
                 **(outboxer_env or {}),
             }
         )
