@@ -155,7 +155,6 @@ class _Procrastinate:
         app = procrastinate.App(connector=connector)
         pid = os.getpid()
 
-        @app.task(name="insert_effect", pass_context=True)
         async def insert_effect(context: Any, n: int) -> None:
             started = time.time()
             await context.app.connector.execute_query_async(
@@ -165,7 +164,9 @@ class _Procrastinate:
                 w=pid,
             )
 
-        return app, insert_effect
+        # Not a decorator: without procrastinate installed (make test) mypy sees Any.
+        task = app.task(name="insert_effect", pass_context=True)(insert_effect)
+        return app, task
 
     async def _schema(self) -> None:
         app, _ = self._app()
