@@ -241,3 +241,26 @@ async def test_a_transient_error_beside_successes_counts_no_attempt(tmp_path: Pa
     assert await relay.run_once() == 1
     assert st.get_by_id(bad).status is Status.PUBLISHED  # type: ignore[union-attr]
     await ob.aclose()
+
+
+@pytest.mark.parametrize(
+    ("code", "transient", "permanent"),
+    [
+        # Purged by librdkafka when its producer fails fatally or is closed for a rebuild:
+        # the producer's end, so no attempt is counted (the fault suite saw a purge after
+        # UNKNOWN_PRODUCER_ID spend an attempt).
+        ("_PURGE_QUEUE", True, False),
+        ("_PURGE_INFLIGHT", True, False),
+        ("UNKNOWN_PRODUCER_ID", True, False),
+        ("_MSG_TIMED_OUT", True, False),
+        ("MSG_SIZE_TOO_LARGE", False, True),
+        ("INVALID_REQUIRED_ACKS", False, False),
+    ],
+)
+def test_kafka_delivery_errors_are_classified(code: str, transient: bool, permanent: bool) -> None:
+    kafka = pytest.importorskip("confluent_kafka")
+    from outboxer.transports.kafka.transport import _delivery  # noqa: PLC0415
+
+    d = _delivery(7, kafka.KafkaError(getattr(kafka.KafkaError, code)))
+    assert (d.outbox_id, d.transient, d.permanent) == (7, transient, permanent)
+    assert d.error is not None and d.error.startswith(code)

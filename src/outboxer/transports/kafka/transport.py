@@ -99,6 +99,10 @@ TRANSIENT_ERRORS = REBUILD_ERRORS | frozenset(
         KafkaError._UNKNOWN_TOPIC,
         KafkaError._UNKNOWN_PARTITION,
         KafkaError._DESTROY,
+        # librdkafka purges what a producer still holds when that producer fails
+        # fatally or is closed for a rebuild: the producer's end, not the message's.
+        KafkaError._PURGE_QUEUE,
+        KafkaError._PURGE_INFLIGHT,
         KafkaError.UNKNOWN_TOPIC_OR_PART,
         KafkaError.LEADER_NOT_AVAILABLE,
         KafkaError.NOT_LEADER_FOR_PARTITION,
