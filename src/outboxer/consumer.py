@@ -291,10 +291,12 @@ class Dispatcher:
             return
         except Exception as exc:  # noqa: BLE001 - whatever broke it is recorded below
             failure = exc
-        envelopes = self.decode([message], report=False)
-        if not envelopes:
-            return
-        env = envelopes[0]
+        decoded = self.decode([message], report=False)
+        if decoded:
+            await self._record_broken(decoded[0], failure)
+
+    async def _record_broken(self, env: Any, failure: Exception) -> None:
+        """A failed attempt for a message whose own transaction failed."""
         logger.error(
             "message %s breaks its own transaction; counted as a failed attempt",
             env.outbox_id,
@@ -378,16 +380,8 @@ class InboxDispatcher(Dispatcher):
         event_id = fast.event_ids.get(row_id)
         return None if event_id is None else (event_id, error)
 
-    async def dispatch_alone(self, message: IncomingMessage) -> None:
-        try:
-            await self.dispatch([message], first_pass=False)
-            return
-        except Exception as exc:  # noqa: BLE001 - whatever broke it is recorded below
-            failure = exc
-        events = self.decode([message], report=False)
-        if not events:
-            return
-        event = events[0]
+    async def _record_broken(self, event: Any, failure: Exception) -> None:
+        """The message is stored (once) and its failed attempt recorded."""
         logger.error(
             "message %s breaks its own transaction; stored and counted as a failed attempt",
             event.event_id,

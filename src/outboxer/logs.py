@@ -67,6 +67,28 @@ class ExtrasFormatter(logging.Formatter):
         return text
 
 
+def _log_attempt(
+    logger: logging.Logger,
+    level: int,
+    template: str,
+    *,
+    service: str,
+    outbox_id: int,
+    event_type: str,
+    attempts: int,
+    reason: str,
+    error: BaseException | None,
+) -> None:
+    fields = {
+        "service": service,
+        "outbox_id": outbox_id,
+        "event_type": event_type,
+        "attempts": attempts,
+    }
+    logger.log(level, template, outbox_id, event_type, attempts, first_line(reason), extra=fields)
+    _debug_traceback(logger, error, fields)
+
+
 def log_retried(
     logger: logging.Logger,
     *,
@@ -78,21 +100,17 @@ def log_retried(
     error: BaseException | None = None,
 ) -> None:
     """One WARNING line for a failed attempt (traceback at DEBUG)."""
-    fields = {
-        "service": service,
-        "outbox_id": outbox_id,
-        "event_type": event_type,
-        "attempts": attempts,
-    }
-    logger.warning(
+    _log_attempt(
+        logger,
+        logging.WARNING,
         "event %s (%s) failed attempt %d; will retry: %s",
-        outbox_id,
-        event_type,
-        attempts,
-        first_line(reason),
-        extra=fields,
+        service=service,
+        outbox_id=outbox_id,
+        event_type=event_type,
+        attempts=attempts,
+        reason=reason,
+        error=error,
     )
-    _debug_traceback(logger, error, fields)
 
 
 def log_dead(
@@ -106,21 +124,17 @@ def log_dead(
     error: BaseException | None = None,
 ) -> None:
     """One ERROR line for a message that became a dead letter (traceback at DEBUG)."""
-    fields = {
-        "service": service,
-        "outbox_id": outbox_id,
-        "event_type": event_type,
-        "attempts": attempts,
-    }
-    logger.error(
+    _log_attempt(
+        logger,
+        logging.ERROR,
         "event %s (%s) is dead after %d attempt(s): %s",
-        outbox_id,
-        event_type,
-        attempts,
-        first_line(reason),
-        extra=fields,
+        service=service,
+        outbox_id=outbox_id,
+        event_type=event_type,
+        attempts=attempts,
+        reason=reason,
+        error=error,
     )
-    _debug_traceback(logger, error, fields)
 
 
 def _debug_traceback(
