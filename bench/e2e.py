@@ -8,6 +8,9 @@ Contenders, interleaved round by round:
   backlog is inserted (``fill_due``) and one more event published, whose commit wakes
   the relay; timed from the backlog's commit until the consumer reported the last
   event consumed (its handler's row and the consumed mark committed together).
+- **outboxer (local, batch handler)**: the same with a batch handler
+  (``Outbox.batch_handler``) that writes a batch's rows in one statement, as the
+  README shows; same effects, same exactly-once check.
 - **procrastinate** (its own database): the same number of jobs deferred in one
   batch (untimed), then ``run_worker_async(concurrency=20, wait=False)`` timed until
   it returns with the queue empty; its task inserts the same row. Its task's insert
@@ -48,6 +51,7 @@ from outboxer import Outbox, Status
 from outboxer.testing import fill_due
 
 LOCAL = "outboxer (local)"
+BATCH = "outboxer (local, batch handler)"
 KAFKA = "outboxer (kafka)"
 PROCRASTINATE = "procrastinate (concurrency 20)"
 CONCURRENCY = 20
@@ -66,14 +70,14 @@ def _truncate(engine: Engine, *names: str, cascade: bool = False) -> None:
 class _Engine:
     """One outboxer contender: its outbox, service, effects table and running worker."""
 
-    def __init__(self, url: str, transport: str) -> None:
+    def __init__(self, url: str, transport: str, *, batch: bool = False) -> None:
         self.service = unique("e")
         self.effects = f"{self.service}_effects"
         self.outbox = Outbox(
             url, transport=transport, topic_prefix=unique("bench"), settings=settings()
         )
         self.outbox.register_event(EVENT, self.service)
-        effect_handler(self.outbox, self.effects)
+        effect_handler(self.outbox, self.effects, batch=batch)
         self.outbox.migrate()
         with self.outbox.db.sync_engine.begin() as conn:
             effects_table(self.effects).create(conn)
@@ -222,6 +226,7 @@ def run(bench: Bench) -> Section:
     with bench.database("postgresql") as url, bench.database("postgresql") as proc_url:
         try:
             engines[LOCAL] = _Engine(url, "local")
+            engines[BATCH] = _Engine(url, "local", batch=True)
             broker = bench.kafka()
             if broker is None:
                 section.skip(KAFKA, bench.kafka_missing())
@@ -284,6 +289,8 @@ def _targets(section: Section) -> None:
     section.ratios["outboxer local / procrastinate"] = ratio
     kratio = [a / b for a, b in zip(samples(KAFKA), samples(PROCRASTINATE), strict=False) if b]
     section.ratios["outboxer kafka / procrastinate"] = kratio
+    bratio = [a / b for a, b in zip(samples(BATCH), samples(PROCRASTINATE), strict=False) if b]
+    section.ratios["outboxer local, batch handler / procrastinate"] = bratio
     m = median(ratio)
     section.targets.append(
         Target(
@@ -295,7 +302,19 @@ def _targets(section: Section) -> None:
             None if m is None else m >= RATIO_TARGET,
         )
     )
-    for name in (LOCAL, KAFKA):
+    mb = median(bratio)
+    section.targets.append(
+        Target(
+            "end-to-end events/s, local transport, batch handler inserts the rows, "
+            "vs procrastinate",
+            spread(samples(BATCH)),
+            f"procrastinate {spread(samples(PROCRASTINATE))}",
+            spread(bratio, "{:.1f}x"),
+            f">= {RATIO_TARGET:.0f}x",
+            None if mb is None else mb >= RATIO_TARGET,
+        )
+    )
+    for name in (LOCAL, BATCH, KAFKA):
         rate = median(samples(name))
         section.targets.append(
             Target(

@@ -147,18 +147,30 @@ class InProcessWorker:
             raise RuntimeError(f"outboxer ended with {self.error!r}") from self.error
 
 
-def effect_handler(outbox: Outbox, effects_name: str) -> None:
+def effect_handler(outbox: Outbox, effects_name: str, *, batch: bool = False) -> None:
     """Register the benchmark handler: one row in the effects table per event, with
-    the moment the handler started (synchronous handler, as in the README)."""
+    the moment the handler started (synchronous handler, as in the README). With
+    ``batch`` it is a batch handler writing a batch's rows in one statement."""
     effects = effects_table(effects_name)
     pid = os.getpid()
 
-    @outbox.handler(EVENT)
     def record(event: Envelope, tx: Session) -> None:
         started = time.time()
         tx.execute(
             insert(effects).values(outbox_id=event.outbox_id, started_at=started, worker=pid)
         )
+
+    def record_all(events: list[Envelope], tx: Session) -> None:
+        started = time.time()
+        tx.execute(
+            insert(effects),
+            [{"outbox_id": e.outbox_id, "started_at": started, "worker": pid} for e in events],
+        )
+
+    if batch:
+        outbox.batch_handler(EVENT)(record_all)
+    else:
+        outbox.handler(EVENT)(record)
 
 
 # ---------------------------------------------------------------------------- processes
