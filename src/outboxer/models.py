@@ -115,3 +115,24 @@ class ServiceStatus:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """Rows published, consumed and failed per ``step`` seconds up to ``until`` (the
+    database's clock), oldest step first (for the web console's chart)."""
+
+    until: datetime
+    step: float
+    published: list[int]
+    consumed: list[int]
+    failed: list[int]
+
+    def __add__(self, other: Activity) -> Activity:
+        return Activity(
+            until=max(self.until, other.until),
+            step=self.step,
+            published=[a + b for a, b in zip(self.published, other.published, strict=True)],
+            consumed=[a + b for a, b in zip(self.consumed, other.consumed, strict=True)],
+            failed=[a + b for a, b in zip(self.failed, other.failed, strict=True)],
+        )

@@ -11,6 +11,7 @@ Core expressions; what differs per database comes from the dialect
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import weakref
@@ -30,6 +31,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     true,
     update,
@@ -42,7 +44,7 @@ from outboxer.database.instructions import Callback, Execute, Invoke, Op
 from outboxer.database.schema import MAX_ERROR_CHARS, db_now, db_now_plus
 from outboxer.envelope import Envelope
 from outboxer.errors import describe_error
-from outboxer.models import FINAL_STATUSES, OutboxMessage, ServiceStatus, Status
+from outboxer.models import FINAL_STATUSES, Activity, OutboxMessage, ServiceStatus, Status
 from outboxer.routing import ServiceRoute
 from outboxer.settings import DEFAULT_BATCH_SIZE
 
@@ -503,11 +505,38 @@ class RowFilter:
     """Last changed less than this many seconds ago."""
     after_id: int | None = None
     """Only ids above this one (keyset paging)."""
+    before_id: int | None = None
+    """Only ids below this one (keyset paging, newest first)."""
+    key: str | None = None
+    """Only this message key (the ``(message_key, id)`` index)."""
+    event_id: str | None = None
+    """Only this event id: the inbox's ``event_id`` column; in an outbox table the
+    publisher's id inside the stored envelope (no index: a scan), or, for an event
+    published without one, the outbox id it defaults to."""
+
+
+def _event_id_where(c: OpContext, event_id: str) -> ColumnElement[bool]:
+    t = c.table
+    if "event_id" in t.c:
+        return t.c.event_id == event_id
+    # The stored envelope is compact JSON written by RowBuilder: '"event_id":"x"'.
+    given = '"event_id":' + json.dumps(event_id, ensure_ascii=False)
+    cond: ColumnElement[bool] = t.c.payload.contains(given, autoescape=True)
+    if event_id.isdigit() and len(event_id) < 19:
+        defaulted = and_(t.c.id == int(event_id), t.c.payload.contains('"event_id":null'))
+        cond = or_(cond, defaulted)
+    return cond
 
 
 def _where(c: OpContext, f: RowFilter) -> ColumnElement[bool]:
     t = c.table
     parts: list[ColumnElement[bool]] = []
+    if f.key is not None:
+        parts.append(t.c.message_key == f.key)
+    if f.event_id is not None:
+        parts.append(_event_id_where(c, f.event_id))
+    if f.before_id is not None:
+        parts.append(t.c.id < f.before_id)
     if f.status is not None:
         parts.append(t.c.status == f.status.value)
     if f.ids is not None:
@@ -523,10 +552,14 @@ def _where(c: OpContext, f: RowFilter) -> ColumnElement[bool]:
     return and_(true(), *parts)
 
 
-def op_find(c: OpContext, f: RowFilter, limit: int) -> Op[list[OutboxMessage]]:
-    """Rows matching ``f`` in id order, at most ``limit`` (ops tooling, read only)."""
+def op_find(
+    c: OpContext, f: RowFilter, limit: int, newest_first: bool = False
+) -> Op[list[OutboxMessage]]:
+    """Rows matching ``f`` in id order (``newest_first``: descending), at most
+    ``limit`` (ops tooling, read only)."""
     t = c.table
-    stmt = select(t).where(_where(c, f)).order_by(t.c.id).limit(max(limit, 1))
+    order = t.c.id.desc() if newest_first else t.c.id
+    stmt = select(t).where(_where(c, f)).order_by(order).limit(max(limit, 1))
     result = yield Execute(stmt, what="list", context=c.ctx())
     return [_message(r) for r in result.all()]
 
@@ -635,6 +668,51 @@ def op_status(c: OpContext, rates: bool = False) -> Op[ServiceStatus]:
         )
         published, consumed = (int(n) for n in result.one())
     return ServiceStatus(c.route.service_name, t.name, counts, int(n_due), age, published, consumed)
+
+
+def op_activity(c: OpContext, window: float, step: float) -> Op[Activity]:
+    """Rows published, consumed and failed in each ``step`` seconds of the last
+    ``window`` seconds (oldest step first), in one query over the index range
+    ``(status, updated_at > now - window)``: a row is counted by its latest change,
+    so "failed" is a row whose last attempt failed in that step (dead, or pending
+    again with attempts spent); a published row is counted at ``published_at`` (or
+    ``consumed_at`` when the in-process transport consumed it without publishing)."""
+    t = c.table
+    steps = max(1, round(window / step))
+    since = db_now_plus(-steps * step)
+    sent_at = func.coalesce(t.c.published_at, t.c.consumed_at)
+    consumed = t.c.status == Status.CONSUMED.value
+    failed = or_(
+        t.c.status == Status.DEAD.value,
+        and_(t.c.status == Status.PENDING.value, t.c.retry_count > 0),
+    )
+    sent = t.c.status.in_((Status.PUBLISHED.value, Status.CONSUMED.value))
+
+    def in_step(column: ColumnElement[Any], i: int) -> ColumnElement[bool]:
+        # Step i covers (now - (steps - i) * step, now - (steps - i - 1) * step].
+        return and_(
+            column > db_now_plus(-(steps - i) * step),
+            column <= db_now_plus(-(steps - i - 1) * step),
+        )
+
+    columns = []
+    for cond, column in ((sent, sent_at), (consumed, t.c.updated_at), (failed, t.c.updated_at)):
+        columns += [func.count(case((and_(cond, in_step(column, i)), 1))) for i in range(steps)]
+    statuses = [s.value for s in Status]
+    result = yield Execute(
+        select(*columns, db_now()).where(t.c.status.in_(statuses), t.c.updated_at > since),
+        what="activity",
+        context=c.ctx(),
+    )
+    row = result.one()
+    counts = [int(n) for n in row[:-1]]
+    return Activity(
+        until=row[-1],
+        step=step,
+        published=counts[:steps],
+        consumed=counts[steps : 2 * steps],
+        failed=counts[2 * steps :],
+    )
 
 
 # ----------------------------------------------------------- the consumer's batch
