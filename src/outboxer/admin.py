@@ -214,26 +214,26 @@ class Admin:
         return _newest_page(found, limit)
 
     def activity(
-        self, services: Sequence[str] | None = None, *, window: float = 3600.0, step: float = 60.0
+        self, services: Sequence[str] | None = None, *, minutes: int = 60
     ) -> Activity | None:
-        """Rows published, consumed and failed per ``step`` seconds over the last
-        ``window`` seconds, summed over ``services`` (``None``: no table exists)."""
+        """Rows published, consumed and failed in each of the last ``minutes`` minutes,
+        summed over ``services`` (``None``: no table exists)."""
         existing = self.storage.database.table_names()
         total: Activity | None = None
         for route in self.routes(services):
             if route.table_name in existing:
-                one = self._store(route).activity(window=window, step=step)
+                one = self._store(route).activity(minutes=minutes)
                 total = one if total is None else total + one
         return total
 
     async def activity_async(
-        self, services: Sequence[str] | None = None, *, window: float = 3600.0, step: float = 60.0
+        self, services: Sequence[str] | None = None, *, minutes: int = 60
     ) -> Activity | None:
         existing = await asyncio.to_thread(self.storage.database.table_names)
         total: Activity | None = None
         for route in self.routes(services):
             if route.table_name in existing:
-                one = await self._store(route).activity_async(window=window, step=step)
+                one = await self._store(route).activity_async(minutes=minutes)
                 total = one if total is None else total + one
         return total
 

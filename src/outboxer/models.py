@@ -119,19 +119,19 @@ class ServiceStatus:
 
 @dataclass(frozen=True, slots=True)
 class Activity:
-    """Rows published, consumed and failed per ``step`` seconds up to ``until`` (the
-    database's clock), oldest step first (for the web console's chart)."""
+    """Rows published, consumed and failed per UTC minute (``minutes``: the start of
+    each, the database's clock, oldest first; the last one is the current minute)."""
 
-    until: datetime
-    step: float
+    minutes: list[datetime]
     published: list[int]
     consumed: list[int]
     failed: list[int]
 
     def __add__(self, other: Activity) -> Activity:
+        if other.minutes[-1] > self.minutes[-1]:
+            return other + self  # the later clock reading names the minutes
         return Activity(
-            until=max(self.until, other.until),
-            step=self.step,
+            minutes=self.minutes,
             published=[a + b for a, b in zip(self.published, other.published, strict=True)],
             consumed=[a + b for a, b in zip(self.consumed, other.consumed, strict=True)],
             failed=[a + b for a, b in zip(self.failed, other.failed, strict=True)],

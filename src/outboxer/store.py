@@ -528,10 +528,10 @@ class Store:
         """Rows matching ``where`` in id order (``newest_first``: descending; read only)."""
         return self._run(op_find(self._ctx, where, limit, newest_first), read_only=True)
 
-    def activity(self, *, window: float = 3600.0, step: float = 60.0) -> Activity:
-        """Rows published, consumed and failed per ``step`` seconds over the last
-        ``window`` seconds (see :func:`~outboxer.database.ops.op_activity`)."""
-        return self._run(op_activity(self._ctx, window, step), read_only=True)
+    def activity(self, *, minutes: int = 60) -> Activity:
+        """Rows published, consumed and failed in each of the last ``minutes`` minutes
+        (see :func:`~outboxer.database.ops.op_activity`)."""
+        return self._run(op_activity(self._ctx, minutes), read_only=True)
 
     def count(self, where: RowFilter) -> int:
         return int(self._run(op_count(self._ctx, where), read_only=True))
@@ -644,8 +644,8 @@ class Store:
         op = op_find(self._ctx, where, limit, newest_first)
         return await self._run_async(op, read_only=True)
 
-    async def activity_async(self, *, window: float = 3600.0, step: float = 60.0) -> Activity:
-        return await self._run_async(op_activity(self._ctx, window, step), read_only=True)
+    async def activity_async(self, *, minutes: int = 60) -> Activity:
+        return await self._run_async(op_activity(self._ctx, minutes), read_only=True)
 
     async def count_async(self, where: RowFilter) -> int:
         return int(await self._run_async(op_count(self._ctx, where), read_only=True))

@@ -17,7 +17,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -41,7 +41,7 @@ from sqlalchemy.sql import ColumnElement
 from outboxer.backoff import RetryPolicy
 from outboxer.database.dialects import Dialect
 from outboxer.database.instructions import Callback, Execute, Invoke, Op
-from outboxer.database.schema import MAX_ERROR_CHARS, db_now, db_now_plus
+from outboxer.database.schema import MAX_ERROR_CHARS, db_minute, db_now, db_now_plus
 from outboxer.envelope import Envelope
 from outboxer.errors import describe_error
 from outboxer.models import FINAL_STATUSES, Activity, OutboxMessage, ServiceStatus, Status
@@ -670,49 +670,59 @@ def op_status(c: OpContext, rates: bool = False) -> Op[ServiceStatus]:
     return ServiceStatus(c.route.service_name, t.name, counts, int(n_due), age, published, consumed)
 
 
-def op_activity(c: OpContext, window: float, step: float) -> Op[Activity]:
-    """Rows published, consumed and failed in each ``step`` seconds of the last
-    ``window`` seconds (oldest step first), in one query over the index range
-    ``(status, updated_at > now - window)``: a row is counted by its latest change,
-    so "failed" is a row whose last attempt failed in that step (dead, or pending
-    again with attempts spent); a published row is counted at ``published_at`` (or
-    ``consumed_at`` when the in-process transport consumed it without publishing)."""
+def op_activity(c: OpContext, minutes: int) -> Op[Activity]:
+    """Rows published, consumed and failed in each of the last ``minutes`` UTC
+    minutes (the current one included), grouped by the database, reading only the
+    index range ``(status, updated_at > now - minutes)``.
+
+    A row is counted by its latest change: "failed" is a row whose last attempt
+    failed in that minute (dead, or pending again with attempts spent); a published
+    row is counted at ``published_at`` (or ``consumed_at`` when the in-process
+    transport consumed it without publishing)."""
     t = c.table
-    steps = max(1, round(window / step))
-    since = db_now_plus(-steps * step)
-    sent_at = func.coalesce(t.c.published_at, t.c.consumed_at)
+    since = db_now_plus(-60.0 * minutes)
+    recent = and_(t.c.status.in_([s.value for s in Status]), t.c.updated_at > since)
     consumed = t.c.status == Status.CONSUMED.value
     failed = or_(
         t.c.status == Status.DEAD.value,
         and_(t.c.status == Status.PENDING.value, t.c.retry_count > 0),
     )
-    sent = t.c.status.in_((Status.PUBLISHED.value, Status.CONSUMED.value))
-
-    def in_step(column: ColumnElement[Any], i: int) -> ColumnElement[bool]:
-        # Step i covers (now - (steps - i) * step, now - (steps - i - 1) * step].
-        return and_(
-            column > db_now_plus(-(steps - i) * step),
-            column <= db_now_plus(-(steps - i - 1) * step),
-        )
-
-    columns = []
-    for cond, column in ((sent, sent_at), (consumed, t.c.updated_at), (failed, t.c.updated_at)):
-        columns += [func.count(case((and_(cond, in_step(column, i)), 1))) for i in range(steps)]
-    statuses = [s.value for s in Status]
+    changed = db_minute(t.c.updated_at).label("minute")
     result = yield Execute(
-        select(*columns, db_now()).where(t.c.status.in_(statuses), t.c.updated_at > since),
+        select(changed, func.count(case((consumed, 1))), func.count(case((failed, 1))))
+        .where(recent)
+        .group_by(changed),
         what="activity",
         context=c.ctx(),
     )
-    row = result.one()
-    counts = [int(n) for n in row[:-1]]
-    return Activity(
-        until=row[-1],
-        step=step,
-        published=counts[:steps],
-        consumed=counts[steps : 2 * steps],
-        failed=counts[2 * steps :],
+    by_change = {row[0]: (int(row[1]), int(row[2])) for row in result.all()}
+    sent_at = func.coalesce(t.c.published_at, t.c.consumed_at)
+    sent = db_minute(sent_at).label("minute")
+    result = yield Execute(
+        select(sent, func.count(), db_now())
+        .where(recent, t.c.status.in_(SENT_STATUSES), sent_at > since)
+        .group_by(sent),
+        what="activity",
+        context=c.ctx(),
     )
+    rows = result.all()
+    by_sent = {row[0]: int(row[1]) for row in rows}
+    if rows:
+        now = rows[0][2]
+    else:
+        now = (yield Execute(select(db_now()), what="activity", context=c.ctx())).scalar_one()
+    last = now.replace(second=0, microsecond=0)
+    labels = [last - timedelta(minutes=minutes - 1 - i) for i in range(minutes)]
+    keys = [m.strftime("%Y-%m-%d %H:%M") for m in labels]
+    return Activity(
+        minutes=labels,
+        published=[by_sent.get(k, 0) for k in keys],
+        consumed=[by_change.get(k, (0, 0))[0] for k in keys],
+        failed=[by_change.get(k, (0, 0))[1] for k in keys],
+    )
+
+
+SENT_STATUSES = (Status.PUBLISHED.value, Status.CONSUMED.value)
 
 
 # ----------------------------------------------------------- the consumer's batch

@@ -176,10 +176,8 @@ class Console:
             act = self.admin.activity()
             if act is None:
                 return {"t": [], "published": [], "consumed": [], "failed": []}
-            end = act.until.timestamp()
-            n = len(act.published)
             return {
-                "t": [round(end - (n - 1 - i) * act.step) for i in range(n)],
+                "t": [round(m.timestamp()) for m in act.minutes],
                 "published": act.published,
                 "consumed": act.consumed,
                 "failed": act.failed,
