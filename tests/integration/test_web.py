@@ -32,7 +32,7 @@ class Console:
     xss_id: int
 
     def client(self, **kw: object) -> TestClient:
-        return TestClient(create_app(self.outbox, cache_seconds=0, **kw))  # type: ignore[arg-type]
+        return TestClient(create_app(self.outbox, cache_seconds=0, chart_cache_seconds=0, **kw))  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -46,9 +46,11 @@ from outboxer.web.security import (
 
 PAGE = 50
 CACHE_SECONDS = 5.0
-"""The overview's counts and chart are read at most this often (COUNT by status
-reads a whole index: cheap enough every few seconds, not on every refresh of many
-browsers)."""
+"""The overview's counts are read at most this often (COUNT by status reads a whole
+index: cheap enough every few seconds, not on every refresh of many browsers)."""
+CHART_CACHE_SECONDS = 30.0
+"""The per-minute chart is read at most this often: it groups the last hour's rows
+(0.5 to 3 s at 500,000 rows an hour, see docs/decisions.md) and changes per minute."""
 SEARCH_FIELDS = ("key", "event_type", "event_id", "id")
 
 T = TypeVar("T")
@@ -116,11 +118,14 @@ def _templates() -> Jinja2Templates:
 class Console:
     """The pages of one application's console."""
 
-    def __init__(self, outbox: Outbox, *, read_only: bool, cache_seconds: float) -> None:
+    def __init__(
+        self, outbox: Outbox, *, read_only: bool, cache_seconds: float, chart_cache_seconds: float
+    ) -> None:
         self.outbox = outbox
         self.admin: Admin = outbox.admin
         self.read_only = read_only
         self.cache = TtlCache(cache_seconds)
+        self.chart_cache = TtlCache(chart_cache_seconds)
         self.templates = _templates()
 
     def services(self) -> list[str]:
@@ -183,7 +188,7 @@ class Console:
                 "failed": act.failed,
             }
 
-        return self.cache.get("activity", compute)
+        return self.chart_cache.get("activity", compute)
 
     # -------------------------------------------------------------- messages
 
@@ -390,13 +395,21 @@ def create_app(
     token: str | None = None,
     read_only: bool = False,
     cache_seconds: float = CACHE_SECONDS,
+    chart_cache_seconds: float = CHART_CACHE_SECONDS,
 ) -> Starlette:
     """The console of ``outbox``'s services as an ASGI application.
 
     ``token``: required from every visitor (login form or ``Authorization: Bearer``).
     ``read_only``: no change is offered and every POST is refused (403).
+    ``cache_seconds`` / ``chart_cache_seconds``: how long the overview's counts and
+    its chart are reused.
     """
-    console = Console(outbox, read_only=read_only, cache_seconds=cache_seconds)
+    console = Console(
+        outbox,
+        read_only=read_only,
+        cache_seconds=cache_seconds,
+        chart_cache_seconds=chart_cache_seconds,
+    )
     guard = Guard(token=token, read_only=read_only)
     routes: Sequence[Route | Mount] = [
         Route("/", console.overview),
