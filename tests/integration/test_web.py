@@ -271,3 +271,13 @@ def test_cli_refuses_a_public_address_without_a_token(tmp_path: object) -> None:
     assert result.returncode == 2, result.stderr
     assert "without a token" in result.stderr
     assert "OUTBOXER_WEB_TOKEN" in result.stderr
+
+
+def test_page_time_measure_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/web.py (the 1,000,000-row measure of docs/decisions.md) at a tiny size,
+    so it cannot rot. Nothing about time is asserted."""
+    from bench import web as web_bench  # noqa: PLC0415
+
+    assert web_bench.main(["--rows", "3000", "--repeat", "1", "--db", "sqlite"]) == 0
+    out = capsys.readouterr().out
+    assert "| search by key |" in out
