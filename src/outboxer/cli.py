@@ -1031,7 +1031,7 @@ def web(
     host: Annotated[
         str, typer.Option(help="Address to listen on (anything but loopback needs a token).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8089,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8089,
     token: Annotated[
         str | None,
         typer.Option(

@@ -335,6 +335,28 @@ def test_payloads_keys_and_errors_render_as_text(
     shot(driver, tmp_path, "escaped")
 
 
+def test_overview_refreshes_itself(
+    driver: Any, sqlite_shop: ShopApp, processes: Processes, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
+
+    shop = sqlite_shop
+    base = processes.web("shopapp:outbox")
+    driver.get(base + "/")
+    driver.execute_script("document.body.dataset.loaded = 'once'")
+
+    def pending(d: Any) -> str:
+        row = d.find_element(By.XPATH, f"//table[@id='services']//tr[td/a[text()='{shop.svc}']]")
+        return str(row.find_elements(By.TAG_NAME, "td")[2].text)
+
+    assert pending(driver) == "0"
+    for i in range(3):
+        shop.publish({"n": i}, key=f"new-{i}")
+    # No reload: htmx swaps the table in (the cache keeps counts up to 5 s).
+    wait_until(driver, "pending count refreshed", lambda d: pending(d) == "3")
+    assert driver.execute_script("return document.body.dataset.loaded") == "once"
+
+
 def test_token_login_and_read_only(
     driver: Any, sqlite_shop: ShopApp, processes: Processes, tmp_path: Path
 ) -> None:
