@@ -1047,7 +1047,7 @@ def web(
         LogLevel.INFO
     ),
 ) -> None:
-    """The web console: overview, message search, dead letters (needs outboxer[web])."""
+    """The web console: overview, message search, dead letters (needs the web extra)."""
     try:
         from outboxer.web import create_app, is_loopback, serve  # noqa: PLC0415 - optional extra
     except ImportError as exc:
