@@ -229,6 +229,12 @@ def test_read_only_offers_and_accepts_no_change(console: Console) -> None:
     assert console.outbox.store(console.mails).status().dead == 2
 
 
+def test_no_sign_in_without_a_token(console: Console) -> None:
+    page = console.client().get("/login?next=/dead", follow_redirects=False)
+    assert page.status_code == 303
+    assert page.headers["location"] == "/dead"
+
+
 def test_token_is_required(console: Console) -> None:
     client = console.client(token="s3cret-token")
     first = client.get("/dead", follow_redirects=False)

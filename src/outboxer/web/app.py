@@ -338,6 +338,8 @@ class Console:
     async def login(self, request: Request) -> Response:
         guard: Guard = request.state.guard
         target = safe_next(request.query_params.get("next"))
+        if not guard.token_required:
+            return RedirectResponse(target, status_code=303)
         if request.method == "GET":
             return self.render(request, "login.html", next=target, error=None)
         form = await checked_form(request)

@@ -85,6 +85,10 @@ class Guard:
         assert self._session is not None
         return same(request.cookies.get(SESSION_COOKIE), self._session)
 
+    @property
+    def token_required(self) -> bool:
+        return self._token is not None
+
     def check_token(self, given: str) -> bool:
         return self._token is not None and same(given, self._token)
 
