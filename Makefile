@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-installed-stamp
 CODE := src tests $(wildcard bench)
 
-.PHONY: all demo test chaos lint format bench bench-quick services clean constraints
+.PHONY: all demo test chaos lint format bench bench-quick services browser web clean constraints
 
 all: lint test
 
@@ -37,7 +37,16 @@ format: $(STAMP)
 services:
 	./scripts/ensure-services.sh
 
-test: $(STAMP) lint services
+# Debian's chromium and chromium-driver for the console's browser tests (installed
+# with apt-get when missing and run as root; otherwise those tests skip locally).
+browser:
+	./scripts/ensure-browser.sh
+
+# The web console against the app named by OUTBOXER_APP (e.g. make web OUTBOXER_APP=myapp:outbox).
+web: $(STAMP)
+	$(BIN)/outboxer web
+
+test: $(STAMP) lint services browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The fault scenarios at full size (tests/faults; make test runs them at CI size);

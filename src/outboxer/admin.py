@@ -10,6 +10,10 @@ in small transactions of its own, and has an ``_async`` twin.
   :meth:`Admin.requeue` (back to ``pending`` with a fresh retry budget; the row
   notes ``requeue_count`` and ``requeued_at``), and :meth:`Admin.purge` with
   ``dead_older_than``.
+- Browsing (the web console): :meth:`Admin.search` (messages of any status by
+  outbox id, event id, key, event type and status, newest first, paged with a
+  ``service:id`` cursor, never counted) and :meth:`Admin.activity` (published,
+  consumed and failed per minute over the last hour).
 - Retention: :meth:`Admin.purge` deletes consumed rows, published rows of services
   consumed elsewhere, and dead rows older than given ages, ``batch_size`` rows per
   transaction with a pause between batches, so it holds no long lock and sends
@@ -29,7 +33,7 @@ from typing import Any
 
 from outboxer.database.ops import RowFilter
 from outboxer.errors import AmbiguousMessageError, ConfigurationError, MessageNotFoundError
-from outboxer.models import OutboxMessage, ServiceStatus, Status
+from outboxer.models import Activity, OutboxMessage, ServiceStatus, Status
 from outboxer.routing import ServiceRoute
 from outboxer.settings import DEFAULT_PURGE_BATCH
 from outboxer.store import Storage, Store
@@ -47,6 +51,26 @@ class DeadLetterPage:
     messages: list[OutboxMessage]
     next_after: str | None
     """Cursor of the next page (``service:id``); ``None`` on the last page."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    """One page of messages, newest first (id descending, then service)."""
+
+    messages: list[OutboxMessage]
+    next_before: str | None
+    """Cursor of the next (older) page (``service:id``); ``None`` on the last page."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Search:
+    """What :meth:`Admin.search` looks for (every field optional; all must match)."""
+
+    outbox_id: int | None = None
+    event_id: str | None = None
+    key: str | None = None
+    event_type: str | None = None
+    status: Status | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,6 +155,87 @@ class Admin:
             )
             found.append((r, st))
         return found
+
+    # ------------------------------------------------------------------ browsing
+
+    def _search_plan(
+        self, services: Sequence[str] | None, search: Search, before: str | None
+    ) -> list[tuple[ServiceRoute, RowFilter]]:
+        existing = self.storage.database.table_names()
+        cursor = parse_cursor(before)
+        plan: list[tuple[ServiceRoute, RowFilter]] = []
+        for route in self.routes(services):
+            if route.table_name not in existing:
+                continue
+            before_id = None
+            if cursor is not None:
+                # Order: id descending, then service ascending.
+                before_id = cursor[1] + 1 if route.service_name > cursor[0] else cursor[1]
+            where = RowFilter(
+                ids=None if search.outbox_id is None else [search.outbox_id],
+                event_id=search.event_id,
+                key=search.key,
+                event_type=search.event_type,
+                status=search.status,
+                before_id=before_id,
+            )
+            plan.append((route, where))
+        return plan
+
+    def search(
+        self,
+        search: Search = Search(),
+        *,
+        services: Sequence[str] | None = None,
+        limit: int = DEFAULT_PAGE,
+        before: str | None = None,
+    ) -> MessagePage:
+        """Messages of any status matching ``search`` in ``services`` (all when None),
+        newest first, ``limit`` per page; ``before`` is the previous page's
+        ``next_before``. Each page reads at most ``limit + 1`` rows per service by
+        key order and counts nothing. Services whose table is missing are left out."""
+        found: list[OutboxMessage] = []
+        for route, where in self._search_plan(services, search, before):
+            found += self._store(route).find(where, limit + 1, newest_first=True)
+        return _newest_page(found, limit)
+
+    async def search_async(
+        self,
+        search: Search = Search(),
+        *,
+        services: Sequence[str] | None = None,
+        limit: int = DEFAULT_PAGE,
+        before: str | None = None,
+    ) -> MessagePage:
+        plan = await asyncio.to_thread(self._search_plan, services, search, before)
+        found: list[OutboxMessage] = []
+        for route, where in plan:
+            found += await self._store(route).find_async(where, limit + 1, newest_first=True)
+        return _newest_page(found, limit)
+
+    def activity(
+        self, services: Sequence[str] | None = None, *, minutes: int = 60
+    ) -> Activity | None:
+        """Rows published, consumed and failed in each of the last ``minutes`` minutes,
+        summed over ``services`` (``None``: no table exists)."""
+        existing = self.storage.database.table_names()
+        total: Activity | None = None
+        for route in self.routes(services):
+            if route.table_name in existing:
+                one = self._store(route).activity(minutes=minutes)
+                total = one if total is None else total + one
+        return total
+
+    async def activity_async(
+        self, services: Sequence[str] | None = None, *, minutes: int = 60
+    ) -> Activity | None:
+        existing = await asyncio.to_thread(self.storage.database.table_names)
+        total: Activity | None = None
+        for route in self.routes(services):
+            if route.table_name in existing:
+                one = await self._store(route).activity_async(minutes=minutes)
+                total = one if total is None else total + one
+        return total
 
     # ------------------------------------------------------------------ dead letters
 
@@ -404,6 +509,15 @@ def _page(found: list[OutboxMessage], limit: int) -> DeadLetterPage:
     page = found[:limit]
     last = page[-1]
     return DeadLetterPage(page, f"{last.service_name}:{last.id}")
+
+
+def _newest_page(found: list[OutboxMessage], limit: int) -> MessagePage:
+    found.sort(key=lambda m: (-m.id, m.service_name))
+    if len(found) <= limit:
+        return MessagePage(found, None)
+    page = found[:limit]
+    last = page[-1]
+    return MessagePage(page, f"{last.service_name}:{last.id}")
 
 
 def _one(found: list[OutboxMessage], outbox_id: int, service: str | None) -> OutboxMessage:

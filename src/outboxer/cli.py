@@ -1022,6 +1022,59 @@ def _report_purge(result: PurgeResult, dry_run: bool, as_json: bool) -> None:
     console.print(f"{verb} {result.total:,} row(s)")
 
 
+WEB_TOKEN_ENV = "OUTBOXER_WEB_TOKEN"  # noqa: S105 - a variable name
+
+
+@app.command()
+def web(
+    ctx: typer.Context,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (anything but loopback needs a token).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8089,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar=WEB_TOKEN_ENV,
+            help=f"Require this token from every visitor (or set {WEB_TOKEN_ENV}).",
+            show_default=False,
+        ),
+    ] = None,
+    read_only: Annotated[
+        bool, typer.Option("--read-only", help="Show only: no requeue or purge, POST refused.")
+    ] = False,
+    log_level: Annotated[LogLevel, typer.Option(help="Level of the process's log.")] = (
+        LogLevel.INFO
+    ),
+) -> None:
+    """The web console: overview, message search, dead letters (needs the web extra)."""
+    try:
+        from outboxer.web import create_app, is_loopback, serve  # noqa: PLC0415 - optional extra
+    except ImportError as exc:
+        _fail(
+            f"the web console needs its extra: pip install 'outboxer[web]' ({exc})",
+            EXIT_ERROR,
+        )
+    if not token and not is_loopback(host):
+        _fail(
+            f"refusing to serve the console on {host} without a token: give --token or set "
+            f"{WEB_TOKEN_ENV}, or bind 127.0.0.1",
+            EXIT_USAGE,
+        )
+    with _logging(log_level.value, LogFormat.AUTO), _opened(ctx) as outbox:
+        _routes(outbox)
+        console_app = create_app(outbox, token=token or None, read_only=read_only)
+        logger.info(
+            "outboxer console for %s on http://%s:%d/%s",
+            _options(ctx).app,
+            host,
+            port,
+            " (read-only)" if read_only else "",
+            extra={"database": outbox.db.safe_url},
+        )
+        serve(console_app, host=host, port=port, log_level=log_level.value.lower())
+
+
 @app.command()
 def demo(
     events: Annotated[int, typer.Option(help="How many events to publish.")] = 3000,

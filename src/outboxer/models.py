@@ -115,3 +115,24 @@ class ServiceStatus:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """Rows published, consumed and failed per UTC minute (``minutes``: the start of
+    each, the database's clock, oldest first; the last one is the current minute)."""
+
+    minutes: list[datetime]
+    published: list[int]
+    consumed: list[int]
+    failed: list[int]
+
+    def __add__(self, other: Activity) -> Activity:
+        if other.minutes[-1] > self.minutes[-1]:
+            return other + self  # the later clock reading names the minutes
+        return Activity(
+            minutes=self.minutes,
+            published=[a + b for a, b in zip(self.published, other.published, strict=True)],
+            consumed=[a + b for a, b in zip(self.consumed, other.consumed, strict=True)],
+            failed=[a + b for a, b in zip(self.failed, other.failed, strict=True)],
+        )

@@ -32,6 +32,7 @@ from outboxer.database.ops import (
     Claimed,
     OpContext,
     RowFilter,
+    op_activity,
     op_claim,
     op_claim_to_send,
     op_claim_unconsumed,
@@ -63,7 +64,7 @@ from outboxer.errors import (
     StoreError,
     TransactionRequiredError,
 )
-from outboxer.models import OutboxMessage, ServiceStatus, Status
+from outboxer.models import Activity, OutboxMessage, ServiceStatus, Status
 from outboxer.routing import RouteRegistry, ServiceRoute, validate_event_type
 from outboxer.settings import DEFAULT_BATCH_SIZE, DEFAULT_LEASE
 
@@ -521,9 +522,16 @@ class Store:
         op = op_requeue(self._ctx, ids, status, event_type=event_type, since=since)
         return int(self._run(op, single=True))
 
-    def find(self, where: RowFilter, limit: int = DEFAULT_BATCH_SIZE) -> list[OutboxMessage]:
-        """Rows matching ``where`` in id order (read only)."""
-        return self._run(op_find(self._ctx, where, limit), read_only=True)
+    def find(
+        self, where: RowFilter, limit: int = DEFAULT_BATCH_SIZE, *, newest_first: bool = False
+    ) -> list[OutboxMessage]:
+        """Rows matching ``where`` in id order (``newest_first``: descending; read only)."""
+        return self._run(op_find(self._ctx, where, limit, newest_first), read_only=True)
+
+    def activity(self, *, minutes: int = 60) -> Activity:
+        """Rows published, consumed and failed in each of the last ``minutes`` minutes
+        (see :func:`~outboxer.database.ops.op_activity`)."""
+        return self._run(op_activity(self._ctx, minutes), read_only=True)
 
     def count(self, where: RowFilter) -> int:
         return int(self._run(op_count(self._ctx, where), read_only=True))
@@ -631,9 +639,13 @@ class Store:
         return int(await self._run_async(op, single=True))
 
     async def find_async(
-        self, where: RowFilter, limit: int = DEFAULT_BATCH_SIZE
+        self, where: RowFilter, limit: int = DEFAULT_BATCH_SIZE, *, newest_first: bool = False
     ) -> list[OutboxMessage]:
-        return await self._run_async(op_find(self._ctx, where, limit), read_only=True)
+        op = op_find(self._ctx, where, limit, newest_first)
+        return await self._run_async(op, read_only=True)
+
+    async def activity_async(self, *, minutes: int = 60) -> Activity:
+        return await self._run_async(op_activity(self._ctx, minutes), read_only=True)
 
     async def count_async(self, where: RowFilter) -> int:
         return int(await self._run_async(op_count(self._ctx, where), read_only=True))

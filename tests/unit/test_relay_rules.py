@@ -263,4 +263,5 @@ def test_kafka_delivery_errors_are_classified(code: str, transient: bool, perman
 
     d = _delivery(7, kafka.KafkaError(getattr(kafka.KafkaError, code)))
     assert (d.outbox_id, d.transient, d.permanent) == (7, transient, permanent)
-    assert d.error is not None and d.error.startswith(code)
+    assert d.error is not None
+    assert d.error.startswith(code)

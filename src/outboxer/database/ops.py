@@ -11,12 +11,13 @@ Core expressions; what differs per database comes from the dialect
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -30,6 +31,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     true,
     update,
@@ -39,10 +41,10 @@ from sqlalchemy.sql import ColumnElement
 from outboxer.backoff import RetryPolicy
 from outboxer.database.dialects import Dialect
 from outboxer.database.instructions import Callback, Execute, Invoke, Op
-from outboxer.database.schema import MAX_ERROR_CHARS, db_now, db_now_plus
+from outboxer.database.schema import MAX_ERROR_CHARS, db_minute, db_now, db_now_plus
 from outboxer.envelope import Envelope
 from outboxer.errors import describe_error
-from outboxer.models import FINAL_STATUSES, OutboxMessage, ServiceStatus, Status
+from outboxer.models import FINAL_STATUSES, Activity, OutboxMessage, ServiceStatus, Status
 from outboxer.routing import ServiceRoute
 from outboxer.settings import DEFAULT_BATCH_SIZE
 
@@ -503,11 +505,38 @@ class RowFilter:
     """Last changed less than this many seconds ago."""
     after_id: int | None = None
     """Only ids above this one (keyset paging)."""
+    before_id: int | None = None
+    """Only ids below this one (keyset paging, newest first)."""
+    key: str | None = None
+    """Only this message key (the ``(message_key, id)`` index)."""
+    event_id: str | None = None
+    """Only this event id: the inbox's ``event_id`` column; in an outbox table the
+    publisher's id inside the stored envelope (no index: a scan), or, for an event
+    published without one, the outbox id it defaults to."""
+
+
+def _event_id_where(c: OpContext, event_id: str) -> ColumnElement[bool]:
+    t = c.table
+    if "event_id" in t.c:
+        return t.c.event_id == event_id
+    # The stored envelope is compact JSON written by RowBuilder: '"event_id":"x"'.
+    given = '"event_id":' + json.dumps(event_id, ensure_ascii=False)
+    cond: ColumnElement[bool] = t.c.payload.contains(given, autoescape=True)
+    if event_id.isdigit() and len(event_id) < 19:
+        defaulted = and_(t.c.id == int(event_id), t.c.payload.contains('"event_id":null'))
+        cond = or_(cond, defaulted)
+    return cond
 
 
 def _where(c: OpContext, f: RowFilter) -> ColumnElement[bool]:
     t = c.table
     parts: list[ColumnElement[bool]] = []
+    if f.key is not None:
+        parts.append(t.c.message_key == f.key)
+    if f.event_id is not None:
+        parts.append(_event_id_where(c, f.event_id))
+    if f.before_id is not None:
+        parts.append(t.c.id < f.before_id)
     if f.status is not None:
         parts.append(t.c.status == f.status.value)
     if f.ids is not None:
@@ -523,10 +552,14 @@ def _where(c: OpContext, f: RowFilter) -> ColumnElement[bool]:
     return and_(true(), *parts)
 
 
-def op_find(c: OpContext, f: RowFilter, limit: int) -> Op[list[OutboxMessage]]:
-    """Rows matching ``f`` in id order, at most ``limit`` (ops tooling, read only)."""
+def op_find(
+    c: OpContext, f: RowFilter, limit: int, newest_first: bool = False
+) -> Op[list[OutboxMessage]]:
+    """Rows matching ``f`` in id order (``newest_first``: descending), at most
+    ``limit`` (ops tooling, read only)."""
     t = c.table
-    stmt = select(t).where(_where(c, f)).order_by(t.c.id).limit(max(limit, 1))
+    order = t.c.id.desc() if newest_first else t.c.id
+    stmt = select(t).where(_where(c, f)).order_by(order).limit(max(limit, 1))
     result = yield Execute(stmt, what="list", context=c.ctx())
     return [_message(r) for r in result.all()]
 
@@ -635,6 +668,61 @@ def op_status(c: OpContext, rates: bool = False) -> Op[ServiceStatus]:
         )
         published, consumed = (int(n) for n in result.one())
     return ServiceStatus(c.route.service_name, t.name, counts, int(n_due), age, published, consumed)
+
+
+def op_activity(c: OpContext, minutes: int) -> Op[Activity]:
+    """Rows published, consumed and failed in each of the last ``minutes`` UTC
+    minutes (the current one included), grouped by the database, reading only the
+    index range ``(status, updated_at > now - minutes)``.
+
+    A row is counted by its latest change: "failed" is a row whose last attempt
+    failed in that minute (dead, or pending again with attempts spent); a published
+    row is counted at ``published_at`` (or ``consumed_at`` when the in-process
+    transport consumed it without publishing)."""
+    t = c.table
+    since = db_now_plus(-60.0 * minutes)
+    recent = and_(t.c.status.in_([s.value for s in Status]), t.c.updated_at > since)
+    consumed = t.c.status == Status.CONSUMED.value
+    failed = or_(
+        t.c.status == Status.DEAD.value,
+        and_(t.c.status == Status.PENDING.value, t.c.retry_count > 0),
+    )
+    changed = db_minute(t.c.updated_at).label("minute")
+    result = yield Execute(
+        select(changed, func.count(case((consumed, 1))), func.count(case((failed, 1))))
+        .where(recent)
+        .group_by(changed),
+        what="activity",
+        context=c.ctx(),
+    )
+    by_change = {row[0]: (int(row[1]), int(row[2])) for row in result.all()}
+    sent_at = func.coalesce(t.c.published_at, t.c.consumed_at)
+    sent = db_minute(sent_at).label("minute")
+    result = yield Execute(
+        select(sent, func.count(), db_now())
+        .where(recent, t.c.status.in_(SENT_STATUSES), sent_at > since)
+        .group_by(sent),
+        what="activity",
+        context=c.ctx(),
+    )
+    rows = result.all()
+    by_sent = {row[0]: int(row[1]) for row in rows}
+    if rows:
+        now = rows[0][2]
+    else:
+        now = (yield Execute(select(db_now()), what="activity", context=c.ctx())).scalar_one()
+    last = now.replace(second=0, microsecond=0)
+    labels = [last - timedelta(minutes=minutes - 1 - i) for i in range(minutes)]
+    keys = [m.strftime("%Y-%m-%d %H:%M") for m in labels]
+    return Activity(
+        minutes=labels,
+        published=[by_sent.get(k, 0) for k in keys],
+        consumed=[by_change.get(k, (0, 0))[0] for k in keys],
+        failed=[by_change.get(k, (0, 0))[1] for k in keys],
+    )
+
+
+SENT_STATUSES = (Status.PUBLISHED.value, Status.CONSUMED.value)
 
 
 # ----------------------------------------------------------- the consumer's batch

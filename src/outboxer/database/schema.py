@@ -101,6 +101,20 @@ def _compile_now_plus(element: db_now_plus, compiler: SQLCompiler, **kw: Any) ->
     return dialect_for(compiler.dialect.name).now_plus_sql(compiler.process(arg, **kw))
 
 
+class db_minute(FunctionElement[str]):
+    """The UTC minute of a timestamp as text, ``YYYY-MM-DD HH:MM``."""
+
+    type = String()
+    inherit_cache = True
+    name = "db_minute"
+
+
+@compiles(db_minute)
+def _compile_minute(element: db_minute, compiler: SQLCompiler, **kw: Any) -> str:
+    (arg,) = element.clauses
+    return dialect_for(compiler.dialect.name).minute_sql(compiler.process(arg, **kw))
+
+
 class _Payload(TypeDecorator[str]):
     """Text large enough for an envelope of the configured size on every database."""
 

@@ -102,6 +102,11 @@ class Dialect:
         """The database's current UTC time plus ``seconds`` (compiled SQL)."""
         raise NotImplementedError
 
+    def minute_sql(self, timestamp: str) -> str:
+        """The UTC minute of a timestamp column as text, ``YYYY-MM-DD HH:MM`` (compiled
+        SQL; groups rows per minute for the web console's chart)."""
+        raise NotImplementedError
+
     def timestamp_type(self) -> TypeEngine[Any]:
         """The column type of a UTC timestamp with sub-second precision."""
         raise NotImplementedError

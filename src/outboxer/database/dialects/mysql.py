@@ -70,6 +70,11 @@ class MySQLDialect(Dialect):
         micros = f"CAST(ROUND({seconds} * 1000000) AS SIGNED)"
         return f"TIMESTAMPADD(MICROSECOND, {micros}, UTC_TIMESTAMP(6))"
 
+    def minute_sql(self, timestamp: str) -> str:
+        # Stored as UTC DATETIME(6), whose text is 'YYYY-MM-DD HH:MM:SS.ffffff' (no
+        # DATE_FORMAT: its '%' would meet the drivers' pyformat parameters).
+        return f"SUBSTRING(CAST({timestamp} AS CHAR), 1, 16)"
+
     def timestamp_type(self) -> TypeEngine[Any]:
         return mysql.DATETIME(fsp=6)
 

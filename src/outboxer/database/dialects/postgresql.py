@@ -86,6 +86,9 @@ class PostgreSQLDialect(Dialect):
     def now_plus_sql(self, seconds: str) -> str:
         return f"(statement_timestamp() + make_interval(secs => {seconds}))"
 
+    def minute_sql(self, timestamp: str) -> str:
+        return f"to_char({timestamp} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI')"
+
     def timestamp_type(self) -> TypeEngine[Any]:
         return postgresql.TIMESTAMP(timezone=True)
 

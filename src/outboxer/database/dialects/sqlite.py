@@ -83,6 +83,10 @@ class SQLiteDialect(Dialect):
     def now_plus_sql(self, seconds: str) -> str:
         return f"strftime('{TS_FORMAT}', 'now', printf('%+.3f seconds', {seconds}))"
 
+    def minute_sql(self, timestamp: str) -> str:
+        # Stored as TS_FORMAT text: the minute is its first 16 characters.
+        return f"substr({timestamp}, 1, 16)"
+
     def timestamp_type(self) -> TypeEngine[Any]:
         return String(23)
 
