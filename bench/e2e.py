@@ -11,6 +11,9 @@ Contenders, interleaved round by round:
 - **outboxer (local, batch handler)**: the same with a batch handler
   (``Outbox.batch_handler``) that writes a batch's rows in one statement, as the
   README shows; same effects, same exactly-once check.
+- **outboxer (local, ordered=True)**: the per-event handler on a service declared
+  ``ordered=True`` (a key's events in publish order across failures); the backlog has
+  64 keys. Its ratio to the unordered run is the cost of ordering.
 - **procrastinate** (its own database): the same number of jobs deferred in one
   batch (untimed), then ``run_worker_async(concurrency=20, wait=False)`` timed until
   it returns with the queue empty; its task inserts the same row. Its task's insert
@@ -52,6 +55,7 @@ from outboxer.testing import fill_due
 
 LOCAL = "outboxer (local)"
 BATCH = "outboxer (local, batch handler)"
+ORDERED = "outboxer (local, ordered=True)"
 KAFKA = "outboxer (kafka)"
 PROCRASTINATE = "procrastinate (concurrency 20)"
 CONCURRENCY = 20
@@ -70,12 +74,16 @@ def _truncate(engine: Engine, *names: str, cascade: bool = False) -> None:
 class _Engine:
     """One outboxer contender: its outbox, service, effects table and running worker."""
 
-    def __init__(self, url: str, transport: str, *, batch: bool = False) -> None:
+    def __init__(
+        self, url: str, transport: str, *, batch: bool = False, ordered: bool = False
+    ) -> None:
         self.service = unique("e")
         self.effects = f"{self.service}_effects"
         self.outbox = Outbox(
             url, transport=transport, topic_prefix=unique("bench"), settings=settings()
         )
+        if ordered:
+            self.outbox.register_service(self.service, ordered=True)
         self.outbox.register_event(EVENT, self.service)
         effect_handler(self.outbox, self.effects, batch=batch)
         self.outbox.migrate()
@@ -227,6 +235,7 @@ def run(bench: Bench) -> Section:
         try:
             engines[LOCAL] = _Engine(url, "local")
             engines[BATCH] = _Engine(url, "local", batch=True)
+            engines[ORDERED] = _Engine(url, "local", ordered=True)
             broker = bench.kafka()
             if broker is None:
                 section.skip(KAFKA, bench.kafka_missing())
@@ -312,6 +321,18 @@ def _targets(section: Section) -> None:
             spread(bratio, "{:.1f}x"),
             f">= {RATIO_TARGET:.0f}x",
             None if mb is None else mb >= RATIO_TARGET,
+        )
+    )
+    oratio = [a / b for a, b in zip(samples(ORDERED), samples(LOCAL), strict=False) if b]
+    section.ratios["outboxer local, ordered=True / unordered"] = oratio
+    section.targets.append(
+        Target(
+            "cost of per-key ordering: end-to-end events/s, local, ordered=True vs not (64 keys)",
+            spread(samples(ORDERED)),
+            f"unordered {spread(samples(LOCAL))}",
+            spread(oratio, "{:.2f}"),
+            "report only",
+            None,
         )
     )
     for name in (LOCAL, BATCH, KAFKA):
