@@ -309,7 +309,7 @@ def op_mark_published(
     if not ids:
         return 0
     t = c.table
-    cond = and_(t.c.id.in_(list(ids)), t.c.status.not_in(FINAL_STATUSES))
+    cond = and_(c.dialect.ids_in(t.c.id, ids), t.c.status.not_in(FINAL_STATUSES))
     if expect_retry_count is not None:
         cond = and_(cond, t.c.retry_count == expect_retry_count)
     if expect_updated_at is not None:
@@ -343,7 +343,7 @@ def op_release(c: OpContext, ids: Sequence[int], delay: float) -> Op[int]:
         update(t)
         .where(
             c.dialect.in_lock_order(
-                t, and_(t.c.id.in_(list(ids)), t.c.status == Status.PENDING.value)
+                t, and_(c.dialect.ids_in(t.c.id, ids), t.c.status == Status.PENDING.value)
             )
         )
         .values(next_retry_at=db_now_plus(delay), updated_at=db_now())
@@ -358,7 +358,7 @@ def op_mark_consumed(c: OpContext, ids: Sequence[int]) -> Op[int]:
     t = c.table
     stmt = (
         update(t)
-        .where(t.c.id.in_(list(ids)))
+        .where(c.dialect.ids_in(t.c.id, ids))
         .values(
             status=Status.CONSUMED.value,
             consumed_at=db_now(),
@@ -378,7 +378,7 @@ def op_mark_dead(
     if not ids:
         return 0
     t = c.table
-    cond: ColumnElement[bool] = t.c.id.in_(list(ids))
+    cond: ColumnElement[bool] = c.dialect.ids_in(t.c.id, ids)
     if unless_final:
         cond = and_(cond, t.c.status.not_in(FINAL_STATUSES))
     stmt = (
@@ -418,7 +418,7 @@ def op_mark_failed(c: OpContext, failures: Sequence[tuple[int, str]]) -> Op[dict
     ctx = c.ctx(outbox_id=failures[0][0] if len(failures) == 1 else None)
     result = yield Execute(
         select(t.c.id, t.c.status, t.c.retry_count, t.c.max_retry)
-        .where(t.c.id.in_(list(reasons)))
+        .where(c.dialect.ids_in(t.c.id, list(reasons)))
         .order_by(t.c.id)  # the order consumers lock in: no deadlock with them
         .with_for_update(),
         what="lock for retry",
@@ -789,7 +789,7 @@ def op_dispatch(
     ids = sorted({e.outbox_id for e in envelopes})
     result = yield Execute(
         select(t.c.id, t.c.status, t.c.event_type, t.c.retry_count, t.c.created_at, t.c.message_key)
-        .where(t.c.id.in_(ids))
+        .where(c.dialect.ids_in(t.c.id, ids))
         .order_by(t.c.id)
         .with_for_update(),
         what="lock batch",

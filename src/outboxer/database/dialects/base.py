@@ -68,6 +68,10 @@ class Dialect:
         update of the relay and a consumer's batch). By default ``cond`` itself."""
         return cond
 
+    def ids_in(self, column: ColumnElement[int], ids: Sequence[int]) -> ColumnElement[bool]:
+        """``column`` is one of ``ids`` (the batch statements: marks, locks)."""
+        return column.in_(list(ids))
+
     def insert_ignoring_duplicates(self, table: Table, unique: str) -> Insert:
         """An INSERT into ``table`` that skips rows whose ``unique`` column value is
         already there (the inbox: a message received twice is stored once)."""

@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Insert, Table, func, select
+from sqlalchemy import BigInteger, Insert, Table, any_, bindparam, func, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Executable
@@ -76,6 +76,12 @@ class PostgreSQLDialect(Dialect):
         # An UPDATE locks rows in the order it finds them; lock them first, by id.
         locked = select(table.c.id).where(cond).order_by(table.c.id).with_for_update()
         return table.c.id.in_(locked.scalar_subquery())
+
+    def ids_in(self, column: ColumnElement[int], ids: Sequence[int]) -> ColumnElement[bool]:
+        # One array parameter, not one per id: the statement's text is the same for
+        # every batch, so the driver converts it once (an IN list of 100 ids was a new
+        # statement per batch for psycopg: 9 % of a relay's busy time).
+        return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(BigInteger)))
 
     def insert_ignoring_duplicates(self, table: Table, unique: str) -> Insert:
         return postgresql.insert(table).on_conflict_do_nothing(index_elements=[unique])
