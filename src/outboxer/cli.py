@@ -416,7 +416,7 @@ def run(
         int | None,
         typer.Option(
             envvar="OUTBOXER_METRICS_PORT",
-            help="Serve Prometheus metrics on this port (/metrics; needs outboxer[prometheus]).",
+            help="Serve Prometheus metrics on this port (/metrics; needs the prometheus extra).",
             show_default=False,
         ),
     ] = None,
