@@ -360,6 +360,3 @@ class RouteRegistry:
     def events_of(self, service: str) -> list[str]:
         """Event types owned by ``service``."""
         return [e for e, s in self._events.items() if s == service]
-
-    def has_service(self, name: str) -> bool:
-        return name in self._routes
