@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -68,16 +69,16 @@ class ExtrasFormatter(logging.Formatter):
 
 
 def _log_attempt(
-    logger: logging.Logger,
     level: int,
     template: str,
+    logger: logging.Logger,
     *,
     service: str,
     outbox_id: int,
     event_type: str,
     attempts: int,
     reason: str,
-    error: BaseException | None,
+    error: BaseException | None = None,
 ) -> None:
     fields = {
         "service": service,
@@ -89,52 +90,12 @@ def _log_attempt(
     _debug_traceback(logger, error, fields)
 
 
-def log_retried(
-    logger: logging.Logger,
-    *,
-    service: str,
-    outbox_id: int,
-    event_type: str,
-    attempts: int,
-    reason: str,
-    error: BaseException | None = None,
-) -> None:
-    """One WARNING line for a failed attempt (traceback at DEBUG)."""
-    _log_attempt(
-        logger,
-        logging.WARNING,
-        "event %s (%s) failed attempt %d; will retry: %s",
-        service=service,
-        outbox_id=outbox_id,
-        event_type=event_type,
-        attempts=attempts,
-        reason=reason,
-        error=error,
-    )
-
-
-def log_dead(
-    logger: logging.Logger,
-    *,
-    service: str,
-    outbox_id: int,
-    event_type: str,
-    attempts: int,
-    reason: str,
-    error: BaseException | None = None,
-) -> None:
-    """One ERROR line for a message that became a dead letter (traceback at DEBUG)."""
-    _log_attempt(
-        logger,
-        logging.ERROR,
-        "event %s (%s) is dead after %d attempt(s): %s",
-        service=service,
-        outbox_id=outbox_id,
-        event_type=event_type,
-        attempts=attempts,
-        reason=reason,
-        error=error,
-    )
+# One WARNING line for a failed attempt, one ERROR line for a message that became a
+# dead letter; the traceback at DEBUG (and in last_error), not a page per attempt.
+log_retried = partial(
+    _log_attempt, logging.WARNING, "event %s (%s) failed attempt %d; will retry: %s"
+)
+log_dead = partial(_log_attempt, logging.ERROR, "event %s (%s) is dead after %d attempt(s): %s")
 
 
 def _debug_traceback(
