@@ -15,7 +15,7 @@ import functools
 import inspect
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from outboxer.aio import in_daemon_thread, sleep_unless
@@ -26,6 +26,7 @@ from outboxer.database.ops import (
     BatchOutcome,
     Handler,
     Outcome,
+    Started,
     op_dispatch,
     op_inbox_receive,
 )
@@ -36,7 +37,7 @@ from outboxer.hooks import Hooks, Observer
 from outboxer.logs import log_dead, log_retried
 from outboxer.models import Status
 from outboxer.routing import RouteRegistry, ServiceRoute
-from outboxer.settings import OutboxSettings
+from outboxer.settings import DEFAULT_LEASE, OutboxSettings
 from outboxer.store import Storage
 from outboxer.transports.adapters import Adapter, InboxEvent, outboxer_envelope
 from outboxer.transports.base import IncomingMessage, Subscription
@@ -108,6 +109,7 @@ class Dispatcher:
         hooks: Observer,
         *,
         isolate: bool = False,
+        skip_busy: bool = True,
     ) -> None:
         self.storage = storage
         self.route = route
@@ -115,9 +117,16 @@ class Dispatcher:
         self.hooks = hooks
         self.isolate = isolate
         """Skip the fast path: every handler in its own savepoint from the start."""
+        self.skip_busy = skip_busy
+        """A message another live worker is handling now is acknowledged without
+        waiting for it (its row is sent again if that worker dies: the relay's lease
+        or ``redeliver_after``); False: wait for that worker, as a plain lock would."""
         self._ctx = storage.op_context(route)
         self._async_types = {e for e, h in handlers.items() if is_async_callable(_fn(h))}
         self._headers: dict[str, Mapping[str, bytes]] = {}
+        self._own: set[int] = set()
+        """Rows this dispatcher marked as being handled and has not settled (their
+        transaction failed and is tried again): their marks are not crashes."""
         if isinstance(hooks, Hooks) and hooks.wants("handler_context"):
             # Observers (tracing) wrap each handler call: a span continuing the trace
             # in the message's headers.
@@ -188,9 +197,74 @@ class Dispatcher:
         if first_pass:
             self.hooks.messages_received(self.route.service_name, len(batch))
         self._headers.clear()
-        envelopes = self.decode(batch, report=first_pass)
+        items = self.decode(batch, report=first_pass)
         total = BatchOutcome()
-        for is_async, segment in self._segments(envelopes):
+        ready, suspect = await self._start(items, alone=False)
+        if not suspect:
+            await self._settle(ready, total)
+            return total
+        # A batch with these messages killed its worker: one at a time now, so the
+        # innocent ones go through and a crash is pinned on the message causing it.
+        for item in ready:
+            alone, _ = await self._start([item], alone=True)
+            await self._settle(alone, total)
+        return total
+
+    async def _start(self, items: list[Any], *, alone: bool) -> tuple[list[Any], bool]:
+        """Mark ``items`` as being handled, in a short transaction of their own, before
+        any handler runs (:func:`~outboxer.database.ops.op_start`); report the
+        crashes it found. Returns the items to handle now, and whether they must be
+        run one at a time."""
+        if not items:
+            return [], False
+        store = self.storage.store(self.route)
+        started = await store.start_handling_async(
+            [self._key(i) for i in items], alone=alone, own=self._own, skip_busy=self.skip_busy
+        )
+        return self._started(items, started, self._key)
+
+    def _key(self, item: Any) -> int:
+        return int(item.outbox_id)
+
+    def _started(
+        self, items: list[Any], started: Started, key: Callable[[Any], int | None]
+    ) -> tuple[list[Any], bool]:
+        """What :meth:`_start` returns, from what the start op found."""
+        service = self.route.service_name
+        for o in started.crashed:
+            self.hooks.worker_crashed(service, o.outbox_id, o.event_type)
+        if started.crashed:
+            dead = {o.outbox_id for o in started.dead}
+            self._report(
+                BatchOutcome(
+                    retried=[o for o in started.crashed if o.outbox_id not in dead],
+                    dead=started.dead,
+                )
+            )
+        if started.busy:
+            logger.info(
+                "%d message(s) skipped: another worker is handling them now",
+                len(started.busy),
+                extra={"service": service, "outbox_ids": started.busy},
+            )
+            self.hooks.messages_skipped(service, "busy", len(started.busy))
+        ready = set(started.ready)
+        chosen = [i for i in items if key(i) in ready]
+        ready.difference_update(started.unmarked)
+        if started.suspect:
+            logger.warning(
+                "the worker died in an earlier delivery of these %d message(s); "
+                "handling them one at a time",
+                len(chosen),
+                extra={"service": service},
+            )
+            return chosen, True
+        self._own.update(ready)
+        return chosen, False
+
+    async def _settle(self, items: list[Any], total: BatchOutcome) -> None:
+        """Run started items through their handlers and commit the outcome."""
+        for is_async, segment in self._segments(items):
             out = await self._transaction(segment, is_async)
             self._report(out)
             total.consumed.extend(out.consumed)
@@ -200,7 +274,10 @@ class Dispatcher:
             total.handler_errors.extend(out.handler_errors)
             total.timings.extend(out.timings)
             total.deferred.extend(out.deferred)
-        return total
+            self._own.difference_update(k for k in map(self._key_or_none, segment) if k)
+
+    def _key_or_none(self, item: Any) -> int | None:
+        return self._key(item)
 
     def _segments(self, envelopes: Sequence[Any]) -> list[tuple[bool, list[Any]]]:
         """Consecutive runs of messages by handler kind (async or not), in order."""
@@ -294,6 +371,9 @@ class Dispatcher:
         decoded = self.decode([message], report=False)
         if decoded:
             await self._record_broken(decoded[0], failure)
+            key = self._key_or_none(decoded[0])
+            if key is not None:
+                self._own.discard(key)
 
     async def _record_broken(self, env: Any, failure: Exception) -> None:
         """A failed attempt for a message whose own transaction failed."""
@@ -343,9 +423,28 @@ class InboxDispatcher(Dispatcher):
         *,
         adapter: Adapter = outboxer_envelope,
         isolate: bool = False,
+        lease: float = DEFAULT_LEASE,
     ) -> None:
         super().__init__(storage, route, handlers, hooks, isolate=isolate)
         self.adapter = adapter
+        self.lease = lease
+        self._row_of: dict[str, int] = {}
+
+    async def _start(self, items: list[Any], *, alone: bool) -> tuple[list[Any], bool]:
+        """Store the received events (once) and mark them as being handled, in one
+        short transaction before any handler runs."""
+        if not items:
+            return [], False
+        rows = [self.storage.rows.received(self.route, **_received(e)) for e in items]
+        store = self.storage.store(self.route)
+        row_of, started = await store.inbox_start_async(
+            rows, lease=self.lease, alone=alone, own=self._own
+        )
+        self._row_of.update(row_of)
+        return self._started(items, started, lambda e: row_of.get(e.event_id))
+
+    def _key_or_none(self, item: Any) -> int | None:
+        return self._row_of.pop(item.event_id, None)
 
     def decode(self, batch: Sequence[IncomingMessage], *, report: bool = True) -> list[Any]:
         events: list[InboxEvent] = []
@@ -367,11 +466,8 @@ class InboxDispatcher(Dispatcher):
     def _op(
         self, items: list[Any], *, isolate: bool, failed: tuple[Any, BaseException] | None
     ) -> Op[BatchOutcome]:
-        unique = {e.event_id: e for e in items}
-        rows = [self.storage.rows.received(self.route, **_received(e)) for e in unique.values()]
-        return op_inbox_receive(
-            self._ctx, items, rows, self.handlers, isolate=isolate, failed=failed
-        )
+        # Stored by _start already: no insert in the batch transaction.
+        return op_inbox_receive(self._ctx, items, [], self.handlers, isolate=isolate, failed=failed)
 
     def _failed(self, fast: BatchOutcome) -> tuple[Any, BaseException] | None:
         # The fast path's insert was rolled back: its row ids mean nothing now.

@@ -63,7 +63,8 @@ class Observer:
         """A consumer received a batch of ``count`` messages."""
 
     def messages_skipped(self, service: str, reason: str, count: int) -> None:
-        """Messages not handled: ``undecodable``, ``no_outbox_id``, or ``settled``
+        """Messages not handled: ``undecodable``, ``no_outbox_id``, ``busy`` (another
+        worker is handling them now), or ``settled``
         (missing row, already consumed or dead, a duplicate, another event's id)."""
 
     def messages_consumed(self, service: str, count: int) -> None:
@@ -74,6 +75,11 @@ class Observer:
 
     def message_dead(self, service: str, outbox_id: int, attempts: int, reason: str) -> None:
         """A message became a dead letter after ``attempts`` attempts."""
+
+    def worker_crashed(self, service: str, outbox_id: int, event_type: str) -> None:
+        """A delivery found that the worker process died while handling this message
+        alone (its mark was left behind); one attempt was charged to it (reported
+        with ``message_retried`` or ``message_dead`` too)."""
 
     def handler_finished(
         self, service: str, event_type: str, seconds: float, error: BaseException | None
@@ -318,6 +324,9 @@ class Stats(Observer):
 
     def message_dead(self, service: str, outbox_id: int, attempts: int, reason: str) -> None:
         self.add(service, "dead")
+
+    def worker_crashed(self, service: str, outbox_id: int, event_type: str) -> None:
+        self.add(service, "crashes")
 
     def handler_finished(
         self, service: str, event_type: str, seconds: float, error: BaseException | None

@@ -177,6 +177,12 @@ class PrometheusMetrics(Observer):
         self.dead = Counter(
             "outboxer_messages_dead", "Messages that became dead letters", by_service, registry=r
         )
+        self.crashes = Counter(
+            "outboxer_worker_crashes",
+            "Messages found to have killed the worker process handling them alone",
+            by_service,
+            registry=r,
+        )
         self.skipped = Counter(
             "outboxer_messages_skipped",
             "Received messages not handled, by reason",
@@ -266,6 +272,9 @@ class PrometheusMetrics(Observer):
 
     def messages_skipped(self, service: str, reason: str, count: int) -> None:
         self.skipped.labels(service, reason).inc(count)
+
+    def worker_crashed(self, service: str, outbox_id: int, event_type: str) -> None:
+        self.crashes.labels(service).inc()
 
     def messages_consumed(self, service: str, count: int) -> None:
         self.consumed.labels(service).inc(count)

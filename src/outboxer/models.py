@@ -49,6 +49,11 @@ class OutboxMessage:
     """How many times an operator requeued this row (dead letters given a new start)."""
     requeued_at: datetime | None = None
     """When it was last requeued."""
+    handling: int = 0
+    """A delivery of it has started and not settled: 1 in a batch, 2 alone (0: none).
+    Found set by the next delivery, it means the worker died while handling it."""
+    crashes: int = 0
+    """How many times a worker process died while handling this message alone."""
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any], **replace: Any) -> OutboxMessage:

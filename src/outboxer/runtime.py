@@ -185,6 +185,9 @@ class Runtime:
                 plan.handlers[route.service_name],
                 self.hooks,
                 isolate=self.settings.isolate_handlers,
+                # A message skipped while another worker handles it comes back if that
+                # worker dies: by the lease (in-process) or redeliver_after (a broker).
+                skip_busy=transport.delivers_in_process or self.settings.redeliver_after > 0,
             )
             running.consumers.append(
                 asyncio.create_task(
@@ -247,6 +250,7 @@ class Runtime:
                 self.hooks,
                 adapter=self.adapters.get(route.service_name, outboxer_envelope),
                 isolate=self.settings.isolate_handlers,
+                lease=self.settings.lease,
             )
             again = Dispatcher(
                 self.storage, route, handlers, self.hooks, isolate=self.settings.isolate_handlers

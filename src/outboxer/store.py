@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,6 +33,7 @@ from outboxer.database.ops import (
     Claimed,
     OpContext,
     RowFilter,
+    Started,
     op_activity,
     op_claim,
     op_claim_to_send,
@@ -40,6 +42,7 @@ from outboxer.database.ops import (
     op_count,
     op_find,
     op_get,
+    op_inbox_start,
     op_inbox_store,
     op_insert,
     op_list_due,
@@ -50,6 +53,7 @@ from outboxer.database.ops import (
     op_purge_batch,
     op_release,
     op_requeue,
+    op_start,
     op_status,
 )
 from outboxer.database.runner import AsyncRunner, SyncRunner
@@ -596,6 +600,32 @@ class Store:
     async def store_received_async(self, row: dict[str, Any]) -> int:
         """Store a received event in this inbox (once) and return its row id."""
         return await self._run_async(op_inbox_store(self._ctx, row))
+
+    async def start_handling_async(
+        self,
+        ids: Sequence[int],
+        *,
+        alone: bool = False,
+        own: AbstractSet[int] = frozenset(),
+        skip_busy: bool = True,
+    ) -> Started:
+        """Mark messages as being handled, before their handlers run (see
+        :func:`~outboxer.database.ops.op_start`), in a transaction of its own."""
+        op = op_start(self._ctx, ids, alone=alone, own=own, skip_busy=skip_busy)
+        return await self._run_async(op)
+
+    async def inbox_start_async(
+        self,
+        rows: Sequence[dict[str, Any]],
+        *,
+        lease: float,
+        alone: bool = False,
+        own: AbstractSet[int] = frozenset(),
+    ) -> tuple[dict[str, int], Started]:
+        """Store received events and mark them as being handled, in one transaction
+        (see :func:`~outboxer.database.ops.op_inbox_start`)."""
+        op = op_inbox_start(self._ctx, rows, lease=lease, alone=alone, own=own)
+        return await self._run_async(op)
 
     async def mark_consumed_async(self, outbox_id: int) -> None:
         await self._run_async(op_mark_consumed(self._ctx, [outbox_id]), single=True)

@@ -24,6 +24,11 @@ Version history:
 3. An index on ``(message_key, id)``: services with ordered delivery look up the
    open rows of a key (the publish path pays one more index entry per row).
 
+4. ``handling`` and ``crashes`` (``NOT NULL DEFAULT 0``): a consumer marks a message
+   as being handled in a short transaction before its handler runs; the commit that
+   settles it clears the mark. A mark found by the next delivery means the worker
+   process died while handling it (poison protection, docs/semantics.md).
+
 Inbox tables (a service consumed here from another database) are the outbox template
 plus a unique ``event_id``; they were introduced at version 3, so they are always
 created at the latest version and migrated with the same steps from then on.
@@ -73,6 +78,11 @@ STEPS: tuple[Step, ...] = (
         columns=("headers", "requeue_count", "requeued_at"),
     ),
     Step(3, "index on (message_key, id) for ordered delivery", indexes=("key",)),
+    Step(
+        4,
+        "handling, crashes (deliveries started and never settled: the worker died)",
+        columns=("handling", "crashes"),
+    ),
 )
 LATEST = STEPS[-1].version
 

@@ -16,6 +16,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -365,6 +366,7 @@ def op_mark_consumed(c: OpContext, ids: Sequence[int]) -> Op[int]:
             last_error=None,
             next_retry_at=None,
             updated_at=db_now(),
+            handling=0,
         )
     )
     result = yield Execute(stmt, what="mark consumed", context=c.ctx(outbox_id=_first(ids)))
@@ -389,6 +391,7 @@ def op_mark_dead(
             last_error=truncate_error(reason),
             next_retry_at=None,
             updated_at=db_now(),
+            handling=0,
         )
     )
     result = yield Execute(stmt, what="mark dead", context=c.ctx(outbox_id=_first(ids)))
@@ -449,6 +452,7 @@ def op_mark_failed(c: OpContext, failures: Sequence[tuple[int, str]]) -> Op[dict
                 last_error=bindparam("_err"),
                 next_retry_at=db_now_plus(bindparam("_delay")),
                 updated_at=db_now(),
+                handling=0,
             ),
             retry_rows,
             what="mark failed for retry",
@@ -462,6 +466,7 @@ def op_mark_failed(c: OpContext, failures: Sequence[tuple[int, str]]) -> Op[dict
                 last_error=bindparam("_err"),
                 next_retry_at=None,
                 updated_at=db_now(),
+                handling=0,
             ),
             dead_rows,
             what="mark failed for retry",
@@ -597,6 +602,8 @@ def op_requeue(
             updated_at=db_now(),
             requeue_count=t.c.requeue_count + 1,
             requeued_at=db_now(),
+            handling=0,
+            crashes=0,
         )
     )
     result = yield Execute(stmt, what="requeue", context=c.ctx())
@@ -758,6 +765,174 @@ class BatchOutcome:
     transaction must be rolled back, then the batch run isolated."""
     latencies: list[tuple[str, float]] = field(default_factory=list)
     """(event type, seconds from the row's created_at to its handler's start)."""
+
+
+HANDLING_IN_BATCH = 1
+"""``handling`` of a message whose delivery started in a batch of several."""
+HANDLING_ALONE = 2
+"""``handling`` of a message whose delivery started alone: a crash is pinned on it."""
+
+
+def crash_reason(crashes: int) -> str:
+    """``last_error`` of a message whose handler killed its worker ``crashes`` times."""
+    times = "once" if crashes == 1 else f"{crashes} times"
+    return f"the worker process died while handling it ({times})"
+
+
+@dataclass
+class Started:
+    """What :func:`op_start` found and marked."""
+
+    ready: list[int] = field(default_factory=list)
+    """Rows to handle now (marked as being handled here, unless ``suspect``)."""
+    suspect: bool = False
+    """An earlier delivery of some of these rows in a batch never settled (its worker
+    died): nothing is marked; start and run them one at a time."""
+    busy: list[int] = field(default_factory=list)
+    """Rows a live worker is handling now (marked, and locked by its transaction):
+    not handled in this delivery."""
+    unmarked: list[int] = field(default_factory=list)
+    """``skip_busy`` False: such rows, handed to the batch (in ``ready``) unmarked."""
+    crashed: list[Outcome] = field(default_factory=list)
+    """Rows whose last delivery, alone, never settled: the worker died handling them.
+    Each is charged one attempt (retried after its backoff, or dead) and not run now."""
+    dead: list[Outcome] = field(default_factory=list)
+    """Of ``crashed``, the rows that reached max_retry."""
+
+
+def op_start(
+    c: OpContext,
+    ids: Sequence[int],
+    *,
+    alone: bool = False,
+    own: AbstractSet[int] = frozenset(),
+    skip_busy: bool = True,
+) -> Op[Started]:
+    """Record, in a short transaction of its own, that the messages ``ids`` are about
+    to be handled, before any handler runs: a worker that dies in a handler leaves
+    the mark behind, and the next delivery finds it (the settling commit of
+    :func:`op_dispatch` clears it).
+
+    A mark left by a delivery of the message alone pins the crash on it: one failed
+    attempt (``crashes`` + 1; dead at max_retry, else retried after its backoff), and
+    it is not handled in this delivery. A mark left by a batch says only that one of
+    its messages killed the worker: nothing is charged, nothing is marked, and the
+    caller runs them one at a time (``suspect``). ``own`` are rows this process
+    marked itself and has not settled yet (its transaction failed, the process
+    lives): their marks are not crashes.
+
+    A marked row that another transaction holds locked is being handled by a live
+    worker right now: it is returned in ``busy`` without waiting for it (PostgreSQL,
+    MySQL/MariaDB); with ``skip_busy`` False it is handed to the batch unmarked
+    instead (the batch transaction then waits for it, as before marks existed).
+
+    Statements: one plain read; one UPDATE of the unmarked rows in id order (it
+    waits only for short locks such as the relay's marks, holding nothing else);
+    for marked rows only, a ``FOR UPDATE SKIP LOCKED`` that never waits. So the
+    start cannot deadlock with the relay or another consumer.
+    """
+    out = Started()
+    ids = sorted(set(ids))
+    if not ids:
+        return out
+    t = c.table
+    ctx = c.ctx(outbox_id=_first(ids))
+    cols = (t.c.id, t.c.status, t.c.event_type, t.c.handling, t.c.crashes)
+    result = yield Execute(
+        select(*cols).where(c.dialect.ids_in(t.c.id, ids)), what="start handling", context=ctx
+    )
+    clean: list[int] = []
+    marked: list[int] = []
+    for row in result.all():
+        if row.status in FINAL_STATUSES:
+            continue
+        (marked if row.handling and row.id not in own else clean).append(row.id)
+    clean.sort()
+    mark = HANDLING_ALONE if alone or len(clean) + len(marked) == 1 else HANDLING_IN_BATCH
+    live: list[int] = []
+    if clean:
+        free = and_(
+            c.dialect.ids_in(t.c.id, clean),
+            t.c.status.not_in(FINAL_STATUSES),
+            or_(t.c.handling == 0, c.dialect.ids_in(t.c.id, sorted(own & set(clean))))
+            if own & set(clean)
+            else t.c.handling == 0,
+        )
+        done = yield Execute(
+            update(t).where(c.dialect.in_lock_order(t, free)).values(handling=mark),
+            what="mark handling",
+            context=ctx,
+        )
+        live = clean
+        if int(done.rowcount) < len(clean):
+            # Settled or taken by another worker since the read.
+            again = yield Execute(
+                select(t.c.id, t.c.status, t.c.handling).where(c.dialect.ids_in(t.c.id, clean)),
+                what="start handling",
+                context=ctx,
+            )
+            live = []
+            for row in again.all():
+                if row.handling == mark and row.status not in FINAL_STATUSES:
+                    live.append(row.id)
+                elif row.status not in FINAL_STATUSES:
+                    out.busy.append(row.id)
+    crashed: dict[int, Any] = {}
+    if marked:
+        pick = select(*cols).where(c.dialect.ids_in(t.c.id, sorted(marked))).order_by(t.c.id)
+        if c.dialect.skip_locked:
+            pick = pick.with_for_update(skip_locked=True)
+        result = yield Execute(pick, what="left marks", context=ctx)
+        found = {r.id: r for r in result.all()}
+        for oid in sorted(marked):
+            row = found.get(oid)
+            if row is None:  # locked: a live worker is handling it now
+                out.busy.append(oid)
+            elif row.status in FINAL_STATUSES:
+                continue
+            elif row.handling == HANDLING_ALONE:
+                crashed[oid] = row
+            else:  # left by a batch (or cleared meanwhile): run it, one at a time
+                out.suspect = out.suspect or (row.handling == HANDLING_IN_BATCH and not alone)
+                live.append(oid)
+    if crashed:
+        failures = [(oid, crash_reason(row.crashes + 1)) for oid, row in crashed.items()]
+        yield Execute(
+            update(t)
+            .where(c.dialect.ids_in(t.c.id, list(crashed)))
+            .values(crashes=t.c.crashes + 1),
+            what="count crashes",
+            context=ctx,
+        )
+        attempts = yield from op_mark_failed(c, failures)
+        reasons = dict(failures)
+        for oid, (status, count) in attempts.items():
+            if status is None:
+                continue
+            outcome = Outcome(oid, crashed[oid].event_type, count, reasons[oid])
+            out.crashed.append(outcome)
+            if status is Status.DEAD:
+                out.dead.append(outcome)
+    live.sort()
+    final = HANDLING_ALONE if alone or len(live) == 1 else HANDLING_IN_BATCH
+    if out.suspect:
+        # Nothing stays marked: each message is started again alone.
+        yield Execute(
+            update(t).where(c.dialect.ids_in(t.c.id, live), t.c.handling != 0).values(handling=0),
+            what="clear batch marks",
+            context=ctx,
+        )
+    elif live and (marked or final != mark):
+        yield Execute(
+            update(t).where(c.dialect.ids_in(t.c.id, live)).values(handling=final),
+            what="mark handling",
+            context=ctx,
+        )
+    out.ready = live
+    if not skip_busy:
+        out.unmarked, out.busy = sorted(out.busy), []
+        out.ready = sorted([*live, *out.unmarked])
+    return out
 
 
 def op_dispatch(
@@ -1005,6 +1180,7 @@ def op_defer(c: OpContext, delays: Mapping[int, float]) -> Op[None]:
             status=Status.PENDING.value,
             next_retry_at=db_now_plus(bindparam("_delay")),
             updated_at=db_now(),
+            handling=0,
         ),
         [{"_id": oid, "_delay": delay} for oid, delay in sorted(delays.items())],
         what="defer",
@@ -1015,11 +1191,16 @@ def op_defer(c: OpContext, delays: Mapping[int, float]) -> Op[None]:
 # ----------------------------------------------------------- the inbox
 
 
-def _store_received(c: OpContext, rows: Sequence[dict[str, Any]]) -> Op[None]:
+def _store_received(
+    c: OpContext, rows: Sequence[dict[str, Any]], due_in: float | None = None
+) -> Op[None]:
+    """Insert received events unless stored already; due now, or in ``due_in``
+    seconds (a lease: the inbox's retry loop leaves them to the consumer that is
+    about to handle them)."""
     stmt = c.dialect.insert_ignoring_duplicates(c.table, "event_id").values(
         status=Status.PENDING.value,
         retry_count=0,
-        next_retry_at=db_now(),
+        next_retry_at=db_now() if due_in is None else db_now_plus(due_in),
         created_at=db_now(),
         updated_at=db_now(),
         requeue_count=0,
@@ -1035,6 +1216,46 @@ def op_inbox_store(c: OpContext, row: dict[str, Any]) -> Op[int]:
         select(t.c.id).where(t.c.event_id == row["event_id"]), what="inbox id", context=c.ctx()
     )
     return int(result.scalar_one())
+
+
+def op_inbox_start(
+    c: OpContext,
+    rows: Sequence[dict[str, Any]],
+    *,
+    lease: float,
+    alone: bool = False,
+    own: AbstractSet[int] = frozenset(),
+    skip_busy: bool = True,
+) -> Op[tuple[dict[str, int], Started]]:
+    """Store received events (those not stored yet, leased for ``lease`` seconds) and
+    start handling them (:func:`op_start`), in one short transaction before any
+    handler runs; returns event id -> row id and what the start found.
+
+    Stored rows are read without a lock first, so a copy of an event that another
+    consumer is handling never waits for it (MySQL's INSERT IGNORE would)."""
+    t = c.table
+    unique = {r["event_id"]: r for r in rows}
+    row_of: dict[str, int] = {}
+    if unique:
+        result = yield Execute(
+            select(t.c.id, t.c.event_id).where(t.c.event_id.in_(sorted(unique))),
+            what="inbox ids",
+            context=c.ctx(),
+        )
+        row_of = {r.event_id: int(r.id) for r in result.all()}
+    new = [r for event_id, r in unique.items() if event_id not in row_of]
+    if new:
+        yield from _store_received(c, new, due_in=lease)
+        result = yield Execute(
+            select(t.c.id, t.c.event_id).where(t.c.event_id.in_([r["event_id"] for r in new])),
+            what="inbox ids",
+            context=c.ctx(),
+        )
+        row_of.update({r.event_id: int(r.id) for r in result.all()})
+    started = yield from op_start(
+        c, list(row_of.values()), alone=alone, own=own, skip_busy=skip_busy
+    )
+    return row_of, started
 
 
 def op_inbox_receive(

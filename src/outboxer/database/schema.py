@@ -161,6 +161,13 @@ def outbox_table(name: str, metadata: MetaData) -> Table:
         Column("headers", Text, nullable=True),
         Column("requeue_count", Integer, nullable=False, server_default=text("0")),
         Column("requeued_at", UtcDateTime(), nullable=True),
+        # Schema version 4: poison protection. ``handling`` is set in a short
+        # transaction of its own before a consumer runs the handler (1: in a batch,
+        # 2: alone) and cleared by the commit that settles the message, so a marker
+        # found set by the next delivery means the worker died while handling it;
+        # ``crashes`` counts the deaths pinned on this message.
+        Column("handling", Integer, nullable=False, server_default=text("0")),
+        Column("crashes", Integer, nullable=False, server_default=text("0")),
         # The claim: status = 'pending' AND next_retry_at <= now ORDER BY next_retry_at, id.
         Index(index_name(name, "due"), "status", "next_retry_at", "id"),
         # Operations: listing/purging by status and age, status counts.
