@@ -75,16 +75,26 @@ outbox = Outbox()
 outbox.register_event("billing.charged", "billing")
 outbox.register_event("shipping.requested", "shipping")
 EFFECT = text("INSERT INTO fault_effects (outbox_id, service, worker) VALUES (:id, :svc, :pid)")
+# Events whose handler kills the process (what a segfault in a C extension or the
+# OOM killer does: no exception, no cleanup, the transaction dies with the process).
+POISON = {int(n) for n in os.environ.get("FAULTS_POISON", "").split(",") if n.strip()}
+
+
+def poisoned(event):
+    if event.payload.get("n") in POISON:
+        os._exit(70)
 
 
 @outbox.handler("billing.charged")
 async def charge(event, tx):
     await tx.execute(EFFECT, {"id": event.outbox_id, "svc": "billing", "pid": os.getpid()})
+    poisoned(event)
 
 
 @outbox.handler("shipping.requested")
 def ship(event, tx):
     tx.execute(EFFECT, {"id": event.outbox_id, "svc": "shipping", "pid": os.getpid()})
+    poisoned(event)
 '''
 
 APP_SETTINGS = {
@@ -195,9 +205,11 @@ class Worker:
 class Workers:
     """The scenario's worker processes: started, killed, stopped, all by pid."""
 
-    def __init__(self, directory: Path, env: dict[str, str]) -> None:
+    def __init__(self, directory: Path, env: dict[str, str], app: str = APP_MODULE) -> None:
         self.directory = directory
         self.env = env
+        self.app = app
+        """The module (in ``directory``) whose ``outbox`` the workers run."""
         self.all: list[Worker] = []
         self._count = 0
 
@@ -206,7 +218,7 @@ class Workers:
         return [w for w in self.all if w.alive]
 
     def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "outboxer.cli", "--app", f"{APP_MODULE}:outbox", *args]
+        return [sys.executable, "-m", "outboxer.cli", "--app", f"{self.app}:outbox", *args]
 
     def start(self, mode: str) -> Worker:
         self._count += 1
@@ -260,6 +272,34 @@ class Workers:
         )
 
 
+class Supervisor(threading.Thread):
+    """Starts a worker again whenever one exits, as systemd or Kubernetes would
+    (``restarts`` counts them); stopped before the workers are."""
+
+    def __init__(self, workers: Workers) -> None:
+        super().__init__(name="fault-supervisor", daemon=True)
+        self.workers = workers
+        self.restarts = 0
+        self.exit_codes: Counter[int] = Counter()
+        self._seen: set[int] = set()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.2):
+            for worker in list(self.workers.all):
+                if worker.alive or worker.number in self._seen:
+                    continue
+                self._seen.add(worker.number)
+                self.exit_codes[int(worker.process.returncode)] += 1
+                self.workers.start(worker.mode)
+                self.restarts += 1
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(30)
+
+
 # ------------------------------------------------------------------ publisher
 
 
@@ -269,9 +309,11 @@ class Publisher(threading.Thread):
     retried with new numbers; one whose COMMIT failed may or may not have committed
     (``uncertain``), which the audit allows either way."""
 
-    def __init__(self, url: str, total: int, rate: float, *, per_tx: int = 10) -> None:
+    def __init__(
+        self, url: str, total: int, rate: float, *, per_tx: int = 10, **settings: Any
+    ) -> None:
         super().__init__(name="fault-publisher", daemon=True)
-        self.outbox = Outbox(url, settings=OutboxSettings.from_values())
+        self.outbox = Outbox(url, settings=OutboxSettings.from_values(**settings))
         for service, event_type in SERVICES.items():
             self.outbox.register_event(event_type, service)
         self.total = total
@@ -658,6 +700,7 @@ class Scenario:
         )
         self.env = env
         self.workers = Workers(directory, env)
+        self.supervisor: Supervisor | None = None
         self.publisher: Publisher | None = None
         self.figures = Figures(name, setup, "")
         self.started = time.monotonic()
@@ -690,8 +733,17 @@ class Scenario:
             f"{n} {m}" for m, n in sorted(Counter(modes).items(), key=lambda kv: kv[0])
         )
 
-    def publish(self, total: int, rate: float) -> Publisher:
-        self.publisher = Publisher(self.url, total, rate)
+    def supervise(self) -> Supervisor:
+        """From now on, a worker that exits is started again (its restarts are
+        counted in the figures as faults)."""
+        self.supervisor = Supervisor(self.workers)
+        self.supervisor.start()
+        return self.supervisor
+
+    def publish(self, total: int, rate: float, **settings: Any) -> Publisher:
+        """Start the publisher (``settings`` of its outbox, e.g. ``max_retry`` of
+        the rows it writes)."""
+        self.publisher = Publisher(self.url, total, rate, **settings)
         self.publisher.start()
         return self.publisher
 
@@ -818,6 +870,10 @@ class Scenario:
                 self.figures.drain_after_last_fault = drained_at - self.last_fault_end
         except AssertionError:
             self.figures.notes.append(f"not drained within {timeout:.0f}s")
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            if self.supervisor.restarts:
+                self.figures.faults["worker died, restarted"] += self.supervisor.restarts
         self.figures.total_seconds = time.monotonic() - self.started
         self.audit()
         self.figures.engine = self.workers.log_counts()
@@ -891,6 +947,8 @@ class Scenario:
         with ExitStack() as stack:  # runs the callbacks last first
             stack.callback(self.outbox.close)
             stack.callback(self.workers.stop_all)
+            if self.supervisor is not None:
+                stack.callback(self.supervisor.stop)
             if self.publisher is not None:
                 stack.callback(self.publisher.close)
                 stack.callback(self.publisher.join, 60)
