@@ -451,12 +451,14 @@ def run(
                 server.close()
 
 
-def _serve_metrics(outbox: Outbox, services: list[str] | None, port: int, addr: str) -> Any:
+def _serve_metrics(
+    outbox: Outbox, services: list[str] | None, port: int, addr: str, *, backlog: bool = True
+) -> Any:
     try:
         from outboxer.metrics import PrometheusMetrics  # noqa: PLC0415 - optional extra
     except ImportError as exc:
         raise ConfigurationError(str(exc)) from None
-    metrics = PrometheusMetrics(outbox.admin, services=services or None)
+    metrics = PrometheusMetrics(outbox.admin if backlog else None, services=services or None)
     outbox.add_observer(metrics)
     try:
         server = metrics.serve(port, addr)
@@ -1023,6 +1025,8 @@ def _report_purge(result: PurgeResult, dry_run: bool, as_json: bool) -> None:
 
 
 WEB_TOKEN_ENV = "OUTBOXER_WEB_TOKEN"  # noqa: S105 - a variable name
+WEB_HOSTS_ENV = "OUTBOXER_WEB_ALLOWED_HOSTS"
+WEB_PROXIES_ENV = "OUTBOXER_WEB_TRUSTED_PROXIES"
 
 
 @app.command()
@@ -1036,7 +1040,32 @@ def web(
         str | None,
         typer.Option(
             envvar=WEB_TOKEN_ENV,
-            help=f"Require this token from every visitor (or set {WEB_TOKEN_ENV}).",
+            help=(
+                f"Require this token from every visitor (or set {WEB_TOKEN_ENV}); 'generate' "
+                "makes a random one and prints it once. Off loopback: 16 characters or more."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar=WEB_HOSTS_ENV,
+            help=(
+                "A name the console is reached by, besides loopback and the bind address "
+                f"(repeat it, or list them in {WEB_HOSTS_ENV}); other Host headers get 400."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    trusted_proxy: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar=WEB_PROXIES_ENV,
+            help=(
+                "Address or network of a reverse proxy whose X-Forwarded-Proto and "
+                f"X-Forwarded-For are believed (repeat it, or list them in {WEB_PROXIES_ENV})."
+            ),
             show_default=False,
         ),
     ] = None,
@@ -1046,10 +1075,30 @@ def web(
     log_level: Annotated[LogLevel, typer.Option(help="Level of the process's log.")] = (
         LogLevel.INFO
     ),
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="OUTBOXER_WEB_METRICS_PORT",
+            help="Serve the console's Prometheus metrics here (needs the prometheus extra).",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_addr: Annotated[
+        str, typer.Option(help="Address the metrics endpoint listens on.")
+    ] = "0.0.0.0",  # noqa: S104 - an exporter listens for the scraper
 ) -> None:
     """The web console: overview, message search, dead letters (needs the web extra)."""
     try:
-        from outboxer.web import create_app, is_loopback, serve  # noqa: PLC0415 - optional extra
+        from outboxer.web import (  # noqa: PLC0415 - optional extra
+            GENERATE,
+            allowed_host_names,
+            check_token,
+            create_app,
+            generate_token,
+            is_loopback,
+            serve,
+            trusted_networks,
+        )
     except ImportError as exc:
         _fail(
             f"the web console needs its extra: pip install 'outboxer[web]' ({exc})",
@@ -1058,21 +1107,55 @@ def web(
     if not token and not is_loopback(host):
         _fail(
             f"refusing to serve the console on {host} without a token: give --token or set "
-            f"{WEB_TOKEN_ENV}, or bind 127.0.0.1",
+            f"{WEB_TOKEN_ENV} (--token generate makes one), or bind 127.0.0.1",
             EXIT_USAGE,
         )
+    generated = token == GENERATE
+    if generated:
+        token = generate_token()
+    try:
+        hosts = allowed_host_names([host, *(allowed_host or ())])
+        proxies = [str(net) for net in trusted_networks(trusted_proxy or ())]
+        check_token(
+            token or None,
+            bind=host,
+            reached_from_elsewhere=bool(proxies) or not all(is_loopback(h) for h in hosts),
+        )
+    except ConfigurationError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    if generated:
+        # Printed here once, never logged: logs travel further than a terminal.
+        sys.stdout.write(f"console token (shown only now): {token}\n")
+        sys.stdout.flush()
     with _logging(log_level.value, LogFormat.AUTO), _opened(ctx) as outbox:
         _routes(outbox)
-        console_app = create_app(outbox, token=token or None, read_only=read_only)
+        console_app = create_app(
+            outbox,
+            token=token or None,
+            read_only=read_only,
+            allowed_hosts=hosts,
+            trusted_proxies=proxies,
+        )
+        server = None
+        if metrics_port is not None:
+            server = _serve_metrics(outbox, None, metrics_port, metrics_addr, backlog=False)
         logger.info(
             "outboxer console for %s on http://%s:%d/%s",
             _options(ctx).app,
             host,
             port,
             " (read-only)" if read_only else "",
-            extra={"database": outbox.db.safe_url},
+            extra={
+                "database": outbox.db.safe_url,
+                "allowed_hosts": hosts,
+                "trusted_proxies": proxies,
+            },
         )
-        serve(console_app, host=host, port=port, log_level=log_level.value.lower())
+        try:
+            serve(console_app, host=host, port=port, log_level=log_level.value.lower())
+        finally:
+            if server is not None:
+                server.close()
 
 
 @app.command()
