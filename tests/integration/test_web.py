@@ -183,6 +183,13 @@ def test_requeue_one_selection_and_all_then_purge(console: Console) -> None:
     assert store.get_by_id(console.xss_id).status is Status.DEAD  # type: ignore[union-attr]
     wrong = client.post("/dead/requeue", data={"csrf": "x" * 43, "ids": "a:1"})
     assert wrong.status_code == 403
+    # An empty (or short) cookie equal to the field is none of the console's.
+    for value in ("", "short"):
+        forged = TestClient(client.app, base_url=ORIGIN, headers={"Origin": ORIGIN})
+        forged.cookies.set("outboxer_csrf", value)
+        refused = forged.post("/dead/requeue", data={"csrf": value, "one": f"{console.mails}:1"})
+        assert refused.status_code == 403, value
+        assert "CSRF" in refused.text
 
     csrf = _csrf(client)
     done = client.post(

@@ -331,6 +331,10 @@ class Throttle:
 # ---------------------------------------------------------------------- the guard
 
 
+def _csrf_cookie_ok(cookie: str | None) -> bool:
+    return cookie is not None and len(cookie) >= 32
+
+
 def _plain(status: int, text: str) -> Response:
     return PlainTextResponse(text, status_code=status)
 
@@ -459,7 +463,7 @@ class Guard:
         path = request.url.path
         public = path.startswith(PUBLIC_PREFIXES)
         cookie = request.cookies.get(CSRF_COOKIE)
-        fresh = None if cookie and len(cookie) >= 32 else secrets.token_urlsafe(32)
+        fresh = None if _csrf_cookie_ok(cookie) else secrets.token_urlsafe(32)
         request.state.csrf = fresh or cookie
         request.state.guard = self
         request.state.read_only = self._read_only
@@ -534,6 +538,12 @@ async def checked_form(request: Request) -> FormData:
     form = await request.form()
     given = form.get(CSRF_FIELD)
     cookie = request.cookies.get(CSRF_COOKIE)
-    if not isinstance(given, str) or cookie is None or not same(given, cookie):
+    # A short cookie is none of ours (an empty one would equal an empty field).
+    if not (
+        isinstance(given, str)
+        and cookie is not None
+        and _csrf_cookie_ok(cookie)
+        and same(given, cookie)
+    ):
         raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
     return form
