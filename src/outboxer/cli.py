@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import ssl
 import sys
 import tempfile
 import time
@@ -1075,6 +1076,26 @@ def web(
     log_level: Annotated[LogLevel, typer.Option(help="Level of the process's log.")] = (
         LogLevel.INFO
     ),
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="OUTBOXER_WEB_TLS_CERT",
+            exists=True,
+            dir_okay=False,
+            help="Serve HTTPS with this certificate chain (PEM file; with --tls-key).",
+            show_default=False,
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="OUTBOXER_WEB_TLS_KEY",
+            exists=True,
+            dir_okay=False,
+            help="The private key of --tls-cert (PEM file, not encrypted).",
+            show_default=False,
+        ),
+    ] = None,
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -1121,6 +1142,7 @@ def web(
             bind=host,
             reached_from_elsewhere=bool(proxies) or not all(is_loopback(h) for h in hosts),
         )
+        tls = _tls_files(tls_cert, tls_key)
     except ConfigurationError as exc:
         _fail(str(exc), EXIT_USAGE)
     if generated:
@@ -1140,8 +1162,9 @@ def web(
         if metrics_port is not None:
             server = _serve_metrics(outbox, None, metrics_port, metrics_addr, backlog=False)
         logger.info(
-            "outboxer console for %s on http://%s:%d/%s",
+            "outboxer console for %s on %s://%s:%d/%s",
             _options(ctx).app,
+            "https" if tls else "http",
             host,
             port,
             " (read-only)" if read_only else "",
@@ -1152,10 +1175,26 @@ def web(
             },
         )
         try:
-            serve(console_app, host=host, port=port, log_level=log_level.value.lower())
+            serve(console_app, host=host, port=port, log_level=log_level.value.lower(), tls=tls)
         finally:
             if server is not None:
                 server.close()
+
+
+def _tls_files(cert: Path | None, key: Path | None) -> tuple[str, str] | None:
+    """The certificate and key to serve HTTPS with, checked now rather than by the
+    server after the console has started."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigurationError("--tls-cert and --tls-key go together: give both or neither")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigurationError(
+            f"cannot serve HTTPS with {cert} and {key}: {exc} (PEM files, key not encrypted)"
+        ) from exc
+    return str(cert), str(key)
 
 
 @app.command()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -23,7 +24,7 @@ from outboxer import Outbox, Status
 from outboxer.errors import ConfigurationError
 from outboxer.testing import free_port
 from outboxer.web import Throttle, create_app
-from tests.helpers import drop_tables, make_outbox, unique_service
+from tests.helpers import drop_tables, make_outbox, unavailable, unique_service
 from tests.integration.test_cli import child_env, cli_command
 
 XSS = "<script>alert(1)</script>"
@@ -739,12 +740,8 @@ def test_cli_refuses_bad_names_and_tokens(args: list[str], expected: str) -> Non
     assert expected in " ".join(result.stderr.split())
 
 
-def test_cli_generated_token_allowed_hosts_and_throttle_in_a_real_process(
-    tmp_path: Path,
-) -> None:
-    """``outboxer web --token generate`` as a process, asked over plain HTTP."""
-    import httpx2  # noqa: PLC0415 - a dev dependency
-
+def _console_app(tmp_path: Path) -> str:
+    """A SQLite app module ``consoleapp`` in ``tmp_path``, migrated; its service."""
     svc = unique_service()
     url = f"sqlite:///{tmp_path / 'outbox.db'}"
     (tmp_path / "consoleapp.py").write_text(CONSOLE_APP.format(url=url, svc=svc))
@@ -752,21 +749,64 @@ def test_cli_generated_token_allowed_hosts_and_throttle_in_a_real_process(
     setup.register_event("order.created", svc)
     setup.migrate()
     setup.close()
-    port = free_port()
+    return svc
+
+
+def _start_console(tmp_path: Path, port: int, *args: str, **env: str) -> subprocess.Popen[str]:
     log = (tmp_path / "web.log").open("w")
     proc = subprocess.Popen(
-        [*cli_command(), "--app", "consoleapp:outbox", "web", "--port", str(port)],
+        [*cli_command(), "--app", "consoleapp:outbox", "web", "--port", str(port), *args],
         cwd=tmp_path,
-        env={
-            **child_env(),
-            "OUTBOXER_WEB_TOKEN": "generate",
-            "OUTBOXER_WEB_ALLOWED_HOSTS": "console.example.com other.example",
-        },
+        env={**child_env(), **env},
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
     )
     log.close()
+    return proc
+
+
+def _wait_started(proc: subprocess.Popen[str], http: Any, tmp_path: Path) -> None:
+    import httpx2  # noqa: PLC0415 - a dev dependency
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if http.get("/static/console.css").status_code == 200:
+                return
+        except httpx2.TransportError:
+            pass
+        assert proc.poll() is None, (tmp_path / "web.log").read_text()
+        assert time.monotonic() < deadline, "the console did not start"
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    """Stop the console by its pid; what it printed on stdout since."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rest, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest, _ = proc.communicate()
+    return rest
+
+
+def test_cli_generated_token_allowed_hosts_and_throttle_in_a_real_process(
+    tmp_path: Path,
+) -> None:
+    """``outboxer web --token generate`` as a process, asked over plain HTTP."""
+    import httpx2  # noqa: PLC0415 - a dev dependency
+
+    svc = _console_app(tmp_path)
+    port = free_port()
+    proc = _start_console(
+        tmp_path,
+        port,
+        OUTBOXER_WEB_TOKEN="generate",
+        OUTBOXER_WEB_ALLOWED_HOSTS="console.example.com other.example",
+    )
+    rest = ""
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
@@ -774,17 +814,8 @@ def test_cli_generated_token_allowed_hosts_and_throttle_in_a_real_process(
         token = first.split(": ", 1)[1].strip()
         assert len(token) >= 40
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
         with httpx2.Client(base_url=base, timeout=10) as http:
-            while True:
-                try:
-                    if http.get("/static/console.css").status_code == 200:
-                        break
-                except httpx2.TransportError:
-                    pass
-                assert proc.poll() is None, (tmp_path / "web.log").read_text()
-                assert time.monotonic() < deadline, "the console did not start"
-                time.sleep(0.2)
+            _wait_started(proc, http, tmp_path)
             auth = {"Authorization": f"Bearer {token}"}
             assert http.get("/").status_code == 303
             assert http.get("/", headers=auth).status_code == 200
@@ -803,15 +834,68 @@ def test_cli_generated_token_allowed_hosts_and_throttle_in_a_real_process(
             spoofed = http.get("/api/activity", headers={**auth, "X-Forwarded-For": "198.51.100.1"})
             assert spoofed.status_code == 429
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rest, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rest, _ = proc.communicate()
+        rest = _stop(proc)
     logged = (tmp_path / "web.log").read_text()
     assert token not in rest
     assert token not in logged  # shown once, on stdout, never in the log
     assert "console sign-in failed from 127.0.0.1" in logged
     assert logged.count("locked out for 10 s") == 1
     assert "refused a request for host 'attacker.example:" in logged
+
+
+def test_cli_serves_https_with_secure_cookies(tmp_path: Path) -> None:
+    """``--tls-cert``/``--tls-key``: HTTPS directly; the cookies are Secure and a
+    change's Origin must be the https:// one."""
+    import ssl  # noqa: PLC0415
+
+    import httpx2  # noqa: PLC0415 - a dev dependency
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        unavailable("openssl (to make a test certificate) is not installed")
+    assert openssl is not None
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    bad = _refused("--tls-cert", str(cert))
+    assert bad.returncode == 2
+    assert "go together" in bad.stderr
+    bad = _refused("--tls-cert", str(cert), "--tls-key", str(cert))
+    assert bad.returncode == 2
+    assert "cannot serve HTTPS" in " ".join(bad.stderr.split())
+
+    _console_app(tmp_path)
+    port = free_port()
+    proc = _start_console(
+        tmp_path, port, "--tls-cert", str(cert), "--tls-key", str(key), OUTBOXER_WEB_TOKEN=TOKEN
+    )
+    base = f"https://127.0.0.1:{port}"
+    trust = ssl.create_default_context(cafile=str(cert))
+    try:
+        with httpx2.Client(base_url=base, timeout=10, verify=trust) as http:
+            _wait_started(proc, http, tmp_path)
+            http.cookies.clear()  # as a browser arriving on the sign-in page
+            first = http.get("/login")
+            assert first.status_code == 200
+            assert "Secure" in first.headers["set-cookie"]
+            csrf = http.cookies["outboxer_csrf"]
+            form = {"csrf": csrf, "token": TOKEN}
+            plain = http.post("/login", data=form, headers={"Origin": f"http://127.0.0.1:{port}"})
+            assert plain.status_code == 403
+            done = http.post("/login", data=form, headers={"Origin": base})
+            assert done.status_code == 303
+            session = [c for c in done.headers.get_list("set-cookie") if "outboxer_session" in c]
+            assert len(session) == 1
+            assert "Secure" in session[0]
+            assert http.get("/dead").status_code == 200
+    finally:
+        _stop(proc)
+    assert f"on https://127.0.0.1:{port}/" in (tmp_path / "web.log").read_text()

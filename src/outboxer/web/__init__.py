@@ -36,9 +36,15 @@ __all__ = [
 
 
 def serve(
-    app: object, *, host: str, port: int, log_level: str = "info"
+    app: object,
+    *,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    tls: tuple[str, str] | None = None,
 ) -> None:  # pragma: no cover - exercised by the browser tests as a process
-    """Serve ``app`` with uvicorn until SIGINT/SIGTERM.
+    """Serve ``app`` with uvicorn until SIGINT/SIGTERM; over HTTPS with ``tls``
+    (the certificate chain's and the private key's PEM files).
 
     uvicorn's own proxy headers are off: by default it would believe
     ``X-Forwarded-For`` from 127.0.0.1, so anyone on the host (or through an SSH
@@ -54,4 +60,6 @@ def serve(
         log_level=log_level,
         server_header=False,
         proxy_headers=False,
+        ssl_certfile=tls[0] if tls else None,
+        ssl_keyfile=tls[1] if tls else None,
     )
