@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -899,3 +900,40 @@ def test_cli_serves_https_with_secure_cookies(tmp_path: Path) -> None:
     finally:
         _stop(proc)
     assert f"on https://127.0.0.1:{port}/" in (tmp_path / "web.log").read_text()
+
+
+WITHOUT_PROMETHEUS = """\
+import sys
+
+sys.modules["prometheus_client"] = None  # as if the prometheus extra were not installed
+from starlette.testclient import TestClient
+
+from outboxer import Outbox
+from outboxer.web import create_app
+
+outbox = Outbox({url!r})
+outbox.register_event("order.created", "orders")
+outbox.migrate()
+client = TestClient(create_app(outbox, token="t" * 16), base_url="http://127.0.0.1")
+client.get("/login")
+form = {{"csrf": client.cookies["outboxer_csrf"], "token": "wrong"}}
+origin = {{"Origin": "http://127.0.0.1"}}
+codes = [client.post("/login", data=form, headers=origin).status_code for _ in range(6)]
+print(codes, "prometheus_client" in sys.modules and sys.modules["prometheus_client"] is not None)
+"""
+
+
+def test_the_console_and_its_throttle_work_without_prometheus_client(tmp_path: Path) -> None:
+    script = tmp_path / "no_prometheus.py"
+    script.write_text(WITHOUT_PROMETHEUS.format(url=f"sqlite:///{tmp_path / 'outbox.db'}"))
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[401, 401, 401, 401, 401, 429] False"
