@@ -500,6 +500,16 @@ def test_security_headers_on_every_response(sqlite_console: Console) -> None:
         "wrong bearer": client.get("/api/activity", headers={"Authorization": "Bearer no"}),
         "429": client.get("/api/activity", headers=auth),
     }
+
+    def broken() -> None:
+        raise RuntimeError("the database went away")
+
+    sqlite_console.outbox.admin.status = broken  # type: ignore[method-assign, assignment]
+    crashing = TestClient(
+        client.app, base_url=ORIGIN, raise_server_exceptions=False, client=("192.0.2.50", 1)
+    )
+    seen["500"] = crashing.get("/", headers=auth)
+    assert seen["500"].status_code == 500
     assert seen["page"].status_code == 200
     assert seen["404"].status_code == 404
     assert seen["foreign host"].status_code == 400

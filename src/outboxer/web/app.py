@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -43,6 +43,7 @@ from outboxer.web.security import (
     checked_form,
     safe_next,
     session_value,
+    with_security_headers,
 )
 
 PAGE = 50
@@ -375,6 +376,13 @@ class Console:
         assert isinstance(exc, HTTPException)
         return self.render(request, "error.html", exc.status_code, detail=exc.detail)
 
+    async def crashed(self, request: Request, exc: Exception) -> Response:
+        # Answered outside the middleware (Starlette's error handler is the outermost
+        # layer, and raises the exception again for the server to log with its
+        # traceback): the security headers are added here.
+        response = PlainTextResponse("internal error: see the console's log", status_code=500)
+        return with_security_headers(response, request.url.path)
+
 
 def _str(value: Any) -> str:
     return value if isinstance(value, str) else ""
@@ -465,5 +473,5 @@ def create_app(
     return Starlette(
         routes=list(routes),
         middleware=[Middleware(BaseHTTPMiddleware, dispatch=guard.dispatch)],
-        exception_handlers={HTTPException: console.failed},
+        exception_handlers={HTTPException: console.failed, Exception: console.crashed},
     )

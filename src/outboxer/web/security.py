@@ -331,6 +331,15 @@ class Throttle:
 # ---------------------------------------------------------------------- the guard
 
 
+def with_security_headers(response: Response, path: str) -> Response:
+    """``response`` with the headers every answer of the console carries."""
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if not path.startswith("/static/"):
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
 def _csrf_cookie_ok(cookie: str | None) -> bool:
     return cookie is not None and len(cookie) >= 32
 
@@ -448,7 +457,7 @@ class Guard:
                 host,
                 extra={"host": host, "client": request.client.host if request.client else None},
             )
-            return self._headed(
+            return with_security_headers(
                 _plain(
                     400,
                     "this console does not answer to that host name; if it is one of its "
@@ -472,7 +481,7 @@ class Guard:
             response.set_cookie(
                 CSRF_COOKIE, fresh, httponly=True, samesite="strict", secure=https, path="/"
             )
-        return self._headed(response, path)
+        return with_security_headers(response, path)
 
     async def _answer(
         self,
@@ -521,14 +530,6 @@ class Guard:
             return self.verify(request, given.strip(), "bearer")
         assert self._session is not None
         return same(request.cookies.get(SESSION_COOKIE), self._session)
-
-    @staticmethod
-    def _headed(response: Response, path: str) -> Response:
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        if not path.startswith("/static/"):
-            response.headers.setdefault("Cache-Control", "no-store")
-        return response
 
 
 async def checked_form(request: Request) -> FormData:
