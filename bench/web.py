@@ -109,7 +109,9 @@ def measure(name: str, rows: int, repeat: int) -> dict[str, float]:
         print(f"{name}: {rows:,} rows in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         times: dict[str, float] = {}
         try:
-            with TestClient(create_app(outbox, cache_seconds=0, chart_cache_seconds=0)) as client:
+            app = create_app(outbox, cache_seconds=0, chart_cache_seconds=0)
+            # The console answers only to its own names (TestClient's default is "testserver").
+            with TestClient(app, base_url="http://127.0.0.1") as client:
                 for label, path in pages(rows).items():
                     samples = []
                     for _ in range(repeat):

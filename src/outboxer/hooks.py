@@ -1,4 +1,5 @@
-"""Hooks: what the relay, the consumers and ``publish`` report, and who listens.
+"""Hooks: what the relay, the consumers, ``publish`` and the web console report, and
+who listens.
 
 The loops call one :class:`Hooks` object; it passes each report to every
 :class:`Observer` attached to it. An observer subclasses :class:`Observer` and
@@ -107,6 +108,16 @@ class Observer:
 
     def rows_purged(self, service: str, status: str, count: int) -> None:
         """The retention sweep deleted ``count`` rows of ``status``."""
+
+    # ---------------------------------------------------------------- web console
+
+    def sign_in_failed(self, client: str, method: str) -> None:
+        """The web console refused a wrong token from ``client`` (an address);
+        ``method`` is ``form`` (the sign-in page) or ``bearer`` (a header)."""
+
+    def sign_in_locked(self, client: str, seconds: float) -> None:
+        """The web console locked sign-ins from ``client`` out for ``seconds`` after
+        failures in a row (it answers 429 until then)."""
 
     # ---------------------------------------------------------------- propagation
     # These three may change what travels with an event (tracing); the others only

@@ -235,6 +235,17 @@ class PrometheusMetrics(Observer):
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.sign_ins_failed = Counter(
+            "outboxer_web_sign_ins_failed",
+            "Wrong tokens the web console refused (method: form or bearer)",
+            ["method"],
+            registry=r,
+        )
+        self.sign_in_lockouts = Counter(
+            "outboxer_web_sign_in_lockouts",
+            "Times the web console locked a client address out of signing in",
+            registry=r,
+        )
         if admin is not None:
             r.register(_Backlog(admin, services, min_interval))
 
@@ -306,3 +317,9 @@ class PrometheusMetrics(Observer):
 
     def rows_purged(self, service: str, status: str, count: int) -> None:
         self.purged.labels(service, status).inc(count)
+
+    def sign_in_failed(self, client: str, method: str) -> None:
+        self.sign_ins_failed.labels(method).inc()
+
+    def sign_in_locked(self, client: str, seconds: float) -> None:
+        self.sign_in_lockouts.inc()

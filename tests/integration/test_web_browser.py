@@ -43,6 +43,7 @@ DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "web-overview.p
 XSS = "<script>alert(1)</script>"
 IMG = '<img src=x onerror="window.__xss=1">'
 WAIT = 60.0
+REBOUND = "rebound.attacker.test"
 
 APP = """\
 from pathlib import Path
@@ -96,6 +97,8 @@ def driver() -> Iterator[Any]:
         "--disable-gpu",
         "--window-size=1280,900",
         "--lang=en-US",
+        # What DNS rebinding achieves: another site's name resolving to the console.
+        f"--host-resolver-rules=MAP {REBOUND} 127.0.0.1",
     ):
         options.add_argument(arg)
     browser = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
@@ -386,7 +389,7 @@ def test_token_login_and_read_only(
     # a valid CSRF token is 403.
     jar = CookieJar()
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    auth = {"Authorization": "Bearer open-sesame"}
+    auth = {"Authorization": "Bearer open-sesame", "Origin": base}
     opener.open(urllib.request.Request(base + "/dead", headers=auth), timeout=10).close()
     csrf = next(c.value for c in jar if c.name == "outboxer_csrf")
     form = urlencode({"csrf": csrf, "one": f"{shop.svc}:{dead}"}).encode()
@@ -395,8 +398,42 @@ def test_token_login_and_read_only(
             urllib.request.Request(base + "/dead/requeue", data=form, headers=auth), timeout=10
         )
     assert refused.value.code == 403
+    assert "read-only" in refused.value.read().decode()
     refused.value.close()
     assert shop.row(dead).status is Status.DEAD
+
+
+def test_a_rebound_name_gets_nothing_and_a_named_one_works(
+    driver: Any, sqlite_shop: ShopApp, processes: Processes, tmp_path: Path
+) -> None:
+    """Chromium resolves another site's name to the console (as after DNS rebinding):
+    the console without a token refuses it; given that name with --allowed-host, it
+    serves it, and a requeue from its page passes the Origin and CSRF checks."""
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
+
+    shop = sqlite_shop
+    dead = shop.publish({"n": 1}, key="rebound-key-1")
+    shop.outbox.store(shop.svc).mark_dead(dead, "ValueError: stuck")
+    base = processes.web("shopapp:outbox")
+    port = base.rsplit(":", 1)[1]
+    driver.delete_all_cookies()
+    driver.get(f"http://{REBOUND}:{port}/dead")
+    body = driver.find_element(By.TAG_NAME, "body").text
+    assert "does not answer to that host name" in body
+    assert "rebound-key-1" not in body
+    driver.get(f"http://{REBOUND}:{port}/messages/{shop.svc}/{dead}")
+    assert "rebound-key-1" not in driver.find_element(By.TAG_NAME, "body").text
+    assert driver.get_cookies() == []  # not even a CSRF cookie for that name
+    shot(driver, tmp_path, "rebound-refused")
+    processes.stop_all()
+
+    named = processes.web("shopapp:outbox", "--allowed-host", REBOUND)
+    port = named.rsplit(":", 1)[1]
+    driver.get(f"http://{REBOUND}:{port}/messages/{shop.svc}/{dead}")
+    wait_until(driver, "message page", lambda d: "rebound-key-1" in d.page_source)
+    driver.find_element(By.ID, "requeue").click()
+    wait_until(driver, "requeued", lambda d: "requeued=1" in d.current_url)
+    assert shop.row(dead).status is Status.PENDING
 
 
 def test_overview_of_the_demo(driver: Any, processes: Processes, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any, TypeVar
@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -39,9 +39,11 @@ from outboxer.web.security import (
     CSRF_FIELD,
     SESSION_COOKIE,
     Guard,
+    Throttle,
     checked_form,
     safe_next,
     session_value,
+    with_security_headers,
 )
 
 PAGE = 50
@@ -342,16 +344,30 @@ class Console:
             return RedirectResponse(target, status_code=303)
         if request.method == "GET":
             return self.render(request, "login.html", next=target, error=None)
+        wait = guard.locked_for(request)
+        if wait is not None:
+            # Refused before the token is read: the right one too, or guessing goes on.
+            page = self.render(
+                request,
+                "login.html",
+                429,
+                next=target,
+                error=f"too many failed sign-ins from this address: try again in {wait} s",
+            )
+            page.headers["Retry-After"] = str(wait)
+            return page
         form = await checked_form(request)
         target = safe_next(_str(form.get("next")))
-        if not guard.check_token(_str(form.get("token"))):
+        given = _str(form.get("token"))
+        if not guard.verify(request, given, "form"):
             return self.render(request, "login.html", 401, next=target, error="wrong token")
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
             SESSION_COOKIE,
-            session_value(_str(form.get("token"))),
+            session_value(given),
             httponly=True,
             samesite="strict",
+            secure=request.state.https,
             path="/",
         )
         return response
@@ -359,6 +375,13 @@ class Console:
     async def failed(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return self.render(request, "error.html", exc.status_code, detail=exc.detail)
+
+    async def crashed(self, request: Request, exc: Exception) -> Response:
+        # Answered outside the middleware (Starlette's error handler is the outermost
+        # layer, and raises the exception again for the server to log with its
+        # traceback): the security headers are added here.
+        response = PlainTextResponse("internal error: see the console's log", status_code=500)
+        return with_security_headers(response, request.url.path)
 
 
 def _str(value: Any) -> str:
@@ -396,6 +419,9 @@ def create_app(
     *,
     token: str | None = None,
     read_only: bool = False,
+    allowed_hosts: Iterable[str] = (),
+    trusted_proxies: Iterable[str] = (),
+    throttle: Throttle | None = None,
     cache_seconds: float = CACHE_SECONDS,
     chart_cache_seconds: float = CHART_CACHE_SECONDS,
 ) -> Starlette:
@@ -403,8 +429,15 @@ def create_app(
 
     ``token``: required from every visitor (login form or ``Authorization: Bearer``).
     ``read_only``: no change is offered and every POST is refused (403).
+    ``allowed_hosts``: the names (or addresses) the console is reached by besides the
+    loopback ones; a request naming any other host in ``Host`` is refused (400).
+    ``trusted_proxies``: addresses or networks of reverse proxies whose
+    ``X-Forwarded-Proto`` / ``X-Forwarded-For`` are believed.
+    ``throttle``: the limits on failed sign-ins (default :class:`Throttle`).
     ``cache_seconds`` / ``chart_cache_seconds``: how long the overview's counts and
     its chart are reused.
+    Failed sign-ins and lock-outs are reported to ``outbox``'s observers
+    (:meth:`~outboxer.hooks.Observer.sign_in_failed`).
     """
     console = Console(
         outbox,
@@ -412,7 +445,14 @@ def create_app(
         cache_seconds=cache_seconds,
         chart_cache_seconds=chart_cache_seconds,
     )
-    guard = Guard(token=token, read_only=read_only)
+    guard = Guard(
+        token=token,
+        read_only=read_only,
+        allowed_hosts=allowed_hosts,
+        trusted_proxies=trusted_proxies,
+        throttle=throttle,
+        hooks=outbox.hooks,
+    )
     routes: Sequence[Route | Mount] = [
         Route("/", console.overview),
         Route("/overview/services", console.overview_services),
@@ -433,5 +473,5 @@ def create_app(
     return Starlette(
         routes=list(routes),
         middleware=[Middleware(BaseHTTPMiddleware, dispatch=guard.dispatch)],
-        exception_handlers={HTTPException: console.failed},
+        exception_handlers={HTTPException: console.failed, Exception: console.crashed},
     )
