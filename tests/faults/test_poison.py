@@ -281,6 +281,10 @@ def test_poison_kills_its_worker_inbox(
             sc.figures.dead = len(poison)
             sc.figures.max_retry_count = max(r[1] for r in rows.values())
             sc.figures.faults["worker died, restarted"] += supervisor.restarts
+            assert publisher.finished_at is not None
+            sc.figures.publish_seconds = publisher.finished_at - sc.started
+            sc.figures.total_seconds = sc.elapsed
+            sc.figures.workers = "1 relay (producer) + 2 both (inbox consumer)"
         finally:
             supervisor.stop()
             consumers.stop_all()
