@@ -466,8 +466,13 @@ class InboxDispatcher(Dispatcher):
     def _op(
         self, items: list[Any], *, isolate: bool, failed: tuple[Any, BaseException] | None
     ) -> Op[BatchOutcome]:
-        # Stored by _start already: no insert in the batch transaction.
-        return op_inbox_receive(self._ctx, items, [], self.handlers, isolate=isolate, failed=failed)
+        # Stored by _start already; inserted again if missing (nothing when present),
+        # so the batch never depends on the start's relaxed commit.
+        unique = {e.event_id: e for e in items}
+        rows = [self.storage.rows.received(self.route, **_received(e)) for e in unique.values()]
+        return op_inbox_receive(
+            self._ctx, items, rows, self.handlers, isolate=isolate, failed=failed
+        )
 
     def _failed(self, fast: BatchOutcome) -> tuple[Any, BaseException] | None:
         # The fast path's insert was rolled back: its row ids mean nothing now.

@@ -34,6 +34,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     true,
     update,
 )
@@ -807,6 +808,7 @@ def op_start(
     alone: bool = False,
     own: AbstractSet[int] = frozenset(),
     skip_busy: bool = True,
+    relaxed: bool = True,
 ) -> Op[Started]:
     """Record, in a short transaction of its own, that the messages ``ids`` are about
     to be handled, before any handler runs: a worker that dies in a handler leaves
@@ -826,6 +828,9 @@ def op_start(
     MySQL/MariaDB); with ``skip_busy`` False it is handed to the batch unmarked
     instead (the batch transaction then waits for it, as before marks existed).
 
+    ``relaxed``: the transaction may commit without waiting for the disk
+    (:attr:`Dialect.relaxed_commit`; the op is the first in its transaction).
+
     Statements: one plain read; one UPDATE of the unmarked rows in id order (it
     waits only for short locks such as the relay's marks, holding nothing else);
     for marked rows only, a ``FOR UPDATE SKIP LOCKED`` that never waits. So the
@@ -837,6 +842,8 @@ def op_start(
         return out
     t = c.table
     ctx = c.ctx(outbox_id=_first(ids))
+    if c.dialect.relaxed_commit and relaxed:
+        yield Execute(text(c.dialect.relaxed_commit), what="relaxed commit", context=ctx)
     cols = (t.c.id, t.c.status, t.c.event_type, t.c.handling, t.c.crashes)
     result = yield Execute(
         select(*cols).where(c.dialect.ids_in(t.c.id, ids)), what="start handling", context=ctx
@@ -1234,6 +1241,8 @@ def op_inbox_start(
     Stored rows are read without a lock first, so a copy of an event that another
     consumer is handling never waits for it (MySQL's INSERT IGNORE would)."""
     t = c.table
+    if c.dialect.relaxed_commit:
+        yield Execute(text(c.dialect.relaxed_commit), what="relaxed commit", context=c.ctx())
     unique = {r["event_id"]: r for r in rows}
     row_of: dict[str, int] = {}
     if unique:
@@ -1253,7 +1262,7 @@ def op_inbox_start(
         )
         row_of.update({r.event_id: int(r.id) for r in result.all()})
     started = yield from op_start(
-        c, list(row_of.values()), alone=alone, own=own, skip_busy=skip_busy
+        c, list(row_of.values()), alone=alone, own=own, skip_busy=skip_busy, relaxed=False
     )
     return row_of, started
 

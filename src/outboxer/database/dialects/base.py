@@ -37,6 +37,10 @@ class Dialect:
     """The claim is one statement (it may then run without an explicit transaction)."""
     autocommit_single_statements: ClassVar[bool] = True
     """Run one-statement operations in autocommit mode: no BEGIN/COMMIT round trips."""
+    relaxed_commit: ClassVar[str | None] = None
+    """A statement that lets the current transaction commit without waiting for the
+    disk (the consumer's handling marks: a mark lost with the server is one crash not
+    counted, nothing else); None where the database has no such switch."""
 
     # ------------------------------------------------------------------ engines
 

@@ -35,6 +35,7 @@ class PostgreSQLDialect(Dialect):
     sync_driver = "psycopg"
     async_driver = "psycopg"
     async_drivers = frozenset({"asyncpg"})
+    relaxed_commit = "SET LOCAL synchronous_commit TO OFF"
 
     def in_transaction(self, driver_connection: Any) -> bool | None:
         info = getattr(driver_connection, "info", None)  # psycopg, sync and async
