@@ -49,6 +49,8 @@ def _longest_lock_wait(engine: Engine) -> float:
             query = (
                 "SELECT coalesce(max(TIMESTAMPDIFF(MICROSECOND, trx_wait_started, NOW())), 0)"
                 " / 1e6 FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'"
+                " AND trx_mysql_thread_id IN"
+                " (SELECT id FROM information_schema.PROCESSLIST WHERE db = DATABASE())"
             )
         return float(conn.execute(text(query)).scalar_one())
 

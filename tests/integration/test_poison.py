@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import create_engine, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.pool import NullPool
 
 from outboxer import Envelope, Outbox, Status
@@ -327,3 +328,23 @@ async def test_backdated_crash_is_retried_and_consumed(ob: Outbox, service: str)
     await drain(ob)
     row = _row(ob, service, oid)
     assert (row.status, row.retry_count, row.crashes) == (Status.CONSUMED, 1, 1)
+
+
+async def test_after_a_batch_crash_each_message_runs_alone(ob: Outbox, service: str) -> None:
+    """Each handler of a batch its predecessor died in runs with its message marked
+    alone (so a crash in it is pinned on it), not with the batch's mark."""
+    ids = _publish(ob, service, 3)
+    await ob.store(service).start_handling_async(ids)  # a batch, then the worker died
+    table = ob.table_for(service)
+    seen: dict[int, int] = {}
+
+    @ob.handler(f"{service}.e")
+    async def handle(event: Envelope, tx: AsyncSession) -> None:
+        mark = await tx.execute(select(table.c.handling).where(table.c.id == event.outbox_id))
+        seen[event.outbox_id] = int(mark.scalar_one())
+
+    await drain(ob)
+    assert seen == dict.fromkeys(ids, HANDLING_ALONE)
+    for i in ids:
+        row = _row(ob, service, i)
+        assert (row.status, row.retry_count, row.handling) == (Status.CONSUMED, 0, 0)
