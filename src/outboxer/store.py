@@ -29,6 +29,8 @@ from outboxer.database.dialects import Dialect, dialect_for
 from outboxer.database.engines import AUTOCOMMIT, READ_ONLY, Database
 from outboxer.database.instructions import Callback, Op
 from outboxer.database.ops import (
+    HANDLING_ALONE,
+    HANDLING_IN_BATCH,
     Attempt,
     Claimed,
     OpContext,
@@ -46,6 +48,7 @@ from outboxer.database.ops import (
     op_inbox_store,
     op_insert,
     op_list_due,
+    op_mark_clean,
     op_mark_consumed,
     op_mark_dead,
     op_mark_failed,
@@ -610,7 +613,19 @@ class Store:
         skip_busy: bool = True,
     ) -> Started:
         """Mark messages as being handled, before their handlers run (see
-        :func:`~outboxer.database.ops.op_start`), in a transaction of its own."""
+        :func:`~outboxer.database.ops.op_start`), in a transaction of its own.
+
+        Where the database marks in one autocommit statement (PostgreSQL), that is
+        tried first: when every row was pending or published and unmarked (the
+        usual case), it is all; otherwise the full start runs, knowing the rows it
+        marked."""
+        ids = sorted(set(ids))
+        if ids and self.dialect.one_statement_marks:
+            mark = HANDLING_ALONE if alone or len(ids) == 1 else HANDLING_IN_BATCH
+            marked = await self._run_async(op_mark_clean(self._ctx, ids, mark), single=True)
+            if marked is not None and len(marked) == len(ids):
+                return Started(ready=ids)
+            own = {*own, *(marked or ())}
         op = op_start(self._ctx, ids, alone=alone, own=own, skip_busy=skip_busy)
         return await self._run_async(op)
 

@@ -801,6 +801,19 @@ class Started:
     """Of ``crashed``, the rows that reached max_retry."""
 
 
+def op_mark_clean(c: OpContext, ids: Sequence[int], mark: int) -> Op[list[int] | None]:
+    """The fast path of :func:`op_start`, for one autocommit statement where the
+    dialect has one (:meth:`Dialect.mark_clean`): mark the rows of ``ids`` that are
+    pending or published and carry no mark; returns their ids (None: no fast path)."""
+    t = c.table
+    cond = and_(c.dialect.ids_in(t.c.id, ids), t.c.status.not_in(FINAL_STATUSES), t.c.handling == 0)
+    stmt = c.dialect.mark_clean(t, cond, {"handling": mark})
+    if stmt is None:
+        return None
+    result = yield Execute(stmt, what="mark handling", context=c.ctx(outbox_id=_first(ids)))
+    return [int(r.id) for r in result.all()]
+
+
 def op_start(
     c: OpContext,
     ids: Sequence[int],

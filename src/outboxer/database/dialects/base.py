@@ -37,6 +37,18 @@ class Dialect:
     """The claim is one statement (it may then run without an explicit transaction)."""
     autocommit_single_statements: ClassVar[bool] = True
     """Run one-statement operations in autocommit mode: no BEGIN/COMMIT round trips."""
+    one_statement_marks: ClassVar[bool] = False
+    """:meth:`mark_clean` gives a statement."""
+
+    def mark_clean(
+        self, table: Table, cond: ColumnElement[bool], values: dict[str, Any]
+    ) -> Executable | None:
+        """One statement, run in autocommit, that sets ``values`` on the rows matching
+        ``cond`` in id order and returns their ids, committing without waiting for the
+        disk (the consumer's handling marks in one round trip); None where the
+        database cannot (then the marks take a short transaction)."""
+        return None
+
     relaxed_commit: ClassVar[str | None] = None
     """A statement that lets the current transaction commit without waiting for the
     disk (the consumer's handling marks: a mark lost with the server is one crash not

@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, Insert, Table, any_, bindparam, func, select
+from sqlalchemy import BigInteger, Insert, Table, any_, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Executable
@@ -36,6 +36,7 @@ class PostgreSQLDialect(Dialect):
     async_driver = "psycopg"
     async_drivers = frozenset({"asyncpg"})
     relaxed_commit = "SET LOCAL synchronous_commit TO OFF"
+    one_statement_marks = True
 
     def in_transaction(self, driver_connection: Any) -> bool | None:
         info = getattr(driver_connection, "info", None)  # psycopg, sync and async
@@ -77,6 +78,19 @@ class PostgreSQLDialect(Dialect):
         # An UPDATE locks rows in the order it finds them; lock them first, by id.
         locked = select(table.c.id).where(cond).order_by(table.c.id).with_for_update()
         return table.c.id.in_(locked.scalar_subquery())
+
+    def mark_clean(
+        self, table: Table, cond: ColumnElement[bool], values: dict[str, Any]
+    ) -> Executable | None:
+        # set_config(..., true) makes this statement's own transaction commit without
+        # waiting for the WAL flush (synchronous_commit is read at commit time).
+        relaxed = func.set_config("synchronous_commit", "off", True).is_not(None)
+        return (
+            update(table)
+            .where(self.in_lock_order(table, cond), relaxed)
+            .values(**values)
+            .returning(table.c.id)
+        )
 
     def ids_in(self, column: ColumnElement[int], ids: Sequence[int]) -> ColumnElement[bool]:
         # One array parameter, not one per id: the statement's text is the same for
