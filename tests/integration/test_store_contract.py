@@ -20,7 +20,7 @@ from outboxer import (
     TransactionRequiredError,
 )
 from outboxer.store import Store
-from tests.helpers import backdate, make_outbox
+from tests.helpers import backdate, drop_tables, make_outbox
 
 
 def _store(ob: Outbox, service: str) -> Store:
@@ -388,6 +388,39 @@ def test_expired_lease_makes_rows_due_again(outbox: Outbox, service: str) -> Non
 def test_claim_rejects_bad_lease(outbox: Outbox, service: str) -> None:
     with pytest.raises(ValueError, match="lease"):
         _store(outbox, service).claim_due(lease=0)
+
+
+LOCK_WAIT_S = 2
+"""How long the claim below may wait for a row lock before its database gives up."""
+
+
+def test_claim_skips_rows_another_transaction_holds(server_url: str, service: str) -> None:
+    """Two claimers never wait for each other: the rows another relay's open claim holds
+    are skipped (``SKIP LOCKED``), the others are claimed at once. The claiming session
+    gives up on a lock wait after a couple of seconds, so a claim that waits fails
+    fast with the database's lock timeout instead of hanging."""
+    ob = make_outbox(server_url)
+    ob.register_event(f"{service}.created", service)
+    ob.migrate()
+    ids = [_create(ob, service, key=str(i)) for i in range(4)]
+    engine = ob.db.sync_engine
+    bound_wait = {
+        "postgresql": f"SET lock_timeout = '{LOCK_WAIT_S}s'",
+        "mysql": f"SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_S}",
+    }[ob.db.family]
+    try:
+        with engine.connect() as holder, engine.connect() as claimer:
+            # Another relay's claim in flight: the two oldest due rows locked.
+            first = _store(ob, service).with_tx(holder).claim_due(limit=2, lease=30.0)
+            assert [m.id for m in first] == ids[:2]
+            claimer.exec_driver_sql(bound_wait)
+            claimed = _store(ob, service).with_tx(claimer).claim_due(limit=10, lease=30.0)
+            assert [m.id for m in claimed] == ids[2:]
+            claimer.commit()
+            holder.rollback()
+    finally:
+        drop_tables(ob)
+        ob.close()
 
 
 # ------------------------------------------------------------------ async face
