@@ -127,6 +127,37 @@ def test_mark_published_with_expected_retry_count(outbox: Outbox, service: str) 
     assert st.mark_published_many([oid], expect_retry_count=1) == 1
 
 
+async def test_relay_mark_skips_a_row_changed_since_its_claim(
+    aoutbox: Outbox, service: str
+) -> None:
+    """The relay's mark names the claim's ``updated_at`` stamp: a row changed in any way
+    since the claim (a consumer held it back meanwhile) is not marked published."""
+    st = _store(aoutbox, service)
+    oid = _create(aoutbox, service)
+    [claimed] = await st.claim_to_send_async(10, 30.0)
+    assert claimed.id == oid
+    assert claimed.claimed_at is not None
+    t = aoutbox.table_for(service)
+    with aoutbox.db.sync_engine.begin() as conn:  # changed a second after the claim
+        conn.execute(
+            t.update()
+            .where(t.c.id == oid)
+            .values(updated_at=claimed.claimed_at + timedelta(seconds=1))
+        )
+    marked = await st.mark_published_many_async(
+        [oid], expect_retry_count=claimed.retry_count, expect_updated_at=claimed.claimed_at
+    )
+    assert marked == 0
+    assert _get(aoutbox, service, oid).status is Status.PENDING
+    # With the row's current stamp the same mark goes through.
+    current = _get(aoutbox, service, oid).updated_at
+    marked = await st.mark_published_many_async(
+        [oid], expect_retry_count=claimed.retry_count, expect_updated_at=current
+    )
+    assert marked == 1
+    assert _get(aoutbox, service, oid).status is Status.PUBLISHED
+
+
 def test_mark_consumed(outbox: Outbox, service: str) -> None:
     st = _store(outbox, service)
     oid = _create(outbox, service)
