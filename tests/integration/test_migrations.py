@@ -3,6 +3,7 @@ the reviewed SQL script, and two processes migrating at once."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import queue
@@ -11,9 +12,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import pytest
 from sqlalchemy import MetaData, event, insert, inspect, select
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import AdaptedConnection, make_url
+from sqlalchemy.util import await_only
 
 from outboxer import Outbox
 from outboxer.database.migrations import LATEST, STEPS, sql_script, table_at
@@ -200,9 +203,6 @@ class _Gate:
             return
         self.released = True
         self.barrier.wait()
-        if not isinstance(dbapi_connection, sqlite3.Connection):
-            self.report()
-            return
         switched: list[str] = []
 
         def trace(statement: str) -> None:
@@ -211,7 +211,14 @@ class _Gate:
             elif "journal_mode" in statement:
                 switched.append(statement)
 
-        dbapi_connection.set_trace_callback(trace)
+        if isinstance(dbapi_connection, sqlite3.Connection):
+            dbapi_connection.set_trace_callback(trace)
+        elif isinstance(dbapi_connection, AdaptedConnection) and isinstance(
+            dbapi_connection.driver_connection, aiosqlite.Connection
+        ):  # the async engine's connect event runs where it may await the driver
+            await_only(dbapi_connection.driver_connection.set_trace_callback(trace))
+        else:
+            self.report()  # a server: nothing to switch
 
     def report(self) -> None:
         if not self.reported:
@@ -299,39 +306,44 @@ def test_processes_migrating_at_once(db_url: str, tmp_path: Path) -> None:
                 process.join()
 
 
-def test_a_connection_waits_for_another_writer_to_switch_a_fresh_file_to_wal(
-    tmp_path: Path,
+@pytest.mark.parametrize("face", ["sync", "async"])
+async def test_a_connection_waits_for_another_writer_to_switch_a_fresh_file_to_wal(
+    tmp_path: Path, face: str
 ) -> None:
     """The cause of the race, in one process: a connection opened while another holds
     the write lock of a file in rollback mode cannot switch it to WAL (SQLite refuses
-    the lock upgrade at once, without its busy handler); it waits and succeeds."""
+    the lock upgrade at once, without its busy handler); it waits and succeeds, on the
+    sync engine (the CLI, migrations) and the async one (the loops)."""
     path = tmp_path / "fresh.db"
     holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")
     holder.execute("CREATE TABLE held (x INTEGER)")
     ob = make_outbox(f"sqlite:///{path}")
     tried = queue.Queue[int]()
-    event.listen(ob.db.sync_engine, "connect", _Gate(threading.Barrier(1), tried), insert=True)
-    errors: list[BaseException] = []
+    gate = _Gate(threading.Barrier(1), tried)
 
-    def connect() -> None:
+    async def connect() -> str:
         try:
-            ob.db.table_names()
-        except BaseException as exc:
-            errors.append(exc)
+            if face == "sync":
+                event.listen(ob.db.sync_engine, "connect", gate, insert=True)
+                with ob.db.sync_engine.connect() as conn:
+                    return str(conn.exec_driver_sql("PRAGMA journal_mode").scalar())
+            event.listen(ob.db.async_engine.sync_engine, "connect", gate, insert=True)
+            async with ob.db.async_engine.connect() as aconn:
+                return str((await aconn.exec_driver_sql("PRAGMA journal_mode")).scalar())
         finally:
             tried.put(0)
 
-    thread = threading.Thread(target=connect)
-    thread.start()
+    task = asyncio.ensure_future(
+        asyncio.to_thread(asyncio.run, connect()) if face == "sync" else connect()
+    )
     try:
-        tried.get(timeout=PROCESS_WAIT)  # its first switch is over (the file was locked)
+        # Released once its first switch is over (refused: the file was locked).
+        await asyncio.to_thread(tried.get, timeout=PROCESS_WAIT)
     finally:
         holder.execute("COMMIT")
         holder.close()
-    thread.join(PROCESS_WAIT)
-    assert errors == []
+    assert await asyncio.wait_for(task, PROCESS_WAIT) == "wal"
     assert ob.db.table_names() == {"held"}
-    with ob.db.sync_engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    await ob.db.dispose_async()
     ob.close()
