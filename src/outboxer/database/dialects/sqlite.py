@@ -7,8 +7,9 @@ snapshot, and the claim needs no ``SKIP LOCKED``. Read-only transactions use a
 plain ``BEGIN`` so they never wait for the write lock. Timestamps are ISO-8601 text
 ``YYYY-MM-DD HH:MM:SS.SSS`` (UTC), which compares correctly as text.
 
-Switching a file to WAL is the one write that SQLite's busy handler does not cover:
-the switch reads the file header, then upgrades its read lock to the write lock, and
+Switching a file to WAL is a write that SQLite's busy handler does not cover (the
+others start with ``BEGIN IMMEDIATE``, which it does): the switch reads the file
+header, then upgrades its read lock to the write lock, and
 SQLite answers such an upgrade "database is locked" at once instead of waiting (a
 wait could deadlock). Processes that open a fresh file together (workers started by
 one supervisor, two ``outboxer migrate``) meet exactly that, so each connection that
