@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -37,6 +38,9 @@ class App:
     fail: dict[int, int] = field(default_factory=dict)
     """payload["n"] -> how many times its handler fails before succeeding (-1: always)."""
     attempts: dict[int, int] = field(default_factory=dict)
+    sync_handler_calls: list[tuple[str, bool]] = field(default_factory=list)
+    """Per call of a sync handler: its thread's name, and whether an event loop was
+    running on that thread (a sync handler must never run on the loop)."""
 
     def event(self, service: str) -> str:
         return f"{service}.happened"
@@ -109,12 +113,22 @@ def _async_handler(app: App, svc: str) -> Callable[[Envelope, AsyncSession], Any
 
 def _sync_handler(app: App, svc: str) -> Callable[[Envelope, Any], None]:
     def handle(event: Envelope, tx: Any) -> None:
+        app.sync_handler_calls.append((threading.current_thread().name, on_event_loop()))
         n = int(event.payload["n"])
         tx.execute(insert(app.effects).values(outbox_id=event.outbox_id, service=svc, n=n))
         if _should_fail(app, n):
             raise RuntimeError(f"planned failure for n={n}")
 
     return handle
+
+
+def on_event_loop() -> bool:
+    """Whether the calling thread is running an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def publish_many(app: App, count: int, *, start: int = 0, batch: int = 500, **kw: Any) -> None:

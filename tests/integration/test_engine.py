@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -299,6 +300,10 @@ async def test_sync_handlers_run_off_the_event_loop(db_url: str) -> None:
         publish_many(app, 500)
         await run_until([app.outbox], lambda: all_final(app), timeout=120)
         assert effects(app) == (500, 500)
+        assert app.sync_handler_calls
+        on_loop = [call for call in app.sync_handler_calls if call[1]]
+        assert on_loop == [], "sync handlers ran on the event loop's thread"
+        assert threading.main_thread().name not in {name for name, _ in app.sync_handler_calls}
     finally:
         drop_app(app)
 
@@ -471,7 +476,7 @@ def test_one_outbox_runs_again_after_a_stop(
 
 
 BLOCKING_APP = """
-import pathlib, sys, time
+import asyncio, pathlib, sys, time
 from outboxer import Outbox, OutboxSettings
 
 db, marker = sys.argv[1], pathlib.Path(sys.argv[2])
@@ -480,7 +485,12 @@ outbox.register_event("slow.e", "slow")
 
 @outbox.handler("slow.e")
 def handle(event, tx):
-    marker.write_text("started")
+    try:
+        asyncio.get_running_loop()
+        where = "on the event loop"
+    except RuntimeError:
+        where = "off the event loop"
+    marker.write_text(where)
     time.sleep(60)  # a handler stuck on something without a timeout
 
 outbox.migrate()
@@ -502,10 +512,12 @@ def test_stop_is_bounded_even_with_a_blocked_sync_handler(tmp_path: Path) -> Non
     )
     try:
         deadline = time.monotonic() + 30
-        while not marker.exists():
+        while not (marker.exists() and marker.read_text()):
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             assert time.monotonic() < deadline, "handler never started"
             time.sleep(0.05)
+        # A handler blocking the loop would also block the stop this test times.
+        assert marker.read_text() == "off the event loop"
         sent = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)
         output = proc.communicate(timeout=20)[0].decode()

@@ -24,8 +24,9 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, s
 from sqlalchemy.orm import Session
 
 from outboxer import Envelope, Outbox, RoutingError, Status
-from outboxer.testing import EmbeddedKafka
+from outboxer.testing import EmbeddedKafka, InMemoryTransport, drain
 from outboxer.transports.adapters import Debezium
+from outboxer.transports.base import OutgoingMessage
 from tests.helpers import isolated_settings
 from tests.integration.engine_helpers import run_until
 
@@ -141,12 +142,13 @@ async def test_inbox_applies_each_event_once(
             copies.append(row.envelope().to_json())
         _duplicate(kafka_broker, pair.producer.routes.route_for_service("orders").topic, copies)
 
-        def done() -> bool:
-            return pair.inbox()[Status.CONSUMED.value] == EVENTS
+        def done() -> bool:  # ends on over-consumption too, which the asserts then show
+            return pair.inbox()[Status.CONSUMED.value] >= EVENTS
 
         await run_until([pair.producer, pair.consumer], done, timeout=180)
         assert pair.effects() == (EVENTS, EVENTS)
         counts = pair.inbox()
+        assert counts[Status.CONSUMED.value] == EVENTS
         assert counts[Status.PENDING.value] == 0
         assert counts[Status.DEAD.value] == 0
         inbox = pair.consumer.table_for("orders")
@@ -299,6 +301,79 @@ async def test_debezium_events_into_the_inbox(
             fx.drop(conn)
             consumer.metadata.drop_all(conn)
         consumer.close()
+
+
+async def test_an_event_delivered_again_is_applied_once(db_url: str, tmp_path: Path) -> None:
+    """Copies of events on the topic, in the batch of their original and after it was
+    consumed: one inbox row and one effect per event. Waits for the broker to have
+    every message acknowledged (not for a count), so over-consumption is seen."""
+    broker = InMemoryTransport()
+    prefix = f"d{uuid.uuid4().hex[:8]}"
+    producer = Outbox(
+        f"sqlite:///{tmp_path}/producer.db", transport=broker, settings=_settings(prefix)
+    )
+    producer.register_event("order.placed", "orders")
+    producer.migrate()
+    consumer = Outbox(db_url, transport=broker, settings=_settings(prefix))
+    route = consumer.register_inbox("orders", consumer=f"{prefix}_billing")
+    consumer.register_event("order.placed", "orders")
+    fx = _effects(prefix)
+    with consumer.db.sync_engine.begin() as conn:
+        fx.metadata.create_all(conn)
+    consumer.migrate()
+
+    @consumer.handler("order.placed")
+    def bill(event: Envelope, tx: Session) -> None:
+        tx.execute(insert(fx).values(event_id=event.event_id, n=event.payload["n"]))
+
+    def inbox_rows() -> int:
+        with consumer.db.sync_engine.connect() as conn:
+            t = consumer.table_for("orders")
+            return int(conn.execute(select(func.count()).select_from(t)).scalar_one())
+
+    def settled() -> bool:
+        counts = consumer.store("orders").status().counts
+        return (
+            counts[Status.CONSUMED.value] >= count
+            and counts[Status.PENDING.value] == 0
+            and broker.pending() == 0
+        )
+
+    async def copy(*indexes: int) -> None:
+        sent = broker.messages(route.topic)
+        await broker.send(
+            route,
+            [
+                OutgoingMessage.from_envelope(
+                    sent[i].envelope(), key=(sent[i].key or b"").decode(), retry_count=0
+                )
+                for i in indexes
+            ],
+        )
+
+    count = 5
+    try:
+        with producer.db.sync_engine.begin() as conn:
+            for n in range(count):
+                producer.publish(conn, "order.placed", {"n": n}, key=f"order-{n}")
+        await drain(producer)
+        await copy(0, 0, 1)  # read with their originals
+        await run_until([consumer], settled, timeout=60)
+        await copy(0, 2)  # after their originals were consumed
+        await run_until([consumer], settled, timeout=60)
+
+        assert len(broker.messages(route.topic)) == count + 5
+        assert inbox_rows() == count
+        assert consumer.store("orders").status().counts[Status.CONSUMED.value] == count
+        with consumer.db.sync_engine.connect() as conn:
+            applied = conn.execute(select(fx.c.n, func.count()).group_by(fx.c.n)).all()
+        assert sorted(applied) == [(n, 1) for n in range(count)]  # exactly one effect each
+    finally:
+        with consumer.db.sync_engine.begin() as conn:
+            fx.drop(conn)
+            consumer.metadata.drop_all(conn)
+        consumer.close()
+        producer.close()
 
 
 def test_an_inbox_service_is_not_published_here(tmp_path: Path) -> None:

@@ -3,16 +3,25 @@ the reviewed SQL script, and two processes migrating at once."""
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
+import os
+import queue
+import sqlite3
 import threading
+from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import pytest
-from sqlalchemy import MetaData, insert, inspect, select
+from sqlalchemy import MetaData, event, insert, inspect, select
+from sqlalchemy.engine import AdaptedConnection, make_url
+from sqlalchemy.util import await_only
 
 from outboxer import Outbox
 from outboxer.database.migrations import LATEST, STEPS, sql_script, table_at
 from outboxer.database.schema import db_now
-from tests.helpers import drop_tables, make_outbox
+from tests.helpers import drop_tables, make_outbox, unique_service
 
 
 def _describe(ob: Outbox, table: str) -> dict[str, Any]:
@@ -170,30 +179,171 @@ def test_the_sql_script_does_what_migrate_does(db_url: str, service: str, fresh:
     ob.close()
 
 
-def test_two_processes_migrating_at_once(db_url: str, service: str) -> None:
-    obs = [make_outbox(db_url) for _ in range(2)]
-    for ob in obs:
-        for i in range(3):
-            ob.register_service(f"{service}_{i}")
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)
+PROCESSES = 6
+ROUNDS = 3
+"""Rounds on SQLite, each on a fresh file."""
+PROCESS_WAIT = 120.0
+"""Bound (seconds) of every wait between the test and its processes."""
 
-    def work(ob: Outbox) -> None:
+
+class _Gate:
+    """A ``connect`` listener that runs before outboxer's own: the first connection of
+    an engine waits at ``barrier`` (every process is released at the same moment, right
+    before the journal-mode switch), then reports to ``tried`` once its first switch to
+    WAL is over: on SQLite when the connection runs any statement after it (or fails)."""
+
+    def __init__(self, barrier: Any, tried: Any) -> None:
+        self.barrier = barrier
+        self.tried = tried
+        self.released = False
+        self.reported = False
+
+    def __call__(self, dbapi_connection: Any, record: Any) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.barrier.wait()
+        switched: list[str] = []
+
+        def trace(statement: str) -> None:
+            if switched:
+                self.report()
+            elif "journal_mode" in statement:
+                switched.append(statement)
+
+        if isinstance(dbapi_connection, sqlite3.Connection):
+            dbapi_connection.set_trace_callback(trace)
+        elif isinstance(dbapi_connection, AdaptedConnection) and isinstance(
+            dbapi_connection.driver_connection, aiosqlite.Connection
+        ):  # the async engine's connect event runs where it may await the driver
+            await_only(dbapi_connection.driver_connection.set_trace_callback(trace))
+        else:
+            self.report()  # a server: nothing to switch
+
+    def report(self) -> None:
+        if not self.reported:
+            self.reported = True
+            self.tried.put(os.getpid())
+
+
+def _migrating_process(rounds: list[tuple[str, str]], barrier: Any, tried: Any, out: Any) -> None:
+    """One process of :func:`test_processes_migrating_at_once`: per round, an Outbox on
+    the round's database whose first connection waits at ``barrier``, then migrate."""
+    for url, prefix in rounds:
+        gate = _Gate(barrier, tried)
         try:
-            start.wait()
-            ob.migrate()
+            ob = make_outbox(url)
+            for i in range(3):
+                ob.register_service(f"{prefix}_{i}")
+            event.listen(ob.db.sync_engine, "connect", gate, insert=True)
+            try:
+                ob.migrate()
+            finally:
+                ob.close()
+            out.put(None)
         except BaseException as exc:
-            errors.append(exc)
+            out.put(f"{type(exc).__name__}: {exc}")
+        finally:
+            gate.report()
 
-    threads = [threading.Thread(target=work, args=(ob,)) for ob in obs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
-    for i in range(3):
-        table = obs[0].table_for(f"{service}_{i}").name
-        assert _versions(obs[0], table) == [s.version for s in STEPS]
-    drop_tables(obs[0])
-    for ob in obs:
-        ob.close()
+
+def test_processes_migrating_at_once(db_url: str, tmp_path: Path) -> None:
+    """Many processes released together migrate the same tables; each round succeeds.
+
+    On SQLite each round is a fresh file, and the test holds its write lock while the
+    processes switch it to WAL, releasing it only once every process is past its first
+    try: every process meets, each round, what the process that first switches a fresh
+    file does to the others (SQLite refuses their switch at once, without waiting), so
+    the race of processes starting together on a fresh file is reproduced every time,
+    not by luck."""
+    sqlite = db_url.startswith("sqlite")
+    rounds = [
+        (f"sqlite:///{tmp_path / f'round{r}.db'}" if sqlite else db_url, unique_service())
+        for r in range(ROUNDS if sqlite else 1)  # servers: one round under their lock
+    ]
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(PROCESSES + 1, timeout=PROCESS_WAIT)
+    tried = ctx.Queue()
+    out = ctx.Queue()
+    processes = [
+        ctx.Process(target=_migrating_process, args=(rounds, barrier, tried, out))
+        for _ in range(PROCESSES)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for url, prefix in rounds:
+            holder = None
+            if sqlite:
+                holder = sqlite3.connect(make_url(url).database or "", isolation_level=None)
+                holder.execute("BEGIN IMMEDIATE")  # a writer on a file in rollback mode
+            try:
+                barrier.wait()
+                for _ in processes:
+                    tried.get(timeout=PROCESS_WAIT)
+            finally:
+                if holder is not None:
+                    holder.execute("COMMIT")
+                    holder.close()
+            errors = [out.get(timeout=PROCESS_WAIT) for _ in processes]
+            assert [e for e in errors if e is not None] == []
+            ob = make_outbox(url)
+            for i in range(3):
+                table = ob.register_service(f"{prefix}_{i}").table_name
+                assert _versions(ob, table) == [s.version for s in STEPS]
+            if sqlite:
+                with ob.db.sync_engine.connect() as conn:
+                    assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            drop_tables(ob)
+            ob.close()
+        for process in processes:
+            process.join(PROCESS_WAIT)
+            assert process.exitcode == 0
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+async def test_a_connection_waits_for_another_writer_to_switch_a_fresh_file_to_wal(
+    tmp_path: Path, face: str
+) -> None:
+    """The cause of the race, in one process: a connection opened while another holds
+    the write lock of a file in rollback mode cannot switch it to WAL (SQLite refuses
+    the lock upgrade at once, without its busy handler); it waits and succeeds, on the
+    sync engine (the CLI, migrations) and the async one (the loops)."""
+    path = tmp_path / "fresh.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("CREATE TABLE held (x INTEGER)")
+    ob = make_outbox(f"sqlite:///{path}")
+    tried = queue.Queue[int]()
+    gate = _Gate(threading.Barrier(1), tried)
+
+    async def connect() -> str:
+        try:
+            if face == "sync":
+                event.listen(ob.db.sync_engine, "connect", gate, insert=True)
+                with ob.db.sync_engine.connect() as conn:
+                    return str(conn.exec_driver_sql("PRAGMA journal_mode").scalar())
+            event.listen(ob.db.async_engine.sync_engine, "connect", gate, insert=True)
+            async with ob.db.async_engine.connect() as aconn:
+                return str((await aconn.exec_driver_sql("PRAGMA journal_mode")).scalar())
+        finally:
+            tried.put(0)
+
+    task = asyncio.ensure_future(
+        asyncio.to_thread(asyncio.run, connect()) if face == "sync" else connect()
+    )
+    try:
+        # Released once its first switch is over (refused: the file was locked).
+        await asyncio.to_thread(tried.get, timeout=PROCESS_WAIT)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    assert await asyncio.wait_for(task, PROCESS_WAIT) == "wal"
+    assert ob.db.table_names() == {"held"}
+    await ob.db.dispose_async()
+    ob.close()

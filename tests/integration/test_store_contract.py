@@ -20,7 +20,7 @@ from outboxer import (
     TransactionRequiredError,
 )
 from outboxer.store import Store
-from tests.helpers import backdate, make_outbox
+from tests.helpers import backdate, drop_tables, make_outbox
 
 
 def _store(ob: Outbox, service: str) -> Store:
@@ -125,6 +125,37 @@ def test_mark_published_with_expected_retry_count(outbox: Outbox, service: str) 
     assert st.mark_published_many([oid], expect_retry_count=0) == 0
     assert _get(outbox, service, oid).status is Status.PENDING
     assert st.mark_published_many([oid], expect_retry_count=1) == 1
+
+
+async def test_relay_mark_skips_a_row_changed_since_its_claim(
+    aoutbox: Outbox, service: str
+) -> None:
+    """The relay's mark names the claim's ``updated_at`` stamp: a row changed in any way
+    since the claim (a consumer held it back meanwhile) is not marked published."""
+    st = _store(aoutbox, service)
+    oid = _create(aoutbox, service)
+    [claimed] = await st.claim_to_send_async(10, 30.0)
+    assert claimed.id == oid
+    assert claimed.claimed_at is not None
+    t = aoutbox.table_for(service)
+    with aoutbox.db.sync_engine.begin() as conn:  # changed a second after the claim
+        conn.execute(
+            t.update()
+            .where(t.c.id == oid)
+            .values(updated_at=claimed.claimed_at + timedelta(seconds=1))
+        )
+    marked = await st.mark_published_many_async(
+        [oid], expect_retry_count=claimed.retry_count, expect_updated_at=claimed.claimed_at
+    )
+    assert marked == 0
+    assert _get(aoutbox, service, oid).status is Status.PENDING
+    # With the row's current stamp the same mark goes through.
+    current = _get(aoutbox, service, oid).updated_at
+    marked = await st.mark_published_many_async(
+        [oid], expect_retry_count=claimed.retry_count, expect_updated_at=current
+    )
+    assert marked == 1
+    assert _get(aoutbox, service, oid).status is Status.PUBLISHED
 
 
 def test_mark_consumed(outbox: Outbox, service: str) -> None:
@@ -388,6 +419,39 @@ def test_expired_lease_makes_rows_due_again(outbox: Outbox, service: str) -> Non
 def test_claim_rejects_bad_lease(outbox: Outbox, service: str) -> None:
     with pytest.raises(ValueError, match="lease"):
         _store(outbox, service).claim_due(lease=0)
+
+
+LOCK_WAIT_S = 2
+"""How long the claim below may wait for a row lock before its database gives up."""
+
+
+def test_claim_skips_rows_another_transaction_holds(server_url: str, service: str) -> None:
+    """Two claimers never wait for each other: the rows another relay's open claim holds
+    are skipped (``SKIP LOCKED``), the others are claimed at once. The claiming session
+    gives up on a lock wait after a couple of seconds, so a claim that waits fails
+    fast with the database's lock timeout instead of hanging."""
+    ob = make_outbox(server_url)
+    ob.register_event(f"{service}.created", service)
+    ob.migrate()
+    ids = [_create(ob, service, key=str(i)) for i in range(4)]
+    engine = ob.db.sync_engine
+    bound_wait = {
+        "postgresql": f"SET lock_timeout = '{LOCK_WAIT_S}s'",
+        "mysql": f"SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_S}",
+    }[ob.db.family]
+    try:
+        with engine.connect() as holder, engine.connect() as claimer:
+            # Another relay's claim in flight: the two oldest due rows locked.
+            first = _store(ob, service).with_tx(holder).claim_due(limit=2, lease=30.0)
+            assert [m.id for m in first] == ids[:2]
+            claimer.exec_driver_sql(bound_wait)
+            claimed = _store(ob, service).with_tx(claimer).claim_due(limit=10, lease=30.0)
+            assert [m.id for m in claimed] == ids[2:]
+            claimer.commit()
+            holder.rollback()
+    finally:
+        drop_tables(ob)
+        ob.close()
 
 
 # ------------------------------------------------------------------ async face

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from outboxer import Outbox, OutboxError, OutboxSettings, Status
-from outboxer.hooks import Stats
+from outboxer.hooks import Observer, Stats
 from outboxer.relay import Relay
 from outboxer.routing import ServiceRoute
 from outboxer.testing import InMemoryTransport
@@ -128,11 +129,33 @@ async def test_redelivery_check_is_not_starved_by_a_backlog(tmp_path: Path) -> N
     await ob.aclose()
 
 
-async def _run_for(ob: Outbox, seconds: float, **kwargs: Any) -> None:
+WAIT = 30.0
+"""Bound (seconds) of a wait for a condition: generous, so a loaded machine still meets
+it; a test that works never waits that long."""
+
+
+async def _run_until(ob: Outbox, condition: Callable[[], bool], **kwargs: Any) -> None:
+    """Run ``ob`` until ``condition()`` holds (at most :data:`WAIT` seconds), then stop."""
     task = asyncio.create_task(ob.run_async(**kwargs))
-    await asyncio.sleep(seconds)
-    ob.stop()
-    await task
+    deadline = asyncio.get_running_loop().time() + WAIT
+    try:
+        while not condition():
+            assert not task.done(), "the outbox stopped on its own"
+            assert asyncio.get_running_loop().time() < deadline, f"not done after {WAIT}s"
+            await asyncio.sleep(0.02)
+    finally:
+        ob.stop()
+        await task
+
+
+class Rounds(Observer):
+    """Counts each relay round (a claim, even of nothing) per service."""
+
+    def __init__(self) -> None:
+        self.count: Counter[str] = Counter()
+
+    def batch_claimed(self, service: str, due: int, redelivered: int) -> None:
+        self.count[service] += 1
 
 
 async def test_redelivery_only_for_services_this_app_consumes(tmp_path: Path) -> None:
@@ -146,8 +169,15 @@ async def test_redelivery_only_for_services_this_app_consumes(tmp_path: Path) ->
         oid = st.create_message(event_type, "k", {"event_type": event_type, "payload": {}})
         st.mark_published(oid)
         backdate(ob, service, oid, "updated_at", 60)
-    await _run_for(ob, 1.0, consume=False)
-    assert ob.stats.get("redelivered", "svc") >= 1
+    rounds = Rounds()
+    ob.add_observer(rounds)
+
+    def both_checked() -> bool:
+        # A relay's first round checks for redelivery (when it does any): two rounds of
+        # the other service's relay leave no doubt that it had its chance.
+        return ob.stats.get("redelivered", "svc") >= 1 and rounds.count["other"] >= 2
+
+    await _run_until(ob, both_checked, consume=False)
     assert ob.stats.get("redelivered", "other") == 0
     await ob.aclose()
 
@@ -162,8 +192,23 @@ async def test_a_loop_that_ends_by_itself_is_an_error(tmp_path: Path) -> None:
     await ob.aclose()
 
 
+class ProbedTransport(InMemoryTransport):
+    """The in-memory broker, counting the sends tried while it is down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.probes = 0
+
+    async def send(
+        self, route: ServiceRoute, messages: Sequence[OutgoingMessage]
+    ) -> list[Delivery]:
+        if self.down:
+            self.probes += 1
+        return await super().send(route, messages)
+
+
 async def test_an_outage_spends_no_attempts(tmp_path: Path) -> None:
-    transport = InMemoryTransport()
+    transport = ProbedTransport()
     ob = Outbox(
         f"sqlite:///{tmp_path}/outage.db",
         transport=transport,
@@ -179,14 +224,22 @@ async def test_an_outage_spends_no_attempts(tmp_path: Path) -> None:
     ids = [st.create_message("a.e", "k", {"event_type": "a.e", "payload": {}}) for _ in range(5)]
     transport.down = True
     task = asyncio.create_task(ob.run_async())
-    while ob.stats.get("outages") == 0:  # noqa: ASYNC110 - polling the in-process counter
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(1.0)  # many probes (max_retry is 2): none may count
-    rows = [st.get_by_id(i) for i in ids]
-    assert all(r is not None and r.status is Status.PENDING and r.retry_count == 0 for r in rows)
+
+    def untouched() -> bool:
+        rows = [st.get_by_id(i) for i in ids]
+        return all(r is not None and r.status is Status.PENDING and not r.retry_count for r in rows)
+
+    deadline = asyncio.get_running_loop().time() + WAIT
+    # Twice max_retry probes, or until one of them was counted as an attempt.
+    while transport.probes < 2 * 2 and untouched():
+        assert asyncio.get_running_loop().time() < deadline, f"{transport.probes} probes"
+        await asyncio.sleep(0.02)
+    assert untouched(), "a probe during the outage was counted as an attempt"
     assert ob.stats.get("outages") == 1  # reported once, however many probes
     transport.down = False
-    while ob.stats.get("consumed") < 5:  # noqa: ASYNC110
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while ob.stats.get("consumed") < 5:
+        assert asyncio.get_running_loop().time() < deadline, "not consumed after the outage"
         await asyncio.sleep(0.05)
     ob.stop()
     await task

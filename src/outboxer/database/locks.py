@@ -4,7 +4,8 @@ The retention sweep and migrations take a database-wide lock on a connection of
 their own and hold it while they work: a PostgreSQL advisory lock or a MySQL
 ``GET_LOCK``, both tied to the session, so a holder that crashes releases it with
 its connection. SQLite has no such lock and needs none: its single writer
-serialises every transaction, so two sweeps can only take turns batch by batch.
+serialises every transaction, so two sweeps can only take turns batch by batch, and
+two migrations table by table.
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ before versions existed: version 1.
 ``plan`` computes the DDL and the version rows without changing anything (what
 ``outboxer migrate --sql`` prints for a DBA), ``migrate`` applies them, one table at a
 time, under the database's single-instance lock so two processes never migrate at
-once.
+once. SQLite has no such lock: each table is planned and changed inside one write
+transaction (``BEGIN IMMEDIATE``), so a second process waits for the first and then
+finds the table done (the journal-mode switch that precedes it on a fresh file waits
+too; see :mod:`outboxer.database.dialects.sqlite`).
 
 Version history:
 

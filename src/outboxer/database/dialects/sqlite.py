@@ -6,11 +6,23 @@ serialised up front, so a read-then-write transaction never fails with a busy
 snapshot, and the claim needs no ``SKIP LOCKED``. Read-only transactions use a
 plain ``BEGIN`` so they never wait for the write lock. Timestamps are ISO-8601 text
 ``YYYY-MM-DD HH:MM:SS.SSS`` (UTC), which compares correctly as text.
+
+Switching a file to WAL is a write that SQLite's busy handler does not cover (the
+others start with ``BEGIN IMMEDIATE``, which it does): the switch reads the file
+header, then upgrades its read lock to the write lock, and
+SQLite answers such an upgrade "database is locked" at once instead of waiting (a
+wait could deadlock). Processes that open a fresh file together (workers started by
+one supervisor, two ``outboxer migrate``) meet exactly that, so each connection that
+loses the race waits for the writer with ``BEGIN IMMEDIATE`` (which does wait, up to
+the busy timeout) and switches again; by then the file is in WAL mode, and the switch
+only reads.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -31,6 +43,9 @@ TS_FORMAT = "%Y-%m-%d %H:%M:%f"
 """strftime format of a stored timestamp (``%f`` is seconds with milliseconds)."""
 PY_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 READ_ONLY_OPTION = "outboxer_read_only"
+WAL_SWITCH_TRIES = 100
+"""Tries to switch a file to WAL (each after waiting for the writer that was in the
+way), within the busy timeout."""
 
 
 class SQLiteDialect(Dialect):
@@ -59,10 +74,12 @@ class SQLiteDialect(Dialect):
             # Take transaction control from the driver so SAVEPOINT and BEGIN IMMEDIATE work.
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            cursor.close()
+            try:
+                cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+                switch_to_wal(cursor)
+                cursor.execute("PRAGMA synchronous=NORMAL")
+            finally:
+                cursor.close()
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
@@ -97,6 +114,33 @@ class SQLiteDialect(Dialect):
     def scratch_database(self, admin_url: str | URL, name: str) -> Iterator[str]:
         with tempfile.TemporaryDirectory(prefix="outboxer-") as tmp:
             yield f"sqlite:///{Path(tmp) / name}.db"
+
+
+def switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL`` on a DB-API cursor (sqlite3 or SQLAlchemy's aiosqlite
+    adapter), waiting for another connection that holds the write lock meanwhile
+    (see the module's docstring) instead of failing."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    for attempt in range(1, WAL_SWITCH_TRIES + 1):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or attempt == WAL_SWITCH_TRIES or time.monotonic() > deadline:
+                raise
+        # Waits under the busy timeout until the writer in the way has committed;
+        # the write lock is released at once (a journal mode cannot change inside a
+        # transaction).
+        cursor.execute("BEGIN IMMEDIATE")
+        cursor.execute("ROLLBACK")
+
+
+def is_busy(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked" (``SQLITE_BUSY``)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return int(code) & 0xFF == sqlite3.SQLITE_BUSY
+    return "database is locked" in str(exc)
 
 
 def parse_timestamp(text: str) -> datetime:
