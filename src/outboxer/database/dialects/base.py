@@ -77,6 +77,13 @@ class Dialect:
         already there (the inbox: a message received twice is stored once)."""
         raise NotImplementedError
 
+    def inserted_id(self, result: Any) -> int | None:
+        """The id of the row an :meth:`insert_ignoring_duplicates` of one row wrote,
+        or None when it skipped a duplicate."""
+        if result.rowcount != 1:
+            return None
+        return int(result.inserted_primary_key[0])
+
     # ------------------------------------------------------------------ wake-ups
 
     def notify_channel(self, table: str) -> str | None:
