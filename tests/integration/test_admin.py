@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy.orm import Session
 
 from outboxer import AmbiguousMessageError, MessageNotFoundError, Outbox, Status
 from outboxer.database.locks import single_instance
@@ -108,7 +109,11 @@ async def test_purge_in_batches_only_what_is_old_enough(two: Outbox, service: st
     published = store.create_message(f"{service}.a", "k", {})
     store.mark_published(published)
     [dead] = _dead(two, service, f"{service}.a", 1)
-    for oid in [*consumed, pending, published, dead]:
+    # A cancelled event is done as a consumed one is: it goes with them.
+    with Session(two.db.sync_engine) as session, session.begin():
+        cancelled = two.publish(session, f"{service}.a", {}, event_id="gone")
+    assert two.admin.cancel("gone", service=service)
+    for oid in [*consumed, pending, published, dead, cancelled]:
         backdate(two, service, oid, "updated_at", 7200, relative_to=fresh)
     calls: list[tuple[str, Status, int]] = []
     result = two.admin.purge(
@@ -117,11 +122,12 @@ async def test_purge_in_batches_only_what_is_old_enough(two: Outbox, service: st
         batch_size=3,
         progress=lambda *a: calls.append(a),
     )
-    assert result.deleted == {(service, Status.CONSUMED): 7}
+    assert result.deleted == {(service, Status.CONSUMED): 7, (service, Status.CANCELLED): 1}
     assert calls == [
         (service, Status.CONSUMED, 3),
         (service, Status.CONSUMED, 6),
         (service, Status.CONSUMED, 7),
+        (service, Status.CANCELLED, 1),
     ]
     remaining = {m.id for m in store.find(_everything(), 100)}
     assert remaining == {fresh, pending, published, dead}

@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from outboxer import Outbox, OutboxSettings
+from outboxer import Outbox, OutboxSettings, Status
 from outboxer.cli import app
 from outboxer.database.migrations import LATEST
 from outboxer.settings import CONFIG_ENV
@@ -96,13 +97,13 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str
     return result.exit_code, result.stdout, result.stderr
 
 
-def publish(url: str, count: int) -> None:
+def publish(url: str, count: int, **options: Any) -> None:
     outbox = Outbox(url, settings=OutboxSettings.from_values())
     outbox.register_event(EVENT, SERVICE)
     with Session(outbox.db.sync_engine) as session, session.begin():
         session.execute(text("CREATE TABLE IF NOT EXISTS shipped (order_id INTEGER NOT NULL)"))
         for i in range(count):
-            outbox.publish(session, EVENT, {"id": i}, key=f"order-{i}")
+            outbox.publish(session, EVENT, {"id": i}, key=f"order-{i}", **options)
     outbox.close()
 
 
@@ -168,15 +169,22 @@ def test_status_shows_counts_and_json_parses(sqlite_app: AppModule) -> None:
 
     assert invoke("--app", sqlite_app.spec, "migrate")[0] == 0
     publish(sqlite_app.url, 3)
+    publish(sqlite_app.url, 1, delay=3600)  # scheduled: pending, not due, not overdue
 
     code, out, err = invoke("--app", sqlite_app.spec, "status")
     assert code == 0, err
     cells = status_row(out, SERVICE)
-    # service, pending, published, consumed, dead, due now, oldest due, pub/s, con/s
-    assert cells[:6] == [SERVICE, "3", "0", "0", "0", "3"]
-    assert cells[6].endswith("s")
-    assert cells[7:] == ["0", "0"]
+    # service, pending, scheduled, published, consumed, dead, due now, oldest due,
+    # pub/s, con/s
+    assert cells[:7] == [SERVICE, "4", "1", "0", "0", "0", "3"]
+    assert cells[7].endswith("s")
+    assert cells[8:] == ["0", "0"]
     assert TABLE[:10] in out
+    # The scheduled row is not a backlog: oldest-due reads the due rows only.
+    code, _, err = invoke("--app", sqlite_app.spec, "status", "--fail-on", "oldest-due>1h")
+    assert code == 0, err
+    code, _, _ = invoke("--app", sqlite_app.spec, "status", "--fail-on", "scheduled>0")
+    assert code == 4
 
     code, out, err = invoke("--app", sqlite_app.spec, "status", "--json")
     assert code == 0, err
@@ -186,9 +194,16 @@ def test_status_shows_counts_and_json_parses(sqlite_app: AppModule) -> None:
     assert svc["service"] == SERVICE
     assert svc["table"] == TABLE
     assert svc["migrated"] is True
-    assert svc["counts"] == {"pending": 3, "published": 0, "consumed": 0, "dead": 0}
-    assert svc["total"] == 3
+    assert svc["counts"] == {
+        "pending": 4,
+        "published": 0,
+        "consumed": 0,
+        "dead": 0,
+        "cancelled": 0,
+    }
+    assert svc["total"] == 4
     assert svc["due"] == 3
+    assert svc["scheduled"] == 1
     assert svc["dead"] == 0
     assert svc["oldest_due_seconds"] >= 0
 
@@ -378,3 +393,29 @@ def test_demo_refuses_an_existing_database(isolated: Path) -> None:
     assert err.startswith("error: ")
     assert "already exists" in err
     assert existing.read_bytes() == b"precious"
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def test_cancel_a_waiting_event_then_not_again(sqlite_app: AppModule) -> None:
+    assert invoke("--app", sqlite_app.spec, "migrate")[0] == 0
+    outbox = Outbox(sqlite_app.url, settings=OutboxSettings.from_values())
+    outbox.register_event(EVENT, SERVICE)
+    with Session(outbox.db.sync_engine) as session, session.begin():
+        oid = outbox.publish(session, EVENT, {"id": 1}, event_id="evt-cli", delay=600)
+
+    code, out, err = invoke("--app", sqlite_app.spec, "cancel", "evt-cli")
+    assert code == 0, err
+    assert "cancelled event evt-cli" in out
+    row = outbox.store(SERVICE).get_by_id(oid)
+    assert row is not None
+    assert row.status is Status.CANCELLED
+    # Already cancelled: not waiting any more, exit 1 with the reason.
+    code, _, err = invoke("--app", sqlite_app.spec, "cancel", "evt-cli")
+    assert code == 1
+    assert "not cancelled" in err
+    code, out, _ = invoke("--app", sqlite_app.spec, "cancel", "nope", "--json")
+    assert code == 1
+    assert json.loads(out) == {"event_id": "nope", "cancelled": False}
+    outbox.close()
