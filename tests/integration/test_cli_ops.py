@@ -156,7 +156,13 @@ def test_dead_letter_lifecycle_and_retention(ops_app: OpsApp) -> None:
     assert (status.returncode, doc["ok"], doc["exit_code"]) == (4, False, 4)
     assert doc["failing"] == [f"{svc}: dead>0 (dead is 2)"]
     [mine] = [s for s in doc["services"] if s["service"] == svc]
-    assert mine["counts"] == {"pending": 0, "published": 0, "consumed": 5, "dead": 2, "cancelled": 0}
+    assert mine["counts"] == {
+        "pending": 0,
+        "published": 0,
+        "consumed": 5,
+        "dead": 2,
+        "cancelled": 0,
+    }
     assert mine["consumed_per_second"] > 0
 
     # dead list, paged
