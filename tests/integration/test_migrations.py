@@ -3,14 +3,17 @@ the reviewed SQL script, and two processes migrating at once."""
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
 import pytest
 from sqlalchemy import MetaData, insert, inspect, select
+from sqlalchemy.orm import Session
 
 from outboxer import Outbox
 from outboxer.database.migrations import LATEST, STEPS, sql_script, table_at
+from outboxer.database.ops import RowFilter
 from outboxer.database.schema import db_now
 from tests.helpers import drop_tables, make_outbox
 
@@ -200,3 +203,77 @@ def test_two_processes_migrating_at_once(db_url: str, service: str) -> None:
     drop_tables(obs[0])
     for ob in obs:
         ob.close()
+
+
+def _envelope(event_id: str | None, n: int) -> str:
+    return json.dumps(
+        {
+            "event_id": event_id,
+            "event_type": "old.event",
+            "event_version": "v1",
+            "aggregate_id": "k",
+            "payload": {"n": n},
+        },
+        separators=(",", ":"),
+    )
+
+
+def test_version_4_copies_event_ids_and_reports_repeats(db_url: str, service: str) -> None:
+    """Rows written before event ids were unique: the earliest row of each id gets
+    it, a repeat keeps the column empty, and the migration says which rows."""
+    ob = make_outbox(db_url)
+    route = ob.register_service(service, table=f"{service}_ids")
+    ob.register_event("old.event", service)
+    md = MetaData()
+    old = table_at(route.table_name, 3, md)
+    payloads = [
+        _envelope("evt-dup", 1),
+        _envelope("evt-solo", 2),
+        _envelope("evt-dup", 1),  # the same event published twice
+        _envelope(None, 4),  # no explicit id: stays empty
+        "not json",
+        _envelope("evt-dup", 5),
+    ]
+    with ob.db.sync_engine.begin() as conn:
+        md.create_all(conn)
+        now = db_now()
+        for payload in payloads:
+            conn.execute(
+                insert(old).values(
+                    event_type="old.event",
+                    service_name=service,
+                    topic="t.old",
+                    message_key="k",
+                    payload=payload,
+                    status="consumed",
+                    retry_count=0,
+                    max_retry=20,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        ids = list(conn.execute(select(old.c.id).order_by(old.c.id)).scalars())
+    script = sql_script(ob.migration_plan(), ob.tables, ob.db.sync_engine.dialect)
+    assert "filled by `outboxer migrate` only" in script
+    [done] = ob.migrate()
+    [note] = done.notes
+    assert f"2 rows repeat the event id of an earlier row ('evt-dup': rows {ids[0]}, " in note
+    assert f"{ids[2]}, {ids[5]})" in note
+    rows = {m.id: m.event_id for m in ob.store(service).find(RowFilter(), 10)}
+    assert rows == {
+        ids[0]: "evt-dup",
+        ids[1]: "evt-solo",
+        ids[2]: None,
+        ids[3]: None,
+        ids[4]: None,
+        ids[5]: None,
+    }
+    # Publishing a copied id again is idempotent from now on.
+    with Session(ob.db.sync_engine) as s, s.begin():
+        assert ob.publish(s, "old.event", {"n": 2}, event_id="evt-solo") == ids[1]
+        assert ob.publish(s, "old.event", {"n": 1}, event_id="evt-dup") == ids[0]
+    [again] = ob.migrate()
+    assert again.up_to_date
+    assert again.notes == []
+    drop_tables(ob)
+    ob.close()
