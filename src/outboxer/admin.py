@@ -38,7 +38,7 @@ from outboxer.errors import AmbiguousMessageError, ConfigurationError, MessageNo
 from outboxer.models import Activity, OutboxMessage, ServiceStatus, Status
 from outboxer.routing import ServiceRoute
 from outboxer.settings import DEFAULT_PURGE_BATCH
-from outboxer.store import Storage, Store
+from outboxer.store import Storage, Store, check_event_id
 
 DEFAULT_PAGE = 50
 
@@ -330,13 +330,15 @@ class Admin:
 
     def cancel(self, event_id: str, *, service: str | None = None) -> bool:
         """Take back the event ``event_id`` of ``service`` (or of the only service
-        whose table has that event id) if it is still waiting; True when it is now
-        ``cancelled``. Raises :class:`AmbiguousMessageError` when several services
-        have the id."""
+        where an event with that id is pending) if it is still waiting; True when it
+        is now ``cancelled``. Raises :class:`AmbiguousMessageError` when the id is
+        pending in several services."""
+        event_id = check_event_id(event_id)
         route = self._cancel_route(event_id, service)
         return route is not None and self._store(route).cancel(event_id)
 
     async def cancel_async(self, event_id: str, *, service: str | None = None) -> bool:
+        event_id = check_event_id(event_id)
         route = await asyncio.to_thread(self._cancel_route, event_id, service)
         return route is not None and await self._store(route).cancel_async(event_id)
 
@@ -352,12 +354,12 @@ class Admin:
                     f"are cancelled where they are published"
                 )
             return routes[0] if routes else None
-        where = RowFilter(event_id=event_id.strip())
+        # Only the services where the id still waits can take a cancel.
+        where = RowFilter(event_id=event_id, status=Status.PENDING)
         holders = [
             r
             for r in routes
-            if not r.inbox
-            and any(m.event_id == event_id.strip() for m in self._store(r).find(where, 2))
+            if not r.inbox and any(m.event_id == event_id for m in self._store(r).find(where, 2))
         ]
         if len(holders) > 1:
             names = ", ".join(r.service_name for r in holders)

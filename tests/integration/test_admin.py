@@ -8,7 +8,13 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy.orm import Session
 
-from outboxer import AmbiguousMessageError, MessageNotFoundError, Outbox, Status
+from outboxer import (
+    AmbiguousMessageError,
+    InvalidEventError,
+    MessageNotFoundError,
+    Outbox,
+    Status,
+)
 from outboxer.database.locks import single_instance
 from outboxer.database.ops import RowFilter
 from outboxer.retention import SWEEP_LOCK, Sweeper
@@ -170,3 +176,24 @@ def test_only_one_sweeper_at_a_time(server_url: str, service: str) -> None:
     assert sweeper.sweep_once() is not None
     drop_tables(ob)
     ob.close()
+
+
+async def test_cancel_finds_the_service_of_an_event_id(two: Outbox, service: str) -> None:
+    with Session(two.db.sync_engine) as session, session.begin():
+        one = two.publish(session, f"{service}.a", {}, event_id="only-here", delay=60)
+        two.publish(session, f"{service}.a", {}, event_id="in-both")
+        two.publish(session, f"{service}_2.c", {}, event_id="in-both")
+    assert two.admin.cancel("only-here") is True
+    assert two.store(service).get_by_id(one).status is Status.CANCELLED  # type: ignore[union-attr]
+    assert two.admin.cancel("nowhere") is False
+    with pytest.raises(AmbiguousMessageError, match="name the service"):
+        two.admin.cancel("in-both")
+    try:
+        assert await two.admin.cancel_async("in-both", service=f"{service}_2") is True
+        assert await two.admin.cancel_async("in-both", service=f"{service}_2") is False
+    finally:
+        await two.aclose()  # the async pool belongs to this test's event loop
+    assert two.admin.cancel("in-both") is True  # the other one is now the only one waiting
+    with pytest.raises(InvalidEventError):
+        two.admin.cancel(" ")
+    assert two.store(service).status().counts["cancelled"] == 2

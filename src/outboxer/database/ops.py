@@ -237,11 +237,15 @@ def op_publish(c: OpContext, values: dict[str, Any]) -> Op[Published]:
 
     An event id already in the table writes nothing: the holder's outbox id comes
     back when its event type and payload are the same, :class:`DuplicateEventError`
-    is raised when they differ. The statement never fails on the duplicate (the
-    dialect's insert-or-nothing), so the caller's transaction stays usable, and a
-    publisher racing another transaction with the same id waits for it at the
-    unique index and then reads its committed row (a locking read: the latest
-    version, whatever the isolation level).
+    is raised when they differ. No statement fails on the duplicate (the dialect's
+    insert-or-nothing), so the caller's transaction stays usable. A publisher racing
+    another transaction with the same id waits for it at the unique index, writes
+    nothing once it committed, and then reads its row.
+
+    Where a plain read sees only the transaction's snapshot (MySQL/MariaDB), the
+    holder is read first, so a publish again of a committed event takes no lock, and
+    read again with a locking read (the latest version) after a race; elsewhere the
+    insert comes first (one statement for a new id) and a plain read follows a skip.
     """
     ctx = c.ctx(event_type=values["event_type"])
     event_id = values.get("event_id")
@@ -249,13 +253,26 @@ def op_publish(c: OpContext, values: dict[str, Any]) -> Op[Published]:
         result = yield Execute(_insert(c, values, False), values, what="insert", context=ctx)
         outbox_id = int(result.inserted_primary_key[0])
     else:
-        holder = yield from _event_holder(c, event_id, lock=False)
+        snapshot = c.dialect.snapshot_reads
+        holder = (yield from _event_holder(c, event_id, lock=False)) if snapshot else None
         if holder is None:
-            result = yield Execute(_insert(c, values, True), values, what="insert", context=ctx)
-            new_id = c.dialect.inserted_id(result)
+            if c.channel is not None and _due_now(values):
+                # The row and the notice in one round trip, as op_insert does; a
+                # skipped row returns nothing and notifies nobody.
+                params = {"headers": None, **values}
+                stmt = _insert_once_and_notify(c, c.channel)
+                result = yield Execute(stmt, params, what="insert", context=ctx)
+                row = result.first()
+                if row is not None:
+                    return Published(int(row[0]), True)
+                new_id = None
+            else:
+                stmt = _insert(c, values, True)
+                result = yield Execute(stmt, values, what="insert", context=ctx)
+                new_id = c.dialect.inserted_id(result)
             if new_id is None:
-                # Another transaction wrote the id first and has committed by now.
-                holder = yield from _event_holder(c, event_id, lock=True)
+                # Another transaction holds the id (committed by now, if it raced us).
+                holder = yield from _event_holder(c, event_id, lock=snapshot)
                 if holder is None:
                     raise StoreError(
                         "the event id was taken and released while publishing",
@@ -266,10 +283,46 @@ def op_publish(c: OpContext, values: dict[str, Any]) -> Op[Published]:
             return Published(int(holder.id), False)
         assert new_id is not None
         outbox_id = new_id
-    if c.channel is not None and "_at" not in values and "_delay" not in values:
+    if c.channel is not None and _due_now(values):
         notify = select(func.pg_notify(literal(c.channel), ""))
         yield Execute(notify, what="notify", context=ctx)
     return Published(outbox_id, True)
+
+
+def _due_now(values: Mapping[str, Any]) -> bool:
+    return "_at" not in values and "_delay" not in values
+
+
+_NOTIFYING_ONCE: weakref.WeakKeyDictionary[Table, dict[str, Executable]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _insert_once_and_notify(c: OpContext, channel: str) -> Executable:
+    """``WITH ins AS (INSERT ... ON CONFLICT DO NOTHING RETURNING id) SELECT id,
+    pg_notify(channel, '') FROM ins``: a new row and its notice in one round trip."""
+    t = c.table
+    by_channel = _NOTIFYING_ONCE.setdefault(t, {})
+    stmt = by_channel.get(channel)
+    if stmt is None:
+        binds: dict[str, Any] = {name: bindparam(name) for name in _NEW_COLUMNS}
+        ins = (
+            c.dialect.insert_ignoring_duplicates(t, "event_id")
+            .values(
+                status=Status.PENDING.value,
+                retry_count=0,
+                next_retry_at=db_now(),
+                created_at=db_now(),
+                updated_at=db_now(),
+                requeue_count=0,
+                **binds,
+            )
+            .returning(t.c.id)
+            .cte("ins")
+        )
+        stmt = select(ins.c.id, func.pg_notify(literal(channel), ""))
+        by_channel[channel] = stmt
+    return stmt
 
 
 def _event_holder(c: OpContext, event_id: str, *, lock: bool) -> Op[Any]:

@@ -37,6 +37,10 @@ class Dialect:
     """The claim is one statement (it may then run without an explicit transaction)."""
     autocommit_single_statements: ClassVar[bool] = True
     """Run one-statement operations in autocommit mode: no BEGIN/COMMIT round trips."""
+    snapshot_reads: ClassVar[bool] = False
+    """A plain read inside a transaction sees the snapshot its first read took, not
+    rows committed since (MySQL/MariaDB's default, repeatable read): reading what
+    another transaction just committed takes a locking read."""
 
     # ------------------------------------------------------------------ engines
 
