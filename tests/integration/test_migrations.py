@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, insert, inspect, select
+from sqlalchemy import Index, MetaData, Table, insert, inspect, select
 from sqlalchemy.orm import Session
 
 from outboxer import Outbox
@@ -275,5 +275,33 @@ def test_version_4_copies_event_ids_and_reports_repeats(db_url: str, service: st
     [again] = ob.migrate()
     assert again.up_to_date
     assert again.notes == []
+    drop_tables(ob)
+    ob.close()
+
+
+def test_an_inbox_table_of_version_3_gets_deliver_at_only(db_url: str, service: str) -> None:
+    """Inbox tables had a required, unique event_id since version 3: version 4 adds
+    only deliver_at to them (same index name, nothing to copy)."""
+    ob = make_outbox(db_url)
+    ob.register_inbox(service, consumer="shop")
+    latest = ob.table_for(service)
+    md = MetaData()
+    Table(
+        latest.name,
+        md,
+        *(c._copy() for c in latest.columns if c.name != "deliver_at"),
+        *(Index(i.name, *(c.name for c in i.columns), unique=i.unique) for i in latest.indexes),
+    )
+    with ob.db.sync_engine.begin() as conn:
+        md.create_all(conn)
+    [plan] = ob.migration_plan()
+    assert [type(s).__name__ for s in plan.statements] == ["AddColumn"]
+    [done] = ob.migrate()
+    assert done.target == LATEST
+    columns = {
+        c["name"]: c["nullable"] for c in inspect(ob.db.sync_engine).get_columns(latest.name)
+    }
+    assert columns["deliver_at"] is True
+    assert columns["event_id"] is False
     drop_tables(ob)
     ob.close()
