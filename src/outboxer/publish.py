@@ -77,11 +77,14 @@ class Publisher:
 
     def _prepare_many(
         self, events: Iterable[Event | tuple[str, Any]], tx: object
-    ) -> tuple[int, list[tuple[OpContext, list[int], list[dict[str, Any]]]], list[_One]]:
-        """Every event checked and encoded (nothing written yet): plain events grouped
-        by table (one INSERT each), the others (event id, scheduled) one by one."""
-        groups: dict[str, tuple[OpContext, list[int], list[dict[str, Any]]]] = {}
-        ones: list[_One] = []
+    ) -> tuple[int, list[_Write]]:
+        """Every event checked and encoded (nothing written yet), as the writes to
+        make in order: runs of plain events of one table (one INSERT each), and the
+        others (event id, scheduled) one by one. A table's rows are written in the
+        order they were given, so its outbox ids (the order of ordered services)
+        follow that order."""
+        writes: list[_Write] = []
+        runs: dict[str, _Write] = {}
         count = 0
         for index, item in enumerate(events):
             event = item if isinstance(item, Event) else Event(*item)
@@ -97,48 +100,54 @@ class Publisher:
             route, values = self._prepare(event.event_type, event.payload, options)
             count = index + 1
             if not _plain(values):
-                ones.append((index, self.storage.op_context(route, tx), values))
+                run = runs.pop(route.service_name, None)
+                if run is not None:
+                    writes.append(run)
+                writes.append((self.storage.op_context(route, tx), [index], [values], True))
                 continue
-            group = groups.get(route.service_name)
-            if group is None:
-                group = groups[route.service_name] = (self.storage.op_context(route, tx), [], [])
-            group[1].append(index)
-            group[2].append(values)
-        return count, list(groups.values()), ones
+            run = runs.get(route.service_name)
+            if run is None:
+                run = runs[route.service_name] = (self.storage.op_context(route, tx), [], [], False)
+            run[1].append(index)
+            run[2].append(values)
+        writes.extend(runs.values())
+        return count, writes
 
     def publish_many(
         self, tx: Session | Connection, events: Iterable[Event | tuple[str, Any]]
     ) -> list[int]:
         check_sync(tx)
-        count, groups, ones = self._prepare_many(events, tx)
+        count, writes = self._prepare_many(events, tx)
         ids = [0] * count
         runner = SyncRunner(tx)
-        for ctx, indices, rows in groups:
+        for ctx, indices, rows, one in writes:
+            if one:
+                ids[indices[0]], inserted = runner.run(op_publish(ctx, rows[0]))
+                if inserted:
+                    self._report(ctx, rows, tx)
+                continue
             for index, oid in zip(indices, runner.run(op_insert_many(ctx, rows)), strict=True):
                 ids[index] = oid
             self._report(ctx, rows, tx)
-        for index, ctx, values in ones:
-            ids[index], inserted = runner.run(op_publish(ctx, values))
-            if inserted:
-                self._report(ctx, [values], tx)
         return ids
 
     async def publish_many_async(
         self, tx: AsyncSession | AsyncConnection, events: Iterable[Event | tuple[str, Any]]
     ) -> list[int]:
         check_async(tx)
-        count, groups, ones = self._prepare_many(events, tx)
+        count, writes = self._prepare_many(events, tx)
         ids = [0] * count
         runner = AsyncRunner(tx)
-        for ctx, indices, rows in groups:
+        for ctx, indices, rows, one in writes:
+            if one:
+                ids[indices[0]], inserted = await runner.run(op_publish(ctx, rows[0]))
+                if inserted:
+                    self._report(ctx, rows, tx)
+                continue
             written = await runner.run(op_insert_many(ctx, rows))
             for index, oid in zip(indices, written, strict=True):
                 ids[index] = oid
             self._report(ctx, rows, tx)
-        for index, ctx, values in ones:
-            ids[index], inserted = await runner.run(op_publish(ctx, values))
-            if inserted:
-                self._report(ctx, [values], tx)
         return ids
 
     def _report(self, ctx: OpContext, rows: list[dict[str, Any]], tx: object) -> None:
@@ -160,8 +169,9 @@ class Publisher:
         return outbox_id
 
 
-_One = tuple[int, OpContext, dict[str, Any]]
-"""An event of ``publish_many`` written on its own: (index, context, values)."""
+_Write = tuple[OpContext, list[int], list[dict[str, Any]], bool]
+"""A write of ``publish_many``: (context, indices in the call, rows, written one by
+one with ``op_publish``: an event id or a due time)."""
 
 
 def _plain(values: dict[str, Any]) -> bool:

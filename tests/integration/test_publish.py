@@ -419,6 +419,23 @@ def test_an_event_id_published_again_writes_nothing(outbox: Outbox, service: str
     assert _rows(outbox, service) == 4
 
 
+def test_publish_many_keeps_the_order_of_a_tables_rows(outbox: Outbox, service: str) -> None:
+    """Events with an id (written one by one) and plain ones (written together) get
+    outbox ids in the order given: the order ordered services handle them in."""
+    et = f"{service}.created"
+    events = [
+        Event(et, {"n": 0}, key="k"),
+        Event(et, {"n": 1}, key="k", event_id="one"),
+        Event(et, {"n": 2}, key="k"),
+        Event(et, {"n": 3}, key="k", delay=60),
+        Event(et, {"n": 4}, key="k"),
+    ]
+    with Session(outbox.db.sync_engine) as s, s.begin():
+        ids = outbox.publish_many(s, events)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 5
+
+
 async def test_an_event_id_published_again_async(aoutbox: Outbox, service: str) -> None:
     et = f"{service}.created"
     async with AsyncSession(aoutbox.db.async_engine) as s, s.begin():
