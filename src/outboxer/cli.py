@@ -385,6 +385,9 @@ def migrate(
             state = f"[green]upgraded from {plan.current}[/]"
         table.add_row(route.service_name, route.table_name, str(plan.target), state)
     console.print(table)
+    for plan in plans.values():
+        for note in plan.notes:
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import MetaData, create_engine, insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from outboxer import Outbox, OutboxSettings, Status
 from outboxer.cli import app
-from outboxer.database.migrations import LATEST
+from outboxer.database.migrations import LATEST, table_at
+from outboxer.database.schema import db_now
 from outboxer.settings import CONFIG_ENV
 from tests.helpers import ServerDatabase
 
@@ -142,6 +143,36 @@ def test_migrate_creates_the_table_then_finds_it(sqlite_app: AppModule) -> None:
     code, out, err = invoke("--app", sqlite_app.spec, "migrate")
     assert code == 0, err
     assert table_row(out, SERVICE) == [SERVICE, TABLE, str(LATEST), "up to date"]
+
+
+def test_migrate_names_rows_that_repeat_an_event_id(sqlite_app: AppModule) -> None:
+    engine = create_engine(sqlite_app.url)
+    md = MetaData()
+    old = table_at(TABLE, 3, md)
+    envelope = '{"event_id":"evt-1","event_type":"order.placed","payload":{}}'
+    with engine.begin() as conn:
+        md.create_all(conn)
+        for _ in range(2):
+            conn.execute(
+                insert(old).values(
+                    event_type=EVENT,
+                    service_name=SERVICE,
+                    topic="t",
+                    message_key="k",
+                    payload=envelope,
+                    status="consumed",
+                    retry_count=0,
+                    max_retry=20,
+                    created_at=db_now(),
+                    updated_at=db_now(),
+                )
+            )
+    engine.dispose()
+    code, out, err = invoke("--app", sqlite_app.spec, "migrate")
+    assert code == 0, err
+    assert table_row(out, SERVICE) == [SERVICE, TABLE, str(LATEST), "upgraded from 1"]
+    assert "note:" in out
+    assert "1 row(s) repeat the event id of an earlier row ('evt-1': rows 1, 2)" in out
 
 
 def test_app_from_the_environment(sqlite_app: AppModule) -> None:

@@ -257,7 +257,7 @@ def test_version_4_copies_event_ids_and_reports_repeats(db_url: str, service: st
     assert "filled by `outboxer migrate` only" in script
     [done] = ob.migrate()
     [note] = done.notes
-    assert f"2 rows repeat the event id of an earlier row ('evt-dup': rows {ids[0]}, " in note
+    assert f"2 row(s) repeat the event id of an earlier row ('evt-dup': rows {ids[0]}, " in note
     assert f"{ids[2]}, {ids[5]})" in note
     rows = {m.id: m.event_id for m in ob.store(service).find(RowFilter(), 10)}
     assert rows == {

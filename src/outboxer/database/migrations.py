@@ -95,7 +95,7 @@ def _copy_event_ids(conn: Connection, table: Table) -> list[str]:
     )
     more = f"; and {len(duplicates) - 5} more ids" if len(duplicates) > 5 else ""
     note = (
-        f"{table.name}: {rows} rows repeat the event id of an earlier row ({shown}{more}); "
+        f"{table.name}: {rows} row(s) repeat the event id of an earlier row ({shown}{more}); "
         f"the earliest row of each id holds it, the later ones keep an empty event_id "
         f"(publishing that id again returns the earliest row)"
     )
