@@ -537,7 +537,8 @@ def test_two_transactions_publish_one_event_id_at_once(outbox: Outbox, service: 
 
 async def test_one_effect_in_every_consumer_mode(db_url: str, service: str) -> None:
     """The same event id published three times: one effect where the consumer shares
-    the producer's database, and one where it has an inbox of its own."""
+    the producer's database (through a broker, and in-process), and one where it has
+    an inbox of its own."""
     transport = InMemoryTransport()
     settings = isolated_settings(retry_unit=0.02, poll_interval=0.05, topic_prefix=service)
     producer = Outbox(db_url, transport=transport, settings=settings)
@@ -557,6 +558,10 @@ async def test_one_effect_in_every_consumer_mode(db_url: str, service: str) -> N
     def apply(event: Envelope, tx: Session) -> None:
         tx.execute(fx.insert().values(event_id=f"{event.event_type}:{event.event_id}"))
 
+    def apply_at_producer(event: Envelope, tx: Session) -> None:
+        tx.execute(fx.insert().values(event_id=f"producer:{event.event_id}"))
+
+    producer.register_handler("order.placed", apply_at_producer)
     consumer.register_handler("order.placed", apply)
     local.register_handler("cart.closed", apply)
     try:
@@ -570,7 +575,7 @@ async def test_one_effect_in_every_consumer_mode(db_url: str, service: str) -> N
         await drain(local)
         with local.db.sync_engine.connect() as conn:
             effects = sorted(conn.execute(select(fx.c.event_id)).scalars())
-        assert effects == ["cart.closed:evt-c", "order.placed:evt-o"]
+        assert effects == ["cart.closed:evt-c", "order.placed:evt-o", "producer:evt-o"]
     finally:
         for ob in (producer, consumer, local):
             drop_tables(ob)
