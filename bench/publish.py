@@ -7,6 +7,9 @@ process, the worker runs elsewhere):
 - **without publish**: ``INSERT`` an order, ``COMMIT``.
 - **with one publish**: the same plus ``Outbox.publish`` of one event on the same
   connection, in the same transaction.
+- **with one publish with event_id**: the same with an explicit ``event_id`` (unique
+  per table since schema version 4: the id's holder is read, then the database's
+  insert-or-nothing writes the row).
 - **ten events, publish x10** / **ten events, publish_many**: an order with ten
   events, published one call each, and (when the outbox has it) in one
   ``publish_many`` call; reported in events/s.
@@ -50,6 +53,7 @@ from outboxer import Outbox
 
 WITHOUT = "business tx without publish"
 WITH = "business tx + one publish"
+WITH_ID = "business tx + one publish with event_id"
 TEN = "business tx + 10 events (publish x10)"
 MANY = "business tx + 10 events (publish_many)"
 
@@ -82,6 +86,12 @@ def run(bench: Bench) -> Section:
                 WITH: lambda conn, i: (
                     conn.execute(insert(orders).values(n=i)),
                     outbox.publish(conn, EVENT, {"order": i}, key=f"order-{i}"),
+                ),
+                WITH_ID: lambda conn, i: (
+                    conn.execute(insert(orders).values(n=i)),
+                    outbox.publish(
+                        conn, EVENT, {"order": i}, key=f"order-{i}", event_id=f"order-{i}-placed"
+                    ),
                 ),
                 TEN: lambda conn, i: (
                     conn.execute(insert(orders).values(n=i)),
@@ -116,7 +126,7 @@ def run(bench: Bench) -> Section:
                 except Exception as exc:
                     section.failed(run_name, exc)
                     continue
-                events = {WITHOUT: 0, WITH: 1}.get(name, 10)
+                events = {WITHOUT: 0, WITH: 1, WITH_ID: 1}.get(name, 10)
                 ok, detail = _check(engine, orders, table, count, count * events)
                 section.check(f"{run_name}: every order and event written", ok, detail)
                 if r >= 0:
@@ -173,6 +183,10 @@ def _targets(section: Section) -> None:
     s = section.series
     ratio = [a / b for a, b in zip(s[WITH].samples, s[WITHOUT].samples, strict=False) if b]
     section.ratios["with / without publish"] = ratio
+    if WITH_ID in s:
+        section.ratios["with event_id / with publish"] = [
+            a / b for a, b in zip(s[WITH_ID].samples, s[WITH].samples, strict=False) if b
+        ]
     if MANY in s:
         section.ratios["publish_many / publish x10"] = [
             a / b for a, b in zip(s[MANY].samples, s[TEN].samples, strict=False) if b

@@ -6,6 +6,7 @@ from outboxer.envelope import Envelope
 from outboxer.errors import (
     AmbiguousMessageError,
     ConfigurationError,
+    DuplicateEventError,
     EnvelopeDecodeError,
     EventNotRegisteredError,
     EventServiceConflictError,
@@ -38,6 +39,7 @@ __all__ = [
     "Admin",
     "AmbiguousMessageError",
     "DeadLetterPage",
+    "DuplicateEventError",
     "PurgeResult",
     "ConfigurationError",
     "Envelope",

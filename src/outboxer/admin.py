@@ -14,8 +14,10 @@ in small transactions of its own, and has an ``_async`` twin.
   outbox id, event id, key, event type and status, newest first, paged with a
   ``service:id`` cursor, never counted) and :meth:`Admin.activity` (published,
   consumed and failed per minute over the last hour).
-- Retention: :meth:`Admin.purge` deletes consumed rows, published rows of services
-  consumed elsewhere, and dead rows older than given ages, ``batch_size`` rows per
+- Cancel: :meth:`Admin.cancel` takes back an event that is still waiting (by its
+  event id), as ``Outbox.cancel`` does on a caller's transaction.
+- Retention: :meth:`Admin.purge` deletes consumed and cancelled rows, published rows
+  of services consumed elsewhere, and dead rows older than given ages, ``batch_size`` rows per
   transaction with a pause between batches, so it holds no long lock and sends
   replicas no large spike.
 
@@ -36,7 +38,7 @@ from outboxer.errors import AmbiguousMessageError, ConfigurationError, MessageNo
 from outboxer.models import Activity, OutboxMessage, ServiceStatus, Status
 from outboxer.routing import ServiceRoute
 from outboxer.settings import DEFAULT_PURGE_BATCH
-from outboxer.store import Storage, Store
+from outboxer.store import Storage, Store, check_event_id
 
 DEFAULT_PAGE = 50
 
@@ -326,6 +328,47 @@ class Admin:
                 found.append(m)
         return _one(found, outbox_id, service)
 
+    def cancel(self, event_id: str, *, service: str | None = None) -> bool:
+        """Take back the event ``event_id`` of ``service`` (or of the only service
+        where an event with that id is pending) if it is still waiting; True when it
+        is now ``cancelled``. Raises :class:`AmbiguousMessageError` when the id is
+        pending in several services."""
+        event_id = check_event_id(event_id)
+        route = self._cancel_route(event_id, service)
+        return route is not None and self._store(route).cancel(event_id)
+
+    async def cancel_async(self, event_id: str, *, service: str | None = None) -> bool:
+        event_id = check_event_id(event_id)
+        route = await asyncio.to_thread(self._cancel_route, event_id, service)
+        return route is not None and await self._store(route).cancel_async(event_id)
+
+    def _cancel_route(self, event_id: str, service: str | None) -> ServiceRoute | None:
+        existing = self.storage.database.table_names()
+        routes = [
+            r for r in self.routes([service] if service else None) if r.table_name in existing
+        ]
+        if service is not None:
+            if routes and routes[0].inbox:
+                raise ConfigurationError(
+                    f"service {service!r} is consumed here through an inbox: its events "
+                    f"are cancelled where they are published"
+                )
+            return routes[0] if routes else None
+        # Only the services where the id still waits can take a cancel.
+        where = RowFilter(event_id=event_id, status=Status.PENDING)
+        holders = [
+            r
+            for r in routes
+            if not r.inbox and any(m.event_id == event_id for m in self._store(r).find(where, 2))
+        ]
+        if len(holders) > 1:
+            names = ", ".join(r.service_name for r in holders)
+            raise AmbiguousMessageError(
+                f"event id {event_id!r} exists in services {names}: name the service",
+                event_id=event_id,
+            )
+        return holders[0] if holders else None
+
     def requeue(
         self,
         ids: Sequence[int] | None = None,
@@ -428,6 +471,8 @@ class Admin:
             PurgeRule(status=status, older_than=age)
             for status, age in (
                 (Status.CONSUMED, consumed_older_than),
+                # Cancelled rows are done as consumed ones are: they go with them.
+                (Status.CANCELLED, consumed_older_than),
                 (Status.PUBLISHED, published_older_than),
                 (Status.DEAD, dead_older_than),
             )
@@ -453,11 +498,12 @@ class Admin:
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> PurgeResult:
-        """Delete consumed, published and dead rows older than the given ages (seconds
-        since their last change), ``batch_size`` rows per transaction, ``pause``
-        seconds between batches. Published rows are deleted only for services this
-        application has no handlers for (consumed elsewhere: ``published`` is final
-        there). ``dry_run`` counts instead; ``should_stop`` is asked between batches."""
+        """Delete consumed (and cancelled, at the same age), published and dead rows
+        older than the given ages (seconds since their last change), ``batch_size``
+        rows per transaction, ``pause`` seconds between batches. Published rows are
+        deleted only for services this application has no handlers for (consumed
+        elsewhere: ``published`` is final there). ``dry_run`` counts instead;
+        ``should_stop`` is asked between batches."""
         if batch_size < 1:
             raise ConfigurationError(f"batch size must be at least 1, got {batch_size}")
         rules = self.purge_rules(

@@ -1,4 +1,5 @@
-"""The ``outboxer`` command line: migrate, run, status, dead letters, purge, the demo.
+"""The ``outboxer`` command line: migrate, run, status, dead letters, cancel, purge,
+the demo.
 
 ``--app module:attribute`` (or ``OUTBOXER_APP``) names the application's
 :class:`~outboxer.Outbox`, the way uvicorn names an ASGI app; the current directory
@@ -385,6 +386,9 @@ def migrate(
             state = f"[green]upgraded from {plan.current}[/]"
         table.add_row(route.service_name, route.table_name, str(plan.target), state)
     console.print(table)
+    for plan in plans.values():
+        for note in plan.notes:
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -513,6 +517,7 @@ def _status_json(route: ServiceRoute, st: ServiceStatus | None) -> dict[str, Any
         "counts": st.counts,
         "total": st.total,
         "due": st.due,
+        "scheduled": st.scheduled,
         "oldest_due_seconds": st.oldest_due_seconds,
         "dead": st.dead,
         "published_per_second": _per_second(st.published_last_minute),
@@ -539,17 +544,27 @@ def status_table(
         caption_justify="left",
     )
     table.add_column("service\n[dim]table[/]", overflow="fold", min_width=10)
-    headings = ("pending", "published", "consumed", "dead", "due\nnow", "oldest\ndue")
+    shown = (Status.PENDING, Status.PUBLISHED, Status.CONSUMED, Status.DEAD)
+    headings = (
+        "pending",
+        "sched-\nuled",
+        "published",
+        "consumed",
+        "dead",
+        "due\nnow",
+        "oldest\ndue",
+    )
     for name in (*headings, "pub/s", "con/s"):
         table.add_column(name, justify="right", no_wrap=True)
     for route, st in results:
         name = f"{escape(route.service_name)}\n[dim]{escape(route.table_name)}[/]"
         if st is None:
-            table.add_row(name, "[yellow]no table", *[""] * 7)
+            table.add_row(name, "[yellow]no table", *[""] * 8)
             continue
-        counts = [_count(st.counts.get(s.value, 0)) for s in Status]
+        counts = [_count(st.counts.get(s.value, 0)) for s in shown]
         if st.dead:
-            counts[list(Status).index(Status.DEAD)] = f"[bold red]{_count(st.dead)}"
+            counts[shown.index(Status.DEAD)] = f"[bold red]{_count(st.dead)}"
+        counts.insert(1, _count(st.scheduled))
         table.add_row(
             name,
             *counts,
@@ -577,7 +592,8 @@ def status(
             "--fail-on",
             metavar="CONDITIONS",
             help="Exit 4 when a condition holds for a service, e.g. dead>0,oldest-due>60s "
-            "(measures: pending, published, consumed, dead, total, due, oldest-due).",
+            "(measures: pending, published, consumed, dead, cancelled, total, due, scheduled, "
+            "oldest-due).",
             show_default=False,
         ),
     ] = None,
@@ -907,6 +923,38 @@ def dead_purge(
             dry_run=dry_run,
         )
     _report_purge(result, dry_run, as_json)
+
+
+# ---------------------------------------------------------------------- cancel
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context,
+    event_id: Annotated[str, typer.Argument(metavar="EVENT_ID", help="The event id.")],
+    service: Annotated[
+        str | None,
+        typer.Option("--service", "-s", help="The service, if several have this event id."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Take back an event published with this event id that is still waiting (not
+    sent yet, not on its way): it becomes cancelled and is never sent. Exits 1 when
+    it could not be cancelled (not there, or already sent, consumed or dead)."""
+    with _opened(ctx, as_json=as_json) as outbox:
+        done = outbox.admin.cancel(event_id, service=service)
+    if as_json:
+        sys.stdout.write(json.dumps({"event_id": event_id, "cancelled": done}, indent=2) + "\n")
+    elif done:
+        Console().print(f"cancelled event {escape(event_id)}", highlight=False)
+    else:
+        Console(stderr=True).print(
+            f"[red]not cancelled: event {escape(event_id)} is not waiting "
+            f"(no such event id, or already sent, on its way, consumed, dead or cancelled)",
+            highlight=False,
+        )
+    if not done:
+        raise typer.Exit(EXIT_ERROR)
 
 
 @app.command()

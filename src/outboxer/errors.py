@@ -65,6 +65,12 @@ class InvalidEventError(OutboxError, ValueError):
     """An event type, key or option given to publish/create is invalid."""
 
 
+class DuplicateEventError(InvalidEventError):
+    """An event with this event id is already in the service's table with another
+    event type or payload; nothing was written and the caller's transaction is
+    still usable (``outbox_id``: the row that holds the id)."""
+
+
 class PayloadError(OutboxError, ValueError):
     """The payload cannot be stored."""
 

@@ -2,8 +2,10 @@
 
 A condition reads ``<measure><op><value>``: ``dead>0``, ``due>=1000``,
 ``oldest-due>60s``. Measures are the row counts by status (``pending``,
-``published``, ``consumed``, ``dead``), ``total``, ``due`` (rows due now) and
-``oldest-due`` (age of the oldest due row, a duration: ``90``, ``60s``, ``5m``).
+``published``, ``consumed``, ``dead``, ``cancelled``), ``total``, ``due`` (rows due
+now), ``scheduled`` (pending rows published for later, not yet due) and
+``oldest-due`` (age of the oldest due row, a duration: ``90``, ``60s``, ``5m``; a
+scheduled row counts from its due time, not its publish).
 Operators: ``>``, ``>=``, ``<``, ``<=``, ``=``, ``!=``. A condition holds when it holds
 for at least one service.
 """
@@ -29,7 +31,7 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     "==": operator.eq,
 }
 _CONDITION = re.compile(r"\s*([a-z_-]+)\s*(>=|<=|!=|==|>|<|=)\s*([0-9][0-9a-z.]*)\s*")
-COUNTS = (*(s.value for s in Status), "total", "due")
+COUNTS = (*(s.value for s in Status), "total", "due", "scheduled")
 DURATIONS = ("oldest-due",)
 
 
@@ -53,6 +55,8 @@ class Condition:
             return float(st.total)
         if self.measure == "due":
             return float(st.due)
+        if self.measure == "scheduled":
+            return float(st.scheduled)
         return float(st.counts.get(self.measure, 0))
 
     def holds(self, st: ServiceStatus) -> bool:

@@ -95,6 +95,11 @@ class _Backlog(Collector):
         due = GaugeMetricFamily(
             "outboxer_messages_due", "Rows due to be sent now", labels=["service"]
         )
+        scheduled = GaugeMetricFamily(
+            "outboxer_messages_scheduled",
+            "Rows published for later whose time has not come (not due, not a backlog)",
+            labels=["service"],
+        )
         oldest = GaugeMetricFamily(
             "outboxer_oldest_due_age_seconds",
             "How long the oldest due row has been due (0: nothing due)",
@@ -118,8 +123,9 @@ class _Backlog(Collector):
             for status, n in st.counts.items():
                 rows.add_metric([service, status], n)
             due.add_metric([service], st.due)
+            scheduled.add_metric([service], st.scheduled)
             oldest.add_metric([service], st.oldest_due_seconds or 0.0)
-        return [up, migrated, rows, due, oldest]
+        return [up, migrated, rows, due, scheduled, oldest]
 
 
 class PrometheusMetrics(Observer):

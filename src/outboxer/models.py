@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -19,9 +19,11 @@ class Status(StrEnum):
     PUBLISHED = "published"
     CONSUMED = "consumed"
     DEAD = "dead"
+    CANCELLED = "cancelled"
+    """Taken back before it was sent (``Outbox.cancel``): never sent, never handled."""
 
 
-FINAL_STATUSES = (Status.CONSUMED.value, Status.DEAD.value)
+FINAL_STATUSES = (Status.CONSUMED.value, Status.DEAD.value, Status.CANCELLED.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,11 @@ class OutboxMessage:
     """How many times an operator requeued this row (dead letters given a new start)."""
     requeued_at: datetime | None = None
     """When it was last requeued."""
+    event_id: str | None = None
+    """The event id given to ``publish`` (unique in the table); ``None`` when the
+    event was published without one (its id on the wire is then the outbox id)."""
+    deliver_at: datetime | None = None
+    """The due time a scheduled event was published with (``delay=``/``deliver_at=``)."""
     handling: int = 0
     """A delivery of it has started and not settled: 1 in a batch, 2 alone (0: none).
     Found set by the next delivery, it means the worker died while handling it."""
@@ -96,6 +103,8 @@ class Event:
     event_id: str | None = None
     version: str | None = None
     max_retry: int | None = None
+    delay: float | timedelta | None = None
+    deliver_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +121,9 @@ class ServiceStatus:
     """Rows handed to the transport in the last 60 s (``None``: not measured)."""
     consumed_last_minute: int | None = None
     """Rows consumed in the last 60 s (``None``: not measured)."""
+    scheduled: int = 0
+    """Pending rows published for later (``delay=``/``deliver_at=``) whose time has
+    not come: part of the ``pending`` count, never of ``due`` or ``oldest_due``."""
 
     @property
     def dead(self) -> int:

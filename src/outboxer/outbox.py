@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -98,9 +99,11 @@ class Outbox:
                 strict_json=settings.strict_json,
                 json_default=json_default,
                 max_payload_bytes=settings.max_payload_bytes,
+                schedule_horizon=settings.schedule_horizon,
             ),
             notify=settings.notify,
             dead_blocks=settings.ordered_after_dead == "block",
+            scheduled_blocks=settings.ordered_scheduled == "block",
         )
         self._publisher = Publisher(self.storage, self.hooks)
         self._handlers = Handlers()
@@ -348,12 +351,20 @@ class Outbox:
         event_id: str | None = None,
         version: str | None = None,
         max_retry: int | None = None,
+        delay: float | timedelta | None = None,
+        deliver_at: datetime | None = None,
     ) -> int:
         """Write one event on the caller's transaction and return its outbox id.
 
         Nothing is committed: the event becomes visible with the caller's commit and
         disappears with its rollback. Every check runs before any SQL, so a rejected
         event leaves the transaction usable.
+
+        ``event_id`` makes the publish idempotent in the service's table: publishing
+        an id that is already there writes nothing and returns that row's outbox id
+        (same event type and payload) or raises :class:`DuplicateEventError` (another
+        event). ``delay`` (seconds or a ``timedelta``) or ``deliver_at`` (an aware
+        datetime) schedule the event: nothing sends it before that time.
         """
         return self._publisher.publish(
             tx,
@@ -364,6 +375,8 @@ class Outbox:
             event_id=event_id,
             version=version,
             max_retry=max_retry,
+            delay=delay,
+            deliver_at=deliver_at,
         )
 
     def publish_many(
@@ -392,6 +405,8 @@ class Outbox:
         event_id: str | None = None,
         version: str | None = None,
         max_retry: int | None = None,
+        delay: float | timedelta | None = None,
+        deliver_at: datetime | None = None,
     ) -> int:
         """Async twin of :meth:`publish` for ``AsyncSession``/``AsyncConnection``."""
         return await self._publisher.publish_async(
@@ -403,7 +418,44 @@ class Outbox:
             event_id=event_id,
             version=version,
             max_retry=max_retry,
+            delay=delay,
+            deliver_at=deliver_at,
         )
+
+    # ------------------------------------------------------------------ cancel
+
+    def cancel(
+        self, tx: Session | Connection, event_id: str, *, service: str | None = None
+    ) -> bool:
+        """Take back the event ``event_id`` of ``service`` (the only service when
+        omitted) on the caller's transaction, if it is still waiting: published
+        with that event id, pending, not yet sent nor on its way. Returns True when
+        it is now ``cancelled`` (final: never sent, never handled; it takes effect
+        with the caller's commit), False when it is not there or cannot be taken
+        back any more (sent, consumed, dead, or claimed by a relay)."""
+        return self._cancel_store(tx, service).cancel(event_id)
+
+    async def cancel_async(
+        self, tx: AsyncSession | AsyncConnection, event_id: str, *, service: str | None = None
+    ) -> bool:
+        """Async twin of :meth:`cancel`."""
+        return await self._cancel_store(tx, service).cancel_async(event_id)
+
+    def _cancel_store(self, tx: Any, service: str | None) -> Store:
+        if service is None:
+            routes = [r for r in self.routes.routes() if not r.inbox]
+            if len(routes) != 1:
+                raise ConfigurationError(
+                    "cancel() needs service= when there is not exactly one service"
+                )
+            return self.storage.store(routes[0]).with_tx(tx)
+        route = self.routes.route_for_service(service)
+        if route.inbox:
+            raise ConfigurationError(
+                f"service {service!r} is consumed here through an inbox: its events are "
+                f"cancelled where they are published"
+            )
+        return self.storage.store(route).with_tx(tx)
 
     # ------------------------------------------------------------------ lifecycle
 

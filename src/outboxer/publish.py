@@ -1,5 +1,11 @@
 """Publishing: one INSERT on the caller's transaction, after every check.
 
+An event with an explicit ``event_id`` is written once per table (a second publish
+of the id returns the first row's outbox id, or raises ``DuplicateEventError`` when
+it is another event); ``delay``/``deliver_at`` set the row's first due time. Both go
+through :func:`~outboxer.database.ops.op_publish`; a plain event keeps the one
+INSERT of :func:`~outboxer.database.ops.op_insert`.
+
 ``publish`` never opens, commits or rolls back a transaction: the event becomes
 visible with the caller's commit and disappears with its rollback. Every check
 (registered event type, key, ids, ``max_retry``, JSON and size of the payload)
@@ -19,7 +25,7 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
-from outboxer.database.ops import OpContext, op_insert, op_insert_many
+from outboxer.database.ops import OpContext, op_insert, op_insert_many, op_publish
 from outboxer.database.runner import AsyncRunner, SyncRunner
 from outboxer.errors import RoutingError
 from outboxer.hooks import Observer
@@ -60,16 +66,25 @@ class Publisher:
     ) -> int:
         check_sync(tx)
         route, values = self._prepare(event_type, payload, options)
-        op = op_insert(self.storage.op_context(route, tx), values)
-        outbox_id = int(SyncRunner(tx).run(op))
-        self.hooks.event_published(route.service_name, values["event_type"], tx)
+        ctx = self.storage.op_context(route, tx)
+        if _plain(values):
+            outbox_id, inserted = int(SyncRunner(tx).run(op_insert(ctx, values))), True
+        else:
+            outbox_id, inserted = SyncRunner(tx).run(op_publish(ctx, values))
+        if inserted:
+            self.hooks.event_published(route.service_name, values["event_type"], tx)
         return outbox_id
 
     def _prepare_many(
         self, events: Iterable[Event | tuple[str, Any]], tx: object
-    ) -> tuple[int, list[tuple[OpContext, list[int], list[dict[str, Any]]]]]:
-        """Every event checked and encoded (nothing written yet), grouped by table."""
-        groups: dict[str, tuple[OpContext, list[int], list[dict[str, Any]]]] = {}
+    ) -> tuple[int, list[_Write]]:
+        """Every event checked and encoded (nothing written yet), as the writes to
+        make in order: runs of plain events of one table (one INSERT each), and the
+        others (event id, scheduled) one by one. A table's rows are written in the
+        order they were given, so its outbox ids (the order of ordered services)
+        follow that order."""
+        writes: list[_Write] = []
+        runs: dict[str, _Write] = {}
         count = 0
         for index, item in enumerate(events):
             event = item if isinstance(item, Event) else Event(*item)
@@ -79,24 +94,38 @@ class Publisher:
                 "event_id": event.event_id,
                 "version": event.version,
                 "max_retry": event.max_retry,
+                "delay": event.delay,
+                "deliver_at": event.deliver_at,
             }
             route, values = self._prepare(event.event_type, event.payload, options)
-            group = groups.get(route.service_name)
-            if group is None:
-                group = groups[route.service_name] = (self.storage.op_context(route, tx), [], [])
-            group[1].append(index)
-            group[2].append(values)
             count = index + 1
-        return count, list(groups.values())
+            if not _plain(values):
+                run = runs.pop(route.service_name, None)
+                if run is not None:
+                    writes.append(run)
+                writes.append((self.storage.op_context(route, tx), [index], [values], True))
+                continue
+            run = runs.get(route.service_name)
+            if run is None:
+                run = runs[route.service_name] = (self.storage.op_context(route, tx), [], [], False)
+            run[1].append(index)
+            run[2].append(values)
+        writes.extend(runs.values())
+        return count, writes
 
     def publish_many(
         self, tx: Session | Connection, events: Iterable[Event | tuple[str, Any]]
     ) -> list[int]:
         check_sync(tx)
-        count, groups = self._prepare_many(events, tx)
+        count, writes = self._prepare_many(events, tx)
         ids = [0] * count
         runner = SyncRunner(tx)
-        for ctx, indices, rows in groups:
+        for ctx, indices, rows, one in writes:
+            if one:
+                ids[indices[0]], inserted = runner.run(op_publish(ctx, rows[0]))
+                if inserted:
+                    self._report(ctx, rows, tx)
+                continue
             for index, oid in zip(indices, runner.run(op_insert_many(ctx, rows)), strict=True):
                 ids[index] = oid
             self._report(ctx, rows, tx)
@@ -106,12 +135,17 @@ class Publisher:
         self, tx: AsyncSession | AsyncConnection, events: Iterable[Event | tuple[str, Any]]
     ) -> list[int]:
         check_async(tx)
-        count, groups = self._prepare_many(events, tx)
+        count, writes = self._prepare_many(events, tx)
         ids = [0] * count
         runner = AsyncRunner(tx)
-        for ctx, indices, rows in groups:
-            inserted = await runner.run(op_insert_many(ctx, rows))
-            for index, oid in zip(indices, inserted, strict=True):
+        for ctx, indices, rows, one in writes:
+            if one:
+                ids[indices[0]], inserted = await runner.run(op_publish(ctx, rows[0]))
+                if inserted:
+                    self._report(ctx, rows, tx)
+                continue
+            written = await runner.run(op_insert_many(ctx, rows))
+            for index, oid in zip(indices, written, strict=True):
                 ids[index] = oid
             self._report(ctx, rows, tx)
         return ids
@@ -125,7 +159,21 @@ class Publisher:
     ) -> int:
         check_async(tx)
         route, values = self._prepare(event_type, payload, options)
-        op = op_insert(self.storage.op_context(route, tx), values)
-        outbox_id = int(await AsyncRunner(tx).run(op))
-        self.hooks.event_published(route.service_name, values["event_type"], tx)
+        ctx = self.storage.op_context(route, tx)
+        if _plain(values):
+            outbox_id, inserted = int(await AsyncRunner(tx).run(op_insert(ctx, values))), True
+        else:
+            outbox_id, inserted = await AsyncRunner(tx).run(op_publish(ctx, values))
+        if inserted:
+            self.hooks.event_published(route.service_name, values["event_type"], tx)
         return outbox_id
+
+
+_Write = tuple[OpContext, list[int], list[dict[str, Any]], bool]
+"""A write of ``publish_many``: (context, indices in the call, rows, written one by
+one with ``op_publish``: an event id or a due time)."""
+
+
+def _plain(values: dict[str, Any]) -> bool:
+    """Due now and without an event id: the one plain INSERT."""
+    return values.get("event_id") is None and "_delay" not in values and "_at" not in values

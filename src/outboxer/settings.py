@@ -54,6 +54,7 @@ DEFAULT_REDELIVER_AFTER = 600.0
 DEFAULT_SWEEP_INTERVAL = 3600.0
 DEFAULT_PURGE_BATCH = 500
 DEFAULT_PURGE_PAUSE = 0.05
+DEFAULT_SCHEDULE_HORIZON = 365 * 86400.0
 
 _config_file: ContextVar[Path | None] = ContextVar("outboxer_config_file", default=None)
 _isolated: ContextVar[bool] = ContextVar("outboxer_settings_isolated", default=False)
@@ -176,6 +177,12 @@ class OutboxSettings(BaseSettings):
     ordered_after_dead: Literal["skip", "block"] = "skip"
     """Ordered services: when an event ends dead, the later events of its key go on
     (``skip``) or wait until it is requeued and consumed, or purged (``block``)."""
+    ordered_scheduled: Literal["skip", "block"] = "skip"
+    """Ordered services: while an event published for later (``delay=``,
+    ``deliver_at=``) is not yet due, the later events of its key go on (``skip``)
+    or wait for it (``block``)."""
+    schedule_horizon: Seconds = Field(default=DEFAULT_SCHEDULE_HORIZON, gt=0)
+    """How far ahead ``publish(..., delay=/deliver_at=)`` may schedule an event."""
     isolate_handlers: bool = False
     """Run every handler in its own SAVEPOINT from the start. By default a consumer
     batch first runs its handlers without savepoints (one transaction, the fast

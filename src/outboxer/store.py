@@ -11,12 +11,13 @@ facade.
 from __future__ import annotations
 
 import contextlib
+import math
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table
@@ -37,6 +38,7 @@ from outboxer.database.ops import (
     RowFilter,
     Started,
     op_activity,
+    op_cancel,
     op_claim,
     op_claim_to_send,
     op_claim_unconsumed,
@@ -73,7 +75,7 @@ from outboxer.errors import (
 )
 from outboxer.models import Activity, OutboxMessage, ServiceStatus, Status
 from outboxer.routing import RouteRegistry, ServiceRoute, validate_event_type
-from outboxer.settings import DEFAULT_BATCH_SIZE, DEFAULT_LEASE
+from outboxer.settings import DEFAULT_BATCH_SIZE, DEFAULT_LEASE, DEFAULT_SCHEDULE_HORIZON
 
 T = TypeVar("T")
 
@@ -105,6 +107,16 @@ def clean_key(key: object, event_type: str | None = None) -> str:
             f"message key is not valid Unicode: {exc}", event_type=event_type
         ) from exc
     return key
+
+
+def check_event_id(event_id: object) -> str:
+    """An event id as given to ``cancel``: a non-empty string (trimmed, as publish
+    stores it)."""
+    if not isinstance(event_id, str) or not event_id.strip():
+        raise InvalidEventError(f"event id must be a non-empty string, got {event_id!r}")
+    if len(event_id.strip()) > MAX_EVENT_ID_CHARS:
+        raise InvalidEventError(f"event id is longer than {MAX_EVENT_ID_CHARS} characters")
+    return event_id.strip()
 
 
 def lease_seconds(lease: timedelta | float) -> float:
@@ -153,6 +165,62 @@ class RowBuilder:
     strict_json: bool = True
     json_default: JsonDefault | None = None
     max_payload_bytes: int | None = None
+    schedule_horizon: float = DEFAULT_SCHEDULE_HORIZON
+    """Seconds ahead ``delay``/``deliver_at`` may schedule an event."""
+
+    def schedule(
+        self,
+        delay: float | timedelta | None,
+        deliver_at: datetime | None,
+        event_type: str | None = None,
+    ) -> dict[str, Any]:
+        """The due time of a new row as insert parameters: ``{}`` (due now),
+        ``{"_delay": seconds}`` (the database clock) or ``{"_at": utc_datetime}``."""
+        if delay is not None and deliver_at is not None:
+            raise InvalidEventError("give delay or deliver_at, not both", event_type=event_type)
+        horizon = self.schedule_horizon
+        if delay is not None:
+            if isinstance(delay, timedelta):
+                seconds = delay.total_seconds()
+            elif isinstance(delay, int | float) and not isinstance(delay, bool):
+                seconds = float(delay)
+            else:
+                raise InvalidEventError(
+                    f"delay must be seconds or a timedelta, got {type(delay).__name__}",
+                    event_type=event_type,
+                )
+            if not math.isfinite(seconds) or seconds < 0:
+                raise InvalidEventError(
+                    f"delay must be zero or more seconds, got {delay!r}", event_type=event_type
+                )
+            if seconds > horizon:
+                raise InvalidEventError(
+                    f"delay of {seconds:g} s is beyond the schedule horizon ({horizon:g} s)",
+                    event_type=event_type,
+                )
+            return {"_delay": seconds} if seconds > 0 else {}
+        if deliver_at is not None:
+            if not isinstance(deliver_at, datetime):
+                raise InvalidEventError(
+                    f"deliver_at must be a datetime, got {type(deliver_at).__name__}",
+                    event_type=event_type,
+                )
+            if deliver_at.tzinfo is None or deliver_at.utcoffset() is None:
+                raise InvalidEventError(
+                    f"deliver_at must be an aware datetime (with a time zone), got "
+                    f"{deliver_at.isoformat()}",
+                    event_type=event_type,
+                )
+            at = deliver_at.astimezone(UTC)
+            ahead = (at - datetime.now(UTC)).total_seconds()
+            if ahead > horizon:
+                raise InvalidEventError(
+                    f"deliver_at {at.isoformat()} is beyond the schedule horizon "
+                    f"({horizon:g} s from now)",
+                    event_type=event_type,
+                )
+            return {"_at": at} if ahead > 0 else {}  # a time already past: due now
+        return {}
 
     def row(
         self, route: ServiceRoute, event_type: str, key: str, document: Any, max_retry: int
@@ -226,9 +294,13 @@ class RowBuilder:
         event_id: str | None = None,
         version: str | None = None,
         max_retry: int | None = None,
+        delay: float | timedelta | None = None,
+        deliver_at: datetime | None = None,
     ) -> dict[str, Any]:
         """The row of an event as ``publish`` writes it (``event_type`` already
-        validated and routed to ``route``)."""
+        validated and routed to ``route``); the explicit event id in ``event_id``,
+        the due time of a scheduled event in ``_delay``/``_at`` (see
+        :meth:`schedule`)."""
         for name, value in (
             ("key", key),
             ("aggregate_id", aggregate_id),
@@ -250,6 +322,7 @@ class RowBuilder:
         resolved_key = clean_key(key or "", event_type) or event_id or event_type
         if event_id is not None:
             clean_key(event_id, event_type)
+        due = self.schedule(delay, deliver_at, event_type)
         envelope = build_stored_envelope(
             event_type=event_type,
             payload=payload,
@@ -257,7 +330,10 @@ class RowBuilder:
             version=(version or "").strip() or DEFAULT_VERSION,
             aggregate_id=(aggregate_id or "").strip() or resolved_key,
         )
-        return self.row(route, event_type, resolved_key, envelope, max_retry)
+        values = self.row(route, event_type, resolved_key, envelope, max_retry)
+        values["event_id"] = event_id
+        values.update(due)
+        return values
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +348,9 @@ class Storage:
     """Inserts notify relays waiting on the database (PostgreSQL NOTIFY)."""
     dead_blocks: bool = False
     """Ordered services: a dead event holds back the later events of its key."""
+    scheduled_blocks: bool = False
+    """Ordered services: a scheduled event not yet due holds back the later events
+    of its key."""
 
     def op_context(self, route: ServiceRoute, tx: Any = None) -> OpContext:
         """The context the ops need for ``route``, on outboxer's engines or on the
@@ -279,7 +358,15 @@ class Storage:
         dialect = self.database.dialect if tx is None else dialect_for(dialect_name(tx))
         table = self.tables.table(route)
         channel = dialect.notify_channel(table.name) if self.notify and not route.inbox else None
-        return OpContext(table, route, dialect, self.rows.policy, channel, self.dead_blocks)
+        return OpContext(
+            table,
+            route,
+            dialect,
+            self.rows.policy,
+            channel,
+            self.dead_blocks,
+            self.scheduled_blocks,
+        )
 
     def store(self, route: ServiceRoute, tx: SyncTx | AsyncTx | None = None) -> Store:
         return Store(self, route, tx)
@@ -529,6 +616,11 @@ class Store:
         op = op_requeue(self._ctx, ids, status, event_type=event_type, since=since)
         return int(self._run(op, single=True))
 
+    def cancel(self, event_id: str) -> bool:
+        """Take back the event ``event_id`` if it is still waiting (see
+        :func:`~outboxer.database.ops.op_cancel`); True when it is now cancelled."""
+        return bool(self._run(op_cancel(self._ctx, check_event_id(event_id)), single=True))
+
     def find(
         self, where: RowFilter, limit: int = DEFAULT_BATCH_SIZE, *, newest_first: bool = False
     ) -> list[OutboxMessage]:
@@ -682,6 +774,10 @@ class Store:
     ) -> int:
         op = op_requeue(self._ctx, ids, status, event_type=event_type, since=since)
         return int(await self._run_async(op, single=True))
+
+    async def cancel_async(self, event_id: str) -> bool:
+        op = op_cancel(self._ctx, check_event_id(event_id))
+        return bool(await self._run_async(op, single=True))
 
     async def find_async(
         self, where: RowFilter, limit: int = DEFAULT_BATCH_SIZE, *, newest_first: bool = False

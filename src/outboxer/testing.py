@@ -165,7 +165,8 @@ async def drain(
 ) -> None:
     """Run ``outbox``'s relays and consumers until its work is done, then stop them.
 
-    Done means: no row of the chosen services is pending, no row of a service with
+    Done means: no row of the chosen services is pending (but scheduled rows whose
+    time has not come, which wait for it), no row of a service with
     handlers here is published but not yet consumed, and (with the in-memory broker)
     every message sent has been acknowledged by the consumer groups reading it. A
     message retried with a backoff is waited for (keep ``retry_unit`` small in tests).
@@ -199,8 +200,10 @@ async def _settled(outbox: Outbox, routes: Sequence[ServiceRoute], consumed: set
     if isinstance(transport, InMemoryTransport) and transport.pending():
         return False
     for route in routes:
-        counts = (await outbox.storage.store(route).status_async()).counts
-        if counts.get(Status.PENDING.value, 0):
+        status = await outbox.storage.store(route).status_async()
+        counts = status.counts
+        # A scheduled event whose time has not come is no work left for now.
+        if counts.get(Status.PENDING.value, 0) > status.scheduled:
             return False
         if route.service_name in consumed and counts.get(Status.PUBLISHED.value, 0):
             return False

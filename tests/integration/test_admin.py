@@ -6,8 +6,15 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy.orm import Session
 
-from outboxer import AmbiguousMessageError, MessageNotFoundError, Outbox, Status
+from outboxer import (
+    AmbiguousMessageError,
+    InvalidEventError,
+    MessageNotFoundError,
+    Outbox,
+    Status,
+)
 from outboxer.database.locks import single_instance
 from outboxer.database.ops import RowFilter
 from outboxer.retention import SWEEP_LOCK, Sweeper
@@ -108,7 +115,11 @@ async def test_purge_in_batches_only_what_is_old_enough(two: Outbox, service: st
     published = store.create_message(f"{service}.a", "k", {})
     store.mark_published(published)
     [dead] = _dead(two, service, f"{service}.a", 1)
-    for oid in [*consumed, pending, published, dead]:
+    # A cancelled event is done as a consumed one is: it goes with them.
+    with Session(two.db.sync_engine) as session, session.begin():
+        cancelled = two.publish(session, f"{service}.a", {}, event_id="gone")
+    assert two.admin.cancel("gone", service=service)
+    for oid in [*consumed, pending, published, dead, cancelled]:
         backdate(two, service, oid, "updated_at", 7200, relative_to=fresh)
     calls: list[tuple[str, Status, int]] = []
     result = two.admin.purge(
@@ -117,11 +128,12 @@ async def test_purge_in_batches_only_what_is_old_enough(two: Outbox, service: st
         batch_size=3,
         progress=lambda *a: calls.append(a),
     )
-    assert result.deleted == {(service, Status.CONSUMED): 7}
+    assert result.deleted == {(service, Status.CONSUMED): 7, (service, Status.CANCELLED): 1}
     assert calls == [
         (service, Status.CONSUMED, 3),
         (service, Status.CONSUMED, 6),
         (service, Status.CONSUMED, 7),
+        (service, Status.CANCELLED, 1),
     ]
     remaining = {m.id for m in store.find(_everything(), 100)}
     assert remaining == {fresh, pending, published, dead}
@@ -164,3 +176,24 @@ def test_only_one_sweeper_at_a_time(server_url: str, service: str) -> None:
     assert sweeper.sweep_once() is not None
     drop_tables(ob)
     ob.close()
+
+
+async def test_cancel_finds_the_service_of_an_event_id(two: Outbox, service: str) -> None:
+    with Session(two.db.sync_engine) as session, session.begin():
+        one = two.publish(session, f"{service}.a", {}, event_id="only-here", delay=60)
+        two.publish(session, f"{service}.a", {}, event_id="in-both")
+        two.publish(session, f"{service}_2.c", {}, event_id="in-both")
+    assert two.admin.cancel("only-here") is True
+    assert two.store(service).get_by_id(one).status is Status.CANCELLED  # type: ignore[union-attr]
+    assert two.admin.cancel("nowhere") is False
+    with pytest.raises(AmbiguousMessageError, match="name the service"):
+        two.admin.cancel("in-both")
+    try:
+        assert await two.admin.cancel_async("in-both", service=f"{service}_2") is True
+        assert await two.admin.cancel_async("in-both", service=f"{service}_2") is False
+    finally:
+        await two.aclose()  # the async pool belongs to this test's event loop
+    assert two.admin.cancel("in-both") is True  # the other one is now the only one waiting
+    with pytest.raises(InvalidEventError):
+        two.admin.cancel(" ")
+    assert two.store(service).status().counts["cancelled"] == 2

@@ -13,16 +13,18 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import MetaData, create_engine, insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from outboxer import Outbox, OutboxSettings
+from outboxer import Outbox, OutboxSettings, Status
 from outboxer.cli import app
-from outboxer.database.migrations import LATEST
+from outboxer.database.migrations import LATEST, table_at
+from outboxer.database.schema import db_now
 from outboxer.settings import CONFIG_ENV
 from tests.helpers import ServerDatabase
 
@@ -96,13 +98,13 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str
     return result.exit_code, result.stdout, result.stderr
 
 
-def publish(url: str, count: int) -> None:
+def publish(url: str, count: int, **options: Any) -> None:
     outbox = Outbox(url, settings=OutboxSettings.from_values())
     outbox.register_event(EVENT, SERVICE)
     with Session(outbox.db.sync_engine) as session, session.begin():
         session.execute(text("CREATE TABLE IF NOT EXISTS shipped (order_id INTEGER NOT NULL)"))
         for i in range(count):
-            outbox.publish(session, EVENT, {"id": i}, key=f"order-{i}")
+            outbox.publish(session, EVENT, {"id": i}, key=f"order-{i}", **options)
     outbox.close()
 
 
@@ -143,6 +145,36 @@ def test_migrate_creates_the_table_then_finds_it(sqlite_app: AppModule) -> None:
     assert table_row(out, SERVICE) == [SERVICE, TABLE, str(LATEST), "up to date"]
 
 
+def test_migrate_names_rows_that_repeat_an_event_id(sqlite_app: AppModule) -> None:
+    engine = create_engine(sqlite_app.url)
+    md = MetaData()
+    old = table_at(TABLE, 3, md)
+    envelope = '{"event_id":"evt-1","event_type":"order.placed","payload":{}}'
+    with engine.begin() as conn:
+        md.create_all(conn)
+        for _ in range(2):
+            conn.execute(
+                insert(old).values(
+                    event_type=EVENT,
+                    service_name=SERVICE,
+                    topic="t",
+                    message_key="k",
+                    payload=envelope,
+                    status="consumed",
+                    retry_count=0,
+                    max_retry=20,
+                    created_at=db_now(),
+                    updated_at=db_now(),
+                )
+            )
+    engine.dispose()
+    code, out, err = invoke("--app", sqlite_app.spec, "migrate")
+    assert code == 0, err
+    assert table_row(out, SERVICE) == [SERVICE, TABLE, str(LATEST), "upgraded from 1"]
+    assert "note:" in out
+    assert "1 row(s) repeat the event id of an earlier row ('evt-1': rows 1, 2)" in out
+
+
 def test_app_from_the_environment(sqlite_app: AppModule) -> None:
     code, out, err = invoke("migrate", env={"OUTBOXER_APP": sqlite_app.spec})
     assert code == 0, err
@@ -168,15 +200,22 @@ def test_status_shows_counts_and_json_parses(sqlite_app: AppModule) -> None:
 
     assert invoke("--app", sqlite_app.spec, "migrate")[0] == 0
     publish(sqlite_app.url, 3)
+    publish(sqlite_app.url, 1, delay=3600)  # scheduled: pending, not due, not overdue
 
     code, out, err = invoke("--app", sqlite_app.spec, "status")
     assert code == 0, err
     cells = status_row(out, SERVICE)
-    # service, pending, published, consumed, dead, due now, oldest due, pub/s, con/s
-    assert cells[:6] == [SERVICE, "3", "0", "0", "0", "3"]
-    assert cells[6].endswith("s")
-    assert cells[7:] == ["0", "0"]
+    # service, pending, scheduled, published, consumed, dead, due now, oldest due,
+    # pub/s, con/s
+    assert cells[:7] == [SERVICE, "4", "1", "0", "0", "0", "3"]
+    assert cells[7].endswith("s")
+    assert cells[8:] == ["0", "0"]
     assert TABLE[:10] in out
+    # The scheduled row is not a backlog: oldest-due reads the due rows only.
+    code, _, err = invoke("--app", sqlite_app.spec, "status", "--fail-on", "oldest-due>1h")
+    assert code == 0, err
+    code, _, _ = invoke("--app", sqlite_app.spec, "status", "--fail-on", "scheduled>0")
+    assert code == 4
 
     code, out, err = invoke("--app", sqlite_app.spec, "status", "--json")
     assert code == 0, err
@@ -186,9 +225,16 @@ def test_status_shows_counts_and_json_parses(sqlite_app: AppModule) -> None:
     assert svc["service"] == SERVICE
     assert svc["table"] == TABLE
     assert svc["migrated"] is True
-    assert svc["counts"] == {"pending": 3, "published": 0, "consumed": 0, "dead": 0}
-    assert svc["total"] == 3
+    assert svc["counts"] == {
+        "pending": 4,
+        "published": 0,
+        "consumed": 0,
+        "dead": 0,
+        "cancelled": 0,
+    }
+    assert svc["total"] == 4
     assert svc["due"] == 3
+    assert svc["scheduled"] == 1
     assert svc["dead"] == 0
     assert svc["oldest_due_seconds"] >= 0
 
@@ -378,3 +424,29 @@ def test_demo_refuses_an_existing_database(isolated: Path) -> None:
     assert err.startswith("error: ")
     assert "already exists" in err
     assert existing.read_bytes() == b"precious"
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def test_cancel_a_waiting_event_then_not_again(sqlite_app: AppModule) -> None:
+    assert invoke("--app", sqlite_app.spec, "migrate")[0] == 0
+    outbox = Outbox(sqlite_app.url, settings=OutboxSettings.from_values())
+    outbox.register_event(EVENT, SERVICE)
+    with Session(outbox.db.sync_engine) as session, session.begin():
+        oid = outbox.publish(session, EVENT, {"id": 1}, event_id="evt-cli", delay=600)
+
+    code, out, err = invoke("--app", sqlite_app.spec, "cancel", "evt-cli")
+    assert code == 0, err
+    assert "cancelled event evt-cli" in out
+    row = outbox.store(SERVICE).get_by_id(oid)
+    assert row is not None
+    assert row.status is Status.CANCELLED
+    # Already cancelled: not waiting any more, exit 1 with the reason.
+    code, _, err = invoke("--app", sqlite_app.spec, "cancel", "evt-cli")
+    assert code == 1
+    assert "not cancelled" in err
+    code, out, _ = invoke("--app", sqlite_app.spec, "cancel", "nope", "--json")
+    assert code == 1
+    assert json.loads(out) == {"event_id": "nope", "cancelled": False}
+    outbox.close()

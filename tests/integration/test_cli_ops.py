@@ -156,7 +156,13 @@ def test_dead_letter_lifecycle_and_retention(ops_app: OpsApp) -> None:
     assert (status.returncode, doc["ok"], doc["exit_code"]) == (4, False, 4)
     assert doc["failing"] == [f"{svc}: dead>0 (dead is 2)"]
     [mine] = [s for s in doc["services"] if s["service"] == svc]
-    assert mine["counts"] == {"pending": 0, "published": 0, "consumed": 5, "dead": 2}
+    assert mine["counts"] == {
+        "pending": 0,
+        "published": 0,
+        "consumed": 5,
+        "dead": 2,
+        "cancelled": 0,
+    }
     assert mine["consumed_per_second"] > 0
 
     # dead list, paged
@@ -219,7 +225,7 @@ def test_dead_letter_lifecycle_and_retention(ops_app: OpsApp) -> None:
     assert done.returncode == 0, done.stderr
     assert "deleted 6 row(s)" in done.stdout
     assert "published rows kept" in done.stdout
-    assert app.counts() == {"pending": 0, "published": 1, "consumed": 0, "dead": 0}
+    assert app.counts() == {"pending": 0, "published": 1, "consumed": 0, "dead": 0, "cancelled": 0}
     assert app.counts(f"{svc}_ext")["published"] == 0
     assert all(app.outbox.store(svc).get_by_id(i) is None for i in ok_ids)
     assert app.cli("purge").returncode == 2

@@ -4,6 +4,7 @@ the reviewed SQL script, and two processes migrating at once."""
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import queue
@@ -14,12 +15,14 @@ from typing import Any
 
 import aiosqlite
 import pytest
-from sqlalchemy import MetaData, event, insert, inspect, select
+from sqlalchemy import Index, MetaData, Table, event, insert, inspect, select
 from sqlalchemy.engine import AdaptedConnection, make_url
+from sqlalchemy.orm import Session
 from sqlalchemy.util import await_only
 
 from outboxer import Outbox
 from outboxer.database.migrations import LATEST, STEPS, sql_script, table_at
+from outboxer.database.ops import RowFilter
 from outboxer.database.schema import db_now
 from tests.helpers import drop_tables, make_outbox, unique_service
 
@@ -145,7 +148,10 @@ def test_half_applied_step_is_completed(db_url: str, service: str, fresh: Any) -
     with ob.db.sync_engine.begin() as conn:
         conn.execute(plan.statements[0])
     [plan] = ob.migration_plan()
-    later = sum(len(step.columns) + len(step.indexes) for step in STEPS[1:])
+    # Each step's columns and indexes, and the data work of a step that has some.
+    later = sum(
+        len(step.columns) + len(step.indexes) + (step.fill is not None) for step in STEPS[1:]
+    )
     assert len(plan.statements) == later - 1
     ob.migrate()
     assert _describe(ob, route.table_name)["columns"] == fresh["columns"]
@@ -346,4 +352,105 @@ async def test_a_connection_waits_for_another_writer_to_switch_a_fresh_file_to_w
     assert await asyncio.wait_for(task, PROCESS_WAIT) == "wal"
     assert ob.db.table_names() == {"held"}
     await ob.db.dispose_async()
+
+
+def _envelope(event_id: str | None, n: int) -> str:
+    return json.dumps(
+        {
+            "event_id": event_id,
+            "event_type": "old.event",
+            "event_version": "v1",
+            "aggregate_id": "k",
+            "payload": {"n": n},
+        },
+        separators=(",", ":"),
+    )
+
+
+def test_version_4_copies_event_ids_and_reports_repeats(db_url: str, service: str) -> None:
+    """Rows written before event ids were unique: the earliest row of each id gets
+    it, a repeat keeps the column empty, and the migration says which rows."""
+    ob = make_outbox(db_url)
+    route = ob.register_service(service, table=f"{service}_ids")
+    ob.register_event("old.event", service)
+    md = MetaData()
+    old = table_at(route.table_name, 3, md)
+    payloads = [
+        _envelope("evt-dup", 1),
+        _envelope("evt-solo", 2),
+        _envelope("evt-dup", 1),  # the same event published twice
+        _envelope(None, 4),  # no explicit id: stays empty
+        "not json",
+        _envelope("evt-dup", 5),
+    ]
+    with ob.db.sync_engine.begin() as conn:
+        md.create_all(conn)
+        now = db_now()
+        for payload in payloads:
+            conn.execute(
+                insert(old).values(
+                    event_type="old.event",
+                    service_name=service,
+                    topic="t.old",
+                    message_key="k",
+                    payload=payload,
+                    status="consumed",
+                    retry_count=0,
+                    max_retry=20,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        ids = list(conn.execute(select(old.c.id).order_by(old.c.id)).scalars())
+    script = sql_script(ob.migration_plan(), ob.tables, ob.db.sync_engine.dialect)
+    assert "filled by `outboxer migrate` only" in script
+    [done] = ob.migrate()
+    [note] = done.notes
+    assert f"2 row(s) repeat the event id of an earlier row ('evt-dup': rows {ids[0]}, " in note
+    assert f"{ids[2]}, {ids[5]})" in note
+    rows = {m.id: m.event_id for m in ob.store(service).find(RowFilter(), 10)}
+    assert rows == {
+        ids[0]: "evt-dup",
+        ids[1]: "evt-solo",
+        ids[2]: None,
+        ids[3]: None,
+        ids[4]: None,
+        ids[5]: None,
+    }
+    # Publishing a copied id again is idempotent from now on.
+    with Session(ob.db.sync_engine) as s, s.begin():
+        assert ob.publish(s, "old.event", {"n": 2}, event_id="evt-solo") == ids[1]
+        assert ob.publish(s, "old.event", {"n": 1}, event_id="evt-dup") == ids[0]
+    [again] = ob.migrate()
+    assert again.up_to_date
+    assert again.notes == []
+    drop_tables(ob)
+    ob.close()
+
+
+def test_an_inbox_table_of_version_3_gets_deliver_at_only(db_url: str, service: str) -> None:
+    """Inbox tables had a required, unique event_id since version 3: version 4 adds
+    only deliver_at to them (same index name, nothing to copy)."""
+    ob = make_outbox(db_url)
+    ob.register_inbox(service, consumer="shop")
+    latest = ob.table_for(service)
+    md = MetaData()
+    Table(
+        latest.name,
+        md,
+        *(c._copy() for c in latest.columns if c.name != "deliver_at"),
+        *(Index(i.name, *(c.name for c in i.columns), unique=i.unique) for i in latest.indexes),
+    )
+    with ob.db.sync_engine.begin() as conn:
+        md.create_all(conn)
+    [plan] = ob.migration_plan()
+    assert [type(s).__name__ for s in plan.statements] == ["AddColumn"]
+    [done] = ob.migrate()
+    assert done.target == LATEST
+    columns = {
+        c["name"]: c["nullable"] for c in inspect(ob.db.sync_engine).get_columns(latest.name)
+    }
+    assert columns["deliver_at"] is True
+    assert columns["event_id"] is False
+    drop_tables(ob)
     ob.close()

@@ -71,14 +71,16 @@ async def test_metrics_endpoint_is_scraped_and_parsed(db_url: str, service: str)
             ob.publish(conn, f"{service}.ok", {"i": i})
         ob.publish(conn, f"{service}.poison", {}, max_retry=2)
         ob.publish(conn, f"{service}.ok", {"late": True})
+        ob.publish(conn, f"{service}.ok", {"tomorrow": True}, delay=86400)
     server = metrics.serve(0, "127.0.0.1")
     try:
         before = _scrape(server.port)
-        assert _value(before, "outboxer_messages", service=service, status="pending") == 7
+        assert _value(before, "outboxer_messages", service=service, status="pending") == 8
         assert _value(before, "outboxer_messages_due", service=service) == 7
+        assert _value(before, "outboxer_messages_scheduled", service=service) == 1
         assert _value(before, "outboxer_oldest_due_age_seconds", service=service) >= 0
         assert _value(before, "outboxer_database_up") == 1
-        assert _value(before, "outboxer_events_published_total", service=service) == 7
+        assert _value(before, "outboxer_events_published_total", service=service) == 8
 
         await drain(ob)
         after = _scrape(server.port)
@@ -87,6 +89,7 @@ async def test_metrics_endpoint_is_scraped_and_parsed(db_url: str, service: str)
     assert _value(after, "outboxer_messages", service=service, status="consumed") == 6
     assert _value(after, "outboxer_messages", service=service, status="dead") == 1
     assert _value(after, "outboxer_messages_due", service=service) == 0
+    assert _value(after, "outboxer_messages_scheduled", service=service) == 1
     assert _value(after, "outboxer_messages_sent_total", service=service) >= 7
     assert _value(after, "outboxer_messages_consumed_total", service=service) == 6
     assert _value(after, "outboxer_messages_retried_total", service=service, stage="handler") == 1

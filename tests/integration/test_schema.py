@@ -74,8 +74,9 @@ def test_schema_is_the_same_on_every_database(db_url: str, service: str) -> None
     ob.close()
     assert list(desc["columns"]) == list(COLUMNS)
     assert desc["pk"] == ["id"]
-    assert desc["indexes"] == [  # by name: _due, _key, _status_updated
+    assert desc["indexes"] == [  # by name: _due, _event, _key, _status_updated
         ("status", "next_retry_at", "id"),
+        ("event_id",),
         ("message_key", "id"),
         ("status", "updated_at"),
     ]
@@ -87,6 +88,8 @@ def test_schema_is_the_same_on_every_database(db_url: str, service: str) -> None
         "last_error",
         "headers",
         "requeued_at",
+        "event_id",
+        "deliver_at",
     }
     _seen[ob.db.family] = desc
     for other in _seen.values():
@@ -110,6 +113,6 @@ def test_long_table_names_get_valid_index_names(db_url: str) -> None:
     ob.migrate()
     names = [n for n, _ in _describe(ob, long_name)["indexes"]]
     assert all(len(n) <= 63 for n in names)
-    assert len(set(names)) == len(ob.table_for("longish").indexes) == 3
+    assert len(set(names)) == len(ob.table_for("longish").indexes) == 4
     drop_tables(ob)
     ob.close()

@@ -561,3 +561,82 @@ async def test_mark_failed_many_reports_each_new_status(aoutbox: Outbox, service
         fresh[0]: Status.PENDING,
         fresh[1]: Status.DEAD,
     }
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def _publish(ob: Outbox, service: str, event_id: str, **options: object) -> int:
+    with Session(ob.db.sync_engine) as s, s.begin():
+        return ob.publish(s, f"{service}.created", {"n": 1}, event_id=event_id, **options)
+
+
+def test_cancel_takes_back_only_waiting_events(outbox: Outbox, service: str) -> None:
+    st = _store(outbox, service)
+    # claimed: a relay holds its lease; claimed-later: its time came and a relay took it
+    claimed = _publish(outbox, service, "claimed")
+    claimed_later = _publish(outbox, service, "claimed-later", delay=600)
+    backdate(outbox, service, claimed_later, "next_retry_at", 600)
+    backdate(outbox, service, claimed_later, "deliver_at", 600)
+    assert {m.id for m in st.claim_due(limit=100, lease=60)} == {claimed, claimed_later}
+    due = _publish(outbox, service, "due")
+    later = _publish(outbox, service, "later", delay=600)
+    retried = _publish(outbox, service, "retried")
+    sent = _publish(outbox, service, "sent")
+    done = _publish(outbox, service, "done")
+    dead = _publish(outbox, service, "dead")
+    st.mark_failed_for_retry(retried, "refused")
+    backdate(outbox, service, retried, "next_retry_at", 3600)  # due again, but attempted
+    st.mark_published(sent)
+    st.mark_consumed(done)
+    st.mark_dead(dead, "poison")
+
+    outcome = {
+        name: st.cancel(name)
+        for name in (
+            "due",
+            "later",
+            "claimed",
+            "claimed-later",
+            "retried",
+            "sent",
+            "done",
+            "dead",
+            "nothing",
+        )
+    }
+    assert outcome == {
+        "due": True,
+        "later": True,
+        "claimed": False,
+        "claimed-later": False,
+        "retried": False,
+        "sent": False,
+        "done": False,
+        "dead": False,
+        "nothing": False,
+    }
+    for oid in (due, later):
+        msg = _get(outbox, service, oid)
+        assert msg.status is Status.CANCELLED
+        assert msg.next_retry_at is None
+    assert st.cancel("due") is False  # cancelled is final
+    # Nothing the loops do brings a cancelled row back or sends it.
+    assert due not in {m.id for m in st.claim_due(limit=100)}
+    st.mark_published(due)
+    assert st.mark_failed_for_retry(due, "late") is None
+    assert st.consume_and_mark_consumed(due, lambda tx: None) is False
+    assert st.mark_dead_many([due], "late", unless_final=True) == 0
+    assert _get(outbox, service, due).status is Status.CANCELLED
+
+
+async def test_cancel_async_face_and_caller_transaction(aoutbox: Outbox, service: str) -> None:
+    st = _store(aoutbox, service)
+    oid = _publish(aoutbox, service, "a")
+    async with AsyncSession(aoutbox.db.async_engine) as s, s.begin():
+        assert await st.with_tx(s).cancel_async("a") is True
+        await s.rollback()
+    assert _get(aoutbox, service, oid).status is Status.PENDING
+    assert await st.cancel_async("a") is True
+    assert await st.cancel_async("a") is False
+    assert _get(aoutbox, service, oid).status is Status.CANCELLED

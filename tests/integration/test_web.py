@@ -241,6 +241,36 @@ def test_requeue_one_selection_and_all_then_purge(console: Console) -> None:
     assert bad_age.status_code == 400
 
 
+def test_cancel_a_waiting_event(console: Console) -> None:
+    ob = console.outbox
+    with Session(ob.db.sync_engine) as session, session.begin():
+        later = ob.publish(session, "mail.sent", {"to": "x"}, event_id="ev-later", delay=600)
+    client = console.client()
+    page = f"/messages/{console.mails}/{later}"
+    shown = client.get(page).text
+    assert 'id="cancel"' in shown
+    assert "scheduled for" in shown
+    overview = client.get("/overview/services").text
+    assert '<th class="n">scheduled</th>' in overview
+    form = {"service": console.mails, "event_id": "ev-later", "next": page}
+    assert client.post("/messages/cancel", data=form).status_code == 403  # no CSRF token
+    csrf = _csrf(client)
+    done = client.post("/messages/cancel", data={"csrf": csrf, **form}, follow_redirects=False)
+    assert done.status_code == 303
+    assert done.headers["location"] == f"{page}?cancelled=1"
+    row = ob.store(console.mails).get_by_id(later)
+    assert row is not None
+    assert row.status is Status.CANCELLED
+    after = client.get(done.headers["location"]).text
+    assert "Cancelled: it will not be sent." in after
+    assert 'id="cancel"' not in after
+    # Not waiting any more: said so, nothing changes.
+    again = client.post("/messages/cancel", data={"csrf": csrf, **form}, follow_redirects=False)
+    assert again.headers["location"] == f"{page}?cancelled=0"
+    unknown = client.post("/messages/cancel", data={"csrf": csrf, **form, "service": "nobody"})
+    assert unknown.status_code == 400
+
+
 def test_read_only_offers_and_accepts_no_change(console: Console) -> None:
     client = console.client(read_only=True)
     for path in ("/dead", f"/messages/{console.mails}/{console.xss_id}"):
@@ -254,6 +284,7 @@ def test_read_only_offers_and_accepts_no_change(console: Console) -> None:
         ("/dead/requeue", {"one": f"{console.mails}:{console.xss_id}"}),
         ("/dead/requeue-all", {"service": console.mails}),
         ("/dead/purge", {"older_than": "0s"}),
+        ("/messages/cancel", {"service": console.mails, "event_id": "ev-xss"}),
     ):
         assert client.post(path, data={"csrf": csrf, **data}).status_code == 403
     assert console.outbox.store(console.mails).status().dead == 2

@@ -176,6 +176,7 @@ def test_the_grafana_dashboard_uses_metrics_that_exist() -> None:
         "outboxer_table_present",
         "outboxer_messages",
         "outboxer_messages_due",
+        "outboxer_messages_scheduled",
         "outboxer_oldest_due_age_seconds",
     }  # the backlog gauges, read from the database at scrape time
     dashboard = json.loads((DOCS / "grafana-dashboard.json").read_text())

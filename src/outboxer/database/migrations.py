@@ -26,8 +26,14 @@ Version history:
    deploying the new version needs no downtime.
 3. An index on ``(message_key, id)``: services with ordered delivery look up the
    open rows of a key (the publish path pays one more index entry per row).
-
-4. ``handling`` and ``crashes`` (``NOT NULL DEFAULT 0``): a consumer marks a message
+4. ``event_id`` (the id given to ``publish``, nullable) with a unique index, and
+   ``deliver_at`` (the due time of a scheduled event). Before the index is built,
+   the explicit event ids already stored inside the rows' envelopes are copied into
+   the column: the earliest row of each id gets it; a later row with the same id
+   keeps an empty column (it was published before ids were unique) and the
+   migration reports those rows (``TablePlan.notes``, a warning in the log) rather
+   than failing or deleting anything.
+5. ``handling`` and ``crashes`` (``NOT NULL DEFAULT 0``): a consumer marks a message
    as being handled in a short transaction before its handler runs; the commit that
    settles it clears the mark. A mark found by the next delivery means the worker
    process died while handling it (poison protection, docs/semantics.md).
@@ -39,7 +45,8 @@ created at the latest version and migrated with the same steps from then on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,13 +60,23 @@ from sqlalchemy.sql.elements import ClauseElement
 from outboxer.database.engines import Database
 from outboxer.database.instructions import Execute
 from outboxer.database.locks import single_instance
-from outboxer.database.ops import op_record_versions, op_schema_versions
+from outboxer.database.ops import (
+    op_copy_event_ids,
+    op_record_versions,
+    op_schema_versions,
+)
 from outboxer.database.runner import SyncRunner
 from outboxer.database.schema import Tables, outbox_table, version_table
 from outboxer.errors import StoreError
 from outboxer.routing import index_name
 
+logger = logging.getLogger(__name__)
+
 MIGRATE_LOCK = "outboxer.migrate"
+
+Fill = Callable[[Connection, Table], list[str]]
+"""Data work of a step, run after its columns exist and before its indexes are
+built; returns notes for the person migrating."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +88,26 @@ class Step:
     columns: tuple[str, ...] = ()
     indexes: tuple[str, ...] = ()
     """Index name suffixes (``due`` for ``ix_<table>_due``)."""
+    fill: Fill | None = None
+    """Run when this step builds one of its indexes (see :class:`FillStep`)."""
+
+
+def _copy_event_ids(conn: Connection, table: Table) -> list[str]:
+    duplicates = SyncRunner(conn).run(op_copy_event_ids(table))
+    if not duplicates:
+        return []
+    rows = sum(len(ids) - 1 for _, ids in duplicates)
+    shown = "; ".join(
+        f"{event_id!r}: rows {', '.join(map(str, ids))}" for event_id, ids in duplicates[:5]
+    )
+    more = f"; and {len(duplicates) - 5} more ids" if len(duplicates) > 5 else ""
+    note = (
+        f"{table.name}: {rows} row(s) repeat the event id of an earlier row ({shown}{more}); "
+        f"the earliest row of each id holds it, the later ones keep an empty event_id "
+        f"(publishing that id again returns the earliest row)"
+    )
+    logger.warning(note, extra={"table": table.name, "duplicate_event_ids": len(duplicates)})
+    return [note]
 
 
 STEPS: tuple[Step, ...] = (
@@ -83,6 +120,13 @@ STEPS: tuple[Step, ...] = (
     Step(3, "index on (message_key, id) for ordered delivery", indexes=("key",)),
     Step(
         4,
+        "event_id (unique: idempotent publish) and deliver_at (scheduled events)",
+        columns=("event_id", "deliver_at"),
+        indexes=("event",),
+        fill=_copy_event_ids,
+    ),
+    Step(
+        5,
         "handling, crashes (deliveries started and never settled: the worker died)",
         columns=("handling", "crashes"),
     ),
@@ -134,6 +178,27 @@ def _compile_add_column(element: AddColumn, compiler: DDLCompiler, **kw: Any) ->
     return f"ALTER TABLE {table} ADD COLUMN {compiler.get_column_specification(element.column)}"
 
 
+class FillStep(ExecutableDDLElement):
+    """The data work of a step in a plan: ``migrate`` runs it; in the SQL script it is
+    a comment (the copy reads JSON in Python, so only ``outboxer migrate`` does it)."""
+
+    def __init__(self, table: Table, step: Step) -> None:
+        self.table = table
+        self.step = step
+
+    def run(self, conn: Connection) -> list[str]:
+        assert self.step.fill is not None
+        return self.step.fill(conn, self.table)
+
+
+@compiles(FillStep)
+def _compile_fill(element: FillStep, compiler: DDLCompiler, **kw: Any) -> str:
+    return (
+        f"-- version {element.step.version}: existing rows are filled by `outboxer migrate` "
+        f"only ({element.step.description})"
+    )
+
+
 @dataclass
 class TablePlan:
     """What ``migrate`` does to one outbox table."""
@@ -144,6 +209,8 @@ class TablePlan:
     statements: list[ExecutableDDLElement] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
     """Steps to record (everything after ``current``)."""
+    notes: list[str] = field(default_factory=list)
+    """What ``migrate`` found worth telling (rows a step could not fill as asked)."""
 
     @property
     def target(self) -> int:
@@ -171,9 +238,14 @@ def _plan_table(table: Table, present: dict[str, Any] | None, recorded: int) -> 
             if name not in columns:
                 plan.statements.append(AddColumn(table, table.c[name]))
         wanted = {index_name(table.name, suffix) for suffix in step.indexes}
-        for index in sorted(table.indexes, key=lambda i: str(i.name)):
-            if index.name in wanted and index.name not in indexes:
-                plan.statements.append(CreateIndex(index))
+        missing = [
+            index
+            for index in sorted(table.indexes, key=lambda i: str(i.name))
+            if index.name in wanted and index.name not in indexes
+        ]
+        if missing and step.fill is not None:
+            plan.statements.append(FillStep(table, step))
+        plan.statements += [CreateIndex(index) for index in missing]
     return plan
 
 
@@ -230,7 +302,10 @@ def migrate(database: Database, tables: Tables) -> list[TablePlan]:
                 with database.sync_engine.begin() as conn:
                     [table_plan] = plan_on(conn, tables, [table])
                     for statement in table_plan.statements:
-                        conn.execute(statement)
+                        if isinstance(statement, FillStep):
+                            table_plan.notes += statement.run(conn)
+                        else:
+                            conn.execute(statement)
                     if table_plan.steps:
                         SyncRunner(conn).run(
                             op_record_versions(tables.versions, table.name, table_plan.steps)
@@ -276,6 +351,7 @@ __all__ = [
     "LATEST",
     "STEPS",
     "AddColumn",
+    "FillStep",
     "Step",
     "TablePlan",
     "migrate",

@@ -43,9 +43,16 @@ from sqlalchemy.sql import ColumnElement
 from outboxer.backoff import RetryPolicy
 from outboxer.database.dialects import Dialect
 from outboxer.database.instructions import Callback, Execute, Invoke, Op
-from outboxer.database.schema import MAX_ERROR_CHARS, db_minute, db_now, db_now_plus
+from outboxer.database.schema import (
+    MAX_ERROR_CHARS,
+    MAX_EVENT_ID_CHARS,
+    UtcDateTime,
+    db_minute,
+    db_now,
+    db_now_plus,
+)
 from outboxer.envelope import Envelope
-from outboxer.errors import describe_error
+from outboxer.errors import DuplicateEventError, StoreError, describe_error
 from outboxer.models import FINAL_STATUSES, Activity, OutboxMessage, ServiceStatus, Status
 from outboxer.routing import ServiceRoute
 from outboxer.settings import DEFAULT_BATCH_SIZE
@@ -96,6 +103,9 @@ class OpContext:
     """Where a commit that inserted rows notifies waiting relays (None: no notice)."""
     dead_blocks: bool = False
     """Ordered services: a dead event holds back the later events of its key."""
+    scheduled_blocks: bool = False
+    """Ordered services: a scheduled event not yet due holds back the later events
+    of its key."""
 
     def ctx(self, **extra: Any) -> dict[str, Any]:
         return {"service": self.route.service_name, "table": self.table.name, **extra}
@@ -133,6 +143,7 @@ _NEW_COLUMNS = (
     "payload",
     "max_retry",
     "headers",
+    "event_id",
 )
 _NOTIFYING: weakref.WeakKeyDictionary[Table, dict[str, Executable]] = weakref.WeakKeyDictionary()
 
@@ -156,7 +167,8 @@ def op_insert(c: OpContext, values: dict[str, Any]) -> Op[int]:
     ctx = c.ctx(event_type=values["event_type"])
     if c.channel is not None:
         stmt = _insert_and_notify(c.table, c.channel)
-        params = {"headers": None, **values}  # every bound column needs a value here
+        # every bound column needs a value here
+        params = {"headers": None, "event_id": None, **values}
         result = yield Execute(stmt, params, what="insert", context=ctx)
         return int(result.scalar_one())
     result = yield Execute(_new_rows(c.table), values, what="insert", context=ctx)
@@ -177,6 +189,258 @@ def op_insert_many(
         notify = select(func.pg_notify(literal(c.channel), ""))
         yield Execute(notify, what="notify", context=c.ctx())
     return ids
+
+
+_LATER_ROWS: weakref.WeakKeyDictionary[Table, dict[tuple[str, bool], Insert]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _insert(c: OpContext, values: Mapping[str, Any], once: bool) -> Insert:
+    """The INSERT of a new row as ``values`` asks: due now, due in ``_delay`` seconds
+    (the database clock) or at ``_at`` (a UTC datetime); ``once``: skip the row when
+    its event id is already in the table (the dialect's insert-or-nothing)."""
+    t = c.table
+    kind = "at" if "_at" in values else "in" if "_delay" in values else "now"
+    if kind == "now" and not once:
+        return _new_rows(t)
+    cache = _LATER_ROWS.setdefault(t, {})
+    stmt = cache.get((kind, once))
+    if stmt is None:
+        due: Any = db_now()
+        if kind == "at":
+            due = bindparam("_at", type_=UtcDateTime())
+        elif kind == "in":
+            due = db_now_plus(bindparam("_delay"))
+        base = c.dialect.insert_ignoring_duplicates(t, "event_id") if once else insert(t)
+        stmt = cache[(kind, once)] = base.values(
+            status=Status.PENDING.value,
+            retry_count=0,
+            next_retry_at=due,
+            deliver_at=None if kind == "now" else due,
+            created_at=db_now(),
+            updated_at=db_now(),
+            requeue_count=0,
+        )
+    return stmt
+
+
+class Published(NamedTuple):
+    """What :func:`op_publish` did."""
+
+    outbox_id: int
+    inserted: bool
+    """False: the event id was already there with the same event; nothing written."""
+
+
+def op_publish(c: OpContext, values: dict[str, Any]) -> Op[Published]:
+    """Write one event as ``publish`` asks: scheduled (``_delay``/``_at`` in ``values``)
+    and, with an ``event_id``, once per table.
+
+    An event id already in the table writes nothing: the holder's outbox id comes
+    back when its event type and payload are the same, :class:`DuplicateEventError`
+    is raised when they differ. No statement fails on the duplicate (the dialect's
+    insert-or-nothing), so the caller's transaction stays usable. A publisher racing
+    another transaction with the same id waits for it at the unique index, writes
+    nothing once it committed, and then reads its row.
+
+    Where a plain read sees only the transaction's snapshot (MySQL/MariaDB), the
+    holder is read first, so a publish again of a committed event takes no lock, and
+    read again with a locking read (the latest version) after a race; elsewhere the
+    insert comes first (one statement for a new id) and a plain read follows a skip.
+    """
+    ctx = c.ctx(event_type=values["event_type"])
+    event_id = values.get("event_id")
+    if event_id is None:
+        result = yield Execute(_insert(c, values, False), values, what="insert", context=ctx)
+        outbox_id = int(result.inserted_primary_key[0])
+    else:
+        snapshot = c.dialect.snapshot_reads
+        holder = (yield from _event_holder(c, event_id, lock=False)) if snapshot else None
+        if holder is None:
+            if c.channel is not None and _due_now(values):
+                # The row and the notice in one round trip, as op_insert does; a
+                # skipped row returns nothing and notifies nobody.
+                params = {"headers": None, **values}
+                stmt = _insert_once_and_notify(c, c.channel)
+                result = yield Execute(stmt, params, what="insert", context=ctx)
+                row = result.first()
+                if row is not None:
+                    return Published(int(row[0]), True)
+                new_id = None
+            else:
+                stmt = _insert(c, values, True)
+                result = yield Execute(stmt, values, what="insert", context=ctx)
+                new_id = c.dialect.inserted_id(result)
+            if new_id is None:
+                # Another transaction holds the id (committed by now, if it raced us).
+                holder = yield from _event_holder(c, event_id, lock=snapshot)
+                if holder is None:
+                    raise StoreError(
+                        "the event id was taken and released while publishing",
+                        **c.ctx(event_id=event_id),
+                    )
+        if holder is not None:
+            _check_same_event(c, holder, values)
+            return Published(int(holder.id), False)
+        assert new_id is not None
+        outbox_id = new_id
+    if c.channel is not None and _due_now(values):
+        notify = select(func.pg_notify(literal(c.channel), ""))
+        yield Execute(notify, what="notify", context=ctx)
+    return Published(outbox_id, True)
+
+
+def _due_now(values: Mapping[str, Any]) -> bool:
+    return "_at" not in values and "_delay" not in values
+
+
+_NOTIFYING_ONCE: weakref.WeakKeyDictionary[Table, dict[str, Executable]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _insert_once_and_notify(c: OpContext, channel: str) -> Executable:
+    """``WITH ins AS (INSERT ... ON CONFLICT DO NOTHING RETURNING id) SELECT id,
+    pg_notify(channel, '') FROM ins``: a new row and its notice in one round trip."""
+    t = c.table
+    by_channel = _NOTIFYING_ONCE.setdefault(t, {})
+    stmt = by_channel.get(channel)
+    if stmt is None:
+        binds: dict[str, Any] = {name: bindparam(name) for name in _NEW_COLUMNS}
+        ins = (
+            c.dialect.insert_ignoring_duplicates(t, "event_id")
+            .values(
+                status=Status.PENDING.value,
+                retry_count=0,
+                next_retry_at=db_now(),
+                created_at=db_now(),
+                updated_at=db_now(),
+                requeue_count=0,
+                **binds,
+            )
+            .returning(t.c.id)
+            .cte("ins")
+        )
+        stmt = select(ins.c.id, func.pg_notify(literal(channel), ""))
+        by_channel[channel] = stmt
+    return stmt
+
+
+def _event_holder(c: OpContext, event_id: str, *, lock: bool) -> Op[Any]:
+    t = c.table
+    stmt = select(t.c.id, t.c.event_type, t.c.payload).where(t.c.event_id == event_id)
+    if lock:
+        stmt = stmt.with_for_update(read=True)
+    result = yield Execute(stmt, what="event id", context=c.ctx(event_id=event_id))
+    return result.first()
+
+
+def _check_same_event(c: OpContext, holder: Any, values: Mapping[str, Any]) -> None:
+    """Raise :class:`DuplicateEventError` unless ``holder`` is the event ``values``
+    describes (same event type, equal business payload as JSON)."""
+    same = holder.event_type == values["event_type"]
+    if same:
+        try:
+            same = json.loads(holder.payload).get("payload") == json.loads(values["payload"]).get(
+                "payload"
+            )
+        except (ValueError, AttributeError):
+            same = False
+    if not same:
+        raise DuplicateEventError(
+            f"event id {values['event_id']!r} is already used by another event "
+            f"(event type {holder.event_type!r}) with a different type or payload; "
+            f"nothing was written",
+            **c.ctx(
+                event_id=values["event_id"],
+                event_type=values["event_type"],
+                outbox_id=int(holder.id),
+            ),
+        )
+
+
+def op_cancel(c: OpContext, event_id: str) -> Op[bool]:
+    """Take back the event ``event_id`` while it is still waiting: pending, never
+    attempted nor sent, and not claimed by a relay (due now and not taken, or
+    scheduled and not yet due). It becomes ``cancelled`` (final: never sent or
+    handled). True when it was cancelled; False when it is not there, is already on
+    its way (a relay's lease runs), was sent, or is in a final state."""
+    t = c.table
+    waiting = and_(
+        t.c.event_id == event_id,
+        t.c.status == Status.PENDING.value,
+        t.c.retry_count == 0,
+        t.c.published_at.is_(None),
+        # A claim moves next_retry_at past now (the lease) and away from deliver_at.
+        or_(t.c.next_retry_at <= db_now(), t.c.next_retry_at == t.c.deliver_at),
+    )
+    result = yield Execute(
+        update(t)
+        .where(waiting)
+        .values(status=Status.CANCELLED.value, next_retry_at=None, updated_at=db_now()),
+        what="cancel",
+        context=c.ctx(event_id=event_id),
+    )
+    return int(result.rowcount) == 1
+
+
+def op_copy_event_ids(t: Table, chunk: int = 1000) -> Op[list[tuple[str, list[int]]]]:
+    """Migration to version 4: copy the explicit event ids stored in the rows'
+    envelopes into the ``event_id`` column, in id order, ``chunk`` rows per read.
+    The earliest row of an id gets it; later rows with the same id keep the column
+    empty. Returns those repeats: ``(event id, [holder, later ids...])``."""
+    held: dict[str, int] = {}
+    result = yield Execute(
+        select(t.c.event_id, t.c.id).where(t.c.event_id.is_not(None)),
+        what="event ids",
+        context={"table": t.name},
+    )
+    for event_id, oid in result.all():
+        held[event_id] = oid
+    repeats: dict[str, list[int]] = {}
+    after = 0
+    while True:
+        # Only envelopes with an explicit id: an event without one stores null.
+        result = yield Execute(
+            select(t.c.id, t.c.payload)
+            .where(
+                t.c.id > after,
+                t.c.event_id.is_(None),
+                t.c.payload.contains('"event_id":"', autoescape=True),
+            )
+            .order_by(t.c.id)
+            .limit(chunk),
+            what="copy event ids",
+            context={"table": t.name},
+        )
+        rows = result.all()
+        if not rows:
+            break
+        after = rows[-1].id
+        copies: list[dict[str, Any]] = []
+        for oid, payload in rows:
+            try:
+                document = json.loads(payload)
+            except ValueError:
+                continue
+            event_id = document.get("event_id") if isinstance(document, dict) else None
+            if not isinstance(event_id, str) or not 0 < len(event_id) <= MAX_EVENT_ID_CHARS:
+                continue
+            first = held.get(event_id)
+            if first is None:
+                held[event_id] = oid
+                copies.append({"_id": oid, "_event_id": event_id})
+            else:
+                repeats.setdefault(event_id, [first]).append(oid)
+        if copies:
+            yield Execute(
+                update(t).where(t.c.id == bindparam("_id")).values(event_id=bindparam("_event_id")),
+                copies,
+                what="copy event ids",
+                context={"table": t.name},
+            )
+    return sorted(repeats.items(), key=lambda item: item[1][0])
 
 
 def op_get(c: OpContext, outbox_id: int) -> Op[OutboxMessage | None]:
@@ -516,21 +780,16 @@ class RowFilter:
     key: str | None = None
     """Only this message key (the ``(message_key, id)`` index)."""
     event_id: str | None = None
-    """Only this event id: the inbox's ``event_id`` column; in an outbox table the
-    publisher's id inside the stored envelope (no index: a scan), or, for an event
-    published without one, the outbox id it defaults to."""
+    """Only this event id (the unique ``event_id`` column); in an outbox table also
+    the outbox id an event published without an id goes out with."""
 
 
 def _event_id_where(c: OpContext, event_id: str) -> ColumnElement[bool]:
     t = c.table
-    if "event_id" in t.c:
-        return t.c.event_id == event_id
-    # The stored envelope is compact JSON written by RowBuilder: '"event_id":"x"'.
-    given = '"event_id":' + json.dumps(event_id, ensure_ascii=False)
-    cond: ColumnElement[bool] = t.c.payload.contains(given, autoescape=True)
-    if event_id.isdigit() and len(event_id) < 19:
-        defaulted = and_(t.c.id == int(event_id), t.c.payload.contains('"event_id":null'))
-        cond = or_(cond, defaulted)
+    cond: ColumnElement[bool] = t.c.event_id == event_id
+    if not c.route.inbox and event_id.isdigit() and len(event_id) < 19:
+        # An event published without an id goes out with its outbox id.
+        cond = or_(cond, and_(t.c.id == int(event_id), t.c.event_id.is_(None)))
     return cond
 
 
@@ -655,6 +914,17 @@ def op_status(c: OpContext, rates: bool = False) -> Op[ServiceStatus]:
         context=c.ctx(),
     )
     n_due, oldest, now = result.one()
+    # Scheduled rows are read on the claim index's range of pending rows not due.
+    result = yield Execute(
+        select(func.count()).where(
+            t.c.status == Status.PENDING.value,
+            t.c.next_retry_at > db_now(),
+            t.c.deliver_at > db_now(),
+        ),
+        what="status",
+        context=c.ctx(),
+    )
+    scheduled = int(result.scalar_one())
     age = None
     if n_due and oldest is not None and now is not None:
         age = max(0.0, (now - oldest).total_seconds())
@@ -675,7 +945,16 @@ def op_status(c: OpContext, rates: bool = False) -> Op[ServiceStatus]:
             context=c.ctx(),
         )
         published, consumed = (int(n) for n in result.one())
-    return ServiceStatus(c.route.service_name, t.name, counts, int(n_due), age, published, consumed)
+    return ServiceStatus(
+        c.route.service_name,
+        t.name,
+        counts,
+        int(n_due),
+        age,
+        published,
+        consumed,
+        scheduled=scheduled,
+    )
 
 
 def op_activity(c: OpContext, minutes: int) -> Op[Activity]:
@@ -1145,7 +1424,8 @@ class _KeyOrder:
 
 def _key_order(c: OpContext, live: list[tuple[int, Any]]) -> Op[_KeyOrder]:
     """The open rows (pending, published; dead too when dead blocks) that come before
-    the batch's rows of the same keys."""
+    the batch's rows of the same keys; a scheduled row not yet due only when
+    scheduled rows block."""
     t = c.table
     keys = {oid: row.message_key for oid, row in live}
     ids = [oid for oid, _ in live]
@@ -1159,6 +1439,7 @@ def _key_order(c: OpContext, live: list[tuple[int, Any]]) -> Op[_KeyOrder]:
             t.c.status,
             t.c.retry_count,
             t.c.next_retry_at,
+            t.c.deliver_at,
             db_now().label("now"),
         )
         .where(
@@ -1175,6 +1456,16 @@ def _key_order(c: OpContext, live: list[tuple[int, Any]]) -> Op[_KeyOrder]:
     for r in result.all():
         if r.status == Status.DEAD.value:
             seconds = DEAD_WAIT
+        elif (
+            r.status == Status.PENDING.value
+            and not r.retry_count
+            and r.deliver_at is not None
+            and r.deliver_at > r.now
+        ):
+            # Scheduled and not yet due: later events of its key go on, unless asked.
+            if not c.scheduled_blocks:
+                continue
+            seconds = min((r.deliver_at - r.now).total_seconds(), MAX_ORDER_WAIT)
         elif r.status == Status.PENDING.value and r.retry_count and r.next_retry_at is not None:
             # Waiting for its retry (or claimed for it: the lease is no measure).
             left = (r.next_retry_at - r.now).total_seconds()
@@ -1195,6 +1486,7 @@ def op_defer(c: OpContext, delays: Mapping[int, float]) -> Op[None]:
             t.c.id == bindparam("_id"),
             t.c.status != Status.CONSUMED.value,  # not_in: no expanding IN in executemany
             t.c.status != Status.DEAD.value,
+            t.c.status != Status.CANCELLED.value,
         )
         .values(
             status=Status.PENDING.value,

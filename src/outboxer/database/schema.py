@@ -38,6 +38,7 @@ from outboxer.routing import ServiceRoute, index_name, validate_table_name
 MAX_ERROR_CHARS = 2000
 MAX_KEY_CHARS = 255
 MAX_EVENT_TYPE_CHARS = 255
+MAX_EVENT_ID_CHARS = 255
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -161,7 +162,12 @@ def outbox_table(name: str, metadata: MetaData) -> Table:
         Column("headers", Text, nullable=True),
         Column("requeue_count", Integer, nullable=False, server_default=text("0")),
         Column("requeued_at", UtcDateTime(), nullable=True),
-        # Schema version 4: poison protection. ``handling`` is set in a short
+        # Schema version 4: the publisher's event id (unique per table, NULL when the
+        # event has none: every database lets a unique index hold many NULLs) and
+        # the due time a scheduled event was published with.
+        Column("event_id", String(MAX_EVENT_ID_CHARS), nullable=True),
+        Column("deliver_at", UtcDateTime(), nullable=True),
+        # Schema version 5: poison protection. ``handling`` is set in a short
         # transaction of its own before a consumer runs the handler (1: in a batch,
         # 2: alone) and cleared by the commit that settles the message, so a marker
         # found set by the next delivery means the worker died while handling it;
@@ -174,21 +180,20 @@ def outbox_table(name: str, metadata: MetaData) -> Table:
         Index(index_name(name, "status_updated"), "status", "updated_at"),
         # Schema version 3: ordered services look up the open rows of a key.
         Index(index_name(name, "key"), "message_key", "id"),
+        # Schema version 4: publishing an event id twice writes one row.
+        Index(index_name(name, "event"), "event_id", unique=True),
     )
 
 
-MAX_EVENT_ID_CHARS = 255
-
-
 def inbox_table(name: str, metadata: MetaData) -> Table:
-    """Build (or return) inbox table ``name``: the outbox template plus the event id
-    of the producer, unique, so a message received twice is stored once."""
+    """Build (or return) inbox table ``name``: the outbox template with the event id
+    of the producer required (its unique index is the template's), so a message
+    received twice is stored once."""
     existing = metadata.tables.get(name)
     if existing is not None:
         return existing
     table = outbox_table(name, metadata)
-    table.append_column(Column("event_id", String(MAX_EVENT_ID_CHARS), nullable=False))
-    Index(index_name(name, "event"), table.c.event_id, unique=True)
+    table.c.event_id.nullable = False
     return table
 
 

@@ -166,6 +166,7 @@ class Console:
                     row.update(
                         counts=st.counts,
                         due=st.due,
+                        scheduled=st.scheduled,
                         oldest=format_duration(st.oldest_due_seconds),
                         dead=st.dead,
                     )
@@ -241,7 +242,20 @@ class Console:
             envelope=_pretty_envelope(m),
             headers=json.dumps(m.header_map(), indent=2) if m.headers else None,
             requeued=_int(request.query_params.get("requeued")),
+            cancelled=_int(request.query_params.get("cancelled")),
         )
+
+    async def cancel(self, request: Request) -> Response:
+        form = await checked_form(request)
+        service = _str(form.get("service"))
+        event_id = _str(form.get("event_id"))
+        if service not in self.services():
+            raise HTTPException(400, f"no service named {service!r}")
+        try:
+            done = await run_in_threadpool(self.admin.cancel, event_id, service=service)
+        except OutboxError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return _back(form, "/messages", cancelled=int(done))
 
     # -------------------------------------------------------------- dead letters
 
@@ -459,6 +473,7 @@ def create_app(
         Route("/api/activity", console.activity),
         Route("/messages", console.messages),
         Route("/messages/{service}/{outbox_id:int}", console.message),
+        Route("/messages/cancel", console.cancel, methods=["POST"]),
         Route("/dead", console.dead),
         Route("/dead/requeue", console.requeue, methods=["POST"]),
         Route("/dead/requeue-all", console.requeue_all, methods=["POST"]),

@@ -37,6 +37,11 @@ class Dialect:
     """The claim is one statement (it may then run without an explicit transaction)."""
     autocommit_single_statements: ClassVar[bool] = True
     """Run one-statement operations in autocommit mode: no BEGIN/COMMIT round trips."""
+    snapshot_reads: ClassVar[bool] = False
+    """A plain read inside a transaction sees the snapshot its first read took, not
+    rows committed since (MySQL/MariaDB's default, repeatable read): reading what
+    another transaction just committed takes a locking read."""
+
     one_statement_marks: ClassVar[bool] = False
     """:meth:`mark_clean` gives a statement."""
 
@@ -92,6 +97,13 @@ class Dialect:
         """An INSERT into ``table`` that skips rows whose ``unique`` column value is
         already there (the inbox: a message received twice is stored once)."""
         raise NotImplementedError
+
+    def inserted_id(self, result: Any) -> int | None:
+        """The id of the row an :meth:`insert_ignoring_duplicates` of one row wrote,
+        or None when it skipped a duplicate."""
+        if result.rowcount != 1:
+            return None
+        return int(result.inserted_primary_key[0])
 
     # ------------------------------------------------------------------ wake-ups
 

@@ -63,6 +63,13 @@ class MySQLDialect(Dialect):
         stmt = mysql.insert(table)
         return stmt.on_duplicate_key_update({unique: stmt.inserted[unique]})
 
+    snapshot_reads = True
+
+    def inserted_id(self, result: Any) -> int | None:
+        # The driver reports a found row as one affected row (CLIENT_FOUND_ROWS), so
+        # the row count cannot tell; the last insert id is 0 when nothing was inserted.
+        return int(result.lastrowid) or None
+
     def now_sql(self) -> str:
         return "UTC_TIMESTAMP(6)"
 
