@@ -409,6 +409,10 @@ class KafkaTransport:
             "logger": librdkafka_logger,
             # Notice a recreated topic in seconds, not the default 5 minutes.
             "topic.metadata.refresh.interval.ms": 10_000,
+            # A broker that vanished without closing: requests time out, the
+            # connection is rebuilt (the default would wait a minute).
+            "socket.timeout.ms": self.settings.socket_timeout_ms,
+            "socket.keepalive.enable": True,
         }
 
     def producer_config(self) -> dict[str, Any]:
@@ -443,7 +447,7 @@ class KafkaTransport:
         await self._current_producer()
 
     def _admin(self) -> AdminClient:
-        return AdminClient({**self._common(), "socket.timeout.ms": 10_000})
+        return AdminClient(self._common())
 
     def _ensure_topics(self, topics: list[str]) -> None:
         admin = self._admin()
