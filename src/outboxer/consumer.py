@@ -233,7 +233,7 @@ class Dispatcher:
                 keys, alone=alone, own=frozenset(self._own), skip_busy=self.skip_busy
             )
         except Exception as exc:
-            if connection_lost(exc):
+            if connection_lost(exc, self.storage.database.dialect):
                 # The marks may have committed without this worker hearing it: they
                 # are its own, not the trace of a crash.
                 self._own.update(keys)
@@ -392,7 +392,7 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - whatever broke it is recorded below
             failure = exc
         decoded = self.decode([message], report=False)
-        if decoded and connection_lost(failure):
+        if decoded and connection_lost(failure, self.storage.database.dialect):
             key = self._loss_key(decoded[0])
             losses = self._losses.get(key, 0) + 1
             if losses < LOSSES_PER_ATTEMPT:

@@ -345,7 +345,7 @@ class Relay:
                 ids, expect_retry_count=retry_count, expect_updated_at=stamp
             )
         except Exception as exc:
-            if not connection_lost(exc):
+            if not connection_lost(exc, self.store.dialect):
                 raise
             logger.warning(
                 "database connection lost while marking %d row(s) published; marking again",

@@ -31,14 +31,16 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+from outboxer.database.dialects import Dialect
 from outboxer.errors import ConnectionLostError
 
 logger = logging.getLogger(__name__)
 
 
-def connection_lost(exc: BaseException) -> bool:
+def connection_lost(exc: BaseException, dialect: Dialect | None = None) -> bool:
     """Whether ``exc`` (or an error it was raised from) is a database connection that
-    was lost: the driver's error that SQLAlchemy recognised as a disconnect, or
+    was lost or could not be made: the driver's error that SQLAlchemy recognised as a
+    disconnect, one ``dialect`` knows as a failed connect, or
     :class:`~outboxer.errors.ConnectionLostError`."""
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -46,8 +48,11 @@ def connection_lost(exc: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, ConnectionLostError):
             return True
-        if isinstance(current, DBAPIError) and current.connection_invalidated:
-            return True
+        if isinstance(current, DBAPIError):
+            if current.connection_invalidated:
+                return True
+            if dialect is not None and dialect.connection_failed(current.orig):
+                return True
         current = current.__cause__ or current.__context__
     return False
 

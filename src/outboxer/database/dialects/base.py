@@ -89,6 +89,12 @@ class Dialect:
     def tune(self, engine: Engine) -> None:
         """Event listeners on a sync engine outboxer created (SQLite's pragmas)."""
 
+    def connection_failed(self, error: BaseException) -> bool:
+        """Whether the driver's ``error`` says the connection could not be made or was
+        lost (what SQLAlchemy's disconnect check misses, e.g. a connect that timed
+        out), as opposed to an error of the statement."""
+        return False
+
     def socket_of(self, driver_connection: Any) -> int | None:
         """The file descriptor of the driver connection's socket, which the watchdog
         shuts down when a call on it does not answer (None: no socket, e.g. SQLite)."""

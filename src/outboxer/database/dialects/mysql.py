@@ -37,6 +37,9 @@ _IMPLICIT_COMMIT = re.compile(
 )
 
 MAX_LOCK_NAME = 64
+_CONNECTION_ERRORS = frozenset({2002, 2003, 2006, 2013, 2055})
+"""Client errors of a connection not made or lost: can't connect (socket, TCP),
+server gone away, lost connection during query, lost connection (system error)."""
 
 
 class MySQLDialect(Dialect):
@@ -55,6 +58,10 @@ class MySQLDialect(Dialect):
             "pool_recycle": 3600,
             "connect_args": {"connect_timeout": CONNECT_TIMEOUT},
         }
+
+    def connection_failed(self, error: BaseException) -> bool:
+        args = getattr(error, "args", ())
+        return bool(args) and args[0] in _CONNECTION_ERRORS
 
     def socket_of(self, driver_connection: Any) -> int | None:
         sock = getattr(driver_connection, "_sock", None)  # PyMySQL

@@ -64,6 +64,13 @@ class PostgreSQLDialect(Dialect):
         # kernel (keepalive when idle, TCP_USER_TIMEOUT while data waits for an ACK).
         return {"connect_args": dict(LIBPQ_TIMEOUTS)}
 
+    def connection_failed(self, error: BaseException) -> bool:
+        # psycopg: an OperationalError without a SQLSTATE comes from the client side
+        # (connect failed, timed out, connection closed), not from the server.
+        return type(error).__name__ == "OperationalError" and (
+            getattr(error, "sqlstate", "") is None
+        )
+
     def socket_of(self, driver_connection: Any) -> int | None:
         pgconn = getattr(driver_connection, "pgconn", None)  # psycopg, sync and async
         if pgconn is not None:
