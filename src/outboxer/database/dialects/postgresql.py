@@ -67,9 +67,9 @@ class PostgreSQLDialect(Dialect):
     def connection_failed(self, error: BaseException) -> bool:
         # psycopg: an OperationalError without a SQLSTATE comes from the client side
         # (connect failed, timed out, connection closed), not from the server.
-        return type(error).__name__ == "OperationalError" and (
-            getattr(error, "sqlstate", "") is None
-        )
+        # (ConnectionTimeout included: a subclass).
+        operational = any(c.__name__ == "OperationalError" for c in type(error).__mro__)
+        return operational and getattr(error, "sqlstate", "") is None
 
     def socket_of(self, driver_connection: Any) -> int | None:
         pgconn = getattr(driver_connection, "pgconn", None)  # psycopg, sync and async
