@@ -4,8 +4,9 @@ Modes, switched at any time from the test:
 
 - ``pass``: bytes go through (after ``delay`` seconds each way, when set);
 - ``black_hole()``: a peer that vanished: nothing is forwarded any more and nothing
-  is closed (no FIN, no RST). The connections open at that moment stay silent for
-  good; new connections are accepted and stay silent too, until ``restore()``.
+  is closed (no FIN, no RST). The connections open at that moment stay silent; new
+  connections are accepted and stay silent too. ``restore()``: the peer is back, as
+  after a restart: silent connections are closed, new ones pass.
   (The proxy's own TCP stack still acknowledges what the client sends, so kernel
   keepalive cannot see this; only the client's own timeouts can.)
 - ``cut()``: close every connection on both sides at once;
@@ -96,10 +97,16 @@ class FaultProxy:
                 link.silent = True
 
     def restore(self) -> None:
-        """Pass again for new connections (black-holed ones stay silent)."""
+        """The peer is back: new connections pass again, and the black-holed ones are
+        closed, as a peer that restarted answers the next packet of a connection it
+        no longer knows with a reset (a client that never sends again would hold a
+        silent connection for good; the broker, too, sees its side close)."""
         with self._lock:
             self._black_hole = False
             self.delay = 0.0
+            silent = [link for link in self._links if link.silent and not link.closed]
+        for link in silent:
+            self._close(link)
 
     def cut(self) -> int:
         """Close every open connection on both sides; how many."""

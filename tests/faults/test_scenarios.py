@@ -76,10 +76,10 @@ SLOW = 10.0
 VANISHED = 20.0
 """Seconds a vanished peer stays away (no FIN, nothing forwarded)."""
 NETWORK_SETTINGS = {
-    # The bounds of a dead connection, short for the test: every database call
-    # answers within 5 s or its connection is cut; a broker request within 5 s.
+    # The bound of a dead database connection, short for the test: every call
+    # answers within 5 s or its connection is cut. A broker request: the default
+    # 10 s (kafka.socket_timeout_ms).
     "OUTBOXER_DATABASE_TIMEOUT": "5",
-    "OUTBOXER_KAFKA__SOCKET_TIMEOUT_MS": "5000",
 }
 MARK_PUBLISHED = re.compile(rb"UPDATE \S+ SET status=[\s\S]{0,200}?published_at=", re.IGNORECASE)
 
@@ -381,7 +381,10 @@ def test_broker_slow_then_vanished(
         pg_scratch,
         kafka.transport_url,
         setup="PostgreSQL, Kafka",
-        settings=NETWORK_SETTINGS,
+        # No consumer rebuilt while its group rebalances: the test broker (Tansu
+        # 0.6.0) keeps a leader that leaves during a rebalance as the leader for good
+        # (see test_consumers_join_and_leave); librdkafka rejoins by itself.
+        settings={**NETWORK_SETTINGS, "OUTBOXER_KAFKA__UNASSIGNED_REBUILD_AFTER": "300"},
     ) as sc:
         sc.start_workers(["relay", "consume", "both"])
         sc.publish(size.events, size.rate)
