@@ -225,6 +225,31 @@ async def test_consume_and_mark_commit_answer_lost_applies_once(
     assert app.effects() == {str(i): 1 for i in ids}
 
 
+MARK_HANDLING = re.compile(rb"SET handling=", re.IGNORECASE)
+"""The consumer's handling marks, set before any handler runs (poison protection)."""
+
+
+@pytest.mark.parametrize("committed", COMMITTED, ids=IDS)
+async def test_handling_marks_answer_lost_are_not_a_crash(
+    proxied: tuple[str, FaultProxy], app_factory: Any, committed: bool
+) -> None:
+    """The marks of a message delivered alone, committed without the worker hearing
+    it: its own marks, not the trace of a worker that died (no attempt)."""
+    _, proxy = proxied
+    app: App = app_factory()
+    (oid,) = app.publish(1)
+    if app.outbox.db.dialect.one_statement_marks:  # one statement in autocommit
+        proxy.lose_answer(MARK_HANDLING, forward=committed)
+    else:
+        proxy.lose_answer(COMMIT, after=MARK_HANDLING, forward=committed)
+    await drain(app.outbox, timeout=60)
+    assert proxy.answers_lost == 1
+    (row,) = app.rows()
+    assert row.status == Status.CONSUMED.value
+    assert row.retry_count == 0
+    assert app.effects() == {str(oid): 1}
+
+
 async def test_a_connection_cut_under_a_handler_spends_no_attempt(
     proxied: tuple[str, FaultProxy], app_factory: Any
 ) -> None:
@@ -364,6 +389,7 @@ async def test_inbox_insert_commit_answer_lost_applies_once(
 TIMEOUT = 2.0
 
 
+@pytest.mark.timeout(60)  # without the watchdog: no answer, ever
 def test_a_silent_connection_fails_within_database_timeout(
     proxied: tuple[str, FaultProxy],
 ) -> None:
@@ -391,6 +417,7 @@ def test_a_silent_connection_fails_within_database_timeout(
         ob.close()
 
 
+@pytest.mark.timeout(60)  # without the watchdog: no answer, ever
 async def test_a_silent_connection_fails_within_database_timeout_async(
     proxied: tuple[str, FaultProxy],
 ) -> None:
@@ -414,6 +441,7 @@ async def test_a_silent_connection_fails_within_database_timeout_async(
         await ob.db.dispose_async()
 
 
+@pytest.mark.timeout(60)  # without the watchdog: no answer, ever
 def test_a_silent_commit_fails_within_database_timeout(
     proxied: tuple[str, FaultProxy], app_factory: Any
 ) -> None:
