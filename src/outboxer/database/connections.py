@@ -51,7 +51,8 @@ def connection_lost(exc: BaseException, dialect: Dialect | None = None) -> bool:
         if isinstance(current, DBAPIError):
             if current.connection_invalidated:
                 return True
-            if dialect is not None and dialect.connection_failed(current.orig):
+            orig = current.orig
+            if dialect is not None and orig is not None and dialect.connection_failed(orig):
                 return True
         current = current.__cause__ or current.__context__
     return False

@@ -60,8 +60,8 @@ class MySQLDialect(Dialect):
         }
 
     def connection_failed(self, error: BaseException) -> bool:
-        args = getattr(error, "args", ())
-        return bool(args) and args[0] in _CONNECTION_ERRORS
+        code = error.args[0] if error.args else None
+        return code in _CONNECTION_ERRORS
 
     def socket_of(self, driver_connection: Any) -> int | None:
         sock = getattr(driver_connection, "_sock", None)  # PyMySQL
