@@ -7,7 +7,9 @@ starts workers as ``python -m outboxer.cli --app faults_app:outbox run`` process
 (all loops, ``--relay-only`` or ``--consume-only``). A publisher thread commits
 business transactions (one business row and its event) at a steady rate while the
 scenario injects faults: SIGKILL of workers, a broker replaced or down, a database
-restarted, its backends killed, consumers joining and leaving. Then it waits,
+restarted, its backends killed, consumers joining and leaving, and network faults
+through the fault proxy of tests/faults/proxy.py (``worker_url``: the workers and the
+publisher reach the database through it, the audit does not). Then it waits,
 bounded, until every committed event is settled, stops the workers and audits:
 
 - every outbox row is ``consumed``, or ``dead`` with a ``last_error``;
