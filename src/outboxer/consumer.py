@@ -34,7 +34,7 @@ from outboxer.database.ops import (
 from outboxer.database.runner import AsyncRunner, SyncRunner, callable_name, is_async_callable
 from outboxer.envelope import Envelope
 from outboxer.errors import ConnectionLostError, HandlerError, describe_error
-from outboxer.hooks import Hooks, Observer
+from outboxer.hooks import Observer
 from outboxer.logs import log_dead, log_retried
 from outboxer.models import Status
 from outboxer.routing import RouteRegistry, ServiceRoute
@@ -136,7 +136,7 @@ class Dispatcher:
         transaction failed and is tried again): their marks are not crashes."""
         self._losses: dict[Any, int] = {}
         """Connections lost in a row by a message's own transaction (by message)."""
-        if isinstance(hooks, Hooks) and hooks.wants("handler_context"):
+        if hooks.wants("handler_context"):
             # Observers (tracing) wrap each handler call: a span continuing the trace
             # in the message's headers.
             self.handlers = {
