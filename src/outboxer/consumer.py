@@ -394,17 +394,17 @@ class Dispatcher:
         decoded = self.decode([message], report=False)
         if decoded and connection_lost(failure, self.storage.database.dialect):
             key = self._loss_key(decoded[0])
-            losses = self._losses.get(key, 0) + 1
+            losses = self._losses[key] = self._losses.get(key, 0) + 1
             if losses < LOSSES_PER_ATTEMPT:
-                self._losses[key] = losses
                 raise ConnectionLostError(
                     "the database connection was lost while handling a message; "
                     "tried again, not counted as an attempt",
                     service=self.route.service_name,
                 ) from failure
-            self._losses.pop(key, None)
         if decoded:
             await self._record_broken(decoded[0], failure)
+            # Reset once recorded: if recording failed too, the next loss is charged.
+            self._losses.pop(self._loss_key(decoded[0]), None)
             key = self._key_or_none(decoded[0])
             if key is not None:
                 self._own.discard(key)

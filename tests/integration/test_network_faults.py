@@ -256,7 +256,7 @@ async def test_a_connection_cut_under_a_handler_spends_no_attempt(
     """Cut in the batch and again when the message runs alone: tried again after a
     pause, not counted (the guard: ``LOSSES_PER_ATTEMPT``)."""
     _, proxy = proxied
-    app: App = app_factory()
+    app: App = app_factory(lease=2.0)
     calls: dict[int, int] = {}
 
     def cut_twice(event: Envelope) -> None:
@@ -278,7 +278,8 @@ async def test_a_message_that_always_breaks_its_connection_ends_dead(
     proxied: tuple[str, FaultProxy], app_factory: Any
 ) -> None:
     _, proxy = proxied
-    app: App = app_factory(max_retry=1, error_delay_max=0.5)
+    # A cut also breaks the relay's claims in flight: their rows come back after the lease.
+    app: App = app_factory(max_retry=1, error_delay_max=0.5, lease=2.0)
     calls = 0
 
     def always_cut(event: Envelope) -> None:
