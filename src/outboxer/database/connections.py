@@ -36,6 +36,9 @@ from outboxer.errors import ConnectionLostError
 
 logger = logging.getLogger(__name__)
 
+IDLE_TICKS = 60
+"""A watchdog's thread ends after this many looks that found no call in flight."""
+
 
 def connection_lost(exc: BaseException, dialect: Dialect | None = None) -> bool:
     """Whether ``exc`` (or an error it was raised from) is a database connection that
@@ -92,10 +95,15 @@ class Watchdog:
                 self._calls.pop(key, None)
 
     def _run(self) -> None:
+        idle = 0
         while True:
             time.sleep(self.tick)
             now = time.monotonic()
             with self._lock:
+                idle = 0 if self._calls else idle + 1
+                if idle >= IDLE_TICKS:  # nothing to watch for a while: the next call
+                    self._thread = None  # starts a new thread
+                    return
                 late = [(k, c, w) for k, (due, c, w) in self._calls.items() if due <= now]
                 for key, conn, what in late:
                     del self._calls[key]
