@@ -1,7 +1,9 @@
 """The Kafka transport (confluent-kafka); ``pip install 'outboxer[kafka]'``.
 
 :class:`KafkaSettings` imports without confluent-kafka; :class:`KafkaTransport`
-needs it and says how to install it when it is missing.
+needs it and says how to install it when it is missing. The test broker,
+:class:`~outboxer.transports.kafka.embedded.EmbeddedKafka`, is in ``embedded.py``
+(users import it from :mod:`outboxer.testing`).
 """
 
 from __future__ import annotations
