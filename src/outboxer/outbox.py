@@ -114,6 +114,8 @@ class Outbox:
         self.transport: Transport = make_transport(
             transport if transport is not None else settings.transport, settings
         )
+        # Optional for transports written before the protocol had it.
+        self.routes.check = getattr(self.transport, "check_route", None)
         self._adapters: dict[str, Adapter] = {}
         self._runtime = Runtime(
             self.storage, self._handlers, self.transport, settings, self.hooks, self._adapters

@@ -48,6 +48,12 @@ def register_transport(
         _factories[scheme.lower()] = factory
 
 
+def schemes() -> list[str]:
+    """Every registered scheme, sorted (the contract suite runs one case per scheme)."""
+    with _lock:
+        return sorted(_factories)
+
+
 def scheme_of(spec: str) -> str:
     return spec.split("://", 1)[0].strip().lower()
 

@@ -54,6 +54,9 @@ class KafkaSubscription:
         self._closed = False
         self._unassigned_since: float | None = None
         self._rebuild_after = settings.unassigned_rebuild_after
+        self._held: dict[tuple[str, int], float] = {}
+        """Partitions paused by ``nack(delay=)`` and when to resume them (used on the
+        consumer's thread only)."""
         self.rebuilds = 0
 
     async def _call(self, fn: Any, *args: Any) -> Any:
@@ -70,6 +73,13 @@ class KafkaSubscription:
 
     def _fetch(self, max_messages: int, timeout: float) -> tuple[list[Message], bool]:
         assert self._consumer is not None
+        if self._held:
+            now = time.monotonic()
+            due = [key for key, until in self._held.items() if until <= now]
+            if due:
+                self._consumer.resume([TopicPartition(t, p) for t, p in due])
+                for key in due:
+                    del self._held[key]
         first = self._consumer.poll(timeout)
         rest = self._consumer.consume(max_messages - 1, 0) if first and max_messages > 1 else []
         assigned = bool(self._consumer.assignment())
@@ -172,6 +182,38 @@ class KafkaSubscription:
             # messages again and the row lock makes the repeat a no-op.
             logger.warning(
                 "offset commit failed (messages will be redelivered): %s",
+                exc,
+                extra={"service": self.route.service_name},
+            )
+
+    async def nack(self, messages: Sequence[IncomingMessage], *, delay: float = 0.0) -> None:
+        if not messages or self._consumer is None:
+            return
+        earliest: dict[tuple[str, int], int] = {}
+        for m in messages:
+            topic, partition, offset = m.position
+            key = (topic, partition)
+            earliest[key] = min(earliest.get(key, offset), offset)
+        consumer = self._consumer
+
+        def rewind() -> None:
+            # Read each partition again from its earliest message given back; with a
+            # delay, pause it until then (resumed by the next fetch after the delay).
+            parts = [TopicPartition(t, p, o) for (t, p), o in earliest.items()]
+            for tp in parts:
+                consumer.seek(tp)
+            if delay > 0:
+                consumer.pause(parts)
+                until = time.monotonic() + delay
+                for key in earliest:
+                    self._held[key] = until
+
+        try:
+            await self._call(rewind)
+        except KafkaException as exc:
+            # The partition went to another member: it reads them from the last commit.
+            logger.warning(
+                "giving messages back failed (the partition's next owner gets them): %s",
                 exc,
                 extra={"service": self.route.service_name},
             )

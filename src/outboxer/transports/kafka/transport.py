@@ -37,7 +37,7 @@ from typing import Any
 
 from outboxer.errors import ConfigurationError
 from outboxer.routing import ServiceRoute
-from outboxer.transports.base import Delivery, OutgoingMessage
+from outboxer.transports.base import Delivery, Features, OutgoingMessage
 from outboxer.transports.kafka.admin import KafkaAdmin
 from outboxer.transports.kafka.producer import ProducerHandle, produce_batch
 from outboxer.transports.kafka.settings import KafkaSettings
@@ -51,6 +51,7 @@ class KafkaTransport:
     """Kafka (or any Kafka-protocol broker) through confluent-kafka."""
 
     name = "kafka"
+    features = Features(requeue=True, requeue_delay=True, rebuilds_clients=True)
 
     def __init__(
         self,
@@ -111,6 +112,9 @@ class KafkaTransport:
             "enable.partition.eof": False,
             **self.settings.config,
         }
+
+    def check_route(self, route: ServiceRoute) -> None:
+        pass  # the neutral rule of outboxer.routing is Kafka's own (249 characters)
 
     # ------------------------------------------------------------------ lifecycle
 
