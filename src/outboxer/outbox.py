@@ -79,7 +79,7 @@ class Outbox:
         }
         updates = {k: v for k, v in updates.items() if v is not None}
         if updates:
-            settings = OutboxSettings.from_values(**{**settings.model_dump(), **updates})
+            settings = settings.updated(**updates)
         self.settings = settings
         self.retry_policy = RetryPolicy(max_retry=settings.max_retry, unit=settings.retry_unit)
         self.routes = RouteRegistry(

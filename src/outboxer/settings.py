@@ -295,6 +295,10 @@ class OutboxSettings(BaseSettings):
         settings._sections = {name: getattr(sections, name) for name in type(sections).model_fields}
         return settings
 
+    def updated(self, **values: Any) -> OutboxSettings:
+        """These settings with ``values`` changed, validated again (sections kept)."""
+        return OutboxSettings.from_values(**{**self.model_dump(), **self._sections, **values})
+
     def section(self, name: str) -> BaseModel:
         """The validated settings of the registered section ``name`` (its defaults when
         the configuration has none)."""

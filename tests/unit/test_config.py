@@ -154,6 +154,16 @@ def test_the_kafka_section_from_toml_and_environment(
     assert OutboxSettings.from_values().section("kafka") == KafkaSettings()
 
 
+def test_keyword_overrides_keep_the_sections() -> None:
+    settings = OutboxSettings.from_values(kafka={"partitions": 7}, max_retry=9)
+    ob = Outbox("sqlite:///unused.db", settings=settings, max_retry=5)
+    try:
+        assert ob.settings.max_retry == 5
+        assert ob.settings.section("kafka").partitions == 7  # type: ignore[attr-defined]
+    finally:
+        ob.close()
+
+
 def test_unknown_sections_and_section_keys_are_refused(tmp_path: Path) -> None:
     config = tmp_path / "outboxer.toml"
     config.write_text("[kafka]\nsesion_timeout_ms = 6000\n[rabbitmq]\nurl = 'x'\n")
