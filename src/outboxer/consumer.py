@@ -33,7 +33,7 @@ from outboxer.database.ops import (
 from outboxer.database.runner import AsyncRunner, SyncRunner, callable_name, is_async_callable
 from outboxer.envelope import Envelope
 from outboxer.errors import HandlerError, describe_error
-from outboxer.hooks import Hooks, Observer
+from outboxer.hooks import Observer
 from outboxer.logs import log_dead, log_retried
 from outboxer.models import Status
 from outboxer.routing import RouteRegistry, ServiceRoute
@@ -127,7 +127,7 @@ class Dispatcher:
         self._own: set[int] = set()
         """Rows this dispatcher marked as being handled and has not settled (their
         transaction failed and is tried again): their marks are not crashes."""
-        if isinstance(hooks, Hooks) and hooks.wants("handler_context"):
+        if hooks.wants("handler_context"):
             # Observers (tracing) wrap each handler call: a span continuing the trace
             # in the message's headers.
             self.handlers = {
