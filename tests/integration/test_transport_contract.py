@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,8 @@ class Case:
     """A transport of this kind whose broker is unreachable (outage tests)."""
     break_client: Callable[[Transport], None] | None = None
     """Put the transport's client in the state a fatal error leaves it in."""
+    break_subscription: Callable[[Subscription], Awaitable[None]] | None = None
+    """Take a subscription's client away from under it (its next call fails)."""
     settings: Callable[[], dict[str, Any]] = dict
 
 
@@ -78,6 +80,12 @@ def _kafka_fatal(transport: Transport) -> None:
     handle.break_("fatal error planted by the contract suite")
 
 
+async def _kafka_consumer_gone(sub: Subscription) -> None:
+    # The librdkafka consumer closed under the subscription: every call on it raises.
+    consumer = sub._consumer  # type: ignore[attr-defined]
+    await sub._call(consumer.close)  # type: ignore[attr-defined]
+
+
 def _memory_down(request: pytest.FixtureRequest) -> str:
     return "memory-down"
 
@@ -90,6 +98,7 @@ CASES = [
         _kafka_url,
         down_url=_kafka_down,
         break_client=_kafka_fatal,
+        break_subscription=_kafka_consumer_gone,
         # Short delivery timeout (80% of the lease) for the outage test.
         settings=lambda: {"lease": 3.0, "kafka": {"session_timeout_ms": 6000}},
     ),
@@ -375,6 +384,20 @@ async def test_a_client_with_a_fatal_error_is_rebuilt(bench: Bench) -> None:
     got = await _collect(sub, 2)
     assert sorted(_ids(got)) == [1, 2]
     await sub.ack(got)
+    await sub.close()
+
+
+async def test_a_subscription_whose_client_failed_is_rebuilt(bench: Bench) -> None:
+    if not bench.features.rebuilds_clients or bench.case.break_subscription is None:
+        pytest.skip(f"{bench.case.scheme} has no client to rebuild")
+    sub = await bench.transport.subscribe(bench.route)
+    await _send(bench, _messages(["a"], 1))
+    first = await _collect(sub, 1)
+    await sub.ack(first)
+    await bench.case.break_subscription(sub)
+    await _send(bench, _messages(["a"], 1, start=2))
+    # The next receive meets the failure, builds a new client, and goes on reading.
+    assert _ids(await _collect(sub, 1)) == [2]
     await sub.close()
 
 

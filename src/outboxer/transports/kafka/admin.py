@@ -29,7 +29,7 @@ class KafkaAdmin:
         self.settings = settings
 
     def _client(self) -> AdminClient:
-        return AdminClient({**self.config, "socket.timeout.ms": 10_000})
+        return AdminClient({"socket.timeout.ms": 10_000, **self.config})
 
     def ensure_topics(self, topics: Sequence[str]) -> None:
         """Wait (``kafka.topic_wait_timeout``) until every topic exists, creating the

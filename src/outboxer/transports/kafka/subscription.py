@@ -90,7 +90,8 @@ class KafkaSubscription:
             return []
         try:
             raw, assigned = await self._call(self._fetch, max_messages, timeout)
-        except KafkaException as exc:
+        except (KafkaException, RuntimeError) as exc:
+            # RuntimeError: confluent-kafka's answer on a consumer that was closed.
             await self._rebuild(f"consumer call failed: {exc}")
             return []
         out: list[IncomingMessage] = []
@@ -177,7 +178,7 @@ class KafkaSubscription:
         try:
             await self._call(partial(consumer.commit, offsets=offsets, asynchronous=False))
             self._rebuild_after = self._settings.unassigned_rebuild_after
-        except KafkaException as exc:
+        except (KafkaException, RuntimeError) as exc:
             # Typically a rebalance took the partition away: the new owner gets the
             # messages again and the row lock makes the repeat a no-op.
             logger.warning(
@@ -210,7 +211,7 @@ class KafkaSubscription:
 
         try:
             await self._call(rewind)
-        except KafkaException as exc:
+        except (KafkaException, RuntimeError) as exc:
             # The partition went to another member: it reads them from the last commit.
             logger.warning(
                 "giving messages back failed (the partition's next owner gets them): %s",
