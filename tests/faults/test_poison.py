@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
 
 from outboxer import Outbox, OutboxSettings
-from outboxer.database.ops import crash_reason
+from outboxer.database.ops.handling import crash_reason
 from outboxer.testing import EmbeddedKafka
 from tests.faults.harness import (
     EFFECTS,
