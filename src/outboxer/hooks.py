@@ -28,6 +28,12 @@ logger = logging.getLogger(__name__)
 class Observer:
     """Base class of everything that listens to the loops (every method a no-op)."""
 
+    def wants(self, name: str) -> bool:
+        """True when this observer overrides report ``name``, so a loop can skip
+        preparing a per-message report nobody listens to."""
+        default = getattr(Observer, name)
+        return getattr(type(self), name, default) is not default
+
     # ---------------------------------------------------------------- publish
 
     def event_published(self, service: str, event_type: str, tx: Any) -> None:
@@ -145,7 +151,7 @@ class Observer:
 _METHODS = tuple(
     name
     for name, value in vars(Observer).items()
-    if callable(value) and not name.startswith("_") and name != "handler_context"
+    if callable(value) and not name.startswith("_") and name not in ("handler_context", "wants")
 )
 
 
@@ -174,10 +180,8 @@ class Hooks(Observer):
         return tuple(self._observers)
 
     def wants(self, name: str) -> bool:
-        """True when an attached observer overrides report ``name`` (so a loop can skip
-        preparing a per-message report nobody listens to)."""
-        default = getattr(Observer, name)
-        return any(getattr(type(o), name, default) is not default for o in self._observers)
+        """True when an attached observer overrides report ``name``."""
+        return any(o.wants(name) for o in self._observers)
 
     def handler_context(
         self, service: str, event: Any, headers: Mapping[str, bytes]

@@ -31,7 +31,7 @@ from outboxer.backoff import ErrorBackoff
 from outboxer.database.ops.transitions import Claimed
 from outboxer.envelope import wire_event
 from outboxer.errors import EnvelopeDecodeError
-from outboxer.hooks import Hooks, Observer
+from outboxer.hooks import Observer
 from outboxer.logs import log_dead
 from outboxer.models import Status, parse_headers
 from outboxer.routing import ServiceRoute
@@ -84,7 +84,7 @@ class Relay:
         """Monotonic time the current transport outage began (None: no outage)."""
         self.next_delay = 0.0
         # Per-message report only when someone listens (tracing).
-        self._headers_hook = isinstance(hooks, Hooks) and hooks.wants("message_sending")
+        self._headers_hook = hooks.wants("message_sending")
 
     @property
     def pipeline_depth(self) -> int:

@@ -51,9 +51,9 @@ class _Running:
     relays: list[asyncio.Task[None]] = field(default_factory=list)
     consumers: list[asyncio.Task[None]] = field(default_factory=list)
     side: list[asyncio.Task[None]] = field(default_factory=list)
+    """Side tasks (the retention sweep): stopped with the relays, never supervised."""
     listeners: list[asyncio.Task[None]] = field(default_factory=list)
     """Wake-up sources (the notification listener): cancelled when the stop begins."""
-    """Side tasks (the retention sweep): stopped with the relays, never supervised."""
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:

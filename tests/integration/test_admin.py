@@ -15,6 +15,7 @@ from outboxer import (
     Outbox,
     Status,
 )
+from outboxer.admin import Search
 from outboxer.database.locks import single_instance
 from outboxer.database.ops.tools import RowFilter
 from outboxer.retention import SWEEP_LOCK, Sweeper
@@ -90,6 +91,55 @@ async def test_requeue_keeps_a_note_and_narrows(two: Outbox, service: str) -> No
     with pytest.raises(ValueError, match="name the dead letters"):
         two.admin.requeue()
     assert two.store(service).get_by_id(a[0]).status is Status.DEAD  # type: ignore[union-attr]
+
+
+async def test_each_async_twin_answers_as_its_sync_face(two: Outbox, service: str) -> None:
+    """The read-only tools' async twins find the same rows, pages and errors."""
+    a = _dead(two, service, f"{service}.a", 3)
+    c = _dead(two, f"{service}_2", f"{service}_2.c", 2)
+    live = two.store(service).create_message(f"{service}.b", "live", {"x": 1})
+    backdate(two, service, a[0], "updated_at", 3600)
+    admin = two.admin
+    try:
+
+        def ids(page: object) -> list[tuple[str, int]]:
+            return [(m.service_name, m.id) for m in page.messages]  # type: ignore[attr-defined]
+
+        for kwargs in ({"limit": 2}, {"services": [service], "older_than": 1800.0}, {}):
+            sync_page = admin.dead_letters(**kwargs)  # type: ignore[arg-type]
+            async_page = await admin.dead_letters_async(**kwargs)  # type: ignore[arg-type]
+            assert ids(async_page) == ids(sync_page)
+            assert async_page.next_after == sync_page.next_after
+        assert ids(await admin.dead_letters_async(limit=2)) == [
+            (service, a[0]),
+            (service, a[1]),
+        ]
+        for search in (Search(), Search(status=Status.PENDING), Search(key="live")):
+            sync_found = admin.search(search, limit=2)
+            async_found = await admin.search_async(search, limit=2)
+            assert ids(async_found) == ids(sync_found)
+            assert async_found.next_before == sync_found.next_before
+        assert ids(await admin.search_async(Search(key="live"))) == [(service, live)]
+        assert (await admin.message_async(c[1], service=f"{service}_2")).id == c[1]
+        assert (await admin.message_async(live)).event_type == f"{service}.b"
+        with pytest.raises(MessageNotFoundError):
+            await admin.message_async(10**9)
+        async_status = (await admin.status_async([service]))[0][1]
+        sync_status = admin.status([service])[0][1]
+        assert async_status is not None
+        assert sync_status is not None
+        assert (async_status.counts, async_status.due, async_status.dead) == (
+            sync_status.counts,
+            sync_status.due,
+            sync_status.dead,
+        )
+        assert {k: n for k, n in async_status.counts.items() if n} == {"dead": 3, "pending": 1}
+        sync_activity = admin.activity([service], minutes=5)
+        async_activity = await admin.activity_async([service], minutes=5)
+        assert async_activity == sync_activity
+        assert async_activity is not None
+    finally:
+        await two.aclose()  # the async pool belongs to this test's event loop
 
 
 def test_ids_in_several_tables_are_ambiguous(two: Outbox, service: str) -> None:

@@ -108,3 +108,19 @@ def test_stats_counts_per_service() -> None:
     assert stats.get("undecodable", "a") == 1
     assert stats.get("skipped", "a") == 2
     assert stats.totals()["claimed"] == 5
+
+
+def test_wants_names_the_reports_an_observer_overrides() -> None:
+    class Contexts(Observer):
+        def handler_context(self, service: str, event: Any, headers: Any) -> None:
+            return None
+
+    plain, contexts = Observer(), Contexts()
+    assert not plain.wants("handler_context")
+    assert contexts.wants("handler_context")
+    assert not contexts.wants("message_sending")
+    # A loop handed one observer asks it directly; Hooks asks each attached one.
+    assert Hooks([plain, contexts]).wants("handler_context")
+    assert not Hooks([plain]).wants("handler_context")
+    with pytest.raises(AttributeError):
+        plain.wants("no_such_report")

@@ -25,7 +25,7 @@ from outboxer.database.ops.handling import Started
 from outboxer.envelope import Envelope
 from outboxer.errors import describe_error
 from outboxer.handlers import BatchHandler, Handler, handler_fn, is_async_callable
-from outboxer.hooks import Hooks, Observer
+from outboxer.hooks import Observer
 from outboxer.logs import log_dead, log_retried
 from outboxer.models import Status
 from outboxer.routing import ServiceRoute
@@ -66,7 +66,7 @@ class Dispatcher:
         self._own: set[int] = set()
         """Rows this dispatcher marked as being handled and has not settled (their
         transaction failed and is tried again): their marks are not crashes."""
-        if isinstance(hooks, Hooks) and hooks.wants("handler_context"):
+        if hooks.wants("handler_context"):
             # Observers (tracing) wrap each handler call: a span continuing the trace
             # in the message's headers.
             self.handlers = {

@@ -1,0 +1,3 @@
+from outboxer.cli import main
+
+main()
