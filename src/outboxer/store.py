@@ -182,7 +182,7 @@ class Store:
             savepoint=savepoint,
             read_only=read_only,
             single=single,
-            context=self._ctx.ctx(),
+            context=self._ctx.ctx,
         )
 
     async def _run_async(
@@ -199,7 +199,7 @@ class Store:
             savepoint=savepoint,
             read_only=read_only,
             single=single,
-            context=self._ctx.ctx(),
+            context=self._ctx.ctx,
         )
 
     # -- building

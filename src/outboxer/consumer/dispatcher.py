@@ -257,7 +257,7 @@ class Dispatcher:
         the fast path failed (then roll it back)."""
         connector = self.storage.connector
         if is_async:
-            return await connector.run_async(op, commit_if=_settled, context=self._ctx.ctx())
+            return await connector.run_async(op, commit_if=_settled, context=self._ctx.ctx)
         async with connector.writer():
             return await in_daemon_thread(self._run_sync, op)
 
@@ -324,7 +324,7 @@ class Dispatcher:
             self._report(out)
 
     def _run_sync(self, op: Op[BatchOutcome]) -> BatchOutcome:
-        return self.storage.connector.run(op, commit_if=_settled, context=self._ctx.ctx())
+        return self.storage.connector.run(op, commit_if=_settled, context=self._ctx.ctx)
 
 
 def _settled(out: BatchOutcome) -> bool:

@@ -46,8 +46,8 @@ class Connector(Protocol):
     ``tx`` the connector opens a transaction of its own and commits it; ``read_only``
     (the op only reads) and ``single`` (the op is one statement: it may run without
     BEGIN/COMMIT where the dialect allows) are hints; ``commit_if`` decides from the
-    op's result whether to commit (False: roll back). ``context`` names the work in
-    errors (service, table).
+    op's result whether to commit (False: roll back). ``context()`` names the work in
+    errors (service, table); it is called only when there is an error.
 
     An :class:`~outboxer.database.instructions.Invoke` with ``guard`` runs a handler:
     the connector refuses statements that would end the transaction while it runs, and
@@ -83,7 +83,7 @@ class Connector(Protocol):
         read_only: bool = False,
         single: bool = False,
         commit_if: Callable[[T], bool] | None = None,
-        context: dict[str, Any] | None = None,
+        context: Callable[[], dict[str, Any]] | None = None,
     ) -> T:
         """Run ``op`` synchronously (callbacks get a synchronous session)."""
         ...
@@ -97,7 +97,7 @@ class Connector(Protocol):
         read_only: bool = False,
         single: bool = False,
         commit_if: Callable[[T], bool] | None = None,
-        context: dict[str, Any] | None = None,
+        context: Callable[[], dict[str, Any]] | None = None,
     ) -> T:
         """Run ``op`` on the event loop (async callbacks are awaited; sync ones get a
         synchronous session on the same connection)."""
@@ -200,7 +200,7 @@ class SQLAlchemyConnector:
         read_only: bool = False,
         single: bool = False,
         commit_if: Callable[[T], bool] | None = None,
-        context: dict[str, Any] | None = None,
+        context: Callable[[], dict[str, Any]] | None = None,
     ) -> T:
         if tx is not None:
             self.check_sync(tx)
@@ -223,7 +223,7 @@ class SQLAlchemyConnector:
         except SQLAlchemyError as exc:
             if runner is not None and exc is runner.callback_error:
                 raise
-            raise StoreError(f"database error: {exc}", **(context or {})) from exc
+            raise StoreError(f"database error: {exc}", **(context() if context else {})) from exc
 
     async def run_async(
         self,
@@ -234,7 +234,7 @@ class SQLAlchemyConnector:
         read_only: bool = False,
         single: bool = False,
         commit_if: Callable[[T], bool] | None = None,
-        context: dict[str, Any] | None = None,
+        context: Callable[[], dict[str, Any]] | None = None,
     ) -> T:
         if tx is not None:
             self.check_async(tx)
@@ -258,4 +258,4 @@ class SQLAlchemyConnector:
         except SQLAlchemyError as exc:
             if runner is not None and exc is runner.callback_error:
                 raise
-            raise StoreError(f"database error: {exc}", **(context or {})) from exc
+            raise StoreError(f"database error: {exc}", **(context() if context else {})) from exc
