@@ -80,7 +80,7 @@ class Outbox:
         }
         updates = {k: v for k, v in updates.items() if v is not None}
         if updates:
-            settings = OutboxSettings.from_values(**{**settings.model_dump(), **updates})
+            settings = settings.updated(**updates)
         self.settings = settings
         self.retry_policy = RetryPolicy(max_retry=settings.max_retry, unit=settings.retry_unit)
         self.routes = RouteRegistry(
@@ -116,6 +116,8 @@ class Outbox:
         self.transport: Transport = make_transport(
             transport if transport is not None else settings.transport, settings
         )
+        # Optional for transports written before the protocol had it.
+        self.routes.check = getattr(self.transport, "check_route", None)
         self._adapters: dict[str, Adapter] = {}
         self._runtime = Runtime(
             self.storage, self._handlers, self.transport, settings, self.hooks, self._adapters

@@ -1,4 +1,5 @@
-"""Settings of the Kafka transport (``OUTBOXER_KAFKA__*``, ``[kafka]`` in TOML).
+"""Settings of the Kafka transport (``OUTBOXER_KAFKA__*``, ``[kafka]`` in TOML), the
+section registered with the ``kafka`` scheme.
 
 Kept apart from the client code so configuration can be validated without
 confluent-kafka installed.
@@ -46,10 +47,12 @@ class KafkaSettings(BaseModel):
         return decoded
 
     @classmethod
-    def parse(cls, values: KafkaSettings | dict[str, Any] | None) -> KafkaSettings:
+    def parse(cls, values: BaseModel | dict[str, Any] | None) -> KafkaSettings:
         """Validated settings from the ``kafka`` section of the outbox settings."""
         if isinstance(values, KafkaSettings):
             return values
+        if isinstance(values, BaseModel):
+            values = values.model_dump()
         try:
             return cls.model_validate(values or {})
         except ValidationError as exc:
