@@ -9,6 +9,7 @@ other, never the facade.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -31,7 +32,13 @@ from outboxer.errors import ConfigurationError
 from outboxer.handlers import BatchHandler, Handler, Handlers
 from outboxer.hooks import Hooks, LogReports, Observer, Stats
 from outboxer.models import Event
-from outboxer.publish import Publisher
+from outboxer.publish import (
+    AsyncOutboxTransaction,
+    OutboxTransaction,
+    Publisher,
+    transaction,
+    transaction_async,
+)
 from outboxer.routing import RouteRegistry, ServiceRoute
 from outboxer.rows import RowBuilder
 from outboxer.runtime import Runtime
@@ -86,7 +93,10 @@ class Outbox:
         self.routes = RouteRegistry(
             topic_prefix=settings.topic_prefix, overrides=settings.overrides()
         )
-        self.db = Database(url_or_engine if url_or_engine is not None else settings.url)
+        self.db = Database(
+            url_or_engine if url_or_engine is not None else settings.url,
+            timeout=settings.database_timeout,
+        )
         self.tables = Tables()
         self.stats = Stats()
         """Counters of what this process's relays, consumers and publishes did."""
@@ -425,6 +435,29 @@ class Outbox:
             delay=delay,
             deliver_at=deliver_at,
         )
+
+    def transaction(
+        self, engine: Engine | None = None
+    ) -> contextlib.AbstractContextManager[OutboxTransaction]:
+        """A business transaction on a connection of ``engine`` (the outbox's own by
+        default), committed when the block ends and rolled back if it raises::
+
+            with outbox.transaction() as tx:
+                tx.connection.execute(orders.insert().values(...))
+                tx.publish("order.created", {...}, event_id=f"order-{n}")
+
+        If the connection is lost while the database commits, whether it committed
+        is unknown: :class:`~outboxer.errors.CommitOutcomeUnknownError` carries the
+        ``outbox_ids`` and ``event_ids`` published in it. With event ids, running the
+        transaction again is safe (an event id already there writes nothing).
+        """
+        return transaction(self._publisher, engine or self.db.sync_engine)
+
+    def transaction_async(
+        self, engine: AsyncEngine | None = None
+    ) -> contextlib.AbstractAsyncContextManager[AsyncOutboxTransaction]:
+        """Async twin of :meth:`transaction` (``await tx.publish(...)``)."""
+        return transaction_async(self._publisher, engine or self.db.async_engine)
 
     # ------------------------------------------------------------------ cancel
 

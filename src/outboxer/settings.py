@@ -70,6 +70,7 @@ DEFAULT_RELAY_PIPELINE = 4
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_LEASE = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_DATABASE_TIMEOUT = 60.0
 DEFAULT_REDELIVER_AFTER = 600.0
 DEFAULT_SWEEP_INTERVAL = 3600.0
 DEFAULT_PURGE_BATCH = 500
@@ -259,6 +260,9 @@ class OutboxSettings(BaseSettings):
     """Run every handler in its own SAVEPOINT from the start. By default a consumer
     batch first runs its handlers without savepoints (one transaction, the fast
     path) and only runs it again isolated when something fails."""
+    database_timeout: float = Field(default=DEFAULT_DATABASE_TIMEOUT, ge=0)
+    """Seconds each statement, COMMIT and ROLLBACK on outboxer's own engines may go
+    unanswered before its connection is closed as lost (0: no bound)."""
     error_delay: float = Field(default=1.0, gt=0, description="first wait after a failed round")
     error_delay_max: float = Field(default=30.0, gt=0, description="longest wait after failures")
     retention: RetentionSettings = Field(default_factory=RetentionSettings)

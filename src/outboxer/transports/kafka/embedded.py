@@ -38,15 +38,24 @@ def broker_binary() -> str:
 class EmbeddedKafka:
     """A throw-away Kafka-protocol broker on 127.0.0.1 (context manager)."""
 
-    def __init__(self, *, port: int | None = None, start_timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        start_timeout: float = 20.0,
+        advertised_port: int | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.start_timeout = start_timeout
+        self.advertised_port = advertised_port
+        """The port clients are told to use (metadata), when it is not ``port``: a
+        proxy in front of the broker (the fault tests)."""
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.advertised_port or self.port}"
 
     @property
     def transport_url(self) -> str:
@@ -54,6 +63,7 @@ class EmbeddedKafka:
 
     def start(self) -> EmbeddedKafka:
         listener = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port or self.port}"
         fd, log = tempfile.mkstemp(prefix="outboxer-tansu-", suffix=".log")
         self.log_path = Path(log)
         with os.fdopen(fd, "wb") as out:
@@ -64,7 +74,7 @@ class EmbeddedKafka:
                     "--listener-url",
                     listener,
                     "--advertised-listener-url",
-                    listener,
+                    advertised,
                     "--storage-engine",
                     "memory://tansu/",
                 ],

@@ -24,6 +24,10 @@ class KafkaSettings(BaseModel):
     partitions: int = Field(default=3, ge=1)
     replication_factor: int = Field(default=-1, description="-1: the broker's default")
     session_timeout_ms: int = Field(default=10_000, ge=1000)
+    socket_timeout_ms: int = Field(default=10_000, ge=100)
+    """librdkafka's ``socket.timeout.ms``: a request to the broker unanswered this long
+    fails and its connection is closed and opened again (a broker that vanished
+    without closing). TCP keepalive is on as well (``socket.keepalive.enable``)."""
     topic_wait_timeout: float = Field(default=60.0, gt=0)
     unassigned_rebuild_after: float = Field(default=15.0, gt=0)
     """Seconds a consumer may have no partition (while its group does not cover the

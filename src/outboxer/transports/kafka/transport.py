@@ -90,6 +90,10 @@ class KafkaTransport:
             "logger": librdkafka_logger,
             # Notice a recreated topic in seconds, not the default 5 minutes.
             "topic.metadata.refresh.interval.ms": 10_000,
+            # A broker that vanished without closing: requests time out, the
+            # connection is rebuilt (the default would wait a minute).
+            "socket.timeout.ms": self.settings.socket_timeout_ms,
+            "socket.keepalive.enable": True,
         }
 
     def producer_config(self) -> dict[str, Any]:
