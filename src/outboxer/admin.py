@@ -33,12 +33,13 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from outboxer.database.ops import RowFilter
+from outboxer.database.ops.tools import RowFilter
 from outboxer.errors import AmbiguousMessageError, ConfigurationError, MessageNotFoundError
 from outboxer.models import Activity, OutboxMessage, ServiceStatus, Status
 from outboxer.routing import ServiceRoute
+from outboxer.rows import check_event_id
 from outboxer.settings import DEFAULT_PURGE_BATCH
-from outboxer.store import Storage, Store, check_event_id
+from outboxer.store import Storage, Store
 
 DEFAULT_PAGE = 50
 

@@ -22,14 +22,14 @@ from sqlalchemy.orm import Session
 
 from outboxer.admin import Admin
 from outboxer.backoff import RetryPolicy
-from outboxer.consumer import Handlers
 from outboxer.database import migrations
+from outboxer.database.connector import SQLAlchemyConnector
 from outboxer.database.engines import Database
 from outboxer.database.migrations import TablePlan
-from outboxer.database.ops import BatchHandler, Handler
 from outboxer.database.schema import Tables
 from outboxer.envelope import JsonDefault
 from outboxer.errors import ConfigurationError
+from outboxer.handlers import BatchHandler, Handler, Handlers
 from outboxer.hooks import Hooks, LogReports, Observer, Stats
 from outboxer.models import Event
 from outboxer.publish import (
@@ -40,9 +40,10 @@ from outboxer.publish import (
     transaction_async,
 )
 from outboxer.routing import RouteRegistry, ServiceRoute
+from outboxer.rows import RowBuilder
 from outboxer.runtime import Runtime
 from outboxer.settings import OutboxSettings, load_settings
-from outboxer.store import RowBuilder, Storage, Store
+from outboxer.store import Storage, Store
 from outboxer.transports.adapters import Adapter
 from outboxer.transports.base import Transport
 from outboxer.transports.registry import make_transport
@@ -102,6 +103,7 @@ class Outbox:
         self.hooks = Hooks([self.stats, LogReports(), *observers])
         self.storage = Storage(
             self.db,
+            SQLAlchemyConnector(self.db),
             self.tables,
             self.routes,
             RowBuilder(

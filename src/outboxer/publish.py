@@ -3,8 +3,8 @@
 An event with an explicit ``event_id`` is written once per table (a second publish
 of the id returns the first row's outbox id, or raises ``DuplicateEventError`` when
 it is another event); ``delay``/``deliver_at`` set the row's first due time. Both go
-through :func:`~outboxer.database.ops.op_publish`; a plain event keeps the one
-INSERT of :func:`~outboxer.database.ops.op_insert`.
+through :func:`~outboxer.database.ops.writes.op_publish`; a plain event keeps the one
+INSERT of :func:`~outboxer.database.ops.writes.op_insert`.
 
 ``publish`` never opens, commits or rolls back a transaction: the event becomes
 visible with the caller's commit and disappears with its rollback. Every check
@@ -27,13 +27,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from outboxer.database.connections import connection_lost
-from outboxer.database.ops import OpContext, op_insert, op_insert_many, op_publish
-from outboxer.database.runner import AsyncRunner, SyncRunner
+from outboxer.database.ops.base import OpContext
+from outboxer.database.ops.writes import op_insert, op_insert_many, op_publish
 from outboxer.errors import CommitOutcomeUnknownError, RoutingError
 from outboxer.hooks import Observer
 from outboxer.models import Event
 from outboxer.routing import ServiceRoute, validate_event_type
-from outboxer.store import Storage, check_async, check_sync
+from outboxer.store import Storage
 
 
 class Publisher:
@@ -66,13 +66,14 @@ class Publisher:
     def publish(
         self, tx: Session | Connection, event_type: str, payload: Any, **options: Any
     ) -> int:
-        check_sync(tx)
+        connector = self.storage.connector
+        connector.check_sync(tx)
         route, values = self._prepare(event_type, payload, options)
         ctx = self.storage.op_context(route, tx)
         if _plain(values):
-            outbox_id, inserted = int(SyncRunner(tx).run(op_insert(ctx, values))), True
+            outbox_id, inserted = int(connector.run(op_insert(ctx, values), tx)), True
         else:
-            outbox_id, inserted = SyncRunner(tx).run(op_publish(ctx, values))
+            outbox_id, inserted = connector.run(op_publish(ctx, values), tx)
         if inserted:
             self.hooks.event_published(route.service_name, values["event_type"], tx)
         return outbox_id
@@ -118,17 +119,18 @@ class Publisher:
     def publish_many(
         self, tx: Session | Connection, events: Iterable[Event | tuple[str, Any]]
     ) -> list[int]:
-        check_sync(tx)
+        connector = self.storage.connector
+        connector.check_sync(tx)
         count, writes = self._prepare_many(events, tx)
         ids = [0] * count
-        runner = SyncRunner(tx)
         for ctx, indices, rows, one in writes:
             if one:
-                ids[indices[0]], inserted = runner.run(op_publish(ctx, rows[0]))
+                ids[indices[0]], inserted = connector.run(op_publish(ctx, rows[0]), tx)
                 if inserted:
                     self._report(ctx, rows, tx)
                 continue
-            for index, oid in zip(indices, runner.run(op_insert_many(ctx, rows)), strict=True):
+            written = connector.run(op_insert_many(ctx, rows), tx)
+            for index, oid in zip(indices, written, strict=True):
                 ids[index] = oid
             self._report(ctx, rows, tx)
         return ids
@@ -136,17 +138,17 @@ class Publisher:
     async def publish_many_async(
         self, tx: AsyncSession | AsyncConnection, events: Iterable[Event | tuple[str, Any]]
     ) -> list[int]:
-        check_async(tx)
+        connector = self.storage.connector
+        connector.check_async(tx)
         count, writes = self._prepare_many(events, tx)
         ids = [0] * count
-        runner = AsyncRunner(tx)
         for ctx, indices, rows, one in writes:
             if one:
-                ids[indices[0]], inserted = await runner.run(op_publish(ctx, rows[0]))
+                ids[indices[0]], inserted = await connector.run_async(op_publish(ctx, rows[0]), tx)
                 if inserted:
                     self._report(ctx, rows, tx)
                 continue
-            written = await runner.run(op_insert_many(ctx, rows))
+            written = await connector.run_async(op_insert_many(ctx, rows), tx)
             for index, oid in zip(indices, written, strict=True):
                 ids[index] = oid
             self._report(ctx, rows, tx)
@@ -159,13 +161,14 @@ class Publisher:
     async def publish_async(
         self, tx: AsyncSession | AsyncConnection, event_type: str, payload: Any, **options: Any
     ) -> int:
-        check_async(tx)
+        connector = self.storage.connector
+        connector.check_async(tx)
         route, values = self._prepare(event_type, payload, options)
         ctx = self.storage.op_context(route, tx)
         if _plain(values):
-            outbox_id, inserted = int(await AsyncRunner(tx).run(op_insert(ctx, values))), True
+            outbox_id, inserted = int(await connector.run_async(op_insert(ctx, values), tx)), True
         else:
-            outbox_id, inserted = await AsyncRunner(tx).run(op_publish(ctx, values))
+            outbox_id, inserted = await connector.run_async(op_publish(ctx, values), tx)
         if inserted:
             self.hooks.event_published(route.service_name, values["event_type"], tx)
         return outbox_id

@@ -29,7 +29,7 @@ from datetime import datetime
 from outboxer.aio import sleep_unless
 from outboxer.backoff import ErrorBackoff
 from outboxer.database.connections import connection_lost
-from outboxer.database.ops import Claimed
+from outboxer.database.ops.transitions import Claimed
 from outboxer.envelope import wire_event
 from outboxer.errors import EnvelopeDecodeError
 from outboxer.hooks import Observer
@@ -91,7 +91,7 @@ class Relay:
     def pipeline_depth(self) -> int:
         """Batches in flight at once. SQLite has one writer: a claim made while the
         previous batch is being consumed (in-process) would only wait for its lock."""
-        if self.store.dialect.family == "sqlite":
+        if self.store.dialect.single_writer:
             return 1
         return self.settings.relay_pipeline
 

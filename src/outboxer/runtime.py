@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from outboxer.admin import Admin
 from outboxer.backoff import ErrorBackoff
-from outboxer.consumer import Dispatcher, Handlers, InboxDispatcher, consume_loop
-from outboxer.database.ops import Handler
+from outboxer.consumer import Dispatcher, InboxDispatcher, consume_loop
 from outboxer.errors import ConfigurationError, OutboxError
+from outboxer.handlers import Handler, Handlers
 from outboxer.hooks import Hooks
 from outboxer.relay import Relay
 from outboxer.retention import start_sweeper
@@ -81,7 +81,7 @@ class Runtime:
         """Inbox services whose messages are not outboxer envelopes -> their adapter."""
         self._inbox_transport: LocalTransport | None = None
         self.waker = Waker()
-        self._commit_wake = CommitWake(self.waker)
+        self._commit_wake = CommitWake(self.waker, storage.connector)
         self._running: _Running | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 

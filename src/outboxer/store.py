@@ -1,122 +1,79 @@
 """The outbox state machine on one service's table, with a sync and an async face.
 
 :class:`Store` is a thin face over the ops in :mod:`outboxer.database.ops`: each
-method runs one op either in its own transaction or on the caller's (``with_tx``).
-:class:`RowBuilder` checks and encodes a new event before any SQL runs, and
-:class:`Storage` bundles what every store of one application shares (the database,
-the tables, the routes and those row rules), so nothing below the facade needs the
-facade.
+method runs one op through the connector, either in its own transaction or on the
+caller's (``with_tx``). :class:`Storage` bundles what every store of one application
+shares (the database, the connector, the tables, the routes and the row rules of
+:mod:`outboxer.rows`), so nothing below the facade needs the facade.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
-from contextlib import AbstractAsyncContextManager, AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
-from outboxer.backoff import RetryPolicy, check_max_retry
-from outboxer.database.dialects import Dialect, dialect_for
-from outboxer.database.engines import AUTOCOMMIT, READ_ONLY, Database
+from outboxer.backoff import check_max_retry
+from outboxer.database.connector import Connector
+from outboxer.database.dialects import Dialect
+from outboxer.database.engines import Database
 from outboxer.database.instructions import Callback, Op
-from outboxer.database.ops import (
+from outboxer.database.ops.base import OpContext
+from outboxer.database.ops.handling import (
     HANDLING_ALONE,
     HANDLING_IN_BATCH,
+    Started,
+    op_mark_clean,
+    op_start,
+)
+from outboxer.database.ops.inbox import op_inbox_start, op_inbox_store
+from outboxer.database.ops.tools import (
+    RowFilter,
+    op_activity,
+    op_count,
+    op_find,
+    op_purge_batch,
+    op_requeue,
+    op_status,
+)
+from outboxer.database.ops.transitions import (
     Attempt,
     Claimed,
-    OpContext,
-    RowFilter,
-    Started,
-    op_activity,
-    op_cancel,
     op_claim,
     op_claim_to_send,
     op_claim_unconsumed,
     op_consume,
-    op_count,
-    op_find,
     op_get,
-    op_inbox_start,
-    op_inbox_store,
-    op_insert,
     op_list_due,
-    op_mark_clean,
     op_mark_consumed,
     op_mark_dead,
     op_mark_failed,
     op_mark_published,
-    op_purge_batch,
     op_release,
-    op_requeue,
-    op_start,
-    op_status,
 )
-from outboxer.database.runner import AsyncRunner, SyncRunner
-from outboxer.database.schema import MAX_EVENT_ID_CHARS, MAX_KEY_CHARS, Tables
-from outboxer.envelope import DEFAULT_VERSION, JsonDefault, build_stored_envelope, encode_json
+from outboxer.database.ops.writes import op_cancel, op_insert
+from outboxer.database.schema import Tables
 from outboxer.errors import (
     ConfigurationError,
     InvalidEventError,
     MessageNotFoundError,
-    PayloadNotSerializableError,
     ServiceMismatchError,
-    StoreError,
-    TransactionRequiredError,
 )
 from outboxer.models import Activity, OutboxMessage, ServiceStatus, Status
 from outboxer.routing import RouteRegistry, ServiceRoute, validate_event_type
-from outboxer.settings import DEFAULT_BATCH_SIZE, DEFAULT_LEASE, DEFAULT_SCHEDULE_HORIZON
+from outboxer.rows import RowBuilder, check_event_id, clean_key
+from outboxer.settings import DEFAULT_BATCH_SIZE, DEFAULT_LEASE
 
 T = TypeVar("T")
 
 SyncTx = Session | Connection
 AsyncTx = AsyncSession | AsyncConnection
-
-
-def clean_key(key: object, event_type: str | None = None) -> str:
-    """A message key trimmed and checked: a string of at most 255 characters with no
-    control characters (C0, DEL, C1)."""
-    if not isinstance(key, str):
-        raise InvalidEventError(
-            f"message key must be a string, got {type(key).__name__}", event_type=event_type
-        )
-    key = key.strip()
-    if len(key) > MAX_KEY_CHARS:
-        raise InvalidEventError(
-            f"message key is longer than {MAX_KEY_CHARS} characters ({len(key)})",
-            event_type=event_type,
-        )
-    if any(unicodedata.category(c) == "Cc" for c in key):
-        raise InvalidEventError(
-            f"message key {key[:40]!r} contains control characters", event_type=event_type
-        )
-    try:
-        key.encode()
-    except UnicodeEncodeError as exc:
-        raise InvalidEventError(
-            f"message key is not valid Unicode: {exc}", event_type=event_type
-        ) from exc
-    return key
-
-
-def check_event_id(event_id: object) -> str:
-    """An event id as given to ``cancel``: a non-empty string (trimmed, as publish
-    stores it)."""
-    if not isinstance(event_id, str) or not event_id.strip():
-        raise InvalidEventError(f"event id must be a non-empty string, got {event_id!r}")
-    if len(event_id.strip()) > MAX_EVENT_ID_CHARS:
-        raise InvalidEventError(f"event id is longer than {MAX_EVENT_ID_CHARS} characters")
-    return event_id.strip()
 
 
 def lease_seconds(lease: timedelta | float) -> float:
@@ -126,221 +83,13 @@ def lease_seconds(lease: timedelta | float) -> float:
     return seconds
 
 
-def check_sync(tx: object) -> None:
-    """Refuse anything but a synchronous Session or Connection."""
-    if isinstance(tx, AsyncSession | AsyncConnection):
-        raise TransactionRequiredError(
-            "this method needs a synchronous Session/Connection; "
-            "use the *_async method with an AsyncSession/AsyncConnection"
-        )
-    if not isinstance(tx, Session | Connection):
-        raise TransactionRequiredError(
-            f"expected a SQLAlchemy Session or Connection, got {type(tx).__name__}"
-        )
-
-
-def check_async(tx: object) -> None:
-    """Refuse anything but an AsyncSession or AsyncConnection."""
-    if isinstance(tx, Session | Connection):
-        raise TransactionRequiredError(
-            "this method needs an AsyncSession/AsyncConnection; "
-            "use the method without _async for a synchronous Session/Connection"
-        )
-    if not isinstance(tx, AsyncSession | AsyncConnection):
-        raise TransactionRequiredError(
-            f"expected a SQLAlchemy AsyncSession or AsyncConnection, got {type(tx).__name__}"
-        )
-
-
-def dialect_name(tx: SyncTx | AsyncTx) -> str:
-    bind = tx.get_bind() if isinstance(tx, Session | AsyncSession) else tx
-    return str(bind.dialect.name)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RowBuilder:
-    """The rules of a new row: every check and the encoding, before any SQL."""
-
-    policy: RetryPolicy
-    strict_json: bool = True
-    json_default: JsonDefault | None = None
-    max_payload_bytes: int | None = None
-    schedule_horizon: float = DEFAULT_SCHEDULE_HORIZON
-    """Seconds ahead ``delay``/``deliver_at`` may schedule an event."""
-
-    def schedule(
-        self,
-        delay: float | timedelta | None,
-        deliver_at: datetime | None,
-        event_type: str | None = None,
-    ) -> dict[str, Any]:
-        """The due time of a new row as insert parameters: ``{}`` (due now),
-        ``{"_delay": seconds}`` (the database clock) or ``{"_at": utc_datetime}``."""
-        if delay is not None and deliver_at is not None:
-            raise InvalidEventError("give delay or deliver_at, not both", event_type=event_type)
-        horizon = self.schedule_horizon
-        if delay is not None:
-            if isinstance(delay, timedelta):
-                seconds = delay.total_seconds()
-            elif isinstance(delay, int | float) and not isinstance(delay, bool):
-                seconds = float(delay)
-            else:
-                raise InvalidEventError(
-                    f"delay must be seconds or a timedelta, got {type(delay).__name__}",
-                    event_type=event_type,
-                )
-            if not math.isfinite(seconds) or seconds < 0:
-                raise InvalidEventError(
-                    f"delay must be zero or more seconds, got {delay!r}", event_type=event_type
-                )
-            if seconds > horizon:
-                raise InvalidEventError(
-                    f"delay of {seconds:g} s is beyond the schedule horizon ({horizon:g} s)",
-                    event_type=event_type,
-                )
-            return {"_delay": seconds} if seconds > 0 else {}
-        if deliver_at is not None:
-            if not isinstance(deliver_at, datetime):
-                raise InvalidEventError(
-                    f"deliver_at must be a datetime, got {type(deliver_at).__name__}",
-                    event_type=event_type,
-                )
-            if deliver_at.tzinfo is None or deliver_at.utcoffset() is None:
-                raise InvalidEventError(
-                    f"deliver_at must be an aware datetime (with a time zone), got "
-                    f"{deliver_at.isoformat()}",
-                    event_type=event_type,
-                )
-            at = deliver_at.astimezone(UTC)
-            ahead = (at - datetime.now(UTC)).total_seconds()
-            if ahead > horizon:
-                raise InvalidEventError(
-                    f"deliver_at {at.isoformat()} is beyond the schedule horizon "
-                    f"({horizon:g} s from now)",
-                    event_type=event_type,
-                )
-            return {"_at": at} if ahead > 0 else {}  # a time already past: due now
-        return {}
-
-    def row(
-        self, route: ServiceRoute, event_type: str, key: str, document: Any, max_retry: int
-    ) -> dict[str, Any]:
-        """The columns of a new row: ``document`` encoded (checked against the JSON and
-        size rules) and the route's service and topic."""
-        if document is None:
-            raise PayloadNotSerializableError("payload is None", event_type=event_type)
-        text = encode_json(
-            document,
-            strict=self.strict_json,
-            json_default=self.json_default,
-            max_bytes=self.max_payload_bytes,
-            event_type=event_type,
-        )
-        return {
-            "event_type": event_type,
-            "service_name": route.service_name,
-            "topic": route.topic,
-            "message_key": key,
-            "payload": text,
-            "max_retry": max_retry,
-        }
-
-    def received(
-        self,
-        route: ServiceRoute,
-        *,
-        event_id: str,
-        event_type: str,
-        key: str,
-        payload: Any,
-        version: str,
-        aggregate_id: str,
-    ) -> dict[str, Any]:
-        """The inbox row of an event received from another producer: stored as it
-        came (no strictness or size rule: it was already accepted once), with its
-        key made to fit the column."""
-        if not event_id or len(event_id) > MAX_EVENT_ID_CHARS:
-            raise InvalidEventError(
-                f"event id must have 1 to {MAX_EVENT_ID_CHARS} characters", event_type=event_type
-            )
-        event_type = validate_event_type(event_type)
-        document = build_stored_envelope(
-            event_type=event_type,
-            payload=payload,
-            event_id=event_id,
-            version=version or DEFAULT_VERSION,
-            aggregate_id=aggregate_id or key,
-        )
-        text = encode_json(document, strict=False, json_default=self.json_default)
-        fitted = "".join("?" if unicodedata.category(c) == "Cc" else c for c in key.strip())
-        return {
-            "event_type": event_type,
-            "service_name": route.service_name,
-            "topic": route.topic,
-            "message_key": fitted[:MAX_KEY_CHARS],
-            "payload": text,
-            "max_retry": self.policy.max_retry,
-            "event_id": event_id,
-        }
-
-    def event(
-        self,
-        route: ServiceRoute,
-        event_type: str,
-        payload: Any,
-        *,
-        key: str | None = None,
-        aggregate_id: str | None = None,
-        event_id: str | None = None,
-        version: str | None = None,
-        max_retry: int | None = None,
-        delay: float | timedelta | None = None,
-        deliver_at: datetime | None = None,
-    ) -> dict[str, Any]:
-        """The row of an event as ``publish`` writes it (``event_type`` already
-        validated and routed to ``route``); the explicit event id in ``event_id``,
-        the due time of a scheduled event in ``_delay``/``_at`` (see
-        :meth:`schedule`)."""
-        for name, value in (
-            ("key", key),
-            ("aggregate_id", aggregate_id),
-            ("event_id", event_id),
-            ("version", version),
-        ):
-            if value is not None and not isinstance(value, str):
-                raise InvalidEventError(
-                    f"{name} must be a string, got {type(value).__name__}", event_type=event_type
-                )
-        if max_retry is None:
-            max_retry = self.policy.max_retry
-        else:
-            try:
-                check_max_retry(max_retry)
-            except ConfigurationError as exc:
-                raise InvalidEventError(exc.message, event_type=event_type) from None
-        event_id = event_id.strip() if event_id is not None and event_id.strip() else None
-        resolved_key = clean_key(key or "", event_type) or event_id or event_type
-        if event_id is not None:
-            clean_key(event_id, event_type)
-        due = self.schedule(delay, deliver_at, event_type)
-        envelope = build_stored_envelope(
-            event_type=event_type,
-            payload=payload,
-            event_id=event_id,
-            version=(version or "").strip() or DEFAULT_VERSION,
-            aggregate_id=(aggregate_id or "").strip() or resolved_key,
-        )
-        values = self.row(route, event_type, resolved_key, envelope, max_retry)
-        values["event_id"] = event_id
-        values.update(due)
-        return values
-
-
 @dataclass(frozen=True, slots=True)
 class Storage:
     """What every store of one application shares."""
 
     database: Database
+    connector: Connector
+    """How every op reaches the database (SQLAlchemy's connector, or a framework's)."""
     tables: Tables
     routes: RouteRegistry
     rows: RowBuilder
@@ -355,7 +104,7 @@ class Storage:
     def op_context(self, route: ServiceRoute, tx: Any = None) -> OpContext:
         """The context the ops need for ``route``, on outboxer's engines or on the
         caller's transaction ``tx``."""
-        dialect = self.database.dialect if tx is None else dialect_for(dialect_name(tx))
+        dialect = self.database.dialect if tx is None else self.connector.dialect_of(tx)
         table = self.tables.table(route)
         channel = dialect.notify_channel(table.name) if self.notify and not route.inbox else None
         return OpContext(
@@ -401,11 +150,7 @@ class Store:
 
     def with_tx(self, tx: SyncTx | AsyncTx) -> Store:
         """The same store writing on the caller's transaction (never committing it)."""
-        if not isinstance(tx, Session | Connection | AsyncSession | AsyncConnection):
-            raise TransactionRequiredError(
-                f"expected a SQLAlchemy Session, Connection, AsyncSession or AsyncConnection, "
-                f"got {type(tx).__name__}"
-            )
+        self._storage.connector.check_tx(tx)
         return Store(self._storage, self.route, tx)
 
     @property
@@ -423,14 +168,6 @@ class Store:
     def _single_claim(self) -> bool:
         return self._storage.database.dialect.single_statement_claim
 
-    def _options(self, read_only: bool, single: bool) -> dict[str, Any]:
-        if read_only:
-            return READ_ONLY
-        if single and self._storage.database.dialect.autocommit_single_statements:
-            # One statement is its own transaction: no BEGIN and COMMIT round trips.
-            return AUTOCOMMIT
-        return {}
-
     def _run(
         self,
         op: Op[T],
@@ -439,27 +176,14 @@ class Store:
         read_only: bool = False,
         single: bool = False,
     ) -> T:
-        tx = self._tx
-        if tx is None:
-            engine = self._storage.database.sync_engine
-            runner: SyncRunner | None = None
-            options = self._options(read_only, single)
-            try:
-                with engine.connect() as conn:
-                    if options:
-                        conn.execution_options(**options)
-                    with conn.begin():
-                        runner = SyncRunner(conn)
-                        return runner.run(op)
-            except SQLAlchemyError as exc:
-                if runner is not None and exc is runner.callback_error:
-                    raise
-                raise StoreError(f"database error: {exc}", **self._ctx.ctx()) from exc
-        check_sync(tx)
-        assert isinstance(tx, Session | Connection)
-        cm: AbstractContextManager[Any] = tx.begin_nested() if savepoint else nullcontext()
-        with cm:
-            return SyncRunner(tx).run(op)
+        return self._storage.connector.run(
+            op,
+            self._tx,
+            savepoint=savepoint,
+            read_only=read_only,
+            single=single,
+            context=self._ctx.ctx,
+        )
 
     async def _run_async(
         self,
@@ -469,29 +193,14 @@ class Store:
         read_only: bool = False,
         single: bool = False,
     ) -> T:
-        tx = self._tx
-        if tx is None:
-            database = self._storage.database
-            engine = database.async_engine
-            runner: AsyncRunner | None = None
-            options = self._options(read_only, single)
-            writer = contextlib.nullcontext() if read_only else database.writer()
-            try:
-                async with writer, engine.connect() as conn:
-                    if options:
-                        await conn.execution_options(**options)
-                    async with conn.begin():
-                        runner = AsyncRunner(conn)
-                        return await runner.run(op)
-            except SQLAlchemyError as exc:
-                if runner is not None and exc is runner.callback_error:
-                    raise
-                raise StoreError(f"database error: {exc}", **self._ctx.ctx()) from exc
-        check_async(tx)
-        assert isinstance(tx, AsyncSession | AsyncConnection)
-        cm: AbstractAsyncContextManager[Any] = tx.begin_nested() if savepoint else nullcontext()
-        async with cm:
-            return await AsyncRunner(tx).run(op)
+        return await self._storage.connector.run_async(
+            op,
+            self._tx,
+            savepoint=savepoint,
+            read_only=read_only,
+            single=single,
+            context=self._ctx.ctx,
+        )
 
     # -- building
 
@@ -618,7 +327,7 @@ class Store:
 
     def cancel(self, event_id: str) -> bool:
         """Take back the event ``event_id`` if it is still waiting (see
-        :func:`~outboxer.database.ops.op_cancel`); True when it is now cancelled."""
+        :func:`~outboxer.database.ops.writes.op_cancel`); True when it is now cancelled."""
         return bool(self._run(op_cancel(self._ctx, check_event_id(event_id)), single=True))
 
     def find(
@@ -629,7 +338,7 @@ class Store:
 
     def activity(self, *, minutes: int = 60) -> Activity:
         """Rows published, consumed and failed in each of the last ``minutes`` minutes
-        (see :func:`~outboxer.database.ops.op_activity`)."""
+        (see :func:`~outboxer.database.ops.tools.op_activity`)."""
         return self._run(op_activity(self._ctx, minutes), read_only=True)
 
     def count(self, where: RowFilter) -> int:
@@ -705,7 +414,7 @@ class Store:
         skip_busy: bool = True,
     ) -> Started:
         """Mark messages as being handled, before their handlers run (see
-        :func:`~outboxer.database.ops.op_start`), in a transaction of its own.
+        :func:`~outboxer.database.ops.handling.op_start`), in a transaction of its own.
 
         Where the database marks in one autocommit statement (PostgreSQL), that is
         tried first: when every row was pending or published and unmarked (the
@@ -730,7 +439,7 @@ class Store:
         own: AbstractSet[int] = frozenset(),
     ) -> tuple[dict[str, int], Started]:
         """Store received events and mark them as being handled, in one transaction
-        (see :func:`~outboxer.database.ops.op_inbox_start`)."""
+        (see :func:`~outboxer.database.ops.inbox.op_inbox_start`)."""
         op = op_inbox_start(self._ctx, rows, lease=lease, alone=alone, own=own)
         return await self._run_async(op)
 

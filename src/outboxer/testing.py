@@ -20,8 +20,7 @@ from contextlib import contextmanager
 from sqlalchemy.engine import make_url
 
 from outboxer.database.engines import dialect_of
-from outboxer.database.ops import op_insert_many
-from outboxer.database.runner import SyncRunner
+from outboxer.database.ops.writes import op_insert_many
 from outboxer.errors import OutboxError
 from outboxer.models import Status
 from outboxer.outbox import Outbox
@@ -52,8 +51,7 @@ def fill_due(outbox: Outbox, service: str, count: int, *, event_type: str | None
         outbox.storage.rows.event(route, event_type, {"n": i}, key=f"k{i % 64}")
         for i in range(count)
     ]
-    with outbox.db.sync_engine.begin() as conn:
-        SyncRunner(conn).run(op_insert_many(outbox.storage.op_context(route), rows))
+    outbox.storage.connector.run(op_insert_many(outbox.storage.op_context(route), rows))
 
 
 async def drain(

@@ -23,11 +23,8 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import Connection, event
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.orm import Session
-
 from outboxer.backoff import ErrorBackoff
+from outboxer.database.connector import Connector
 from outboxer.database.engines import Database
 from outboxer.hooks import Observer
 
@@ -93,28 +90,20 @@ class CommitWake(Observer):
     forgets what it published.
     """
 
-    def __init__(self, waker: Waker) -> None:
+    def __init__(self, waker: Waker, connector: Connector) -> None:
         self.waker = waker
+        self.connector = connector
         self._armed: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     def event_published(self, service: str, event_type: str, tx: Any) -> None:
-        target: Session | Connection
-        if isinstance(tx, AsyncSession):
-            target = tx.sync_session
-        elif isinstance(tx, AsyncConnection):
-            target = tx.sync_connection  # type: ignore[assignment]
-        else:
-            target = tx
+        target = self.connector.transaction_of(tx)
         with self._lock:
             pending = self._armed.get(target)
             if pending is None:
                 pending = set()
                 self._armed[target] = pending
-                name = "after_commit" if isinstance(target, Session) else "commit"
-                event.listen(target, name, self._fire)
-                rollback = "after_soft_rollback" if isinstance(target, Session) else "rollback"
-                event.listen(target, rollback, self._discard)
+                self.connector.when_ended(target, self._fire, self._discard)
             pending.add(service)
 
     def _take(self, target: Any) -> set[str]:

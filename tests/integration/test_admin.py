@@ -17,7 +17,7 @@ from outboxer import (
 )
 from outboxer.admin import Search
 from outboxer.database.locks import single_instance
-from outboxer.database.ops import RowFilter
+from outboxer.database.ops.tools import RowFilter
 from outboxer.retention import SWEEP_LOCK, Sweeper
 from outboxer.settings import RetentionSettings
 from tests.helpers import backdate, drop_tables, make_outbox

@@ -22,7 +22,7 @@ from sqlalchemy.util import await_only
 
 from outboxer import Outbox
 from outboxer.database.migrations import LATEST, STEPS, sql_script, table_at
-from outboxer.database.ops import RowFilter
+from outboxer.database.ops.tools import RowFilter
 from outboxer.database.schema import db_now
 from tests.helpers import drop_tables, make_outbox, unique_service
 

@@ -41,7 +41,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from outboxer import CommitOutcomeUnknownError, Envelope, Outbox, Status
-from outboxer.consumer import LOSSES_PER_ATTEMPT
+from outboxer.consumer.dispatcher import LOSSES_PER_ATTEMPT
 from outboxer.database.connections import connection_lost
 from outboxer.testing import InMemoryTransport, drain
 from tests.faults.proxy import COMMIT, FaultProxy

@@ -20,7 +20,7 @@ from sqlalchemy.pool import NullPool
 
 from outboxer import Envelope, Outbox, Status
 from outboxer.consumer import Dispatcher
-from outboxer.database.ops import HANDLING_ALONE, HANDLING_IN_BATCH, crash_reason
+from outboxer.database.ops.handling import HANDLING_ALONE, HANDLING_IN_BATCH, crash_reason
 from outboxer.hooks import Stats
 from outboxer.testing import InMemoryTransport, drain
 from tests.helpers import backdate, drop_tables, isolated_settings

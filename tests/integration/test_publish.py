@@ -43,7 +43,7 @@ from outboxer import (
     TransactionRequiredError,
 )
 from outboxer.database.engines import sync_url
-from outboxer.database.ops import RowFilter
+from outboxer.database.ops.tools import RowFilter
 from outboxer.testing import InMemoryTransport, drain, drain_sync
 from tests.helpers import backdate, drop_tables, isolated_settings, make_outbox
 

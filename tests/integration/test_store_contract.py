@@ -19,6 +19,7 @@ from outboxer import (
     Status,
     TransactionRequiredError,
 )
+from outboxer.database.ops.tools import RowFilter
 from outboxer.store import Store
 from tests.helpers import backdate, drop_tables, make_outbox
 
@@ -482,6 +483,20 @@ async def test_async_face_mirrors_sync(aoutbox: Outbox, service: str) -> None:
     await st.mark_dead_async(other, "dead")
     await st.mark_consumed_async(other)
     assert (await st.get_by_id_async(other)).status is Status.CONSUMED  # type: ignore[union-attr]
+
+
+async def test_async_count_and_purge_mirror_sync(aoutbox: Outbox, service: str) -> None:
+    st = aoutbox.store(service)
+    ids = [await st.create_message_async(f"{service}.created", "k", {"n": n}) for n in range(3)]
+    await st.mark_dead_many_async(ids[:2], "gone")
+    dead = RowFilter(status=Status.DEAD)
+    assert await st.count_async(dead) == st.count(dead) == 2
+    assert await st.count_async(RowFilter(status=Status.PENDING)) == 1
+    assert await st.purge_batch_async(dead, 1) == 1  # at most the limit
+    assert await st.count_async(dead) == 1
+    assert await st.purge_batch_async(dead, 10) == 1
+    assert await st.purge_batch_async(dead, 10) == 0
+    assert [m.id for m in await st.find_async(RowFilter())] == [ids[2]]  # the pending row stays
 
 
 async def test_async_consume_rolls_back(aoutbox: Outbox, service: str) -> None:

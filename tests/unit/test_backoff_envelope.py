@@ -6,7 +6,7 @@ import pytest
 
 from outboxer import ConfigurationError, Envelope, EnvelopeDecodeError, RetryPolicy
 from outboxer.backoff import backoff_seconds
-from outboxer.database.ops import truncate_error
+from outboxer.database.ops.base import truncate_error
 from outboxer.envelope import encode_json
 from outboxer.errors import PayloadNotSerializableError, PayloadTooLargeError
 

@@ -32,14 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from outboxer.database.connections import Watchdog, install_watchdog
 from outboxer.database.dialects import Dialect, dialect_for
-from outboxer.database.dialects.sqlite import READ_ONLY_OPTION
 from outboxer.database.runner import install_statement_guard
 from outboxer.errors import ConfigurationError, StoreError
-
-READ_ONLY = {READ_ONLY_OPTION: True}
-"""Execution options of a transaction that only reads (SQLite: no write lock)."""
-AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
-"""Execution options of a one-statement operation that needs no explicit transaction."""
 
 
 def parse_url(url: str | URL) -> URL:
@@ -61,18 +55,11 @@ def dialect_of(url: URL) -> Dialect:
         ) from None
 
 
-def _with_driver(url: URL, dialect: Dialect, driver: str) -> URL:
-    backend = url.get_backend_name()
-    if backend not in ("mysql", "mariadb"):
-        backend = dialect.family
-    return url.set(drivername=f"{backend}+{driver}")
-
-
 def sync_url(url: str | URL) -> URL:
     """The URL with a synchronous driver outboxer supports."""
     parsed = parse_url(url)
     dialect = dialect_of(parsed)
-    return _with_driver(parsed, dialect, dialect.sync_driver)
+    return dialect.driver_url(parsed, dialect.sync_driver)
 
 
 def async_url(url: str | URL) -> URL:
@@ -82,7 +69,7 @@ def async_url(url: str | URL) -> URL:
     driver = parsed.get_driver_name()
     if driver not in dialect.async_drivers:
         driver = dialect.async_driver
-    return _with_driver(parsed, dialect, driver)
+    return dialect.driver_url(parsed, driver)
 
 
 def safe_url(url: str | URL) -> str:
@@ -100,7 +87,7 @@ def create_sync_engine(
     # The sync engine serves callers (store methods, the CLI) who should not see an
     # error for a connection the server closed while it idled; the loops' async
     # engine skips the ping's round trip and retries a failed round instead.
-    options = {"pool_pre_ping": dialect.family != "sqlite", **dialect.engine_options(target)}
+    options = {"pool_pre_ping": dialect.pre_ping, **dialect.engine_options(target)}
     engine = create_engine(target, **{**options, **kwargs})
     dialect.tune(engine)
     install_statement_guard(engine)
@@ -142,9 +129,9 @@ class Database:
         self._lock = threading.Lock()
         if isinstance(url_or_engine, Engine | AsyncEngine):
             self.url = url_or_engine.url
-            # SQLite needs outboxer's own connection settings (BEGIN IMMEDIATE, WAL),
-            # so an application's SQLite engine only lends its URL.
-            if url_or_engine.dialect.name != "sqlite":
+            # A database that needs outboxer's own connection settings (SQLite's
+            # BEGIN IMMEDIATE, WAL) takes only the URL of an application's engine.
+            if dialect_of(self.url).borrows_engines:
                 if isinstance(url_or_engine, Engine):
                     self._sync, self._owns_sync = url_or_engine, False
                     install_statement_guard(url_or_engine)
@@ -192,14 +179,15 @@ class Database:
             raise StoreError(f"cannot read the database: {orig}", url=self.safe_url) from exc
 
     def writer(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        """Held by this process's loops around each writing transaction on SQLite.
+        """Held by this process's loops around each writing transaction on a database
+        with one writer at a time (``Dialect.single_writer``, SQLite).
 
-        SQLite has one writer: a loop that starts a write while another holds the
-        lock waits inside the driver (up to the busy timeout), where a stop cannot
+        There, a loop that starts a write while another holds the lock waits inside
+        the driver (up to the busy timeout), where a stop cannot
         interrupt it. Waiting on this lock instead keeps every wait cancellable. Other
         databases lock rows, not the database: no lock.
         """
-        if self.family != "sqlite":
+        if not self.dialect.single_writer:
             return contextlib.nullcontext()
         loop = asyncio.get_running_loop()
         if self._writer is None or self._writer[0] is not loop:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from sqlalchemy.exc import SQLAlchemyError
 
 from outboxer.database.engines import Database
-from outboxer.database.ops import op_try_lock, op_unlock
+from outboxer.database.ops.maintenance import op_try_lock, op_unlock
 from outboxer.database.runner import SyncRunner
 from outboxer.errors import StoreError
 

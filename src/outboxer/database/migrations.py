@@ -57,10 +57,11 @@ from sqlalchemy.schema import CreateIndex, CreateTable, ExecutableDDLElement
 from sqlalchemy.sql.compiler import DDLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
+from outboxer.database.dialects import dialect_for
 from outboxer.database.engines import Database
 from outboxer.database.instructions import Execute
 from outboxer.database.locks import single_instance
-from outboxer.database.ops import (
+from outboxer.database.ops.maintenance import (
     op_copy_event_ids,
     op_record_versions,
     op_schema_versions,
@@ -175,7 +176,8 @@ class AddColumn(ExecutableDDLElement):
 @compiles(AddColumn)
 def _compile_add_column(element: AddColumn, compiler: DDLCompiler, **kw: Any) -> str:
     table = compiler.preparer.format_table(element.table)
-    return f"ALTER TABLE {table} ADD COLUMN {compiler.get_column_specification(element.column)}"
+    spec = compiler.get_column_specification(element.column)
+    return str(dialect_for(compiler.dialect.name).add_column_sql(table, spec))
 
 
 class FillStep(ExecutableDDLElement):

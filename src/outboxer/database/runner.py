@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from outboxer.database.dialects import dialect_for
 from outboxer.database.instructions import Execute, Invoke, Op
 from outboxer.errors import HandlerError, StoreError, TransactionAbortedError
+from outboxer.handlers import callable_name, is_async_callable
 
 T = TypeVar("T")
 
@@ -163,19 +164,6 @@ def _check_transaction(
                 "committed cannot be undone, the rest of the batch is abandoned"
             )
         )
-
-
-def callable_name(fn: Callable[..., Any]) -> str:
-    """A callable's qualified name, for messages."""
-    return str(getattr(fn, "__qualname__", None) or repr(fn))
-
-
-def is_async_callable(fn: Callable[..., Any]) -> bool:
-    """True for ``async def`` functions and objects whose ``__call__`` is one."""
-    if inspect.iscoroutinefunction(fn):
-        return True
-    call = getattr(fn, "__call__", None)  # noqa: B004 - looking for an async __call__
-    return call is not None and inspect.iscoroutinefunction(call)
 
 
 class SyncRunner:

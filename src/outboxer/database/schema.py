@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     Column,
     DateTime,
     Dialect,
@@ -31,8 +30,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from outboxer.database.dialects import dialect_for
-from outboxer.database.dialects.sqlite import parse_timestamp
+from outboxer.database.dialects import dialect_for, id_type
 from outboxer.routing import ServiceRoute, index_name, validate_table_name
 
 MAX_ERROR_CHARS = 2000
@@ -65,10 +63,7 @@ class UtcDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if isinstance(value, str):
-            return parse_timestamp(value)
-        assert isinstance(value, datetime)
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return dialect_for(dialect.name).from_db_timestamp(value)
 
 
 class db_now(FunctionElement[datetime]):
@@ -127,11 +122,6 @@ class _Payload(TypeDecorator[str]):
         return dialect.type_descriptor(special if special is not None else Text())
 
 
-def _id_type() -> TypeEngine[int]:
-    # SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid alias).
-    return BigInteger().with_variant(Integer(), "sqlite")
-
-
 def outbox_table(name: str, metadata: MetaData) -> Table:
     """Build (or return the already built) outbox table ``name`` in ``metadata``."""
     validate_table_name(name)
@@ -141,7 +131,7 @@ def outbox_table(name: str, metadata: MetaData) -> Table:
     return Table(
         name,
         metadata,
-        Column("id", _id_type(), primary_key=True, autoincrement=True),
+        Column("id", id_type(), primary_key=True, autoincrement=True),
         Column("event_type", String(MAX_EVENT_TYPE_CHARS), nullable=False),
         Column("service_name", String(64), nullable=False),
         Column("topic", String(249), nullable=False),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from outboxer.database.dialects.base import Dialect
+from sqlalchemy import BigInteger
+from sqlalchemy.types import TypeEngine
+
+from outboxer.database.dialects.base import READ_ONLY_OPTION, Dialect
 from outboxer.database.dialects.mysql import MySQLDialect
 from outboxer.database.dialects.postgresql import PostgreSQLDialect
 from outboxer.database.dialects.sqlite import SQLiteDialect
@@ -10,6 +13,16 @@ from outboxer.errors import ConfigurationError
 
 DIALECTS: tuple[Dialect, ...] = (SQLiteDialect(), PostgreSQLDialect(), MySQLDialect())
 _BY_BACKEND = {backend: d for d in DIALECTS for backend in d.backends}
+
+
+def id_type() -> TypeEngine[int]:
+    """The id column's type: BIGINT, or what a dialect needs instead (``id_type``)."""
+    base: TypeEngine[int] = BigInteger()
+    for dialect in DIALECTS:
+        variant = dialect.id_type()
+        if variant is not None:
+            base = base.with_variant(variant, *dialect.backends)
+    return base
 
 
 def dialect_for(backend: str) -> Dialect:
@@ -22,4 +35,4 @@ def dialect_for(backend: str) -> Dialect:
     return dialect
 
 
-__all__ = ["DIALECTS", "Dialect", "dialect_for"]
+__all__ = ["DIALECTS", "READ_ONLY_OPTION", "Dialect", "dialect_for", "id_type"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import Engine, Insert, Row, Select, Table, create_engine, select, text, update
@@ -21,6 +22,9 @@ from sqlalchemy.types import TypeEngine
 
 from outboxer.database.instructions import Execute, Op
 
+READ_ONLY_OPTION = "outboxer_read_only"
+"""Execution option of a transaction that only reads (a single-writer database then
+does not take its write lock)."""
 CONNECT_TIMEOUT = 10
 """Seconds a new connection may take (TCP, TLS, authentication) before it fails."""
 KEEPALIVE_IDLE = 10
@@ -60,6 +64,16 @@ class Dialect:
     rows committed since (MySQL/MariaDB's default, repeatable read): reading what
     another transaction just committed takes a locking read."""
 
+    single_writer: ClassVar[bool] = False
+    """The database takes one writing transaction at a time (SQLite): this process's
+    loops queue for it (``Database.writer``) and the relay pipelines nothing."""
+    pre_ping: ClassVar[bool] = True
+    """outboxer's sync engine checks a pooled connection before lending it (a server
+    may have closed it while it idled; a file database cannot)."""
+    borrows_engines: ClassVar[bool] = True
+    """An engine the application built can be used as it is (False: outboxer needs its
+    own connection settings and takes only the engine's URL)."""
+
     one_statement_marks: ClassVar[bool] = False
     """:meth:`mark_clean` gives a statement."""
 
@@ -81,6 +95,10 @@ class Dialect:
 
     def check_url(self, url: URL) -> None:
         """Refuse a URL outboxer cannot work with (raise ConfigurationError)."""
+
+    def driver_url(self, url: URL, driver: str) -> URL:
+        """``url`` with the driver ``driver`` (the backend name as this family spells it)."""
+        return url.set(drivername=f"{self.family}+{driver}")
 
     def engine_options(self, url: URL) -> dict[str, Any]:
         """Keyword arguments for ``create_engine`` / ``create_async_engine``."""
@@ -122,6 +140,13 @@ class Dialect:
         """``column`` is one of ``ids`` (the batch statements: marks, locks)."""
         return column.in_(list(ids))
 
+    def lock_rows(
+        self, stmt: Select[Any], *, skip_locked: bool = False, read: bool = False
+    ) -> Select[Any]:
+        """``stmt`` taking row locks (``FOR UPDATE``; ``read``: ``FOR SHARE``);
+        ``skip_locked``: rows another transaction holds are left out, not waited for."""
+        return stmt.with_for_update(read=read, skip_locked=skip_locked)
+
     def insert_ignoring_duplicates(self, table: Table, unique: str) -> Insert:
         """An INSERT into ``table`` that skips rows whose ``unique`` column value is
         already there (the inbox: a message received twice is stored once)."""
@@ -135,6 +160,18 @@ class Dialect:
         return int(result.inserted_primary_key[0])
 
     # ------------------------------------------------------------------ wake-ups
+
+    def notify(self, channel: str) -> Executable:
+        """A statement that notifies ``channel`` when its transaction commits (only
+        called where :meth:`notify_channel` gave a channel)."""
+        raise NotImplementedError
+
+    def with_notice(
+        self, insert: Insert, id_column: ColumnElement[int], channel: str
+    ) -> Executable:
+        """``insert`` (one row) and a notice on ``channel`` in one statement returning
+        the new row's id (nothing when the insert skipped its row)."""
+        raise NotImplementedError
 
     def notify_channel(self, table: str) -> str | None:
         """The channel a commit that wrote to ``table`` notifies (None: this database
@@ -171,6 +208,19 @@ class Dialect:
     def timestamp_type(self) -> TypeEngine[Any]:
         """The column type of a UTC timestamp with sub-second precision."""
         raise NotImplementedError
+
+    def from_db_timestamp(self, value: Any) -> datetime:
+        """A timestamp as the driver returns it, as an aware UTC datetime."""
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def id_type(self) -> TypeEngine[int] | None:
+        """The type of the id column where it differs from BIGINT (None: BIGINT)."""
+        return None
+
+    def add_column_sql(self, table: str, column_spec: str) -> str:
+        """The DDL adding a column (``table`` quoted, ``column_spec`` compiled)."""
+        return f"ALTER TABLE {table} ADD COLUMN {column_spec}"
 
     def to_db_timestamp(self, value: Any) -> Any:
         """A UTC-aware datetime as the driver stores it."""

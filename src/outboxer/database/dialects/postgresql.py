@@ -16,7 +16,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, Insert, Table, any_, bindparam, func, select, update
+from sqlalchemy import BigInteger, Insert, Table, any_, bindparam, func, literal, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Executable
@@ -84,6 +84,19 @@ class PostgreSQLDialect(Dialect):
             return int(status) != _PQ_TRANS_IDLE
         probe = getattr(driver_connection, "is_in_transaction", None)  # asyncpg
         return bool(probe()) if callable(probe) else None
+
+    def notify(self, channel: str) -> Executable:
+        return select(func.pg_notify(literal(channel), ""))
+
+    def with_notice(
+        self, insert: Insert, id_column: ColumnElement[int], channel: str
+    ) -> Executable:
+        # WITH ins AS (INSERT ... RETURNING id) SELECT id, pg_notify(channel, '') FROM
+        # ins: the row and the notice in one round trip. The database sends one notice
+        # per channel per transaction however many rows it inserted, at commit (none on
+        # rollback); a skipped row returns nothing and notifies nobody.
+        ins = insert.returning(id_column).cte("ins")
+        return select(ins.c[str(id_column.key)], func.pg_notify(literal(channel), ""))
 
     def notify_channel(self, table: str) -> str | None:
         channel = f"outboxer_{table}"

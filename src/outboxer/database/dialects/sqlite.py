@@ -29,20 +29,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Insert, String, Table, event
+from sqlalchemy import Engine, Insert, Integer, Select, String, Table, event
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.types import TypeEngine
 
-from outboxer.database.dialects.base import Dialect
+from outboxer.database.dialects.base import READ_ONLY_OPTION, Dialect
 from outboxer.errors import ConfigurationError
 
 BUSY_TIMEOUT_S = 30.0
 TS_FORMAT = "%Y-%m-%d %H:%M:%f"
 """strftime format of a stored timestamp (``%f`` is seconds with milliseconds)."""
 PY_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
-READ_ONLY_OPTION = "outboxer_read_only"
 WAL_SWITCH_TRIES = 100
 """Tries to switch a file to WAL (each after waiting for the writer that was in the
 way), within the busy timeout."""
@@ -55,6 +54,11 @@ class SQLiteDialect(Dialect):
     async_driver = "aiosqlite"
     async_drivers = frozenset({"aiosqlite"})
     skip_locked = False  # one writer at a time: nothing to skip
+    single_writer = True
+    pre_ping = False  # a file: no server closes an idle connection
+    # outboxer's connection settings (BEGIN IMMEDIATE, WAL) are needed: an
+    # application's engine only lends its URL.
+    borrows_engines = False
     # Its transactions are opened by outboxer (BEGIN IMMEDIATE), and cost no round trip.
     autocommit_single_statements = False
 
@@ -91,6 +95,11 @@ class SQLiteDialect(Dialect):
         state = getattr(driver_connection, "in_transaction", None)  # sqlite3 and aiosqlite
         return state if isinstance(state, bool) else None
 
+    def lock_rows(
+        self, stmt: Select[Any], *, skip_locked: bool = False, read: bool = False
+    ) -> Select[Any]:
+        return stmt  # no row locks: the one writer (BEGIN IMMEDIATE) holds the database
+
     def insert_ignoring_duplicates(self, table: Table, unique: str) -> Insert:
         return sqlite.insert(table).on_conflict_do_nothing(index_elements=[unique])
 
@@ -109,6 +118,15 @@ class SQLiteDialect(Dialect):
 
     def to_db_timestamp(self, value: datetime) -> Any:
         return value.astimezone(UTC).strftime(PY_FORMAT)[:23]
+
+    def from_db_timestamp(self, value: Any) -> datetime:
+        return (
+            parse_timestamp(value) if isinstance(value, str) else super().from_db_timestamp(value)
+        )
+
+    def id_type(self) -> TypeEngine[int] | None:
+        # SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid alias).
+        return Integer()
 
     @contextmanager
     def scratch_database(self, admin_url: str | URL, name: str) -> Iterator[str]:

@@ -1,47 +1,39 @@
-"""Consumers: receive -> lock rows -> run handlers -> mark -> commit -> ack.
+"""Dispatchers: one route's batches through the handlers, in the database.
 
-A batch from one route is processed in one database transaction
-(:func:`outboxer.database.ops.op_dispatch`): the batch's outbox rows are locked,
-each live message's handler runs in its own SAVEPOINT, then consumed/failed/dead
-marks are written and everything commits at once. Only then is the batch
-acknowledged to the transport.
+A batch from one route is processed in one database transaction (the policy of
+:mod:`outboxer.consumer.batch`): the batch's outbox rows are locked, each live
+message's handler runs (in its own SAVEPOINT after a failure), then
+consumed/failed/dead marks are written and everything commits at once. Only then is
+the batch acknowledged to the transport. Before any handler runs, the messages are
+marked as being handled in a short transaction of their own (poison protection).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
-import inspect
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from outboxer.aio import in_daemon_thread, sleep_unless
-from outboxer.backoff import ErrorBackoff
+from outboxer.aio import in_daemon_thread
+from outboxer.consumer.batch import BatchOutcome, op_dispatch, op_inbox_receive
 from outboxer.database.connections import connection_lost
 from outboxer.database.instructions import Op
-from outboxer.database.ops import (
-    BatchHandler,
-    BatchOutcome,
-    Handler,
-    Outcome,
-    Started,
-    op_dispatch,
-    op_inbox_receive,
-)
-from outboxer.database.runner import AsyncRunner, SyncRunner, callable_name, is_async_callable
+from outboxer.database.ops.base import Outcome
+from outboxer.database.ops.handling import Started
 from outboxer.envelope import Envelope
-from outboxer.errors import ConnectionLostError, HandlerError, describe_error
+from outboxer.errors import ConnectionLostError, describe_error
+from outboxer.handlers import BatchHandler, Handler, handler_fn, is_async_callable
 from outboxer.hooks import Observer
 from outboxer.logs import log_dead, log_retried
 from outboxer.models import Status
-from outboxer.routing import RouteRegistry, ServiceRoute
-from outboxer.settings import DEFAULT_LEASE, OutboxSettings
+from outboxer.routing import ServiceRoute
+from outboxer.settings import DEFAULT_LEASE
 from outboxer.store import Storage
 from outboxer.transports.adapters import Adapter, InboxEvent, outboxer_envelope
-from outboxer.transports.base import IncomingMessage, Subscription
+from outboxer.transports.base import IncomingMessage
 
 logger = logging.getLogger(__name__)
 
@@ -50,59 +42,6 @@ LOSSES_PER_ATTEMPT = 3
 a row (in one worker) is charged a failed attempt: a network fault spends no
 attempt, but a message that breaks its connection every time (a statement that
 kills the server's backend) still ends dead after ``max_retry`` attempts."""
-
-
-def check_handler(event_type: str, fn: Handler) -> None:
-    """Refuse, at registration, a handler that cannot take ``(event, tx)``."""
-    if not callable(fn):
-        raise HandlerError(f"handler for {event_type!r} is not callable", event_type=event_type)
-    try:
-        inspect.signature(fn).bind(object(), object())
-    except TypeError as exc:
-        raise HandlerError(
-            f"handler for {event_type!r} must accept (event, tx): {exc}", event_type=event_type
-        ) from exc
-    except ValueError:  # builtins without a signature: let them be
-        pass
-
-
-def _fn(handler: Handler | BatchHandler) -> Handler:
-    return handler.fn if isinstance(handler, BatchHandler) else handler
-
-
-class Handlers:
-    """Event type -> handler (or batch handler), for the consumers of one application."""
-
-    def __init__(self) -> None:
-        self._by_type: dict[str, Handler | BatchHandler] = {}
-
-    def register(self, event_type: str, fn: Handler | BatchHandler) -> None:
-        event_type = event_type.strip()
-        check_handler(event_type, _fn(fn))
-        existing = self._by_type.get(event_type)
-        if existing is not None and existing is not fn and _fn(existing) is not _fn(fn):
-            raise HandlerError(
-                f"event type {event_type!r} already has a handler ({callable_name(_fn(existing))})",
-                event_type=event_type,
-            )
-        self._by_type[event_type] = fn
-
-    def __bool__(self) -> bool:
-        return bool(self._by_type)
-
-    def by_service(self, routes: RouteRegistry) -> dict[str, dict[str, Handler]]:
-        """The handlers grouped by the service owning their event type."""
-        grouped: dict[str, dict[str, Handler]] = {}
-        for event_type, fn in self._by_type.items():
-            service = routes.service_of(event_type)
-            if service is None:
-                raise HandlerError(
-                    f"handler registered for {event_type!r}, which belongs to no service; "
-                    "call register_event(event_type, service) or pass service=",
-                    event_type=event_type,
-                )
-            grouped.setdefault(service, {})[event_type] = fn
-        return grouped
 
 
 class Dispatcher:
@@ -129,7 +68,7 @@ class Dispatcher:
         waiting for it (its row is sent again if that worker dies: the relay's lease
         or ``redeliver_after``); False: wait for that worker, as a plain lock would."""
         self._ctx = storage.op_context(route)
-        self._async_types = {e for e, h in handlers.items() if is_async_callable(_fn(h))}
+        self._async_types = {e for e, h in handlers.items() if is_async_callable(handler_fn(h))}
         self._headers: dict[str, Mapping[str, bytes]] = {}
         self._own: set[int] = set()
         """Rows this dispatcher marked as being handled and has not settled (their
@@ -221,7 +160,7 @@ class Dispatcher:
 
     async def _start(self, items: list[Any], *, alone: bool) -> tuple[list[Any], bool]:
         """Mark ``items`` as being handled, in a short transaction of their own, before
-        any handler runs (:func:`~outboxer.database.ops.op_start`); report the
+        any handler runs (:func:`~outboxer.database.ops.handling.op_start`); report the
         crashes it found. Returns the items to handle now, and whether they must be
         run one at a time."""
         if not items:
@@ -284,13 +223,7 @@ class Dispatcher:
         for is_async, segment in self._segments(items):
             out = await self._transaction(segment, is_async)
             self._report(out)
-            total.consumed.extend(out.consumed)
-            total.retried.extend(out.retried)
-            total.dead.extend(out.dead)
-            total.skipped += out.skipped
-            total.handler_errors.extend(out.handler_errors)
-            total.timings.extend(out.timings)
-            total.deferred.extend(out.deferred)
+            total.add(out)
             for item in segment:
                 self._losses.pop(self._loss_key(item), None)
             self._own.difference_update(k for k in map(self._key_or_none, segment) if k)
@@ -344,19 +277,11 @@ class Dispatcher:
     async def _run(self, op: Op[BatchOutcome], is_async: bool) -> BatchOutcome:
         """Run a batch op in a transaction of its own; commit it, unless the op says
         the fast path failed (then roll it back)."""
-        database = self.storage.database
-        async with database.writer():
-            if not is_async:
-                return await in_daemon_thread(self._run_sync, op)
-            conn = await database.async_engine.connect()
-            try:
-                async with conn.begin() as tx:
-                    out = await AsyncRunner(conn).run(op)
-                    if out.failed_fast is not None:
-                        await tx.rollback()
-                return out
-            finally:
-                await conn.close()
+        connector = self.storage.connector
+        if is_async:
+            return await connector.run_async(op, commit_if=_settled, context=self._ctx.ctx)
+        async with connector.writer():
+            return await in_daemon_thread(self._run_sync, op)
 
     def _report(self, out: BatchOutcome) -> None:
         service = self.route.service_name
@@ -433,11 +358,12 @@ class Dispatcher:
             self._report(out)
 
     def _run_sync(self, op: Op[BatchOutcome]) -> BatchOutcome:
-        with self.storage.database.sync_engine.connect() as conn, conn.begin() as tx:
-            out = SyncRunner(conn).run(op)
-            if out.failed_fast is not None:
-                tx.rollback()
-            return out
+        return self.storage.connector.run(op, commit_if=_settled, context=self._ctx.ctx)
+
+
+def _settled(out: BatchOutcome) -> bool:
+    """Whether a batch transaction commits: not when its fast path failed."""
+    return out.failed_fast is None
 
 
 class InboxDispatcher(Dispatcher):
@@ -463,13 +389,23 @@ class InboxDispatcher(Dispatcher):
         self.adapter = adapter
         self.lease = lease
         self._row_of: dict[str, int] = {}
+        self._rows: dict[str, dict[str, Any]] = {}
+        """Event id -> its inbox row, built once when the message was decoded."""
+
+    def _row(self, event: InboxEvent) -> dict[str, Any]:
+        row = self._rows.get(event.event_id)
+        if row is None:
+            row = self._rows[event.event_id] = self.storage.rows.received(
+                self.route, **_received(event)
+            )
+        return row
 
     async def _start(self, items: list[Any], *, alone: bool) -> tuple[list[Any], bool]:
         """Store the received events (once) and mark them as being handled, in one
         short transaction before any handler runs."""
         if not items:
             return [], False
-        rows = [self.storage.rows.received(self.route, **_received(e)) for e in items]
+        rows = [self._row(e) for e in items]
         store = self.storage.store(self.route)
         row_of, started = await store.inbox_start_async(
             rows, lease=self.lease, alone=alone, own=self._own
@@ -485,18 +421,21 @@ class InboxDispatcher(Dispatcher):
 
     def decode(self, batch: Sequence[IncomingMessage], *, report: bool = True) -> list[Any]:
         events: list[InboxEvent] = []
+        self._rows = {}
         for msg in batch:
             try:
                 event = self.adapter(msg)
                 if event is None:
                     continue
-                # Checked now, so one bad message cannot fail the batch's insert.
-                self.storage.rows.received(self.route, **_received(event))
+                # Built (and so checked) now, so one bad message cannot fail the
+                # batch's insert; the start and the batch use this row.
+                row = self.storage.rows.received(self.route, **_received(event))
             except Exception as exc:  # noqa: BLE001 - whatever the adapter cannot read
                 if report:
                     self._skipped(msg, "undecodable", "unreadable message skipped", exc)
                 continue
             events.append(event)
+            self._rows[event.event_id] = row
             self._headers[event.event_id] = msg.headers
         return events
 
@@ -506,7 +445,7 @@ class InboxDispatcher(Dispatcher):
         # Stored by _start already; inserted again if missing (nothing when present),
         # so the batch never depends on the start's relaxed commit.
         unique = {e.event_id: e for e in items}
-        rows = [self.storage.rows.received(self.route, **_received(e)) for e in unique.values()]
+        rows = [self._row(e) for e in unique.values()]
         return op_inbox_receive(
             self._ctx, items, rows, self.handlers, isolate=isolate, failed=failed
         )
@@ -526,9 +465,8 @@ class InboxDispatcher(Dispatcher):
             exc_info=failure,
             extra={"service": self.route.service_name, "event_id": event.event_id},
         )
-        row = self.storage.rows.received(self.route, **_received(event))
         store = self.storage.store(self.route)
-        row_id = await store.store_received_async(row)
+        row_id = await store.store_received_async(self._row(event))
         outcome = await store.mark_failed_many_async([(row_id, describe_error(failure))])
         if outcome.get(row_id) is not None:
             self.hooks.handler_finished(self.route.service_name, event.event_type, 0.0, failure)
@@ -553,61 +491,3 @@ def _fields(service: str, o: Outcome) -> dict[str, Any]:
         "attempts": o.attempts,
         "reason": o.reason,
     }
-
-
-async def consume_loop(
-    sub: Subscription,
-    dispatcher: Dispatcher,
-    stopping: asyncio.Event,
-    settings: OutboxSettings,
-    *,
-    poll_timeout: float = 0.5,
-) -> None:
-    """Receive, dispatch and acknowledge until ``stopping`` is set.
-
-    A batch is acknowledged only after its database transaction committed. When the
-    batch transaction fails, its messages are processed again one per transaction, so
-    one message that breaks its transaction (a handler that aborts it, an id the
-    database refuses) is recorded as a failed attempt of its own and cannot hold the
-    others back; when even that fails (the database is down), the batch is retried
-    after a growing delay. On stop, an unprocessed batch stays unacknowledged and is
-    delivered again.
-    """
-    while not stopping.is_set():
-        batch = await sub.receive(settings.batch_size, poll_timeout)
-        if not batch:
-            continue
-        if await _process(batch, dispatcher, stopping, settings):
-            await sub.ack(batch)
-
-
-async def _process(
-    batch: Sequence[IncomingMessage],
-    dispatcher: Dispatcher,
-    stopping: asyncio.Event,
-    settings: OutboxSettings,
-) -> bool:
-    service = dispatcher.route.service_name
-    try:
-        await dispatcher.dispatch(batch)
-        return True
-    except Exception as exc:
-        logger.exception(
-            "consumer batch failed; processing its messages one by one",
-            extra={"service": service, "size": len(batch)},
-        )
-        dispatcher.hooks.loop_error(service, "consumer", exc)
-    backoff = ErrorBackoff(settings.error_delay, settings.error_delay_max)
-    while True:
-        try:
-            for message in batch:
-                await dispatcher.dispatch_alone(message)
-            return True
-        except Exception as exc:
-            logger.exception(
-                "consumer cannot record its batch; retrying",
-                extra={"service": service, "size": len(batch)},
-            )
-            dispatcher.hooks.loop_error(service, "consumer", exc)
-        if stopping.is_set() or await sleep_unless(stopping, backoff.next()):
-            return False

@@ -1,0 +1,278 @@
+"""The operations tools and the console: find, count, requeue, purge, status,
+activity."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import (
+    and_,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.sql import ColumnElement
+
+from outboxer.database.instructions import Execute, Op
+from outboxer.database.ops.base import OpContext, due_rows, row_message
+from outboxer.database.schema import (
+    db_minute,
+    db_now,
+    db_now_plus,
+)
+from outboxer.models import Activity, OutboxMessage, ServiceStatus, Status
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowFilter:
+    """Which rows of a table an operations tool works on (every field optional)."""
+
+    status: Status | None = None
+    ids: Sequence[int] | None = None
+    event_type: str | None = None
+    older_than: float | None = None
+    """Last changed (``updated_at``) at least this many seconds ago."""
+    newer_than: float | None = None
+    """Last changed less than this many seconds ago."""
+    after_id: int | None = None
+    """Only ids above this one (keyset paging)."""
+    before_id: int | None = None
+    """Only ids below this one (keyset paging, newest first)."""
+    key: str | None = None
+    """Only this message key (the ``(message_key, id)`` index)."""
+    event_id: str | None = None
+    """Only this event id (the unique ``event_id`` column); in an outbox table also
+    the outbox id an event published without an id goes out with."""
+
+
+def _event_id_where(c: OpContext, event_id: str) -> ColumnElement[bool]:
+    t = c.table
+    cond: ColumnElement[bool] = t.c.event_id == event_id
+    if not c.route.inbox and event_id.isdigit() and len(event_id) < 19:
+        # An event published without an id goes out with its outbox id.
+        cond = or_(cond, and_(t.c.id == int(event_id), t.c.event_id.is_(None)))
+    return cond
+
+
+def _where(c: OpContext, f: RowFilter) -> ColumnElement[bool]:
+    t = c.table
+    parts: list[ColumnElement[bool]] = []
+    if f.key is not None:
+        parts.append(t.c.message_key == f.key)
+    if f.event_id is not None:
+        parts.append(_event_id_where(c, f.event_id))
+    if f.before_id is not None:
+        parts.append(t.c.id < f.before_id)
+    if f.status is not None:
+        parts.append(t.c.status == f.status.value)
+    if f.ids is not None:
+        parts.append(t.c.id.in_(list(f.ids)))
+    if f.event_type is not None:
+        parts.append(t.c.event_type == f.event_type)
+    if f.older_than is not None:
+        parts.append(t.c.updated_at <= db_now_plus(-f.older_than))
+    if f.newer_than is not None:
+        parts.append(t.c.updated_at > db_now_plus(-f.newer_than))
+    if f.after_id is not None:
+        parts.append(t.c.id > f.after_id)
+    return and_(true(), *parts)
+
+
+def op_find(
+    c: OpContext, f: RowFilter, limit: int, newest_first: bool = False
+) -> Op[list[OutboxMessage]]:
+    """Rows matching ``f`` in id order (``newest_first``: descending), at most
+    ``limit`` (ops tooling, read only)."""
+    t = c.table
+    order = t.c.id.desc() if newest_first else t.c.id
+    stmt = select(t).where(_where(c, f)).order_by(order).limit(max(limit, 1))
+    result = yield Execute(stmt, what="list", context=c.ctx())
+    return [row_message(r) for r in result.all()]
+
+
+def op_count(c: OpContext, f: RowFilter) -> Op[int]:
+    """How many rows match ``f``."""
+    stmt = select(func.count()).select_from(c.table).where(_where(c, f))
+    result = yield Execute(stmt, what="count", context=c.ctx())
+    return int(result.scalar_one())
+
+
+def op_requeue(
+    c: OpContext,
+    ids: Sequence[int] | None,
+    status: Status,
+    *,
+    event_type: str | None = None,
+    since: float | None = None,
+) -> Op[int]:
+    """Make rows of ``status`` due now with a fresh retry budget (ops tooling).
+
+    ``ids`` (None: every such row), ``event_type`` and ``since`` (changed within the
+    last ``since`` seconds: died recently) narrow the set. The row keeps a note:
+    ``requeue_count`` + 1 and ``requeued_at``; ``last_error`` stays until it succeeds.
+    """
+    t = c.table
+    f = RowFilter(status=status, ids=ids, event_type=event_type, newer_than=since)
+    stmt = (
+        update(t)
+        .where(_where(c, f))
+        .values(
+            status=Status.PENDING.value,
+            retry_count=0,
+            next_retry_at=db_now(),
+            updated_at=db_now(),
+            requeue_count=t.c.requeue_count + 1,
+            requeued_at=db_now(),
+            handling=0,
+            crashes=0,
+        )
+    )
+    result = yield Execute(stmt, what="requeue", context=c.ctx())
+    return int(result.rowcount)
+
+
+def op_purge_batch(c: OpContext, f: RowFilter, limit: int) -> Op[int]:
+    """DELETE up to ``limit`` rows matching ``f`` (retention; one short transaction).
+
+    The ids are picked first (skipping rows other transactions hold where the database
+    can) and deleted with the filter repeated, so a row that changed in between is
+    kept. Two statements rather than ``DELETE ... LIMIT``: MySQL allows no ``LIMIT``
+    in an ``IN`` sub-select, PostgreSQL no ``LIMIT`` on ``DELETE``.
+    """
+    t = c.table
+    cond = _where(c, f)
+    pick = select(t.c.id).where(cond).order_by(t.c.updated_at).limit(max(limit, 1))
+    pick = c.dialect.lock_rows(pick, skip_locked=True)
+    result = yield Execute(pick, what="purge", context=c.ctx())
+    ids = list(result.scalars().all())
+    if not ids:
+        return 0
+    result = yield Execute(
+        delete(t).where(and_(t.c.id.in_(ids), cond)), what="purge", context=c.ctx()
+    )
+    return int(result.rowcount)
+
+
+RATE_WINDOW = 60.0
+"""Seconds over which ``op_status`` counts recent throughput."""
+
+
+def op_status(c: OpContext, rates: bool = False) -> Op[ServiceStatus]:
+    """Counts by status, rows due now and the oldest due row's age; with ``rates``
+    also the rows published and consumed in the last minute (two index range scans
+    on ``(status, updated_at)``)."""
+    t = c.table
+    result = yield Execute(
+        select(t.c.status, func.count()).group_by(t.c.status), what="status", context=c.ctx()
+    )
+    counts = {s.value: 0 for s in Status}
+    counts.update({row[0]: int(row[1]) for row in result.all()})
+    due = due_rows(c, None)
+    result = yield Execute(
+        select(func.count(), func.min(t.c.next_retry_at), db_now()).where(due),
+        what="status",
+        context=c.ctx(),
+    )
+    n_due, oldest, now = result.one()
+    # Scheduled rows are read on the claim index's range of pending rows not due.
+    result = yield Execute(
+        select(func.count()).where(
+            t.c.status == Status.PENDING.value,
+            t.c.next_retry_at > db_now(),
+            t.c.deliver_at > db_now(),
+        ),
+        what="status",
+        context=c.ctx(),
+    )
+    scheduled = int(result.scalar_one())
+    age = None
+    if n_due and oldest is not None and now is not None:
+        age = max(0.0, (now - oldest).total_seconds())
+    published = consumed = None
+    if rates:
+        since = db_now_plus(-RATE_WINDOW)
+        recent = t.c.updated_at > since
+        # Handed over in the window: published then (published_at), or consumed in
+        # process without a published state (the local transport: consumed_at).
+        sent = func.coalesce(t.c.published_at, t.c.consumed_at) > since
+        done = (Status.PUBLISHED.value, Status.CONSUMED.value)
+        result = yield Execute(
+            select(
+                func.count(case((sent, 1))),
+                func.count(case((t.c.status == Status.CONSUMED.value, 1))),
+            ).where(t.c.status.in_(done), recent),
+            what="status",
+            context=c.ctx(),
+        )
+        published, consumed = (int(n) for n in result.one())
+    return ServiceStatus(
+        c.route.service_name,
+        t.name,
+        counts,
+        int(n_due),
+        age,
+        published,
+        consumed,
+        scheduled=scheduled,
+    )
+
+
+def op_activity(c: OpContext, minutes: int) -> Op[Activity]:
+    """Rows published, consumed and failed in each of the last ``minutes`` UTC
+    minutes (the current one included), grouped by the database, reading only the
+    index range ``(status, updated_at > now - minutes)``.
+
+    A row is counted by its latest change: "failed" is a row whose last attempt
+    failed in that minute (dead, or pending again with attempts spent); a published
+    row is counted at ``published_at`` (or ``consumed_at`` when the in-process
+    transport consumed it without publishing)."""
+    t = c.table
+    since = db_now_plus(-60.0 * minutes)
+    recent = and_(t.c.status.in_([s.value for s in Status]), t.c.updated_at > since)
+    consumed = t.c.status == Status.CONSUMED.value
+    failed = or_(
+        t.c.status == Status.DEAD.value,
+        and_(t.c.status == Status.PENDING.value, t.c.retry_count > 0),
+    )
+    changed = db_minute(t.c.updated_at).label("minute")
+    result = yield Execute(
+        select(changed, func.count(case((consumed, 1))), func.count(case((failed, 1))))
+        .where(recent)
+        .group_by(changed),
+        what="activity",
+        context=c.ctx(),
+    )
+    by_change = {row[0]: (int(row[1]), int(row[2])) for row in result.all()}
+    sent_at = func.coalesce(t.c.published_at, t.c.consumed_at)
+    sent = db_minute(sent_at).label("minute")
+    result = yield Execute(
+        select(sent, func.count(), db_now())
+        .where(recent, t.c.status.in_(SENT_STATUSES), sent_at > since)
+        .group_by(sent),
+        what="activity",
+        context=c.ctx(),
+    )
+    rows = result.all()
+    by_sent = {row[0]: int(row[1]) for row in rows}
+    if rows:
+        now = rows[0][2]
+    else:
+        now = (yield Execute(select(db_now()), what="activity", context=c.ctx())).scalar_one()
+    last = now.replace(second=0, microsecond=0)
+    labels = [last - timedelta(minutes=minutes - 1 - i) for i in range(minutes)]
+    keys = [m.strftime("%Y-%m-%d %H:%M") for m in labels]
+    return Activity(
+        minutes=labels,
+        published=[by_sent.get(k, 0) for k in keys],
+        consumed=[by_change.get(k, (0, 0))[0] for k in keys],
+        failed=[by_change.get(k, (0, 0))[1] for k in keys],
+    )
+
+
+SENT_STATUSES = (Status.PUBLISHED.value, Status.CONSUMED.value)
