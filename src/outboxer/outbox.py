@@ -9,7 +9,7 @@ other, never the facade.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from outboxer.admin import Admin
 from outboxer.backoff import RetryPolicy
 from outboxer.consumer import Handlers
+from outboxer.contracts import ChannelSpec, Contracts, asyncapi_document
 from outboxer.database import migrations
 from outboxer.database.engines import Database
 from outboxer.database.migrations import TablePlan
@@ -105,7 +106,9 @@ class Outbox:
             dead_blocks=settings.ordered_after_dead == "block",
             scheduled_blocks=settings.ordered_scheduled == "block",
         )
-        self._publisher = Publisher(self.storage, self.hooks)
+        self.contracts = Contracts()
+        """The payload schemas of the event types, by version (``register_event``)."""
+        self._publisher = Publisher(self.storage, self.hooks, self.contracts)
         self._handlers = Handlers()
         self.admin = Admin(self.storage, self.handled_services)
         """Dead letters, retention and status across the services (see
@@ -186,11 +189,49 @@ class Outbox:
         self.tables.table(route)
         return route
 
-    def register_event(self, event_type: str, service: str) -> ServiceRoute:
-        """Make ``service`` the owner of ``event_type`` (its events go to its table)."""
+    def register_event(
+        self,
+        event_type: str,
+        service: str,
+        *,
+        schema: Mapping[str, Any] | None = None,
+        version: str | None = None,
+    ) -> ServiceRoute:
+        """Make ``service`` the owner of ``event_type`` (its events go to its table).
+
+        ``schema``: a JSON Schema for the payloads of ``version`` (default ``v1``);
+        ``publish`` then refuses a payload that does not match with
+        :class:`SchemaViolationError`, before any SQL. Call again with another
+        ``version`` to add its schema. Needs ``pip install 'outboxer[schemas]'``.
+        """
+        prepared = (
+            self.contracts.prepare(event_type, version, schema) if schema is not None else None
+        )
         route = self.routes.register_event(event_type, service)
         self.tables.table(route)
+        if prepared is not None:
+            self.contracts.add(prepared)
         return route
+
+    def asyncapi(self, *, title: str | None = None, version: str = "1.0.0") -> dict[str, Any]:
+        """The AsyncAPI 3 document of this application: a channel per service, send
+        operations for the services it publishes, receive operations for those it
+        handles, a message per event type and schema version (``outboxer schemas
+        export``)."""
+        handled = self.handled_services()
+        specs = [
+            ChannelSpec(
+                route,
+                self.routes.events_of(route.service_name),
+                sends=not route.inbox,
+                receives=route.service_name in handled,
+            )
+            for route in self.routes.routes()
+        ]
+        names = ", ".join(r.service_name for r in self.routes.routes())
+        return asyncapi_document(
+            specs, self.contracts, title=title or f"outboxer: {names}", version=version
+        )
 
     def table_for(self, route: ServiceRoute | str) -> Table:
         """The outbox table of a service (or route)."""

@@ -8,7 +8,8 @@ INSERT of :func:`~outboxer.database.ops.op_insert`.
 
 ``publish`` never opens, commits or rolls back a transaction: the event becomes
 visible with the caller's commit and disappears with its rollback. Every check
-(registered event type, key, ids, ``max_retry``, JSON and size of the payload)
+(registered event type, the payload's schema, key, ids, ``max_retry``, JSON and
+size of the payload)
 runs before any SQL, so a rejected event raises a typed error and leaves the
 caller's transaction usable. After the INSERT the hooks hear of it
 (``event_published``), which is how a running relay in this process is woken when
@@ -25,6 +26,7 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
+from outboxer.contracts import Contracts
 from outboxer.database.ops import OpContext, op_insert, op_insert_many, op_publish
 from outboxer.database.runner import AsyncRunner, SyncRunner
 from outboxer.errors import RoutingError
@@ -37,9 +39,12 @@ from outboxer.store import Storage, check_async, check_sync
 class Publisher:
     """Writes events on callers' transactions (``Outbox.publish`` / ``publish_async``)."""
 
-    def __init__(self, storage: Storage, hooks: Observer) -> None:
+    def __init__(
+        self, storage: Storage, hooks: Observer, contracts: Contracts | None = None
+    ) -> None:
         self.storage = storage
         self.hooks = hooks
+        self.contracts = contracts if contracts is not None else Contracts()
 
     def _prepare(
         self, event_type: str, payload: Any, options: dict[str, Any]
@@ -53,6 +58,7 @@ class Publisher:
                 event_type=event_type,
                 service=route.service_name,
             )
+        self.contracts.check(event_type, options.get("version"), payload)
         values = self.storage.rows.event(route, event_type, payload, **options)
         carrier: dict[str, str] = {}
         self.hooks.inject_context(route.service_name, event_type, carrier)
