@@ -20,6 +20,7 @@ from typing import Any
 
 from outboxer.aio import in_daemon_thread, sleep_unless
 from outboxer.backoff import ErrorBackoff
+from outboxer.cloudevents import envelope_dict, is_cloudevents
 from outboxer.database.instructions import Op
 from outboxer.database.ops import (
     BatchHandler,
@@ -122,6 +123,7 @@ class Dispatcher:
         waiting for it (its row is sent again if that worker dies: the relay's lease
         or ``redeliver_after``); False: wait for that worker, as a plain lock would."""
         self._ctx = storage.op_context(route)
+        self._cloudevents = is_cloudevents(route)
         self._async_types = {e for e, h in handlers.items() if is_async_callable(_fn(h))}
         self._headers: dict[str, Mapping[str, bytes]] = {}
         self._own: set[int] = set()
@@ -162,7 +164,10 @@ class Dispatcher:
         envelopes: list[Envelope] = []
         for msg in batch:
             try:
-                obj = json.loads(msg.value) if msg.value is not None else None
+                if self._cloudevents:
+                    obj: Any = envelope_dict(msg.value, msg.headers)
+                else:
+                    obj = json.loads(msg.value) if msg.value is not None else None
                 if isinstance(obj, dict) and obj.get("outbox_id") is None:
                     if report:
                         self._skipped(msg, "no_outbox_id", "message without outbox_id skipped")

@@ -137,16 +137,27 @@ class Outbox:
         topic: str | None = None,
         group: str | None = None,
         ordered: bool | None = None,
+        format: str | None = None,
+        source: str | None = None,
     ) -> ServiceRoute:
         """Declare a service's route (defaults derived from its name).
 
         ``ordered=True``: events with the same key are handled in publish order, even
         across failures (a failing event holds back the later events of its key).
+        ``format="cloudevents"`` (or ``"cloudevents-structured"``): its messages are
+        CloudEvents 1.0 with ``source`` (default ``/outboxer/<name>``); see
+        :mod:`outboxer.cloudevents`.
         """
         return self._declared(
             name,
             self.routes.register_service(
-                name, table=table, topic=topic, group=group, ordered=ordered
+                name,
+                table=table,
+                topic=topic,
+                group=group,
+                ordered=ordered,
+                format=format,
+                source=source,
             ),
         )
 
@@ -160,6 +171,7 @@ class Outbox:
         group: str | None = None,
         adapter: Adapter | None = None,
         ordered: bool | None = None,
+        format: str | None = None,
     ) -> ServiceRoute:
         """Consume ``service``'s events, published from another database, into an
         inbox table in this application's database.
@@ -169,10 +181,17 @@ class Outbox:
         (``<prefix>.<service>.<consumer>``, so several applications each get every
         event). Each event's effects apply once here: a message delivered again finds
         its event id in the inbox. ``adapter`` reads messages that are not outboxer
-        envelopes (:mod:`outboxer.transports.adapters`, e.g. ``Debezium()``).
+        envelopes (:mod:`outboxer.transports.adapters`, e.g. ``Debezium()``);
+        ``format="cloudevents"`` reads CloudEvents (the ``CloudEvents()`` adapter).
         """
         route = self.routes.register_inbox(
-            service, consumer=consumer, table=table, topic=topic, group=group, ordered=ordered
+            service,
+            consumer=consumer,
+            table=table,
+            topic=topic,
+            group=group,
+            ordered=ordered,
+            format=format,
         )
         if adapter is not None:
             self._adapters[service] = adapter
@@ -225,6 +244,7 @@ class Outbox:
                 self.routes.events_of(route.service_name),
                 sends=not route.inbox,
                 receives=route.service_name in handled,
+                wire_format=route.format,
             )
             for route in self.routes.routes()
         ]

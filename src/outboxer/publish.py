@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
+from outboxer.cloudevents import DATASCHEMA_HEADER, TIME_HEADER, is_cloudevents
 from outboxer.contracts import Contracts
 from outboxer.database.ops import OpContext, op_insert, op_insert_many, op_publish
 from outboxer.database.runner import AsyncRunner, SyncRunner
@@ -62,6 +64,12 @@ class Publisher:
         values = self.storage.rows.event(route, event_type, payload, **options)
         carrier: dict[str, str] = {}
         self.hooks.inject_context(route.service_name, event_type, carrier)
+        if is_cloudevents(route):
+            # Stored with the row, so every send of the event carries the same.
+            carrier[TIME_HEADER] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+            schema = self.contracts.schema(event_type, options.get("version") or "v1")
+            if schema is not None and isinstance(schema.get("$id"), str):
+                carrier[DATASCHEMA_HEADER] = schema["$id"]
         # The trace context of the caller, continued by the consumer; always a key, so
         # rows of one publish_many statement all bind the same columns.
         values["headers"] = json.dumps(carrier, separators=(",", ":")) if carrier else None

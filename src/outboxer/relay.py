@@ -28,6 +28,7 @@ from datetime import datetime
 
 from outboxer.aio import sleep_unless
 from outboxer.backoff import ErrorBackoff
+from outboxer.cloudevents import PREFIX, encode_for, is_cloudevents
 from outboxer.database.ops import Claimed
 from outboxer.envelope import wire_event
 from outboxer.errors import EnvelopeDecodeError
@@ -85,6 +86,9 @@ class Relay:
         self.next_delay = 0.0
         # Per-message report only when someone listens (tracing).
         self._headers_hook = hooks.wants("message_sending")
+        self._cloudevents = is_cloudevents(self.route)
+        # A transport may name its protocol binding's header prefix (Kafka's: ce_).
+        self._ce_prefix: str = getattr(transport, "cloudevents_prefix", PREFIX)
 
     @property
     def pipeline_depth(self) -> int:
@@ -144,6 +148,8 @@ class Relay:
         """Wire messages for the rows; undecodable rows are marked dead."""
         outgoing: list[OutgoingMessage] = []
         broken: list[tuple[int, str]] = []
+        if self._cloudevents:
+            return await self._prepare_cloudevents(rows)
         for row in rows:
             try:
                 wire = wire_event(row.payload, row.id, row.message_key)
@@ -171,11 +177,50 @@ class Relay:
                     headers,
                 )
             )
+        await self._bury(broken)
+        return outgoing
+
+    async def _prepare_cloudevents(self, rows: list[Claimed]) -> list[OutgoingMessage]:
+        """The rows as CloudEvents (the route's ``format``); undecodable rows dead."""
+        outgoing: list[OutgoingMessage] = []
+        broken: list[tuple[int, str]] = []
+        for row in rows:
+            headers = parse_headers(row.headers)
+            try:
+                event = encode_for(
+                    self.route, row.payload, row.id, row.message_key, headers, self._ce_prefix
+                )
+            except EnvelopeDecodeError as exc:
+                logger.error(
+                    "stored envelope cannot be decoded; marking dead",
+                    extra={"service": self.route.service_name, "outbox_id": row.id},
+                )
+                broken.append((row.id, f"stored payload is not a valid envelope: {exc}"))
+                continue
+            if self._headers_hook:
+                self.hooks.message_sending(
+                    self.route.service_name, row.id, event.event_type, event.headers
+                )
+            outgoing.append(
+                OutgoingMessage(
+                    row.id,
+                    row.retry_count,
+                    row.message_key,
+                    event.value,
+                    event.event_id,
+                    event.event_type,
+                    event.event_version,
+                    event.headers,
+                )
+            )
+        await self._bury(broken)
+        return outgoing
+
+    async def _bury(self, broken: list[tuple[int, str]]) -> None:
         for oid, reason in broken:
             await self.store.mark_dead_many_async([oid], reason, unless_final=True)
         if broken:
             self.hooks.rows_undecodable(self.route.service_name, len(broken))
-        return outgoing
 
     async def _deliver(self, batch: _Batch) -> None:
         """Send a claimed batch and record the outcome (or hold it: an outage)."""
