@@ -18,7 +18,12 @@ from typing import Any
 
 from outboxer.envelope import DEFAULT_VERSION, encode_json
 from outboxer.errors import ConfigurationError, SchemaViolationError
-from outboxer.routing import ServiceRoute, validate_event_type
+from outboxer.routing import (
+    CLOUDEVENTS_STRUCTURED,
+    ENVELOPE,
+    ServiceRoute,
+    validate_event_type,
+)
 
 ASYNCAPI_VERSION = "3.0.0"
 _COMPONENT_KEY = re.compile(r"[^A-Za-z0-9._-]")
@@ -174,7 +179,7 @@ class ChannelSpec:
     event_types: list[str]
     sends: bool
     receives: bool
-    wire_format: str = "envelope"
+    wire_format: str = ENVELOPE
 
 
 def _envelope_schema(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -192,6 +197,49 @@ def _envelope_schema(data: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _cloudevent_message(
+    wire_format: str, event_type: str, version: str, data: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A CloudEvents service's message: the attributes as ``ce_`` headers and the data
+    as the payload (binary), or the whole event as the payload (structured)."""
+    attributes: dict[str, Any] = {
+        "specversion": {"const": "1.0"},
+        "id": {"type": "string"},
+        "source": {"type": "string"},
+        "type": {"const": event_type},
+        "subject": {"type": "string"},
+        "time": {"type": "string", "format": "date-time"},
+        "dataschema": {"type": "string"},
+        "outboxid": {"type": ["integer", "string"]},
+        "eventversion": {"const": version},
+        "aggregateid": {"type": "string"},
+    }
+    required = ["specversion", "id", "source", "type"]
+    if wire_format == CLOUDEVENTS_STRUCTURED:
+        return {
+            "x-outboxer-format": wire_format,
+            "contentType": "application/cloudevents+json",
+            "payload": {
+                "type": "object",
+                "required": [*required, "data"],
+                "properties": {
+                    **attributes,
+                    "datacontenttype": {"const": "application/json"},
+                    "data": data,
+                },
+            },
+        }
+    return {
+        "x-outboxer-format": wire_format,
+        "headers": {
+            "type": "object",
+            "required": [f"ce_{name}" for name in required],
+            "properties": {f"ce_{name}": schema for name, schema in attributes.items()},
+        },
+        "payload": data,
+    }
+
+
 def asyncapi_document(
     channels: Iterable[ChannelSpec],
     contracts: Contracts,
@@ -204,7 +252,8 @@ def asyncapi_document(
     for one it handles, and a message per event type and schema version.
 
     A message's payload is what travels: the envelope (``wire_format`` "envelope")
-    with the event's schema under ``payload``, or, for CloudEvents, the data itself.
+    with the event's schema under ``payload``; for CloudEvents in binary mode the data
+    itself, the attributes as ``ce_`` headers; in structured mode the whole event.
     The event's own schema is also ``components.schemas[<type>.<version>]``, which
     :func:`breaking_changes` compares.
     """
@@ -230,10 +279,10 @@ def asyncapi_document(
                     "contentType": "application/json",
                     "x-outboxer-event-type": event_type,
                     "x-outboxer-event-version": ver,
-                    "payload": data if spec.wire_format != "envelope" else _envelope_schema(data),
+                    "payload": _envelope_schema(data),
                 }
-                if spec.wire_format != "envelope":
-                    message["x-outboxer-format"] = spec.wire_format
+                if spec.wire_format != ENVELOPE:
+                    message.update(_cloudevent_message(spec.wire_format, event_type, ver, data))
                 messages[key] = message
                 refs[key] = {"$ref": f"#/components/messages/{key}"}
         doc_channels[name] = {

@@ -205,3 +205,21 @@ def test_a_removed_message_breaks_and_an_added_one_does_not() -> None:
 def test_check_refuses_what_is_not_an_asyncapi_3_document() -> None:
     with pytest.raises(ConfigurationError, match="AsyncAPI 3"):
         breaking_changes({"openapi": "3.1.0"}, _doc(ORDER))
+
+
+@pytest.mark.parametrize("fmt", ["cloudevents", "cloudevents-structured"])
+def test_a_cloudevents_service_is_described_as_it_travels(fmt: str) -> None:
+    c = Contracts()
+    c.register("order.placed", None, ORDER)
+    spec = ChannelSpec(default_route("orders"), ["order.placed"], True, False, wire_format=fmt)
+    message = asyncapi_document([spec], c)["components"]["messages"]["order.placed.v1"]
+    ref = {"$ref": "#/components/schemas/order.placed.v1"}
+    if fmt == "cloudevents":
+        assert message["payload"] == ref
+        assert message["headers"]["properties"]["ce_type"] == {"const": "order.placed"}
+        assert "ce_id" in message["headers"]["required"]
+    else:
+        assert message["contentType"] == "application/cloudevents+json"
+        assert message["payload"]["properties"]["data"] == ref
+    # The check reads the event's schema the same way in every format.
+    assert not breaking_changes(asyncapi_document([spec], c), _doc(ORDER))
