@@ -27,6 +27,7 @@ from outboxer.routing import RouteRegistry, ServiceOverride
 from outboxer.settings import OutboxSettings
 from outboxer.transports.adapters import CloudEvents
 from outboxer.transports.base import IncomingMessage
+from outboxer.transports.memory import StoredMessage
 
 PAYLOAD = {"order_id": "o-1", "total": 12.5, "note": 'a "payload": inside', "lines": [1, 2]}
 TIME = "2026-12-05T10:11:12.345678Z"
@@ -208,3 +209,11 @@ def test_format_and_source_are_checked_where_they_are_declared() -> None:
     code = RouteRegistry(overrides={"orders": ServiceOverride(format="cloudevents")})
     declared = code.register_service("orders", format="cloudevents-structured")
     assert declared.format == "cloudevents-structured"
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_the_in_memory_broker_gives_envelopes_of_cloudevents(structured: bool) -> None:
+    event = encode(_stored("e-1"), 5, "order-7", {}, source="/o", structured=structured)
+    headers = {k: v.encode() for k, v in event.headers.items()}
+    stored = StoredMessage("t", 0, b"order-7", event.value, headers)
+    assert stored.envelope() == Envelope(5, "e-1", "order.placed", "v2", "order-7", PAYLOAD)
