@@ -28,9 +28,9 @@ from datetime import datetime
 
 from outboxer.aio import sleep_unless
 from outboxer.backoff import ErrorBackoff
-from outboxer.cloudevents import PREFIX, encode_for, is_cloudevents
+from outboxer.cloudevents import PREFIX, WireCloudEvent, encode_for, is_cloudevents
 from outboxer.database.ops import Claimed
-from outboxer.envelope import wire_event
+from outboxer.envelope import WireEvent, wire_event
 from outboxer.errors import EnvelopeDecodeError
 from outboxer.hooks import Observer
 from outboxer.logs import log_dead
@@ -145,14 +145,21 @@ class Relay:
         return _Batch(len(rows) + len(again), outgoing, {m.id for m in again}, started, stamps)
 
     async def _prepare(self, rows: list[Claimed]) -> list[OutgoingMessage]:
-        """Wire messages for the rows; undecodable rows are marked dead."""
+        """Wire messages for the rows (the envelope, or CloudEvents by the route's
+        ``format``); undecodable rows are marked dead."""
         outgoing: list[OutgoingMessage] = []
         broken: list[tuple[int, str]] = []
-        if self._cloudevents:
-            return await self._prepare_cloudevents(rows)
         for row in rows:
+            headers = parse_headers(row.headers)
+            wire: WireEvent | WireCloudEvent
             try:
-                wire = wire_event(row.payload, row.id, row.message_key)
+                if self._cloudevents:
+                    wire = encode_for(
+                        self.route, row.payload, row.id, row.message_key, headers, self._ce_prefix
+                    )
+                    headers = wire.headers
+                else:
+                    wire = wire_event(row.payload, row.id, row.message_key)
             except EnvelopeDecodeError as exc:
                 logger.error(
                     "stored envelope cannot be decoded; marking dead",
@@ -160,7 +167,6 @@ class Relay:
                 )
                 broken.append((row.id, f"stored payload is not a valid envelope: {exc}"))
                 continue
-            headers = parse_headers(row.headers)
             if self._headers_hook:
                 self.hooks.message_sending(
                     self.route.service_name, row.id, wire.event_type, headers
@@ -175,42 +181,6 @@ class Relay:
                     wire.event_type,
                     wire.event_version,
                     headers,
-                )
-            )
-        await self._bury(broken)
-        return outgoing
-
-    async def _prepare_cloudevents(self, rows: list[Claimed]) -> list[OutgoingMessage]:
-        """The rows as CloudEvents (the route's ``format``); undecodable rows dead."""
-        outgoing: list[OutgoingMessage] = []
-        broken: list[tuple[int, str]] = []
-        for row in rows:
-            headers = parse_headers(row.headers)
-            try:
-                event = encode_for(
-                    self.route, row.payload, row.id, row.message_key, headers, self._ce_prefix
-                )
-            except EnvelopeDecodeError as exc:
-                logger.error(
-                    "stored envelope cannot be decoded; marking dead",
-                    extra={"service": self.route.service_name, "outbox_id": row.id},
-                )
-                broken.append((row.id, f"stored payload is not a valid envelope: {exc}"))
-                continue
-            if self._headers_hook:
-                self.hooks.message_sending(
-                    self.route.service_name, row.id, event.event_type, event.headers
-                )
-            outgoing.append(
-                OutgoingMessage(
-                    row.id,
-                    row.retry_count,
-                    row.message_key,
-                    event.value,
-                    event.event_id,
-                    event.event_type,
-                    event.event_version,
-                    event.headers,
                 )
             )
         await self._bury(broken)
