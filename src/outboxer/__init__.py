@@ -5,7 +5,9 @@ from outboxer.backoff import RetryPolicy
 from outboxer.envelope import Envelope
 from outboxer.errors import (
     AmbiguousMessageError,
+    CommitOutcomeUnknownError,
     ConfigurationError,
+    ConnectionLostError,
     DuplicateEventError,
     EnvelopeDecodeError,
     EventNotRegisteredError,
@@ -40,6 +42,8 @@ __all__ = [
     "Admin",
     "AmbiguousMessageError",
     "DeadLetterPage",
+    "CommitOutcomeUnknownError",
+    "ConnectionLostError",
     "DuplicateEventError",
     "PurgeResult",
     "ConfigurationError",

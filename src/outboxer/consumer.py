@@ -21,6 +21,7 @@ from typing import Any
 from outboxer.aio import in_daemon_thread, sleep_unless
 from outboxer.backoff import ErrorBackoff
 from outboxer.cloudevents import envelope_dict, is_cloudevents
+from outboxer.database.connections import connection_lost
 from outboxer.database.instructions import Op
 from outboxer.database.ops import (
     BatchHandler,
@@ -33,7 +34,7 @@ from outboxer.database.ops import (
 )
 from outboxer.database.runner import AsyncRunner, SyncRunner, callable_name, is_async_callable
 from outboxer.envelope import Envelope
-from outboxer.errors import HandlerError, describe_error
+from outboxer.errors import ConnectionLostError, HandlerError, describe_error
 from outboxer.hooks import Observer
 from outboxer.logs import log_dead, log_retried
 from outboxer.models import Status
@@ -44,6 +45,12 @@ from outboxer.transports.adapters import Adapter, InboxEvent, outboxer_envelope
 from outboxer.transports.base import IncomingMessage, Subscription
 
 logger = logging.getLogger(__name__)
+
+LOSSES_PER_ATTEMPT = 3
+"""A message whose own transaction loses its database connection this many times in
+a row (in one worker) is charged a failed attempt: a network fault spends no
+attempt, but a message that breaks its connection every time (a statement that
+kills the server's backend) still ends dead after ``max_retry`` attempts."""
 
 
 def check_handler(event_type: str, fn: Handler) -> None:
@@ -129,6 +136,8 @@ class Dispatcher:
         self._own: set[int] = set()
         """Rows this dispatcher marked as being handled and has not settled (their
         transaction failed and is tried again): their marks are not crashes."""
+        self._losses: dict[Any, int] = {}
+        """Connections lost in a row by a message's own transaction (by message)."""
         if hooks.wants("handler_context"):
             # Observers (tracing) wrap each handler call: a span continuing the trace
             # in the message's headers.
@@ -223,9 +232,17 @@ class Dispatcher:
         if not items:
             return [], False
         store = self.storage.store(self.route)
-        started = await store.start_handling_async(
-            [self._key(i) for i in items], alone=alone, own=self._own, skip_busy=self.skip_busy
-        )
+        keys = [self._key(i) for i in items]
+        try:
+            started = await store.start_handling_async(
+                keys, alone=alone, own=frozenset(self._own), skip_busy=self.skip_busy
+            )
+        except Exception as exc:
+            if connection_lost(exc, self.storage.database.dialect):
+                # The marks may have committed without this worker hearing it: they
+                # are its own, not the trace of a crash.
+                self._own.update(keys)
+            raise
         return self._started(items, started, self._key)
 
     def _key(self, item: Any) -> int:
@@ -279,10 +296,15 @@ class Dispatcher:
             total.handler_errors.extend(out.handler_errors)
             total.timings.extend(out.timings)
             total.deferred.extend(out.deferred)
+            for item in segment:
+                self._losses.pop(self._loss_key(item), None)
             self._own.difference_update(k for k in map(self._key_or_none, segment) if k)
 
     def _key_or_none(self, item: Any) -> int | None:
         return self._key(item)
+
+    def _loss_key(self, item: Any) -> Any:
+        return item.outbox_id
 
     def _segments(self, envelopes: Sequence[Any]) -> list[tuple[bool, list[Any]]]:
         """Consecutive runs of messages by handler kind (async or not), in order."""
@@ -366,16 +388,28 @@ class Dispatcher:
 
     async def dispatch_alone(self, message: IncomingMessage) -> None:
         """One message in its own transaction; if that fails, a failed attempt is
-        recorded for it in a transaction of its own. Raises only if the database
-        cannot record anything."""
+        recorded for it in a transaction of its own. Raises if the database cannot
+        record anything, and :class:`ConnectionLostError` when the transaction lost
+        its connection (not an attempt, up to :data:`LOSSES_PER_ATTEMPT` in a row)."""
         try:
             await self.dispatch([message], first_pass=False)
             return
         except Exception as exc:  # noqa: BLE001 - whatever broke it is recorded below
             failure = exc
         decoded = self.decode([message], report=False)
+        if decoded and connection_lost(failure, self.storage.database.dialect):
+            key = self._loss_key(decoded[0])
+            losses = self._losses[key] = self._losses.get(key, 0) + 1
+            if losses < LOSSES_PER_ATTEMPT:
+                raise ConnectionLostError(
+                    "the database connection was lost while handling a message; "
+                    "tried again, not counted as an attempt",
+                    service=self.route.service_name,
+                ) from failure
         if decoded:
             await self._record_broken(decoded[0], failure)
+            # Reset once recorded: if recording failed too, the next loss is charged.
+            self._losses.pop(self._loss_key(decoded[0]), None)
             key = self._key_or_none(decoded[0])
             if key is not None:
                 self._own.discard(key)
@@ -450,6 +484,9 @@ class InboxDispatcher(Dispatcher):
 
     def _key_or_none(self, item: Any) -> int | None:
         return self._row_of.pop(item.event_id, None)
+
+    def _loss_key(self, item: Any) -> Any:
+        return item.event_id
 
     def decode(self, batch: Sequence[IncomingMessage], *, report: bool = True) -> list[Any]:
         events: list[InboxEvent] = []

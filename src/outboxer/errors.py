@@ -101,6 +101,35 @@ class TransactionAbortedError(StoreError):
     """The database aborted the whole transaction; its batch must be retried."""
 
 
+class ConnectionLostError(StoreError):
+    """The database connection was lost during an operation (closed, reset, or cut by
+    the watchdog after ``database_timeout`` without an answer): a fault of the
+    network or the server, not of the messages; whether a COMMIT in flight took
+    effect is unknown."""
+
+
+class CommitOutcomeUnknownError(ConnectionLostError):
+    """The connection was lost while the database was committing the transaction:
+    it may have committed or not, and only the database can tell.
+
+    ``outbox_ids`` are the ids the events of the transaction were given (their rows
+    exist only if it committed) and ``event_ids`` the event ids given to publish
+    (None for events published without one). Publishing an event again with the
+    same ``event_id`` is safe either way: an id already there writes nothing."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        outbox_ids: list[int] | None = None,
+        event_ids: list[str | None] | None = None,
+        **context: Any,
+    ) -> None:
+        super().__init__(message, **context)
+        self.outbox_ids = list(outbox_ids or [])
+        self.event_ids = list(event_ids or [])
+
+
 class MessageNotFoundError(StoreError, LookupError):
     """No outbox row with that id in the store's table."""
 

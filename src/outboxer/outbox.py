@@ -9,6 +9,7 @@ other, never the facade.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,7 +33,13 @@ from outboxer.envelope import JsonDefault
 from outboxer.errors import ConfigurationError
 from outboxer.hooks import Hooks, LogReports, Observer, Stats
 from outboxer.models import Event
-from outboxer.publish import Publisher
+from outboxer.publish import (
+    AsyncOutboxTransaction,
+    OutboxTransaction,
+    Publisher,
+    transaction,
+    transaction_async,
+)
 from outboxer.routing import RouteRegistry, ServiceRoute
 from outboxer.runtime import Runtime
 from outboxer.settings import OutboxSettings, load_settings
@@ -80,13 +87,16 @@ class Outbox:
         }
         updates = {k: v for k, v in updates.items() if v is not None}
         if updates:
-            settings = OutboxSettings.from_values(**{**settings.model_dump(), **updates})
+            settings = settings.updated(**updates)
         self.settings = settings
         self.retry_policy = RetryPolicy(max_retry=settings.max_retry, unit=settings.retry_unit)
         self.routes = RouteRegistry(
             topic_prefix=settings.topic_prefix, overrides=settings.overrides()
         )
-        self.db = Database(url_or_engine if url_or_engine is not None else settings.url)
+        self.db = Database(
+            url_or_engine if url_or_engine is not None else settings.url,
+            timeout=settings.database_timeout,
+        )
         self.tables = Tables()
         self.stats = Stats()
         """Counters of what this process's relays, consumers and publishes did."""
@@ -117,6 +127,8 @@ class Outbox:
         self.transport: Transport = make_transport(
             transport if transport is not None else settings.transport, settings
         )
+        # Optional for transports written before the protocol had it.
+        self.routes.check = getattr(self.transport, "check_route", None)
         self._adapters: dict[str, Adapter] = {}
         self._runtime = Runtime(
             self.storage, self._handlers, self.transport, settings, self.hooks, self._adapters
@@ -482,6 +494,29 @@ class Outbox:
             delay=delay,
             deliver_at=deliver_at,
         )
+
+    def transaction(
+        self, engine: Engine | None = None
+    ) -> contextlib.AbstractContextManager[OutboxTransaction]:
+        """A business transaction on a connection of ``engine`` (the outbox's own by
+        default), committed when the block ends and rolled back if it raises::
+
+            with outbox.transaction() as tx:
+                tx.connection.execute(orders.insert().values(...))
+                tx.publish("order.created", {...}, event_id=f"order-{n}")
+
+        If the connection is lost while the database commits, whether it committed
+        is unknown: :class:`~outboxer.errors.CommitOutcomeUnknownError` carries the
+        ``outbox_ids`` and ``event_ids`` published in it. With event ids, running the
+        transaction again is safe (an event id already there writes nothing).
+        """
+        return transaction(self._publisher, engine or self.db.sync_engine)
+
+    def transaction_async(
+        self, engine: AsyncEngine | None = None
+    ) -> contextlib.AbstractAsyncContextManager[AsyncOutboxTransaction]:
+        """Async twin of :meth:`transaction` (``await tx.publish(...)``)."""
+        return transaction_async(self._publisher, engine or self.db.async_engine)
 
     # ------------------------------------------------------------------ cancel
 

@@ -18,20 +18,22 @@ that transaction commits.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from outboxer.cloudevents import DATASCHEMA_HEADER, TIME_HEADER, is_cloudevents
 from outboxer.contracts import Contracts
+from outboxer.database.connections import connection_lost
 from outboxer.database.ops import OpContext, op_insert, op_insert_many, op_publish
 from outboxer.database.runner import AsyncRunner, SyncRunner
-from outboxer.errors import RoutingError
+from outboxer.errors import CommitOutcomeUnknownError, RoutingError
 from outboxer.hooks import Observer
 from outboxer.models import Event
 from outboxer.routing import ServiceRoute, validate_event_type
@@ -181,6 +183,106 @@ class Publisher:
         if inserted:
             self.hooks.event_published(route.service_name, values["event_type"], tx)
         return outbox_id
+
+
+class OutboxTransaction:
+    """A business transaction opened by :meth:`Outbox.transaction`: write on
+    ``connection``, publish with :meth:`publish`; it commits when the block ends."""
+
+    def __init__(self, publisher: Publisher, connection: Connection) -> None:
+        self._publisher = publisher
+        self.connection = connection
+        self.outbox_ids: list[int] = []
+        """The outbox ids of the events published in it, in order."""
+        self.event_ids: list[str | None] = []
+        """The ``event_id`` given to each publish (None: none given)."""
+
+    def publish(self, event_type: str, payload: Any, **options: Any) -> int:
+        """:meth:`Outbox.publish` on this transaction (same arguments after ``tx``)."""
+        oid = self._publisher.publish(self.connection, event_type, payload, **options)
+        self.outbox_ids.append(oid)
+        self.event_ids.append(options.get("event_id"))
+        return oid
+
+
+class AsyncOutboxTransaction:
+    """The async twin of :class:`OutboxTransaction` (:meth:`Outbox.transaction_async`)."""
+
+    def __init__(self, publisher: Publisher, connection: AsyncConnection) -> None:
+        self._publisher = publisher
+        self.connection = connection
+        self.outbox_ids: list[int] = []
+        self.event_ids: list[str | None] = []
+
+    async def publish(self, event_type: str, payload: Any, **options: Any) -> int:
+        oid = await self._publisher.publish_async(self.connection, event_type, payload, **options)
+        self.outbox_ids.append(oid)
+        self.event_ids.append(options.get("event_id"))
+        return oid
+
+
+def _unknown(
+    exc: BaseException, handle: OutboxTransaction | AsyncOutboxTransaction
+) -> CommitOutcomeUnknownError:
+    return CommitOutcomeUnknownError(
+        "the connection was lost during COMMIT: the transaction may or may not have "
+        "committed; look for its rows (outbox_ids), or publish again with the same "
+        "event_id (an id already there writes nothing)",
+        outbox_ids=handle.outbox_ids,
+        event_ids=handle.event_ids,
+        error=f"{type(exc).__name__}: {exc}",
+    )
+
+
+@contextlib.contextmanager
+def transaction(publisher: Publisher, engine: Engine) -> Iterator[OutboxTransaction]:
+    """Begin on a connection of ``engine``; commit when the block ends, roll back if it
+    raises. A connection lost during COMMIT raises :class:`CommitOutcomeUnknownError`."""
+    conn = engine.connect()
+    try:
+        trans = conn.begin()
+        handle = OutboxTransaction(publisher, conn)
+        try:
+            yield handle
+        except BaseException:
+            with contextlib.suppress(Exception):  # a lost connection rolled it back
+                trans.rollback()
+            raise
+        try:
+            trans.commit()
+        except Exception as exc:
+            if connection_lost(exc):
+                raise _unknown(exc, handle) from exc
+            raise
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+@contextlib.asynccontextmanager
+async def transaction_async(
+    publisher: Publisher, engine: AsyncEngine
+) -> AsyncIterator[AsyncOutboxTransaction]:
+    """Async twin of :func:`transaction`."""
+    conn = await engine.connect()
+    try:
+        trans = await conn.begin()
+        handle = AsyncOutboxTransaction(publisher, conn)
+        try:
+            yield handle
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await trans.rollback()
+            raise
+        try:
+            await trans.commit()
+        except Exception as exc:
+            if connection_lost(exc):
+                raise _unknown(exc, handle) from exc
+            raise
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.close()
 
 
 _Write = tuple[OpContext, list[int], list[dict[str, Any]], bool]

@@ -29,6 +29,7 @@ from datetime import datetime
 from outboxer.aio import sleep_unless
 from outboxer.backoff import ErrorBackoff
 from outboxer.cloudevents import PREFIX, WireCloudEvent, encode_for, is_cloudevents
+from outboxer.database.connections import connection_lost
 from outboxer.database.ops import Claimed
 from outboxer.envelope import WireEvent, wire_event
 from outboxer.errors import EnvelopeDecodeError
@@ -299,9 +300,7 @@ class Relay:
                 failed.append((msg.outbox_id, f"send failed: {d.error}"))
         marked = 0
         for (retry_count, stamp), ids in published.items():
-            marked += await self.store.mark_published_many_async(
-                ids, expect_retry_count=retry_count, expect_updated_at=stamp
-            )
+            marked += await self._mark_published(ids, retry_count, stamp)
         sent = handed_over + sum(len(ids) for ids in published.values())
         if sent:
             self.hooks.batch_sent(service, sent, marked, seconds)
@@ -347,6 +346,29 @@ class Relay:
                 first = next(iter(dead))
             self.hooks.batch_failed(
                 service, len(failed) + len(held), sum(len(ids) for ids in dead.values()), first
+            )
+
+    async def _mark_published(
+        self, ids: list[int], retry_count: int, stamp: datetime | None
+    ) -> int:
+        """Mark sent rows published; once more on a new connection if the connection
+        was lost (its answer too: the mark may have been made, and then the second one
+        finds the rows changed since the claim and leaves them, as it should). Without
+        it the rows would be sent again after the lease."""
+        try:
+            return await self.store.mark_published_many_async(
+                ids, expect_retry_count=retry_count, expect_updated_at=stamp
+            )
+        except Exception as exc:
+            if not connection_lost(exc, self.store.dialect):
+                raise
+            logger.warning(
+                "database connection lost while marking %d row(s) published; marking again",
+                len(ids),
+                extra={"service": self.route.service_name, "error": str(exc)},
+            )
+            return await self.store.mark_published_many_async(
+                ids, expect_retry_count=retry_count, expect_updated_at=stamp
             )
 
     def _report_dead(

@@ -1,5 +1,12 @@
 """Routes: event type -> owning service -> (table, topic, consumer group).
 
+A route's words are broker-neutral: ``topic`` is the destination the transport sends
+to (a Kafka topic, a RabbitMQ exchange or queue, a NATS subject, a Redis stream; also
+``ServiceRoute.destination``), ``group_id`` the group of consumers that share its
+messages (``ServiceRoute.group``). The names follow one neutral rule here that every
+built-in transport accepts; a transport refuses what its broker cannot carry
+(``Transport.check_route``).
+
 The registry is an object the application owns (one per :class:`~outboxer.Outbox`);
 there is no module-level state.
 """
@@ -10,7 +17,7 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from outboxer.errors import (
@@ -71,7 +78,10 @@ def validate_table_name(name: str) -> str:
 
 
 def validate_topic_name(name: str, *, what: str = "topic") -> str:
-    """Return ``name`` if it is a valid Kafka topic/group name, else raise."""
+    """Return ``name`` if it is a valid destination or group name, else raise.
+
+    The neutral rule ([A-Za-z0-9._-]+, at most 249 characters, not ``.`` or ``..``)
+    fits every built-in transport; a transport may refuse more (``check_route``)."""
     if (
         not isinstance(name, str)
         or len(name) > TOPIC_NAME_MAX
@@ -145,6 +155,16 @@ class ServiceRoute:
     ordered: bool = False
     format: str = ENVELOPE
     source: str | None = None
+
+    @property
+    def destination(self) -> str:
+        """Where the transport sends this route's messages (the ``topic`` key)."""
+        return self.topic
+
+    @property
+    def group(self) -> str:
+        """The consumer group that shares this route's messages (the ``group`` key)."""
+        return self.group_id
 
     def __post_init__(self) -> None:
         validate_service_name(self.service_name)
@@ -220,6 +240,9 @@ class RouteRegistry:
         self._routes: dict[str, ServiceRoute] = {}
         self._explicit: set[str] = set()
         """Services declared by register_service/register_inbox (not defaults)."""
+        self.check: Callable[[ServiceRoute], None] | None = None
+        """The transport's ``check_route``: every route built here passes it before it is
+        registered (the ``Outbox`` sets it)."""
         self._events: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -253,7 +276,7 @@ class RouteRegistry:
                     config_value,
                     extra={"service": name, "key": key},
                 )
-        return ServiceRoute(
+        route = ServiceRoute(
             service_name=name,
             table_name=_pick(table, override.table, default_table),
             topic=_pick(topic, override.topic, default_topic),
@@ -263,6 +286,9 @@ class RouteRegistry:
             format=_pick(wire.format if wire else None, override.format, ENVELOPE),
             source=_pick(wire.source if wire else None, override.source, "") or None,
         )
+        if self.check is not None:
+            self.check(route)
+        return route
 
     def register_service(
         self,

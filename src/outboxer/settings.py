@@ -16,17 +16,37 @@ and sections in the TOML file (``./outboxer.toml``, or the path in
     topic_prefix = "shop"
     [services.task]
     topic = "shop.tasks.v2"
+
+A transport owns a section of its own, named after its URL scheme (``[kafka]``,
+``OUTBOXER_KAFKA__PARTITIONS``): it registers the section's model with
+:func:`register_section` (``register_transport(..., settings=)`` does), and the
+section is validated with everything else. A section nobody registered is refused
+like any unknown key.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import threading
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -55,11 +75,14 @@ DEFAULT_RELAY_PIPELINE = 4
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_LEASE = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_DATABASE_TIMEOUT = 60.0
 DEFAULT_REDELIVER_AFTER = 600.0
 DEFAULT_SWEEP_INTERVAL = 3600.0
 DEFAULT_PURGE_BATCH = 500
 DEFAULT_PURGE_PAUSE = 0.05
 DEFAULT_SCHEDULE_HORIZON = 365 * 86400.0
+
+ENV_PREFIX = "OUTBOXER_"
 
 _config_file: ContextVar[Path | None] = ContextVar("outboxer_config_file", default=None)
 _isolated: ContextVar[bool] = ContextVar("outboxer_settings_isolated", default=False)
@@ -109,6 +132,56 @@ class RetentionSettings(BaseModel):
         return any(
             age is not None for age in (self.consumed_after, self.published_after, self.dead_after)
         )
+
+
+_sections_lock = threading.Lock()
+_sections: dict[str, type[BaseModel]] = {}
+_sections_model: type[BaseModel] | None = None
+
+
+def register_section(name: str, model: type[BaseModel]) -> None:
+    """Read ``[name]`` (``OUTBOXER_NAME__KEY``) into ``model``, a pydantic model that
+    validates its own keys (``extra="forbid"`` to refuse unknown ones). Register before
+    settings are loaded; registering a name again replaces its model."""
+    if not name.isidentifier() or name != name.lower():
+        raise ConfigurationError(f"settings section must be a lowercase identifier, got {name!r}")
+    if name in OutboxSettings.model_fields:
+        raise ConfigurationError(f"settings section {name!r} is a setting of the outbox itself")
+    global _sections_model  # noqa: PLW0603 - the registry is process-wide, as the schemes are
+    with _sections_lock:
+        _sections[name] = model
+        _sections_model = None
+
+
+def registered_sections() -> dict[str, type[BaseModel]]:
+    """Every registered section and its model."""
+    with _sections_lock:
+        return dict(_sections)
+
+
+def _sections_validator() -> type[BaseModel]:
+    global _sections_model  # noqa: PLW0603
+    with _sections_lock:
+        if _sections_model is None:
+            fields: dict[str, Any] = {
+                name: (model, Field(default_factory=model)) for name, model in _sections.items()
+            }
+            _sections_model = create_model(
+                "Sections", __config__=ConfigDict(extra="forbid", frozen=True), **fields
+            )
+        return _sections_model
+
+
+def _merge_errors(title: str, errors: list[Any], fallback: ValidationError) -> ValidationError:
+    try:
+        details = [
+            InitErrorDetails(type=e["type"], loc=e["loc"], input=e["input"])
+            | (InitErrorDetails(ctx=e["ctx"]) if "ctx" in e else {})  # type: ignore[typeddict-item]
+            for e in errors
+        ]
+        return ValidationError.from_exception_data(title, details)
+    except (KeyError, TypeError, ValueError):  # an error type pydantic cannot rebuild
+        return fallback
 
 
 class ServiceSettings(BaseModel):
@@ -207,13 +280,59 @@ class OutboxSettings(BaseSettings):
     """Run every handler in its own SAVEPOINT from the start. By default a consumer
     batch first runs its handlers without savepoints (one transaction, the fast
     path) and only runs it again isolated when something fails."""
+    database_timeout: float = Field(default=DEFAULT_DATABASE_TIMEOUT, ge=0)
+    """Seconds each statement, COMMIT and ROLLBACK on outboxer's own engines may go
+    unanswered before its connection is closed as lost (0: no bound)."""
     error_delay: float = Field(default=1.0, gt=0, description="first wait after a failed round")
     error_delay_max: float = Field(default=30.0, gt=0, description="longest wait after failures")
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     """Retention of old rows (``[retention]``, ``OUTBOXER_RETENTION__*``)."""
-    kafka: dict[str, Any] = Field(default_factory=dict)
-    """Settings of the Kafka transport (``OUTBOXER_KAFKA__*``, ``[kafka]``), validated by
-    it: see :class:`outboxer.transports.kafka.KafkaSettings`."""
+    _sections: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+    """The transports' sections (``[kafka]``...), validated by their registered models."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _with_sections(cls, data: Any, handler: Callable[[Any], OutboxSettings]) -> Any:
+        # Registered sections are taken out before the outbox's own keys are validated
+        # (any other unknown key is refused there), then validated by their models.
+        raw: dict[str, Any] = {}
+        if isinstance(data, Mapping):
+            known = registered_sections()
+            data = dict(data)
+            raw = {name: data.pop(name) for name in list(data) if name in known}
+        errors: list[Any] = []
+        first: ValidationError | None = None
+        sections: BaseModel | None = None
+        try:
+            sections = _sections_validator().model_validate(raw)
+        except ValidationError as exc:
+            errors, first = exc.errors(), exc
+        try:
+            settings = handler(data)
+        except ValidationError as exc:
+            if first is None:
+                raise
+            raise _merge_errors(cls.__name__, exc.errors() + errors, exc) from None
+        if first is not None:
+            raise first
+        assert sections is not None
+        settings._sections = {name: getattr(sections, name) for name in type(sections).model_fields}
+        return settings
+
+    def updated(self, **values: Any) -> OutboxSettings:
+        """These settings with ``values`` changed, validated again (sections kept)."""
+        return OutboxSettings.from_values(**{**self.model_dump(), **self._sections, **values})
+
+    def section(self, name: str) -> BaseModel:
+        """The validated settings of the registered section ``name`` (its defaults when
+        the configuration has none)."""
+        found = self._sections.get(name)
+        if found is not None:
+            return found
+        model = registered_sections().get(name)
+        if model is None:
+            raise ConfigurationError(f"no settings section {name!r} is registered")
+        return model()
 
     @field_validator("max_retry")
     @classmethod
@@ -237,7 +356,11 @@ class OutboxSettings(BaseSettings):
         if _isolated.get():
             return (init_settings,)
         path = _config_file.get()
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            env_settings,
+            SectionsEnvSource(settings_cls),
+        ]
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
@@ -287,8 +410,11 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Ou
 
 
 def _known_keys(loc: tuple[str | int, ...]) -> list[str]:
-    model: Any = OutboxSettings
-    for part in loc[:-1]:
+    sections = registered_sections()
+    if len(loc) == 1:
+        return [*OutboxSettings.model_fields, *sections]
+    model: Any = sections.get(str(loc[0]), OutboxSettings)
+    for part in loc[1 if loc[0] in sections else 0 : -1]:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return []
@@ -313,3 +439,48 @@ def invalid_configuration(exc: ValidationError, path: Path | None = None) -> str
             problems.append(f"{key}: {error['msg']} (got {error.get('input')!r})")
     where = f" (environment or {str(path)!r})" if path is not None else ""
     return f"invalid outboxer configuration{where}: " + "; ".join(problems)
+
+
+class SectionsEnvSource(PydanticBaseSettingsSource):
+    """``OUTBOXER_<SECTION>__<KEY>`` of every registered section (any case), nested by
+    ``__``; ``OUTBOXER_<SECTION>`` may hold the whole section as one JSON object."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # the sections are no fields; see __call__
+
+    def __call__(self) -> dict[str, Any]:
+        sections = registered_sections()
+        found: dict[str, Any] = {}
+        for variable, value in os.environ.items():
+            upper = variable.upper()
+            if not upper.startswith(ENV_PREFIX):
+                continue
+            path = upper[len(ENV_PREFIX) :].lower().split("__")
+            if path[0] not in sections:
+                continue
+            if len(path) == 1:
+                try:
+                    whole = json.loads(value)
+                except ValueError:
+                    whole = value  # refused by the section's model, with its name
+                found[path[0]] = _deep_merge(found.get(path[0]), whole)
+                continue
+            node = found.setdefault(path[0], {})
+            if not isinstance(node, dict):
+                continue
+            for part in path[1:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    break
+            else:
+                node[path[-1]] = value
+        return found
+
+
+def _deep_merge(base: Any, update: Any) -> Any:
+    if not isinstance(base, dict) or not isinstance(update, dict):
+        return update
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _deep_merge(merged.get(key), value)
+    return merged

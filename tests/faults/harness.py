@@ -7,7 +7,9 @@ starts workers as ``python -m outboxer.cli --app faults_app:outbox run`` process
 (all loops, ``--relay-only`` or ``--consume-only``). A publisher thread commits
 business transactions (one business row and its event) at a steady rate while the
 scenario injects faults: SIGKILL of workers, a broker replaced or down, a database
-restarted, its backends killed, consumers joining and leaving. Then it waits,
+restarted, its backends killed, consumers joining and leaving, and network faults
+through the fault proxy of tests/faults/proxy.py (``worker_url``: the workers and the
+publisher reach the database through it, the audit does not). Then it waits,
 bounded, until every committed event is settled, stops the workers and audits:
 
 - every outbox row is ``consumed``, or ``dead`` with a ``last_error``;
@@ -131,6 +133,13 @@ LOG_EVENTS = {
     "handler calls failed": re.compile(r"handler failed for outbox id"),
     "in-process handoffs failed (messages)": re.compile(r"in-process handoff of (\d+) message"),
     "offset commits failed": re.compile(r"offset commit failed"),
+    "database calls cut by the watchdog": re.compile(r"without an answer for \d+s"),
+    "relay marks made again after a lost connection": re.compile(
+        r"lost while marking \d+ row\(s\) published"
+    ),
+    "messages tried again after a lost connection (no attempt)": re.compile(
+        r"ConnectionLostError: the database connection was lost while handling"
+    ),
 }
 """Log lines of the workers counted into a scenario's figures (``Figures.engine``)."""
 
@@ -678,10 +687,14 @@ class Scenario:
         setup: str,
         settings: dict[str, str] | None = None,
         seed: int = 6,
+        worker_url: str | None = None,
     ) -> None:
         self.name = name
         self.directory = directory
         self.url = url
+        self.worker_url = worker_url or url
+        """The URL of the workers and the publisher (a fault proxy's, say); the audit
+        reads the database at ``url``."""
         self.transport = transport
         self.prefix = f"f{os.getpid()}{random.randrange(10**6)}"
         self.rng = random.Random(seed)
@@ -692,7 +705,7 @@ class Scenario:
         env.update(settings or {})
         env.update(
             {
-                "OUTBOXER_URL": url,
+                "OUTBOXER_URL": self.worker_url,
                 "OUTBOXER_TRANSPORT": transport,
                 "OUTBOXER_TOPIC_PREFIX": self.prefix,
                 "PYTHONUNBUFFERED": "1",
@@ -743,7 +756,7 @@ class Scenario:
     def publish(self, total: int, rate: float, **settings: Any) -> Publisher:
         """Start the publisher (``settings`` of its outbox, e.g. ``max_retry`` of
         the rows it writes)."""
-        self.publisher = Publisher(self.url, total, rate, **settings)
+        self.publisher = Publisher(self.worker_url, total, rate, **settings)
         self.publisher.start()
         return self.publisher
 
@@ -964,10 +977,13 @@ def scenario(
     *,
     setup: str,
     settings: dict[str, str] | None = None,
+    worker_url: str | None = None,
 ) -> Iterator[Scenario]:
     """A :class:`Scenario` whose workers and publisher are stopped whatever happens;
     its figures join :data:`RESULTS` once audited."""
-    sc = Scenario(name, directory, url, transport, setup=setup, settings=settings)
+    sc = Scenario(
+        name, directory, url, transport, setup=setup, settings=settings, worker_url=worker_url
+    )
     try:
         with ExitStack() as stack:
             stack.callback(sc.close)

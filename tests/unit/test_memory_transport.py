@@ -6,12 +6,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Connection
 
-from outboxer import ConfigurationError, Envelope, Outbox, OutboxSettings, Status
+from outboxer import (
+    ConfigurationError,
+    Envelope,
+    InvalidIdentifierError,
+    Outbox,
+    OutboxSettings,
+    Status,
+)
+from outboxer import settings as settings_module
 from outboxer.routing import ServiceRoute
 from outboxer.testing import InMemoryTransport, drain
-from outboxer.transports import make_transport, register_transport
+from outboxer.transports import make_transport, register_transport, registry
 from outboxer.transports.base import OutgoingMessage
 from outboxer.transports.local import LocalTransport
 
@@ -109,21 +118,57 @@ def test_transport_urls() -> None:
         make_transport("carrier-pigeon://loft", settings)
     with pytest.raises(ConfigurationError, match="names no bootstrap servers"):
         make_transport("kafka://", settings)
-    with pytest.raises(ConfigurationError, match="invalid Kafka settings"):
-        make_transport("kafka://h:9092", OutboxSettings.from_values(kafka={"partitons": 3}))
+    # The transport's section is validated with the settings, before any transport.
+    with pytest.raises(ConfigurationError, match=r"'kafka\.partitons' \(did you mean"):
+        OutboxSettings.from_values(kafka={"partitons": 3})
 
 
-def test_a_registered_scheme_builds_its_transport() -> None:
-    built: list[str] = []
+def test_a_registered_scheme_builds_its_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Registered for this test only (the contract suite runs a case per scheme).
+    monkeypatch.setattr(registry, "_factories", dict(registry._factories))
+    monkeypatch.setattr(settings_module, "_sections", settings_module.registered_sections())
+    monkeypatch.setattr(settings_module, "_sections_model", None)
+
+    class LoftSettings(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        birds: int = 1
+
+    built: list[tuple[str, BaseModel]] = []
 
     def factory(spec: str, settings: OutboxSettings) -> InMemoryTransport:
-        built.append(spec)
+        built.append((spec, settings.section("testonly")))
         return InMemoryTransport()
 
-    register_transport("testonly", factory)
-    assert isinstance(
-        make_transport("testonly://x", OutboxSettings.from_values()), InMemoryTransport
-    )
-    assert built == ["testonly://x"]
+    register_transport("testonly", factory, settings=LoftSettings)
+    assert "testonly" in registry.schemes()
+    settings = OutboxSettings.from_values(testonly={"birds": 3})
+    assert isinstance(make_transport("testonly://x", settings), InMemoryTransport)
+    assert built == [("testonly://x", LoftSettings(birds=3))]
+    with pytest.raises(ConfigurationError, match=r"unknown setting 'testonly\.bird'"):
+        OutboxSettings.from_values(testonly={"bird": 3})
     with pytest.raises(ConfigurationError):
         register_transport("not a scheme", factory)
+
+
+def test_a_transport_refuses_a_route_when_it_is_declared(tmp_path: Path) -> None:
+    class NoUnderscores(InMemoryTransport):
+        """Stands for a broker whose names are stricter than the neutral rule."""
+
+        def check_route(self, route: ServiceRoute) -> None:
+            if "_" in route.topic:
+                raise InvalidIdentifierError(f"no '_' in {route.topic!r}", topic=route.topic)
+
+    ob = Outbox(
+        f"sqlite:///{tmp_path / 'o.db'}",
+        transport=NoUnderscores(),
+        settings=OutboxSettings.from_values(),
+    )
+    try:
+        with pytest.raises(InvalidIdentifierError, match="no '_'"):
+            ob.register_service("orders", topic="shop_orders")
+        with pytest.raises(InvalidIdentifierError, match="no '_'"):
+            ob.register_event("parcel.sent", "parcels_v2")  # its default topic has the '_'
+        assert ob.routes.routes() == []  # nothing half-declared
+        assert ob.register_service("orders", topic="shop.orders").destination == "shop.orders"
+    finally:
+        ob.close()

@@ -312,9 +312,9 @@ async def test_a_transient_error_beside_successes_counts_no_attempt(tmp_path: Pa
 )
 def test_kafka_delivery_errors_are_classified(code: str, transient: bool, permanent: bool) -> None:
     kafka = pytest.importorskip("confluent_kafka")
-    from outboxer.transports.kafka.transport import _delivery  # noqa: PLC0415
+    from outboxer.transports.kafka.errors import delivery_of  # noqa: PLC0415
 
-    d = _delivery(7, kafka.KafkaError(getattr(kafka.KafkaError, code)))
+    d = delivery_of(7, kafka.KafkaError(getattr(kafka.KafkaError, code)))
     assert (d.outbox_id, d.transient, d.permanent) == (7, transient, permanent)
     assert d.error is not None
     assert d.error.startswith(code)

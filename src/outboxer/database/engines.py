@@ -30,6 +30,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from outboxer.database.connections import Watchdog, install_watchdog
 from outboxer.database.dialects import Dialect, dialect_for
 from outboxer.database.dialects.sqlite import READ_ONLY_OPTION
 from outboxer.database.runner import install_statement_guard
@@ -89,8 +90,11 @@ def safe_url(url: str | URL) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def create_sync_engine(url: str | URL, **kwargs: Any) -> Engine:
-    """A synchronous engine for ``url`` with outboxer's tuning."""
+def create_sync_engine(
+    url: str | URL, *, watchdog: Watchdog | None = None, **kwargs: Any
+) -> Engine:
+    """A synchronous engine for ``url`` with outboxer's tuning (every call bounded by
+    ``watchdog``, when given)."""
     target = sync_url(url)
     dialect = dialect_of(target)
     # The sync engine serves callers (store methods, the CLI) who should not see an
@@ -100,16 +104,21 @@ def create_sync_engine(url: str | URL, **kwargs: Any) -> Engine:
     engine = create_engine(target, **{**options, **kwargs})
     dialect.tune(engine)
     install_statement_guard(engine)
+    if watchdog is not None:
+        install_watchdog(engine, watchdog)
     return engine
 
 
-def create_async(url: str | URL, **kwargs: Any) -> AsyncEngine:
-    """An asynchronous engine for ``url`` with outboxer's tuning."""
+def create_async(url: str | URL, *, watchdog: Watchdog | None = None, **kwargs: Any) -> AsyncEngine:
+    """An asynchronous engine for ``url`` with outboxer's tuning (every call bounded by
+    ``watchdog``, when given)."""
     target = async_url(url)
     dialect = dialect_of(target)
     engine = create_async_engine(target, **{**dialect.engine_options(target), **kwargs})
     dialect.tune(engine.sync_engine)
     install_statement_guard(engine.sync_engine)
+    if watchdog is not None:
+        install_watchdog(engine.sync_engine, watchdog)
     return engine
 
 
@@ -118,10 +127,13 @@ class Database:
 
     Built from a URL, or from an engine the application already has; the missing
     twin is derived from that engine's URL. Engines given by the application are
-    never disposed by outboxer.
+    never disposed by outboxer. ``timeout``: the bound on each statement, COMMIT and
+    ROLLBACK of the engines outboxer creates (``database_timeout``; 0: none).
     """
 
-    def __init__(self, url_or_engine: str | URL | Engine | AsyncEngine) -> None:
+    def __init__(
+        self, url_or_engine: str | URL | Engine | AsyncEngine, *, timeout: float = 0.0
+    ) -> None:
         self._sync: Engine | None = None
         self._async: AsyncEngine | None = None
         self._owns_sync = True
@@ -142,6 +154,8 @@ class Database:
         else:
             self.url = parse_url(url_or_engine)
         self.dialect = dialect_of(self.url)
+        self.watchdog = Watchdog(timeout, self.dialect.socket_of) if timeout > 0 else None
+        """Cuts the connection of a call that does not answer within ``timeout``."""
 
     @property
     def family(self) -> str:
@@ -153,7 +167,9 @@ class Database:
         if self._sync is None:
             with self._lock:  # consumer threads may ask at the same moment
                 if self._sync is None:
-                    self._sync = create_sync_engine(self.url.render_as_string(hide_password=False))
+                    self._sync = create_sync_engine(
+                        self.url.render_as_string(hide_password=False), watchdog=self.watchdog
+                    )
         return self._sync
 
     @property
@@ -161,7 +177,9 @@ class Database:
         if self._async is None:
             with self._lock:
                 if self._async is None:
-                    self._async = create_async(self.url.render_as_string(hide_password=False))
+                    self._async = create_async(
+                        self.url.render_as_string(hide_password=False), watchdog=self.watchdog
+                    )
         return self._async
 
     def table_names(self) -> set[str]:

@@ -8,6 +8,7 @@ ship with outboxer.
 
 from outboxer.transports.base import (
     Delivery,
+    Features,
     IncomingMessage,
     OutgoingMessage,
     Subscription,
@@ -19,6 +20,7 @@ from outboxer.transports.registry import make_transport, register_transport
 
 __all__ = [
     "Delivery",
+    "Features",
     "InMemoryTransport",
     "IncomingMessage",
     "LocalTransport",

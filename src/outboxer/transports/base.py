@@ -3,7 +3,12 @@
 A transport sends batches of envelopes for a service route and reports, per message,
 whether the broker acknowledged it; and it hands out subscriptions that receive
 batches for a route and acknowledge (commit) them after the database transaction
-that processed them has committed.
+that processed them has committed, or give them back (``nack``). What a transport
+promises beyond that it declares in its :class:`Features`.
+
+Route words are the broker's own in the transport and neutral here: a route's
+``topic`` is its destination (a Kafka topic, a RabbitMQ exchange or queue, a NATS
+subject, a Redis stream) and its ``group_id`` the group of consumers that share it.
 """
 
 from __future__ import annotations
@@ -102,6 +107,34 @@ class IncomingMessage:
     """The transport's own marker (partition and offset for Kafka) used by ``ack``."""
 
 
+@dataclass(frozen=True, slots=True)
+class Features:
+    """What a transport can promise beyond the protocol; the contract suite
+    (``tests/integration/test_transport_contract.py``) tests each promise it makes and
+    skips the rest, as watermill's pub/sub tests do.
+
+    ``in_process``: ``send`` returns once this process's consumer has committed the
+    batch (nothing is stored in between; the database is the queue).
+    ``ordered_per_key``: one destination's messages of one key are received in the
+    order they were sent.
+    ``redelivers_unacked``: messages a subscription received and did not acknowledge
+    (its process died, it was closed) go to the group's next reader.
+    ``requeue``: ``Subscription.nack`` gives messages back to the broker at once (else
+    they come back with the next reader, or, in process, after the claim's lease).
+    ``requeue_delay``: ``nack(delay=)`` keeps them back that long.
+    ``dead_letters``: the broker keeps a dead-letter destination of its own.
+    ``rebuilds_clients``: a client that met a fatal error is replaced without a restart.
+    """
+
+    in_process: bool = False
+    ordered_per_key: bool = True
+    redelivers_unacked: bool = True
+    requeue: bool = False
+    requeue_delay: bool = False
+    dead_letters: bool = False
+    rebuilds_clients: bool = False
+
+
 @runtime_checkable
 class Subscription(Protocol):
     """Receives one route's messages (Kafka: one consumer in the route's group)."""
@@ -116,6 +149,14 @@ class Subscription(Protocol):
         """Acknowledge messages processed and committed in the database."""
         ...
 
+    async def nack(self, messages: Sequence[IncomingMessage], *, delay: float = 0.0) -> None:
+        """Give messages back unprocessed ("not now"): they are delivered again, after
+        ``delay`` seconds where the broker can wait (``Features.requeue_delay``), else
+        as soon as it can. On a log (Kafka, the in-memory broker) a partition is read
+        again from its earliest message given back: do not acknowledge later messages
+        of the same key after giving one back."""
+        ...
+
     async def close(self) -> None:
         """Stop receiving; unacknowledged messages will be delivered again later."""
         ...
@@ -126,14 +167,21 @@ class Transport(Protocol):
     """A broker (or the in-process handoff) that carries envelopes."""
 
     name: str
+    features: Features
 
     @property
     def delivers_in_process(self) -> bool:
         """True when a send only completes once this process's consumer processed it."""
         ...
 
+    def check_route(self, route: ServiceRoute) -> None:
+        """Refuse (``InvalidIdentifierError``) a route whose destination or group this
+        broker cannot carry; called when the route is declared, before any message.
+        The route's names already follow the neutral rule of :mod:`outboxer.routing`."""
+        ...
+
     async def start(self, routes: Sequence[ServiceRoute]) -> None:
-        """Connect and make sure the routes' topics are ready."""
+        """Connect and make sure the routes' destinations are ready."""
         ...
 
     async def send(

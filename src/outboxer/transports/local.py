@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from outboxer.errors import TransportError
 from outboxer.routing import ServiceRoute
-from outboxer.transports.base import Delivery, IncomingMessage, OutgoingMessage
+from outboxer.transports.base import Delivery, Features, IncomingMessage, OutgoingMessage
 
 
 @dataclass(slots=True)
@@ -54,6 +54,19 @@ class LocalSubscription:
                 still.append(batch)
         self._pending = still
 
+    async def nack(self, messages: Sequence[IncomingMessage], *, delay: float = 0.0) -> None:
+        # The rows are still claimed by the relay that handed them over: a failed
+        # handoff leaves them so, and they are claimed again when the lease runs out.
+        given = {id(m) for m in messages}
+        still: list[_Batch] = []
+        for batch in self._pending:
+            if any(id(m) in given for m in batch.messages):
+                if not batch.done.done():
+                    batch.done.set_exception(TransportError("the consumer gave the batch back"))
+            else:
+                still.append(batch)
+        self._pending = still
+
     async def close(self) -> None:
         self.closed = True
         for batch in self._pending:
@@ -70,6 +83,7 @@ class LocalTransport:
     """In-process delivery (the embedded default); needs relay and consumers together."""
 
     name = "local"
+    features = Features(in_process=True, redelivers_unacked=False)
 
     def __init__(self, *, handoff_timeout: float = 300.0) -> None:
         self._queues: dict[str, asyncio.Queue[_Batch]] = {}
@@ -79,6 +93,9 @@ class LocalTransport:
     @property
     def delivers_in_process(self) -> bool:
         return True
+
+    def check_route(self, route: ServiceRoute) -> None:
+        pass  # any name the neutral rule allows
 
     async def start(self, routes: Sequence[ServiceRoute]) -> None:
         # Fresh queues per run: an asyncio queue belongs to the loop that first used it.

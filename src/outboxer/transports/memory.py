@@ -21,7 +21,7 @@ from outboxer.cloudevents import envelope_dict
 from outboxer.envelope import Envelope
 from outboxer.errors import EnvelopeDecodeError, TransportError
 from outboxer.routing import ServiceRoute
-from outboxer.transports.base import Delivery, IncomingMessage, OutgoingMessage
+from outboxer.transports.base import Delivery, Features, IncomingMessage, OutgoingMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +50,8 @@ class StoredMessage:
 class _Group:
     committed: int = 0
     fetched: int = 0
+    held_until: float = 0.0
+    """Loop time before which nothing is handed out (messages given back with a delay)."""
 
 
 class MemorySubscription:
@@ -69,10 +71,13 @@ class MemorySubscription:
         group = broker._group(self.route)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while group.fetched >= len(log):
+        while group.fetched >= len(log) or group.held_until > loop.time():
             remaining = deadline - loop.time()
             if remaining <= 0 or self.closed:
                 return []
+            if group.held_until > loop.time():
+                await asyncio.sleep(min(remaining, group.held_until - loop.time()))
+                continue
             arrived = broker._arrival()
             try:
                 await asyncio.wait_for(arrived.wait(), remaining)
@@ -102,6 +107,17 @@ class MemorySubscription:
         highest = max(int(m.position) for m in messages)
         group.committed = max(group.committed, highest + 1)
 
+    async def nack(self, messages: Sequence[IncomingMessage], *, delay: float = 0.0) -> None:
+        if not messages:
+            return
+        group = self._broker._group(self.route)
+        given = {id(m) for m in messages}
+        self._inflight = [m for m in self._inflight if id(m) not in given]
+        # One partition: read again from the earliest message given back.
+        group.fetched = max(group.committed, min(int(m.position) for m in messages))
+        if delay > 0:
+            group.held_until = asyncio.get_running_loop().time() + delay
+
     async def close(self) -> None:
         if self.closed:
             return
@@ -117,6 +133,7 @@ class InMemoryTransport:
     """A broker in memory, for tests of handlers and of what a business call sends."""
 
     name = "memory"
+    features = Features(requeue=True, requeue_delay=True)
 
     def __init__(self) -> None:
         self._topics: dict[str, list[StoredMessage]] = {}
@@ -155,6 +172,9 @@ class InMemoryTransport:
         self._groups.clear()
 
     # ------------------------------------------------------------------ protocol
+
+    def check_route(self, route: ServiceRoute) -> None:
+        pass  # any name the neutral rule allows
 
     async def start(self, routes: Sequence[ServiceRoute]) -> None:
         self._arrived = asyncio.Event()  # belongs to this run's loop

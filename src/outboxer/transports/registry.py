@@ -3,8 +3,14 @@
 ``local`` (the in-process handoff), ``memory`` (an in-memory broker for tests) and
 ``kafka://host:port[,host:port]`` are built in; ``register_transport`` adds a
 scheme. A factory receives the whole transport string and the outbox settings, and
-validates its own section of them, so a misconfigured transport is refused when the
-``Outbox`` is built, not when the first message is sent.
+reads its own section of them (``settings.section(scheme)``), which the transport
+registers with its scheme: ``[kafka]`` in TOML, ``OUTBOXER_KAFKA__*`` in the
+environment. Sections are validated when the settings are loaded, and a factory
+checks the rest of what it is given (the URL), so a misconfigured transport is
+refused when the ``Outbox`` is built, not when the first message is sent.
+
+This is the one module that names every built-in transport; the transports never
+import one another.
 """
 
 from __future__ import annotations
@@ -12,8 +18,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from pydantic import BaseModel
+
 from outboxer.errors import ConfigurationError
-from outboxer.settings import OutboxSettings
+from outboxer.settings import OutboxSettings, register_section
+from outboxer.transports import kafka
 from outboxer.transports.base import Transport
 from outboxer.transports.local import LocalTransport
 from outboxer.transports.memory import InMemoryTransport
@@ -24,12 +33,25 @@ _lock = threading.Lock()
 _factories: dict[str, TransportFactory] = {}
 
 
-def register_transport(scheme: str, factory: TransportFactory) -> None:
-    """Make ``scheme`` (``scheme`` or ``scheme://...``) build transports with ``factory``."""
+def register_transport(
+    scheme: str, factory: TransportFactory, *, settings: type[BaseModel] | None = None
+) -> None:
+    """Make ``scheme`` (``scheme`` or ``scheme://...``) build transports with ``factory``.
+
+    ``settings``: the model of the transport's own section, read from ``[scheme]``
+    and ``OUTBOXER_SCHEME__*`` (register the transport before loading settings)."""
     if not scheme.isidentifier():
         raise ConfigurationError(f"transport scheme must be an identifier, got {scheme!r}")
+    if settings is not None:
+        register_section(scheme.lower(), settings)
     with _lock:
         _factories[scheme.lower()] = factory
+
+
+def schemes() -> list[str]:
+    """Every registered scheme, sorted (the contract suite runs one case per scheme)."""
+    with _lock:
+        return sorted(_factories)
 
 
 def scheme_of(spec: str) -> str:
@@ -58,19 +80,6 @@ def _memory(spec: str, settings: OutboxSettings) -> Transport:
     return InMemoryTransport()
 
 
-def _kafka(spec: str, settings: OutboxSettings) -> Transport:
-    servers = spec.split("://", 1)[1].strip("/") if "://" in spec else ""
-    if not servers:
-        raise ConfigurationError(f"transport {spec!r} names no bootstrap servers")
-    from outboxer.transports.kafka import KafkaSettings  # noqa: PLC0415
-
-    kafka = KafkaSettings.parse(settings.kafka)
-    # Optional dependency: imported only when asked for.
-    from outboxer.transports.kafka.transport import KafkaTransport  # noqa: PLC0415
-
-    return KafkaTransport(servers, settings=kafka, lease=settings.lease)
-
-
 register_transport("local", _local)
 register_transport("memory", _memory)
-register_transport("kafka", _kafka)
+register_transport("kafka", kafka.create, settings=kafka.KafkaSettings)

@@ -21,6 +21,24 @@ from sqlalchemy.types import TypeEngine
 
 from outboxer.database.instructions import Execute, Op
 
+CONNECT_TIMEOUT = 10
+"""Seconds a new connection may take (TCP, TLS, authentication) before it fails."""
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+"""TCP keepalive on database connections: the first probe after 10 s of silence,
+then every 5 s; 3 unanswered probes close the connection (about 25 s)."""
+TCP_USER_TIMEOUT_MS = 30_000
+"""Sent data unacknowledged for this long closes the connection (Linux)."""
+
+
+def transport_socket_fd(transport: Any) -> int | None:
+    """The socket descriptor of an asyncio transport (async drivers)."""
+    if transport is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    return None if sock is None else int(sock.fileno())
+
 
 class Dialect:
     """One database family (``sqlite``, ``postgresql`` or ``mysql``, MariaDB included)."""
@@ -70,6 +88,17 @@ class Dialect:
 
     def tune(self, engine: Engine) -> None:
         """Event listeners on a sync engine outboxer created (SQLite's pragmas)."""
+
+    def connection_failed(self, error: BaseException) -> bool:
+        """Whether the driver's ``error`` says the connection could not be made or was
+        lost (what SQLAlchemy's disconnect check misses, e.g. a connect that timed
+        out), as opposed to an error of the statement."""
+        return False
+
+    def socket_of(self, driver_connection: Any) -> int | None:
+        """The file descriptor of the driver connection's socket, which the watchdog
+        shuts down when a call on it does not answer (None: no socket, e.g. SQLite)."""
+        return None
 
     # ------------------------------------------------------------------ transactions
 

@@ -24,7 +24,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Executable
 from sqlalchemy.types import TypeEngine
 
-from outboxer.database.dialects.base import Dialect
+from outboxer.database.dialects.base import CONNECT_TIMEOUT, Dialect, transport_socket_fd
 from outboxer.database.instructions import Execute, Op
 
 _SERVER_STATUS_IN_TRANS = 1
@@ -37,6 +37,9 @@ _IMPLICIT_COMMIT = re.compile(
 )
 
 MAX_LOCK_NAME = 64
+_CONNECTION_ERRORS = frozenset({2002, 2003, 2006, 2013, 2055})
+"""Client errors of a connection not made or lost: can't connect (socket, TCP),
+server gone away, lost connection during query, lost connection (system error)."""
 
 
 class MySQLDialect(Dialect):
@@ -48,7 +51,24 @@ class MySQLDialect(Dialect):
     single_statement_claim = False  # lock, then update
 
     def engine_options(self, url: URL) -> dict[str, Any]:
-        return {"isolation_level": "READ COMMITTED", "pool_recycle": 3600}
+        # PyMySQL and aiomysql turn keepalive on for their TCP sockets themselves
+        # (SO_KEEPALIVE, the kernel's intervals); connect_timeout bounds the connect.
+        return {
+            "isolation_level": "READ COMMITTED",
+            "pool_recycle": 3600,
+            "connect_args": {"connect_timeout": CONNECT_TIMEOUT},
+        }
+
+    def connection_failed(self, error: BaseException) -> bool:
+        code = error.args[0] if error.args else None
+        return code in _CONNECTION_ERRORS
+
+    def socket_of(self, driver_connection: Any) -> int | None:
+        sock = getattr(driver_connection, "_sock", None)  # PyMySQL
+        if sock is not None:
+            return int(sock.fileno())
+        writer = getattr(driver_connection, "_writer", None)  # aiomysql, asyncmy
+        return transport_socket_fd(getattr(writer, "transport", None))
 
     def in_transaction(self, driver_connection: Any) -> bool | None:
         status = getattr(driver_connection, "server_status", None)  # PyMySQL, aiomysql

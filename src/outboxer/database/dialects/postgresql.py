@@ -11,6 +11,7 @@ when the session ends, so a crashed holder never keeps it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +22,25 @@ from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Executable
 from sqlalchemy.types import TypeEngine
 
-from outboxer.database.dialects.base import Dialect
+from outboxer.database.dialects.base import (
+    CONNECT_TIMEOUT,
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE,
+    KEEPALIVE_INTERVAL,
+    TCP_USER_TIMEOUT_MS,
+    Dialect,
+    transport_socket_fd,
+)
+
+LIBPQ_TIMEOUTS: dict[str, Any] = {
+    "connect_timeout": CONNECT_TIMEOUT,
+    "keepalives": 1,
+    "keepalives_idle": KEEPALIVE_IDLE,
+    "keepalives_interval": KEEPALIVE_INTERVAL,
+    "keepalives_count": KEEPALIVE_COUNT,
+    "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+}
+"""Connection parameters of psycopg's connections (libpq's names)."""
 
 _CHANNEL_MAX = 63
 """PostgreSQL identifiers (channel names) hold at most 63 bytes."""
@@ -37,6 +56,26 @@ class PostgreSQLDialect(Dialect):
     async_drivers = frozenset({"asyncpg"})
     relaxed_commit = "SET LOCAL synchronous_commit TO OFF"
     one_statement_marks = True
+
+    def engine_options(self, url: URL) -> dict[str, Any]:
+        if url.get_driver_name() == "asyncpg":
+            return {"connect_args": {"timeout": CONNECT_TIMEOUT}}
+        # libpq's parameters: a bounded connect, and a silent peer noticed by the
+        # kernel (keepalive when idle, TCP_USER_TIMEOUT while data waits for an ACK).
+        return {"connect_args": dict(LIBPQ_TIMEOUTS)}
+
+    def connection_failed(self, error: BaseException) -> bool:
+        # psycopg: an OperationalError without a SQLSTATE comes from the client side
+        # (connect failed, timed out, connection closed), not from the server.
+        # (ConnectionTimeout included: a subclass).
+        operational = any(c.__name__ == "OperationalError" for c in type(error).__mro__)
+        return operational and getattr(error, "sqlstate", "") is None
+
+    def socket_of(self, driver_connection: Any) -> int | None:
+        pgconn = getattr(driver_connection, "pgconn", None)  # psycopg, sync and async
+        if pgconn is not None:
+            return int(pgconn.socket)
+        return transport_socket_fd(getattr(driver_connection, "_transport", None))  # asyncpg
 
     def in_transaction(self, driver_connection: Any) -> bool | None:
         info = getattr(driver_connection, "info", None)  # psycopg, sync and async
@@ -64,7 +103,8 @@ class PostgreSQLDialect(Dialect):
         from psycopg import sql  # noqa: PLC0415
 
         conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
-        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        connect = psycopg.AsyncConnection.connect(conninfo, autocommit=True, **LIBPQ_TIMEOUTS)
+        async with await connect as conn:
             for channel in channels:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             on_connected()
@@ -72,7 +112,9 @@ class PostgreSQLDialect(Dialect):
                 # A bounded wait, so a connection the server dropped is noticed.
                 async for notice in conn.notifies(timeout=10.0):
                     on_notify(notice.channel)
-                await conn.execute("SELECT 1")
+                # A peer that vanished answers nothing: bounded (psycopg cancels the
+                # query on timeout, itself bounded), then the caller reconnects.
+                await asyncio.wait_for(conn.execute("SELECT 1"), CONNECT_TIMEOUT)
 
     def in_lock_order(self, table: Table, cond: ColumnElement[bool]) -> ColumnElement[bool]:
         # An UPDATE locks rows in the order it finds them; lock them first, by id.

@@ -1,4 +1,5 @@
-"""Settings of the Kafka transport (``OUTBOXER_KAFKA__*``, ``[kafka]`` in TOML).
+"""Settings of the Kafka transport (``OUTBOXER_KAFKA__*``, ``[kafka]`` in TOML), the
+section registered with the ``kafka`` scheme.
 
 Kept apart from the client code so configuration can be validated without
 confluent-kafka installed.
@@ -23,6 +24,10 @@ class KafkaSettings(BaseModel):
     partitions: int = Field(default=3, ge=1)
     replication_factor: int = Field(default=-1, description="-1: the broker's default")
     session_timeout_ms: int = Field(default=10_000, ge=1000)
+    socket_timeout_ms: int = Field(default=10_000, ge=100)
+    """librdkafka's ``socket.timeout.ms``: a request to the broker unanswered this long
+    fails and its connection is closed and opened again (a broker that vanished
+    without closing). TCP keepalive is on as well (``socket.keepalive.enable``)."""
     topic_wait_timeout: float = Field(default=60.0, gt=0)
     unassigned_rebuild_after: float = Field(default=15.0, gt=0)
     """Seconds a consumer may have no partition (while its group does not cover the
@@ -46,10 +51,12 @@ class KafkaSettings(BaseModel):
         return decoded
 
     @classmethod
-    def parse(cls, values: KafkaSettings | dict[str, Any] | None) -> KafkaSettings:
+    def parse(cls, values: BaseModel | dict[str, Any] | None) -> KafkaSettings:
         """Validated settings from the ``kafka`` section of the outbox settings."""
         if isinstance(values, KafkaSettings):
             return values
+        if isinstance(values, BaseModel):
+            values = values.model_dump()
         try:
             return cls.model_validate(values or {})
         except ValidationError as exc:
