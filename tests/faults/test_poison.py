@@ -277,8 +277,8 @@ def test_poison_kills_its_worker_inbox(
             assert applied == set(rows) - set(poison), report
             assert set(supervisor.exit_codes) == {70}, report
             # Each poison event needs MAX_RETRY deaths; one death may count for several (the
-    # copies in both services, each handled alone by its own consumer in that process).
-    assert supervisor.restarts >= MAX_RETRY, report
+            # copies in both services, each handled alone by its own consumer in that process).
+            assert supervisor.restarts >= MAX_RETRY, report
             sc.figures.events = len(publisher.confirmed)
             sc.figures.rows = len(rows)
             sc.figures.consumed = sum(1 for r in rows.values() if r[0] == "consumed")
