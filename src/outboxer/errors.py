@@ -71,6 +71,12 @@ class DuplicateEventError(InvalidEventError):
     still usable (``outbox_id``: the row that holds the id)."""
 
 
+class SchemaViolationError(InvalidEventError):
+    """The payload does not match the schema registered for its event type and
+    version (``event_type``, ``version``, ``path``: where, as ``$.items[0].sku``);
+    nothing was written and the caller's transaction is still usable."""
+
+
 class PayloadError(OutboxError, ValueError):
     """The payload cannot be stored."""
 

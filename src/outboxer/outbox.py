@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from outboxer.admin import Admin
 from outboxer.backoff import RetryPolicy
+from outboxer.contracts import ChannelSpec, Contracts, asyncapi_document
 from outboxer.database import migrations
 from outboxer.database.connector import SQLAlchemyConnector
 from outboxer.database.engines import Database
@@ -117,7 +118,9 @@ class Outbox:
             dead_blocks=settings.ordered_after_dead == "block",
             scheduled_blocks=settings.ordered_scheduled == "block",
         )
-        self._publisher = Publisher(self.storage, self.hooks)
+        self.contracts = Contracts()
+        """The payload schemas of the event types, by version (``register_event``)."""
+        self._publisher = Publisher(self.storage, self.hooks, self.contracts)
         self._handlers = Handlers()
         self.admin = Admin(self.storage, self.handled_services)
         """Dead letters, retention and status across the services (see
@@ -148,16 +151,27 @@ class Outbox:
         topic: str | None = None,
         group: str | None = None,
         ordered: bool | None = None,
+        format: str | None = None,
+        source: str | None = None,
     ) -> ServiceRoute:
         """Declare a service's route (defaults derived from its name).
 
         ``ordered=True``: events with the same key are handled in publish order, even
         across failures (a failing event holds back the later events of its key).
+        ``format="cloudevents"`` (or ``"cloudevents-structured"``): its messages are
+        CloudEvents 1.0 with ``source`` (default ``/outboxer/<name>``); see
+        :mod:`outboxer.cloudevents`.
         """
         return self._declared(
             name,
             self.routes.register_service(
-                name, table=table, topic=topic, group=group, ordered=ordered
+                name,
+                table=table,
+                topic=topic,
+                group=group,
+                ordered=ordered,
+                format=format,
+                source=source,
             ),
         )
 
@@ -171,6 +185,7 @@ class Outbox:
         group: str | None = None,
         adapter: Adapter | None = None,
         ordered: bool | None = None,
+        format: str | None = None,
     ) -> ServiceRoute:
         """Consume ``service``'s events, published from another database, into an
         inbox table in this application's database.
@@ -180,10 +195,17 @@ class Outbox:
         (``<prefix>.<service>.<consumer>``, so several applications each get every
         event). Each event's effects apply once here: a message delivered again finds
         its event id in the inbox. ``adapter`` reads messages that are not outboxer
-        envelopes (:mod:`outboxer.transports.adapters`, e.g. ``Debezium()``).
+        envelopes (:mod:`outboxer.transports.adapters`, e.g. ``Debezium()``);
+        ``format="cloudevents"`` reads CloudEvents (the ``CloudEvents()`` adapter).
         """
         route = self.routes.register_inbox(
-            service, consumer=consumer, table=table, topic=topic, group=group, ordered=ordered
+            service,
+            consumer=consumer,
+            table=table,
+            topic=topic,
+            group=group,
+            ordered=ordered,
+            format=format,
         )
         if adapter is not None:
             self._adapters[service] = adapter
@@ -200,11 +222,50 @@ class Outbox:
         self.tables.table(route)
         return route
 
-    def register_event(self, event_type: str, service: str) -> ServiceRoute:
-        """Make ``service`` the owner of ``event_type`` (its events go to its table)."""
+    def register_event(
+        self,
+        event_type: str,
+        service: str,
+        *,
+        schema: Mapping[str, Any] | None = None,
+        version: str | None = None,
+    ) -> ServiceRoute:
+        """Make ``service`` the owner of ``event_type`` (its events go to its table).
+
+        ``schema``: a JSON Schema for the payloads of ``version`` (default ``v1``);
+        ``publish`` then refuses a payload that does not match with
+        :class:`SchemaViolationError`, before any SQL. Call again with another
+        ``version`` to add its schema. Needs ``pip install 'outboxer[schemas]'``.
+        """
+        prepared = (
+            self.contracts.prepare(event_type, version, schema) if schema is not None else None
+        )
         route = self.routes.register_event(event_type, service)
         self.tables.table(route)
+        if prepared is not None:
+            self.contracts.add(prepared)
         return route
+
+    def asyncapi(self, *, title: str | None = None, version: str = "1.0.0") -> dict[str, Any]:
+        """The AsyncAPI 3 document of this application: a channel per service, send
+        operations for the services it publishes, receive operations for those it
+        handles, a message per event type and schema version (``outboxer schemas
+        export``)."""
+        handled = self.handled_services()
+        specs = [
+            ChannelSpec(
+                route,
+                self.routes.events_of(route.service_name),
+                sends=not route.inbox,
+                receives=route.service_name in handled,
+                wire_format=route.format,
+            )
+            for route in self.routes.routes()
+        ]
+        names = ", ".join(r.service_name for r in self.routes.routes())
+        return asyncapi_document(
+            specs, self.contracts, title=title or f"outboxer: {names}", version=version
+        )
 
     def table_for(self, route: ServiceRoute | str) -> Table:
         """The outbox table of a service (or route)."""

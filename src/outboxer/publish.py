@@ -8,7 +8,8 @@ INSERT of :func:`~outboxer.database.ops.writes.op_insert`.
 
 ``publish`` never opens, commits or rolls back a transaction: the event becomes
 visible with the caller's commit and disappears with its rollback. Every check
-(registered event type, key, ids, ``max_retry``, JSON and size of the payload)
+(registered event type, the payload's schema, key, ids, ``max_retry``, JSON and
+size of the payload)
 runs before any SQL, so a rejected event raises a typed error and leaves the
 caller's transaction usable. After the INSERT the hooks hear of it
 (``event_published``), which is how a running relay in this process is woken when
@@ -20,12 +21,15 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from outboxer.cloudevents import DATASCHEMA_HEADER, TIME_HEADER, is_cloudevents
+from outboxer.contracts import Contracts
 from outboxer.database.connections import connection_lost
 from outboxer.database.ops.base import OpContext
 from outboxer.database.ops.writes import op_insert, op_insert_many, op_publish
@@ -39,9 +43,12 @@ from outboxer.store import Storage
 class Publisher:
     """Writes events on callers' transactions (``Outbox.publish`` / ``publish_async``)."""
 
-    def __init__(self, storage: Storage, hooks: Observer) -> None:
+    def __init__(
+        self, storage: Storage, hooks: Observer, contracts: Contracts | None = None
+    ) -> None:
         self.storage = storage
         self.hooks = hooks
+        self.contracts = contracts if contracts is not None else Contracts()
 
     def _prepare(
         self, event_type: str, payload: Any, options: dict[str, Any]
@@ -55,9 +62,16 @@ class Publisher:
                 event_type=event_type,
                 service=route.service_name,
             )
+        self.contracts.check(event_type, options.get("version"), payload)
         values = self.storage.rows.event(route, event_type, payload, **options)
         carrier: dict[str, str] = {}
         self.hooks.inject_context(route.service_name, event_type, carrier)
+        if is_cloudevents(route):
+            # Stored with the row, so every send of the event carries the same.
+            carrier[TIME_HEADER] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+            schema = self.contracts.schema(event_type, options.get("version") or "v1")
+            if schema is not None and isinstance(schema.get("$id"), str):
+                carrier[DATASCHEMA_HEADER] = schema["$id"]
         # The trace context of the caller, continued by the consumer; always a key, so
         # rows of one publish_many statement all bind the same columns.
         values["headers"] = json.dumps(carrier, separators=(",", ":")) if carrier else None

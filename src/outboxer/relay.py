@@ -28,9 +28,10 @@ from datetime import datetime
 
 from outboxer.aio import sleep_unless
 from outboxer.backoff import ErrorBackoff
+from outboxer.cloudevents import PREFIX, WireCloudEvent, encode_for, is_cloudevents
 from outboxer.database.connections import connection_lost
 from outboxer.database.ops.transitions import Claimed
-from outboxer.envelope import wire_event
+from outboxer.envelope import WireEvent, wire_event
 from outboxer.errors import EnvelopeDecodeError
 from outboxer.hooks import Observer
 from outboxer.logs import log_dead
@@ -86,6 +87,9 @@ class Relay:
         self.next_delay = 0.0
         # Per-message report only when someone listens (tracing).
         self._headers_hook = hooks.wants("message_sending")
+        self._cloudevents = is_cloudevents(self.route)
+        # A transport may name its protocol binding's header prefix (Kafka's: ce_).
+        self._ce_prefix: str = getattr(transport, "cloudevents_prefix", PREFIX)
 
     @property
     def pipeline_depth(self) -> int:
@@ -142,12 +146,21 @@ class Relay:
         return _Batch(len(rows) + len(again), outgoing, {m.id for m in again}, started, stamps)
 
     async def _prepare(self, rows: list[Claimed]) -> list[OutgoingMessage]:
-        """Wire messages for the rows; undecodable rows are marked dead."""
+        """Wire messages for the rows (the envelope, or CloudEvents by the route's
+        ``format``); undecodable rows are marked dead."""
         outgoing: list[OutgoingMessage] = []
         broken: list[tuple[int, str]] = []
         for row in rows:
+            headers = parse_headers(row.headers)
+            wire: WireEvent | WireCloudEvent
             try:
-                wire = wire_event(row.payload, row.id, row.message_key)
+                if self._cloudevents:
+                    wire = encode_for(
+                        self.route, row.payload, row.id, row.message_key, headers, self._ce_prefix
+                    )
+                    headers = wire.headers
+                else:
+                    wire = wire_event(row.payload, row.id, row.message_key)
             except EnvelopeDecodeError as exc:
                 logger.error(
                     "stored envelope cannot be decoded; marking dead",
@@ -155,7 +168,6 @@ class Relay:
                 )
                 broken.append((row.id, f"stored payload is not a valid envelope: {exc}"))
                 continue
-            headers = parse_headers(row.headers)
             if self._headers_hook:
                 self.hooks.message_sending(
                     self.route.service_name, row.id, wire.event_type, headers
@@ -172,11 +184,14 @@ class Relay:
                     headers,
                 )
             )
+        await self._bury(broken)
+        return outgoing
+
+    async def _bury(self, broken: list[tuple[int, str]]) -> None:
         for oid, reason in broken:
             await self.store.mark_dead_many_async([oid], reason, unless_final=True)
         if broken:
             self.hooks.rows_undecodable(self.route.service_name, len(broken))
-        return outgoing
 
     async def _deliver(self, batch: _Batch) -> None:
         """Send a claimed batch and record the outcome (or hold it: an outage)."""

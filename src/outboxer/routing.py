@@ -40,6 +40,30 @@ _SERVICE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 TABLE_SUFFIX = "_outbox_messages"
 INBOX_SUFFIX = "_inbox"
 DEFAULT_TOPIC_PREFIX = "outboxer"
+ENVELOPE = "envelope"
+CLOUDEVENTS = "cloudevents"
+CLOUDEVENTS_STRUCTURED = "cloudevents-structured"
+FORMATS = (ENVELOPE, CLOUDEVENTS, CLOUDEVENTS_STRUCTURED)
+"""How a service's messages look on the wire (see :mod:`outboxer.cloudevents`)."""
+
+
+def validate_format(value: str) -> str:
+    if value not in FORMATS:
+        raise ConfigurationError(
+            f"unknown format {value!r}; choose one of {', '.join(FORMATS)}", format=value
+        )
+    return value
+
+
+def validate_source(value: str) -> str:
+    """A CloudEvents ``source``: a non-empty URI-reference without spaces."""
+    if not isinstance(value, str) or not value or any(c.isspace() or ord(c) < 32 for c in value):
+        raise ConfigurationError(
+            f"invalid CloudEvents source {value!r}: a non-empty URI-reference without "
+            "spaces, e.g. /orders or https://example.com/orders",
+            source=value,
+        )
+    return value
 
 
 def validate_table_name(name: str) -> str:
@@ -118,7 +142,9 @@ class ServiceRoute:
     ``inbox``: this application consumes the service's events into an inbox table of
     its own database (the service publishes them from another database).
     ``ordered``: events with the same key are handled in publish order, across
-    failures.
+    failures. ``format``: the messages' form on the wire (``envelope``,
+    ``cloudevents``, ``cloudevents-structured``); ``source``: the CloudEvents source
+    (None: ``/outboxer/<service>``).
     """
 
     service_name: str
@@ -127,6 +153,8 @@ class ServiceRoute:
     group_id: str
     inbox: bool = False
     ordered: bool = False
+    format: str = ENVELOPE
+    source: str | None = None
 
     @property
     def destination(self) -> str:
@@ -143,6 +171,9 @@ class ServiceRoute:
         validate_table_name(self.table_name)
         validate_topic_name(self.topic, what="topic")
         validate_topic_name(self.group_id, what="group")
+        validate_format(self.format)
+        if self.source is not None:
+            validate_source(self.source)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,6 +184,8 @@ class ServiceOverride:
     topic: str | None = None
     group: str | None = None
     ordered: bool | None = None
+    format: str | None = None
+    source: str | None = None
 
 
 def _join(prefix: str, *parts: str) -> str:
@@ -221,6 +254,7 @@ class RouteRegistry:
         group: str | None,
         ordered: bool | None = None,
         inbox_of: str | None = None,
+        wire: ServiceOverride | None = None,
     ) -> ServiceRoute:
         default_table, default_topic, default_group = _default_names(name, self.topic_prefix)
         if inbox_of is not None:
@@ -249,6 +283,8 @@ class RouteRegistry:
             group_id=_pick(group, override.group, default_group),
             inbox=inbox_of is not None,
             ordered=bool(ordered if ordered is not None else override.ordered),
+            format=_pick(wire.format if wire else None, override.format, ENVELOPE),
+            source=_pick(wire.source if wire else None, override.source, "") or None,
         )
         if self.check is not None:
             self.check(route)
@@ -262,10 +298,13 @@ class RouteRegistry:
         topic: str | None = None,
         group: str | None = None,
         ordered: bool | None = None,
+        format: str | None = None,
+        source: str | None = None,
     ) -> ServiceRoute:
         """Declare a service and its route; the same declaration again is a no-op."""
         validate_service_name(name)
-        return self._declare(self._build(name, table, topic, group, ordered))
+        wire = ServiceOverride(format=format, source=source)
+        return self._declare(self._build(name, table, topic, group, ordered, wire=wire))
 
     def register_inbox(
         self,
@@ -276,6 +315,7 @@ class RouteRegistry:
         topic: str | None = None,
         group: str | None = None,
         ordered: bool | None = None,
+        format: str | None = None,
     ) -> ServiceRoute:
         """Declare that this application (``consumer``) consumes service ``name``'s
         events, published from another database, into an inbox table of its own.
@@ -285,7 +325,10 @@ class RouteRegistry:
         """
         validate_service_name(name)
         validate_service_name(consumer)
-        return self._declare(self._build(name, table, topic, group, ordered, inbox_of=consumer))
+        wire = ServiceOverride(format=format)
+        return self._declare(
+            self._build(name, table, topic, group, ordered, inbox_of=consumer, wire=wire)
+        )
 
     def _declare(self, route: ServiceRoute) -> ServiceRoute:
         name = route.service_name

@@ -27,7 +27,7 @@ from outboxer.routing import ServiceRoute
 from outboxer.settings import OutboxSettings
 from outboxer.signals import stop_on_signals
 from outboxer.store import Storage
-from outboxer.transports.adapters import Adapter, outboxer_envelope
+from outboxer.transports.adapters import Adapter, default_adapter
 from outboxer.transports.base import Transport
 from outboxer.transports.local import LocalTransport
 from outboxer.wake import CommitWake, NotificationWake, Waker
@@ -248,7 +248,7 @@ class Runtime:
                 route,
                 handlers,
                 self.hooks,
-                adapter=self.adapters.get(route.service_name, outboxer_envelope),
+                adapter=self.adapters.get(route.service_name) or default_adapter(route),
                 isolate=self.settings.isolate_handlers,
                 lease=self.settings.lease,
             )

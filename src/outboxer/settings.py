@@ -58,7 +58,12 @@ from outboxer.backoff import DEFAULT_MAX_RETRY, check_max_retry
 from outboxer.durations import parse_duration
 from outboxer.envelope import DEFAULT_MAX_PAYLOAD_BYTES
 from outboxer.errors import ConfigurationError
-from outboxer.routing import ServiceOverride, validate_table_name, validate_topic_name
+from outboxer.routing import (
+    ServiceOverride,
+    validate_source,
+    validate_table_name,
+    validate_topic_name,
+)
 
 CONFIG_ENV = "OUTBOXER_CONFIG"
 DEFAULT_CONFIG_FILE = "outboxer.toml"
@@ -188,6 +193,16 @@ class ServiceSettings(BaseModel):
     topic: str | None = None
     group: str | None = None
     ordered: bool | None = None
+    format: Literal["envelope", "cloudevents", "cloudevents-structured"] | None = None
+    """The messages on the wire: outboxer's envelope, or CloudEvents 1.0 in binary
+    (``cloudevents``) or structured content mode."""
+    source: str | None = None
+    """The CloudEvents ``source`` (default ``/outboxer/<service>``)."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str | None) -> str | None:
+        return None if v is None else validate_source(v)
 
     @field_validator("table")
     @classmethod
@@ -201,7 +216,12 @@ class ServiceSettings(BaseModel):
 
     def as_override(self) -> ServiceOverride:
         return ServiceOverride(
-            table=self.table, topic=self.topic, group=self.group, ordered=self.ordered
+            table=self.table,
+            topic=self.topic,
+            group=self.group,
+            ordered=self.ordered,
+            format=self.format,
+            source=self.source,
         )
 
 

@@ -51,3 +51,28 @@ def test_tiny_benchmark_runs_and_writes_its_report(
         assert section["checks"], f"{key} checked nothing"
         assert all(c["ok"] for c in section["checks"]), key
         assert section["targets"], f"{key} reported no target line"
+
+
+def test_the_wire_costs_run(pg_database: ServerDatabase) -> None:
+    """``python -m bench.wire``: contracts and CloudEvents on the hot path, at its
+    smallest size (every line printed, nothing about time asserted)."""
+    paths = [str(ROOT / "src"), str(ROOT), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.wire", "--rounds", "1", "--events", "20"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for line in (
+        "publish with schema",
+        "check only, publish with schema",
+        "relay CloudEvents binary",
+        "relay CloudEvents structured",
+        "encode only, relay envelope",
+    ):
+        assert line in proc.stdout

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from outboxer.aio import in_daemon_thread
+from outboxer.cloudevents import envelope_dict, is_cloudevents
 from outboxer.consumer.batch import BatchOutcome, op_dispatch, op_inbox_receive
 from outboxer.database.connections import connection_lost
 from outboxer.database.instructions import Op
@@ -68,6 +69,7 @@ class Dispatcher:
         waiting for it (its row is sent again if that worker dies: the relay's lease
         or ``redeliver_after``); False: wait for that worker, as a plain lock would."""
         self._ctx = storage.op_context(route)
+        self._cloudevents = is_cloudevents(route)
         self._async_types = {e for e, h in handlers.items() if is_async_callable(handler_fn(h))}
         self._headers: dict[str, Mapping[str, bytes]] = {}
         self._own: set[int] = set()
@@ -110,7 +112,10 @@ class Dispatcher:
         envelopes: list[Envelope] = []
         for msg in batch:
             try:
-                obj = json.loads(msg.value) if msg.value is not None else None
+                if self._cloudevents:
+                    obj: Any = envelope_dict(msg.value, msg.headers)
+                else:
+                    obj = json.loads(msg.value) if msg.value is not None else None
                 if isinstance(obj, dict) and obj.get("outbox_id") is None:
                     if report:
                         self._skipped(msg, "no_outbox_id", "message without outbox_id skipped")

@@ -9,6 +9,8 @@ cannot read (logged, counted, skipped: it never blocks its partition).
 Shipped:
 
 - :func:`outboxer_envelope` (the default): messages written by outboxer's relay.
+- :class:`CloudEvents`: CloudEvents 1.0 in binary or structured content mode (what
+  a service with ``format = "cloudevents"`` sends, and what other producers write).
 - :class:`Debezium`: messages produced by Debezium's outbox event router with its
   defaults: the event id in the ``id`` header, the key the aggregate id, the value
   the payload column, as text or JSON, wrapped in a ``{"schema", "payload"}``
@@ -29,8 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from outboxer.cloudevents import is_cloudevents, read
 from outboxer.envelope import DEFAULT_VERSION, Envelope
 from outboxer.errors import EnvelopeDecodeError
+from outboxer.routing import ServiceRoute
 from outboxer.transports.base import IncomingMessage
 
 
@@ -63,6 +67,46 @@ def outboxer_envelope(message: IncomingMessage) -> InboxEvent:
         version=env.event_version,
         aggregate_id=env.aggregate_id,
     )
+
+
+class CloudEvents:
+    """Adapter for CloudEvents 1.0, binary content mode (attributes in ``ce_``
+    headers, or ``ce-``/``cloudEvents:`` ones) or structured (``content-type:
+    application/cloudevents+json``).
+
+    Event id: the ``id`` attribute (redeliveries of one event carry the same); type:
+    ``type``; key: ``subject``, else the message key; payload: ``data`` (JSON when the
+    content type is JSON or absent, else text); version and aggregate id: outboxer's
+    ``eventversion`` and ``aggregateid`` extensions when present. ``id_with_source``:
+    the event id is ``<source> <id>`` (CloudEvents makes only the pair unique; use it
+    when several producers share the topic).
+    """
+
+    def __init__(self, *, id_with_source: bool = False) -> None:
+        self.id_with_source = id_with_source
+
+    def __call__(self, message: IncomingMessage) -> InboxEvent:
+        event = read(message.value, message.headers)
+        attrs = event.attributes
+        event_id = str(attrs["id"])
+        if self.id_with_source:
+            event_id = f"{attrs['source']} {event_id}"
+        key = attrs.get("subject")
+        if not isinstance(key, str) or not key:
+            key = _text(message.key) if message.key is not None else event_id
+        return InboxEvent(
+            event_id=event_id,
+            event_type=str(attrs["type"]),
+            key=key,
+            payload=event.data,
+            version=str(attrs.get("eventversion") or DEFAULT_VERSION),
+            aggregate_id=str(attrs.get("aggregateid") or key),
+        )
+
+
+def default_adapter(route: ServiceRoute) -> Adapter:
+    """How an inbox reads a route's messages when no adapter was given."""
+    return CloudEvents() if is_cloudevents(route) else outboxer_envelope
 
 
 class Debezium:

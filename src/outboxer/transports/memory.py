@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from outboxer.cloudevents import envelope_dict
 from outboxer.envelope import Envelope
 from outboxer.errors import EnvelopeDecodeError, TransportError
 from outboxer.routing import ServiceRoute
@@ -34,9 +35,14 @@ class StoredMessage:
     headers: dict[str, bytes] = field(default_factory=dict)
 
     def envelope(self) -> Envelope:
-        """The outboxer envelope in this message (EnvelopeDecodeError if it is none)."""
+        """The outboxer envelope in this message, also when a CloudEvents service
+        sent it (EnvelopeDecodeError if it is none)."""
         if self.value is None:
             raise EnvelopeDecodeError("message has no value", topic=self.topic, offset=self.offset)
+        if "ce_specversion" in self.headers or self.headers.get("content-type") == (
+            b"application/cloudevents+json"
+        ):
+            return Envelope.from_dict(envelope_dict(self.value, self.headers))
         return Envelope.from_json(self.value)
 
 
