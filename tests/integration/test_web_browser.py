@@ -110,9 +110,14 @@ def driver() -> Iterator[Any]:
 
 
 def wait_until(browser: Any, what: str, condition: Callable[[Any], Any]) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException  # noqa: PLC0415
     from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
-    return WebDriverWait(browser, WAIT, poll_frequency=0.25).until(condition, message=what)
+    # htmx may swap an element out between finding it and reading it: read again at
+    # the next poll rather than fail.
+    return WebDriverWait(
+        browser, WAIT, poll_frequency=0.25, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(condition, message=what)
 
 
 def chart_drawn(browser: Any) -> bool:
