@@ -229,8 +229,9 @@ class Dispatcher:
             out = await self._transaction(segment, is_async)
             self._report(out)
             total.add(out)
-            for item in segment:
-                self._losses.pop(self._loss_key(item), None)
+            if self._losses:  # almost always empty: no per-message work then
+                for item in segment:
+                    self._losses.pop(self._loss_key(item), None)
             self._own.difference_update(k for k in map(self._key_or_none, segment) if k)
 
     def _key_or_none(self, item: Any) -> int | None:
