@@ -11,6 +11,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -80,3 +81,29 @@ def backdate(
 def drop_tables(ob: Outbox) -> None:
     with ob.db.sync_engine.begin() as conn:
         ob.metadata.drop_all(conn, checkfirst=True)
+
+
+def read_topic(bootstrap_servers: str, topic: str, expect: int) -> list[Any]:
+    """The raw messages of ``topic`` from its start, read by a consumer of a new group
+    until ``expect`` have come (or about a minute passed)."""
+    from confluent_kafka import Consumer  # noqa: PLC0415 - the kafka extra
+
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": f"reader-{uuid.uuid4().hex[:6]}",
+            "auto.offset.reset": "earliest",
+            # This broker holds a group's first join for about half the session timeout.
+            "session.timeout.ms": 6000,
+        }
+    )
+    c.subscribe([topic])
+    got: list[Any] = []
+    try:
+        for _ in range(120):
+            got.extend(m for m in c.consume(100, 0.5) if m.error() is None)
+            if len(got) >= expect:
+                break
+    finally:
+        c.close()
+    return got

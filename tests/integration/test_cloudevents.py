@@ -14,13 +14,13 @@ import pytest
 from cloudevents.core.bindings import kafka as ce_kafka
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
 from sqlalchemy.orm import Session
 
 from outboxer import Envelope, Outbox, Status
 from outboxer.testing import EmbeddedKafka
-from tests.helpers import isolated_settings
+from tests.helpers import isolated_settings, read_topic
 from tests.integration.engine_helpers import run_until
 
 pytestmark = pytest.mark.kafka
@@ -47,27 +47,6 @@ def _effects(prefix: str) -> Table:
         Column("event_id", String(200), nullable=False),
         Column("n", Integer, nullable=False),
     )
-
-
-def _read_raw(broker: EmbeddedKafka, topic: str, expect: int) -> list[Any]:
-    c = Consumer(
-        {
-            "bootstrap.servers": broker.bootstrap_servers,
-            "group.id": f"reader-{uuid.uuid4().hex[:6]}",
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000,
-        }
-    )
-    c.subscribe([topic])
-    got: list[Any] = []
-    try:
-        for _ in range(120):
-            got.extend(m for m in c.consume(100, 0.5) if m.error() is None)
-            if len(got) >= expect:
-                break
-    finally:
-        c.close()
-    return got
 
 
 def _sdk(message: Any) -> Any:
@@ -120,7 +99,9 @@ async def test_a_cloudevents_service_is_read_by_the_sdk_and_by_outboxer(
         assert by_n[3].aggregate_id == "k-3"
 
         route = ob.routes.route_for_service("orders")
-        messages = await asyncio.to_thread(_read_raw, kafka_broker, route.topic, EVENTS)
+        messages = await asyncio.to_thread(
+            read_topic, kafka_broker.bootstrap_servers, route.topic, EVENTS
+        )
         events = [_sdk(m) for m in messages]
         assert len(events) == EVENTS
         assert len({e.get_id() for e in events}) == EVENTS  # ids unique in the source

@@ -7,13 +7,13 @@ import logging
 import uuid
 
 import pytest
-from confluent_kafka import Consumer
 
 from outboxer import Envelope, Status, TransportError
 from outboxer.routing import ServiceRoute
 from outboxer.testing import EmbeddedKafka, free_port
 from outboxer.transports.base import OutgoingMessage
 from outboxer.transports.kafka import KafkaSettings, KafkaTransport
+from tests.helpers import read_topic
 from tests.integration.engine_helpers import all_final, build_app, drop_app, run_until
 
 pytestmark = pytest.mark.kafka
@@ -29,28 +29,6 @@ def _message(n: int, key: str = "key-1") -> OutgoingMessage:
     return OutgoingMessage.from_envelope(env, key=key, retry_count=0)
 
 
-def _read(broker: EmbeddedKafka, topic: str, expect: int) -> list[object]:
-    c = Consumer(
-        {
-            "bootstrap.servers": broker.bootstrap_servers,
-            "group.id": f"reader-{uuid.uuid4().hex[:6]}",
-            "auto.offset.reset": "earliest",
-            # This broker holds a group's first join for about half the session timeout.
-            "session.timeout.ms": 6000,
-        }
-    )
-    c.subscribe([topic])
-    got: list[object] = []
-    try:
-        for _ in range(60):
-            got.extend(m for m in c.consume(100, 0.5) if m.error() is None)
-            if len(got) >= expect:
-                break
-    finally:
-        c.close()
-    return got
-
-
 async def test_send_carries_key_value_and_headers(kafka_broker: EmbeddedKafka) -> None:
     route = _route()
     transport = KafkaTransport(kafka_broker.bootstrap_servers)
@@ -61,7 +39,7 @@ async def test_send_carries_key_value_and_headers(kafka_broker: EmbeddedKafka) -
         assert [d.outbox_id for d in deliveries] == [1, 2]
     finally:
         await transport.close()
-    msgs = _read(kafka_broker, route.topic, 2)
+    msgs = read_topic(kafka_broker.bootstrap_servers, route.topic, 2)
     assert len(msgs) == 2
     by_id = {Envelope.from_json(m.value()).outbox_id: m for m in msgs}  # type: ignore[attr-defined]
     first = by_id[1]
