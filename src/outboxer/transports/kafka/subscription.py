@@ -32,6 +32,10 @@ from outboxer.transports.kafka.settings import KafkaSettings
 
 logger = logging.getLogger(__name__)
 
+_BUILD_RETRY_FIRST = 1.0
+_BUILD_RETRY_MAX = 30.0
+"""Bounds (seconds) of the wait between attempts to build a consumer that failed to build."""
+
 
 class KafkaSubscription:
     """One route's consumer; its blocking calls run on a dedicated thread."""
@@ -58,6 +62,8 @@ class KafkaSubscription:
         """Partitions paused by ``nack(delay=)`` and when to resume them (used on the
         consumer's thread only)."""
         self.rebuilds = 0
+        self._build_retry_at = 0.0
+        self._build_backoff = _BUILD_RETRY_FIRST
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -86,7 +92,11 @@ class KafkaSubscription:
         return ([first, *rest] if first is not None else []), assigned
 
     async def receive(self, max_messages: int, timeout: float) -> list[IncomingMessage]:
-        if self._closed or self._consumer is None:
+        if self._closed:
+            return []
+        if self._consumer is None:
+            # The last build failed (a rebuild during an outage): try again, spaced out.
+            await self._build_again(timeout)
             return []
         try:
             raw, assigned = await self._call(self._fetch, max_messages, timeout)
@@ -157,13 +167,40 @@ class KafkaSubscription:
         if self._closed:
             return
         await asyncio.to_thread(self._admin.ensure_topics_quietly, [self.route.topic])
-        try:
-            self._consumer = await self._call(self._make)
-        except KafkaException as exc:
-            logger.warning("building the Kafka consumer failed: %s", exc, extra=extra)
+        self._build_backoff = _BUILD_RETRY_FIRST
+        await self._try_build()
         self._unassigned_since = time.monotonic()
         self._rebuild_after = min(self._rebuild_after * 2, 300.0)
         self.rebuilds += 1
+
+    async def _try_build(self) -> None:
+        """Build the consumer; on failure leave none and say when to try again."""
+        extra = {"service": self.route.service_name}
+        try:
+            self._consumer = await self._call(self._make)
+        except KafkaException as exc:
+            first = self._build_backoff == _BUILD_RETRY_FIRST
+            (logger.warning if first else logger.debug)(
+                "building the Kafka consumer failed (trying again every %.0fs at most): %s",
+                _BUILD_RETRY_MAX,
+                exc,
+                extra=extra,
+            )
+            self._build_retry_at = time.monotonic() + self._build_backoff
+            self._build_backoff = min(self._build_backoff * 2, _BUILD_RETRY_MAX)
+            return
+        if self._build_backoff != _BUILD_RETRY_FIRST:
+            logger.info("the Kafka consumer is built again", extra=extra)
+        self._build_backoff = _BUILD_RETRY_FIRST
+
+    async def _build_again(self, timeout: float) -> None:
+        wait = self._build_retry_at - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(min(wait, timeout))
+            return
+        await self._try_build()
+        if self._consumer is not None:
+            self._unassigned_since = time.monotonic()
 
     async def ack(self, messages: Sequence[IncomingMessage]) -> None:
         if not messages or self._consumer is None:
