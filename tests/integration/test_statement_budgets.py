@@ -133,15 +133,18 @@ async def _run_until_consumed(app: App, count: int, observer: Engine) -> None:
     table = ob.table_for(app.services[0])
     consumed = select(func.count()).where(table.c.status == Status.CONSUMED.value)
     runner = asyncio.create_task(ob.run_async())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
     try:
-        for _ in range(600):
+        while loop.time() < deadline:
             if runner.done():
                 runner.result()
+                raise AssertionError("the worker stopped before its work was done")
             with observer.connect() as conn:
                 if conn.execute(consumed).scalar_one() >= count:
                     return
             await asyncio.sleep(0.02)
-        raise TimeoutError(f"{count} events not consumed in time")
+        raise TimeoutError(f"{count} events not consumed in 60 s")
     finally:
         ob.stop()
         await asyncio.wait({runner}, timeout=30)
