@@ -514,16 +514,20 @@ def test_two_transactions_publish_one_event_id_at_once(outbox: Outbox, service: 
 
     racer = threading.Thread(target=second)
     racer.start()
-    if outbox.db.family != "sqlite":
-        # The second publisher is inside its INSERT, blocked on the first one's row.
-        deadline = time.monotonic() + 30
-        while _lock_waiters(outbox) < 1:
-            assert time.monotonic() < deadline, "the second publisher never waited"
-            assert racer.is_alive(), errors
-            time.sleep(0.05)
-    # SQLite: the second transaction waits for the single writer (BEGIN IMMEDIATE).
-    first.commit()
-    first.close()
+    try:
+        if outbox.db.family != "sqlite":
+            # The second publisher is inside its INSERT, blocked on the first one's row.
+            deadline = time.monotonic() + 30
+            while _lock_waiters(outbox) < 1:
+                assert time.monotonic() < deadline, "the second publisher never waited"
+                assert racer.is_alive(), errors
+                time.sleep(0.05)
+        # SQLite: the second transaction waits for the single writer (BEGIN IMMEDIATE).
+        first.commit()
+    finally:
+        # A failed wait must not leave the first transaction open: it would hold the
+        # row (and the racer) and the teardown's DROP would wait on its locks.
+        first.close()
     racer.join(60)
     assert not racer.is_alive()
     assert not errors, errors
