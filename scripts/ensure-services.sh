@@ -66,44 +66,36 @@ command -v redis-server >/dev/null 2>&1 || apt_install redis-server redis-tools 
 command -v rabbitmq-server >/dev/null 2>&1 || apt_install rabbitmq-server || true
 command -v nats-server >/dev/null 2>&1 || apt_install nats-server || true
 
-if command -v redis-server >/dev/null 2>&1; then
-    if ! redis_up; then
-        echo "ensure-services: starting Redis"
-        mkdir -p /var/lib/redis /var/log/redis
-        redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
-            --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
+start_redis() {
+    mkdir -p /var/lib/redis /var/log/redis
+    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
+        --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
+}
+start_rabbit() {
+    rabbitmq-server -detached || return 1
+    # A node takes longer to boot than wait_for's bound.
+    for _ in $(seq 1 60); do rabbit_up && break; sleep 1; done
+}
+start_nats() {
+    mkdir -p /var/lib/nats-server
+    start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server)" -- \
+        -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+}
+ensure_broker() { # name, server binary, check, start command
+    if ! command -v "$2" >/dev/null 2>&1; then
+        echo "ensure-services: $2 not installed" >&2
+        [ "${CI:-}" = "true" ] && status=1
+        return
     fi
-    wait_for Redis redis_up || status=1
-else
-    echo "ensure-services: redis-server not installed" >&2
-    [ "${CI:-}" = "true" ] && status=1
-fi
-
-if command -v rabbitmq-server >/dev/null 2>&1; then
-    if ! rabbit_up; then
-        echo "ensure-services: starting RabbitMQ"
-        rabbitmq-server -detached || true
-        # A node takes a while to boot.
-        for _ in $(seq 1 60); do rabbit_up && break; sleep 1; done
+    if ! "$3"; then
+        echo "ensure-services: starting $1"
+        "$4" || true
     fi
-    wait_for RabbitMQ rabbit_up || status=1
-else
-    echo "ensure-services: rabbitmq-server not installed" >&2
-    [ "${CI:-}" = "true" ] && status=1
-fi
-
-if command -v nats-server >/dev/null 2>&1; then
-    if ! nats_up; then
-        echo "ensure-services: starting NATS (JetStream)"
-        mkdir -p /var/lib/nats-server
-        start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server)" -- \
-            -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log || true
-    fi
-    wait_for NATS nats_up || status=1
-else
-    echo "ensure-services: nats-server not installed" >&2
-    [ "${CI:-}" = "true" ] && status=1
-fi
+    wait_for "$1" "$3" || status=1
+}
+ensure_broker Redis redis-server redis_up start_redis
+ensure_broker RabbitMQ rabbitmq-server rabbit_up start_rabbit
+ensure_broker "NATS (JetStream)" nats-server nats_up start_nats
 
 if [ $status -ne 0 ] && [ "${CI:-}" != "true" ]; then
     echo "ensure-services: tests that need a missing server will be skipped (they fail under CI=true)" >&2
