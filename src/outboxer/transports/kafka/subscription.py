@@ -169,7 +169,6 @@ class KafkaSubscription:
         await asyncio.to_thread(self._admin.ensure_topics_quietly, [self.route.topic])
         self._build_backoff = _BUILD_RETRY_FIRST
         await self._try_build()
-        self._unassigned_since = time.monotonic()
         self._rebuild_after = min(self._rebuild_after * 2, 300.0)
         self.rebuilds += 1
 
@@ -189,6 +188,7 @@ class KafkaSubscription:
             self._build_retry_at = time.monotonic() + self._build_backoff
             self._build_backoff = min(self._build_backoff * 2, _BUILD_RETRY_MAX)
             return
+        self._unassigned_since = time.monotonic()
         if self._build_backoff != _BUILD_RETRY_FIRST:
             logger.info("the Kafka consumer is built again", extra=extra)
         self._build_backoff = _BUILD_RETRY_FIRST
@@ -199,8 +199,6 @@ class KafkaSubscription:
             await asyncio.sleep(min(wait, timeout))
             return
         await self._try_build()
-        if self._consumer is not None:
-            self._unassigned_since = time.monotonic()
 
     async def ack(self, messages: Sequence[IncomingMessage]) -> None:
         if not messages or self._consumer is None:
