@@ -2,9 +2,14 @@
 consumer group ``lanes`` durable queues bound to it by lane number, each read by one
 consumer at a time (``x-single-active-consumer``).
 
-Declared at start when ``rabbitmq.declare_topology``, else waited for (passive
-declarations) until ``rabbitmq.topology_wait_timeout``, then a ``TransportError``
-naming what is missing.
+The relay's side needs the exchanges (declared at start); a group's queues are
+declared when the group subscribes, by the application that consumes it (the
+producer does not know the groups of other applications, and a queue nobody reads
+would grow forever). Until a group's queues exist, a publish finds no queue and
+comes back (``mandatory``): an outage, the rows stay in the outbox.
+Declared when ``rabbitmq.declare_topology``, else waited for (passive declarations)
+until ``rabbitmq.topology_wait_timeout``, then a ``TransportError`` naming what is
+missing.
 """
 
 from __future__ import annotations
@@ -81,8 +86,11 @@ class RabbitMQAdmin:
     def __init__(self, settings: RabbitMQSettings) -> None:
         self.settings = settings
 
-    async def declare(self, connection: AbstractConnection, routes: Sequence[ServiceRoute]) -> None:
-        """Declare every route's exchange, lane queues and bindings (idempotent)."""
+    async def declare(
+        self, connection: AbstractConnection, routes: Sequence[ServiceRoute], *, queues: bool
+    ) -> None:
+        """Declare every route's exchange, and with ``queues`` its group's lane queues
+        and their bindings (idempotent)."""
         major = broker_major_version(connection)
         args = queue_arguments(self.settings, major)
         channel = await connection.channel(publisher_confirms=False)
@@ -91,6 +99,8 @@ class RabbitMQAdmin:
                 exchange = await channel.declare_exchange(
                     route.topic, aio_pika.ExchangeType.DIRECT, durable=True
                 )
+                if not queues:
+                    continue
                 for lane in range(self.settings.lanes):
                     queue = await channel.declare_queue(
                         queue_name(route, lane), durable=True, arguments=args
@@ -101,14 +111,17 @@ class RabbitMQAdmin:
                 await channel.close()
 
     async def missing(
-        self, connection: AbstractConnection, routes: Sequence[ServiceRoute]
+        self, connection: AbstractConnection, routes: Sequence[ServiceRoute], *, queues: bool
     ) -> list[str]:
         """The exchanges and queues of ``routes`` that do not exist (passive
         declarations; each miss closes its channel, so each check has its own)."""
         names: list[tuple[str, str]] = []
         for route in routes:
             names.append(("exchange", route.topic))
-            names.extend(("queue", queue_name(route, lane)) for lane in range(self.settings.lanes))
+            if queues:
+                names.extend(
+                    ("queue", queue_name(route, lane)) for lane in range(self.settings.lanes)
+                )
         out = []
         for kind, name in names:
             channel: AbstractChannel = await connection.channel(publisher_confirms=False)
@@ -124,14 +137,16 @@ class RabbitMQAdmin:
                     await channel.close()
         return out
 
-    async def ensure(self, connection: AbstractConnection, routes: Sequence[ServiceRoute]) -> None:
-        """Declare the topology when allowed, else wait for it; TransportError when it
-        is still missing after ``topology_wait_timeout``."""
+    async def ensure(
+        self, connection: AbstractConnection, routes: Sequence[ServiceRoute], *, queues: bool
+    ) -> None:
+        """Declare the exchanges (and the groups' queues) when allowed, else wait for
+        them; TransportError when still missing after ``topology_wait_timeout``."""
         if not routes:
             return
         if self.settings.declare_topology:
             try:
-                await self.declare(connection, routes)
+                await self.declare(connection, routes, queues=queues)
             except aio_pika.exceptions.ChannelPreconditionFailed as exc:
                 raise TransportError(
                     "a RabbitMQ exchange or queue exists with other arguments than "
@@ -142,7 +157,7 @@ class RabbitMQAdmin:
         deadline = time.monotonic() + wait
         announced = False
         while True:
-            missing = await self.missing(connection, routes)
+            missing = await self.missing(connection, routes, queues=queues)
             if not missing:
                 return
             if time.monotonic() >= deadline:

@@ -37,7 +37,10 @@ def delivery_of(outbox_id: int, exc: BaseException, size: int) -> Delivery:
     trouble; so are a closed channel or connection and a confirm that did not come.
     Only a message larger than the broker's limit is the message's own fault."""
     if isinstance(exc, amqp_errors.PublishError):
-        error = f"returned by the broker (no queue bound for its lane): {describe(exc)}"
+        error = (
+            "returned by the broker: no queue bound for its lane (has no consumer group "
+            f"subscribed yet?): {describe(exc)}"
+        )
     elif isinstance(exc, amqp_errors.DeliveryError):
         error = f"nacked by the broker: {describe(exc)}"
     elif isinstance(exc, asyncio.TimeoutError | TimeoutError):

@@ -20,7 +20,6 @@ from outboxer.transports.rabbitmq.client import (
     AbstractConnection,
     AbstractExchange,
     aio_pika,
-    amqp_errors,
 )
 from outboxer.transports.rabbitmq.errors import delivery_of, describe, needs_rebuild
 
@@ -37,8 +36,8 @@ class ProducerHandle:
         self.connection = connection
         self.channel = channel
         self.broken: str | None = None
-        self.unroutable = False
-        """A publish came back unrouted: the topology is declared again before the next."""
+        self.undeclared = False
+        """A destination was added: the next send declares it on a new handle."""
         self._exchanges: dict[str, AbstractExchange] = {}
 
     @property
@@ -114,8 +113,6 @@ async def publish_batch(
             continue
         if isinstance(result, asyncio.CancelledError):
             raise result
-        if isinstance(result, amqp_errors.PublishError):
-            handle.unroutable = True
         if needs_rebuild(result):
             handle.break_(describe(result))
         out[i] = delivery_of(m.outbox_id, result, len(m.value))

@@ -23,8 +23,8 @@ class RabbitMQSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     declare_topology: bool = True
-    """Declare each route's exchange, its lane queues and their bindings at start (and
-    again when a publish finds no queue). Off: wait for them (``topology_wait_timeout``)."""
+    """Declare each route's exchange at start, and a consumer group's lane queues and
+    their bindings when it subscribes. Off: wait for them (``topology_wait_timeout``)."""
     topology_wait_timeout: float = Field(default=60.0, gt=0)
     lanes: int = Field(default=8, ge=1, le=1024)
     """Queues per (destination, group): a key's messages all go to lane

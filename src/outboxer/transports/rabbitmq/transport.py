@@ -8,8 +8,9 @@ queue for its lane), a closed channel or a missing confirm is a transient failur
 attempt counted), a message above ``rabbitmq.max_message_size`` a permanent one.
 
 Consumers: per route, a connection consuming the group's lane queues (durable, quorum
-by default, single active consumer), manual acknowledgements after the database
-commit, a prefetch of ``rabbitmq.prefetch``.
+by default, single active consumer; declared by the first subscription of the group,
+so a group that never subscribed has no queue and its messages stay in the outbox),
+manual acknowledgements after the database commit, a prefetch of ``rabbitmq.prefetch``.
 
 Connections are plain (not aio-pika's robust ones): a connection or channel that
 closed is replaced by the next call (``send`` or ``receive``), and nothing is
@@ -76,6 +77,9 @@ class RabbitMQTransport:
         self._producer_lock = asyncio.Lock()
         self._subscriptions: list[RabbitMQSubscription] = []
         self._routes: dict[str, ServiceRoute] = {}
+        """The routes whose exchanges the producer declares (by destination)."""
+        self._groups: set[tuple[str, str]] = set()
+        """(destination, group) whose lane queues this transport has declared."""
         self.producer_rebuilds = 0
 
     @property
@@ -106,18 +110,18 @@ class RabbitMQTransport:
         self._producer_lock = asyncio.Lock()
         for route in routes:
             self.check_route(route)
-            self._routes[f"{route.topic}\0{route.group_id}"] = route
+            self._routes[route.topic] = route
         await self._current_producer()
 
     async def subscribe(self, route: ServiceRoute) -> RabbitMQSubscription:
         self.check_route(route)
-        if f"{route.topic}\0{route.group_id}" not in self._routes:
-            self._routes[f"{route.topic}\0{route.group_id}"] = route
+        if (route.topic, route.group_id) not in self._groups:
             connection = await self.connect()
             try:
-                await self.admin.ensure(connection, [route])
+                await self.admin.ensure(connection, [route], queues=True)
             finally:
                 await connection.close()
+            self._groups.add((route.topic, route.group_id))
         sub = RabbitMQSubscription(route, self.settings, self.connect)
         await sub.open()
         self._subscriptions.append(sub)
@@ -137,11 +141,11 @@ class RabbitMQTransport:
     async def _current_producer(self) -> ProducerHandle:
         async with self._producer_lock:
             handle = self._producer
-            if handle is not None and handle.usable and not handle.unroutable:
+            if handle is not None and handle.usable and not handle.undeclared:
                 return handle
             if handle is not None:
                 if handle.usable:
-                    reason = "a message came back unrouted: declaring the topology again"
+                    reason = "a new destination to declare"
                 else:
                     reason = handle.broken or "its connection closed"
                 logger.warning("rebuilding the RabbitMQ producer: %s", reason)
@@ -154,7 +158,7 @@ class RabbitMQTransport:
     async def _new_producer(self) -> ProducerHandle:
         connection = await self.connect()
         try:
-            await self.admin.ensure(connection, list(self._routes.values()))
+            await self.admin.ensure(connection, list(self._routes.values()), queues=False)
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         except BaseException:
             await connection.close()
@@ -164,10 +168,10 @@ class RabbitMQTransport:
     async def send(
         self, route: ServiceRoute, messages: Sequence[OutgoingMessage]
     ) -> list[Delivery]:
-        if f"{route.topic}\0{route.group_id}" not in self._routes:
-            self._routes[f"{route.topic}\0{route.group_id}"] = route
+        if route.topic not in self._routes:
+            self._routes[route.topic] = route
             if self._producer is not None:
-                self._producer.unroutable = True  # declare the new route's topology
+                self._producer.undeclared = True  # declare the new destination
         handle = await self._current_producer()
         return await publish_batch(
             handle,
