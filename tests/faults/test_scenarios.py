@@ -29,7 +29,8 @@ from tests.faults.harness import (
     wait_for,
 )
 from tests.faults.proxy import COMMIT, FaultProxy
-from tests.helpers import MYSQL_ADMIN_URL
+from tests.helpers import MYSQL_ADMIN_URL, unavailable
+from tests.rabbitmq_broker import RabbitVhost
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ SIZES = {
         "commit-answers-lost": Size(2_000, 80, 6),
         "database-vanished": Size(2_000, 60, 1),
         "broker-vanished": Size(2_000, 60, 1),
+        "kill-pg-rabbitmq": Size(1_200, 80, 3),
+        "rabbitmq-connections-closed": Size(1_200, 80, 3),
     },
     "full": {
         "kill-pg-kafka": Size(50_000, 400, 10, 900),
@@ -66,6 +69,8 @@ SIZES = {
         "commit-answers-lost": Size(20_000, 200, 30, 900),
         "database-vanished": Size(20_000, 150, 3, 900),
         "broker-vanished": Size(20_000, 150, 3, 900),
+        "kill-pg-rabbitmq": Size(30_000, 300, 10, 900),
+        "rabbitmq-connections-closed": Size(20_000, 200, 8, 900),
     },
 }["full" if FULL else "ci"]
 
@@ -395,6 +400,66 @@ def test_broker_slow_then_vanished(
             sc.pause(VANISHED)
             proxy.restore()
             sc.fault("50 ms latency, then the broker vanished for 20 s")
+        sc.finish(size.drain_timeout)
+        _no_worker_restarted(sc)
+        sc.check(broker_fault=True)
+
+
+# ---------------------------------------------------------------------- RabbitMQ
+
+
+@pytest.fixture
+def rabbit() -> Iterator[RabbitVhost]:
+    """A virtual host of this scenario's own on the shared RabbitMQ broker (its
+    connections may be closed; deleted with everything in it at the end)."""
+    try:
+        vhost = RabbitVhost(prefix="outboxer_f").start()
+    except Exception as exc:
+        unavailable(f"RabbitMQ at 127.0.0.1:5672 (rabbitmqctl add_vhost): {exc}")
+    try:
+        yield vhost
+    finally:
+        vhost.stop()
+
+
+@pytest.mark.rabbitmq
+def test_workers_sigkilled_postgresql_rabbitmq(
+    pg_scratch: str, rabbit: RabbitVhost, tmp_path: Path, fault_results: None
+) -> None:
+    """Workers SIGKILLed while they relay and consume through RabbitMQ: what a killed
+    consumer held unacknowledged goes to the lane's next consumer, what a killed relay
+    had published unconfirmed is sent again after its lease."""
+    size = SIZES["kill-pg-rabbitmq"]
+    with scenario(
+        "workers SIGKILLed", tmp_path, pg_scratch, rabbit.url, setup="PostgreSQL, RabbitMQ"
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate)
+        _kill_loop(sc, size)
+        sc.finish(size.drain_timeout)
+        sc.check()
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_connections_closed(
+    pg_scratch: str, rabbit: RabbitVhost, tmp_path: Path, fault_results: None
+) -> None:
+    """Every client connection of the vhost closed by the broker
+    (``rabbitmqctl close_all_connections``) while workers run: the same workers build
+    their connections again, spend no attempt, and nothing is dead."""
+    size = SIZES["rabbitmq-connections-closed"]
+    with scenario(
+        "RabbitMQ connections closed",
+        tmp_path,
+        pg_scratch,
+        rabbit.url,
+        setup="PostgreSQL, RabbitMQ",
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate)
+        for _ in sc.fault_times(size.faults):
+            rabbit.close_all_connections()
+            sc.fault("connections closed")
         sc.finish(size.drain_timeout)
         _no_worker_restarted(sc)
         sc.check(broker_fault=True)
