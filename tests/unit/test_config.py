@@ -166,7 +166,9 @@ def test_keyword_overrides_keep_the_sections() -> None:
 
 def test_unknown_sections_and_section_keys_are_refused(tmp_path: Path) -> None:
     config = tmp_path / "outboxer.toml"
-    config.write_text("[kafka]\nsesion_timeout_ms = 6000\n[rabbitmq]\nurl = 'x'\n")
+    config.write_text(
+        "[kafka]\nsesion_timeout_ms = 6000\n[rabbitmq]\nurl = 'x'\n[activemq]\nurl = 'x'\n"
+    )
     with pytest.raises(ConfigurationError) as caught:
         load_settings(config)
     message = str(caught.value)
@@ -174,7 +176,8 @@ def test_unknown_sections_and_section_keys_are_refused(tmp_path: Path) -> None:
         "unknown setting 'kafka.sesion_timeout_ms' (did you mean 'kafka.session_timeout_ms'?)"
         in message
     )
-    assert "unknown setting 'rabbitmq'" in message
+    assert "unknown setting 'activemq'" in message
+    assert "unknown setting 'rabbitmq.url'" in message
     # The outbox's own problems and a section's are reported together.
     with pytest.raises(ConfigurationError) as caught:
         OutboxSettings.from_values(max_retyr=3, kafka={"partitions": 0})
