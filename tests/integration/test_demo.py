@@ -21,6 +21,7 @@ from outboxer.demo import (
     run_demo_async,
 )
 from tests.helpers import unavailable
+from tests.rabbitmq_broker import RabbitVhost, rabbitmqctl
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -115,3 +116,27 @@ def test_kafka_demo_adds_up(tmp_path: Path) -> None:
     _check(summary, 200, db)
     assert summary.transport == "kafka"
     assert "kafka transport" in out.getvalue()
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_demo_adds_up_and_leaves_nothing_behind(
+    tmp_path: Path, rabbitmq_vhost: RabbitVhost
+) -> None:
+    console, out = _console()
+    db = tmp_path / "demo.db"
+    summary = run_demo(
+        200,
+        transport="rabbitmq",
+        db_path=db,
+        console=console,
+        timeout=120,
+        transport_url=rabbitmq_vhost.url,
+    )
+    _check(summary, 200, db)
+    assert summary.transport == "rabbitmq"
+    assert "rabbitmq transport" in out.getvalue()
+    # The run's exchanges and queues are deleted at its end.
+    left = rabbitmqctl("list_queues", "-p", rabbitmq_vhost.name, "name")
+    assert "demo." not in left
+    left = rabbitmqctl("list_exchanges", "-p", rabbitmq_vhost.name, "name")
+    assert "demo." not in left

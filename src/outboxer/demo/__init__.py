@@ -13,6 +13,7 @@ whether each consumed event took effect exactly once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 import time
 import uuid
@@ -50,6 +51,8 @@ from outboxer.outbox import Outbox
 from outboxer.settings import OutboxSettings
 from outboxer.signals import stop_on_signals
 from outboxer.testing import EmbeddedKafka
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "FLAKY_EVERY",
@@ -96,18 +99,24 @@ async def run_demo_async(
     """:func:`run_demo` for callers already in an event loop.
 
     ``transport_url`` is where ``transport="kafka"`` sends (a running broker's
-    ``kafka://host:port``); :func:`run_demo` starts an embedded one.
+    ``kafka://host:port``); :func:`run_demo` starts an embedded one. For
+    ``transport="rabbitmq"`` it is a running broker's ``amqp://`` URL (default
+    :data:`RABBITMQ_URL`); the run's exchanges and queues are deleted at its end.
     """
     _check_arguments(events, transport)
     console = console or Console()
     if transport == "kafka" and transport_url is None:
         raise ConfigurationError("transport 'kafka' needs transport_url (kafka://host:port)")
+    if transport == "rabbitmq":
+        transport_url = transport_url or RABBITMQ_URL
     path = _database_path(db_path)
     url = f"sqlite:///{path}"
     limit = timeout if timeout is not None else 60.0 + events / 25
     outbox = Outbox(
         url,
-        transport=transport_url if transport == "kafka" else "local",
+        transport=transport_url
+        if transport in ("kafka", "rabbitmq") and transport_url
+        else "local",
         settings=_settings(transport),
     )
     demo = DemoSystem(outbox, url)
@@ -151,12 +160,31 @@ async def run_demo_async(
                 runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
         await demo.close()
+        if transport == "rabbitmq":
+            await _delete_topology(outbox)
         await outbox.aclose()
+
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+"""The broker ``outboxer demo --transport rabbitmq`` uses unless told another."""
+
+
+async def _delete_topology(outbox: Outbox) -> None:
+    """Delete the run's exchanges and queues (each run has a topic prefix of its own)."""
+    delete = getattr(outbox.transport, "delete_topology", None)
+    if delete is None:
+        return
+    try:
+        await delete()
+    except Exception as exc:  # noqa: BLE001 - the summary matters more than the cleanup
+        logger.warning("could not delete the demo's RabbitMQ exchanges and queues: %s", exc)
 
 
 def _check_arguments(events: int, transport: str) -> None:
     if transport not in TRANSPORTS:
-        raise ConfigurationError(f"unknown demo transport {transport!r}: use local or kafka")
+        raise ConfigurationError(
+            f"unknown demo transport {transport!r}: use {', '.join(TRANSPORTS)}"
+        )
     if events < MIN_EVENTS:
         raise ConfigurationError(f"the demo needs at least {MIN_EVENTS} events, got {events}")
 
@@ -272,13 +300,16 @@ def run_demo(
     console: Console | None = None,
     *,
     timeout: float | None = None,
+    transport_url: str | None = None,
 ) -> DemoSummary:
     """Run the demo and print its live progress and summary on ``console``.
 
     ``db_path`` must not exist yet (default: a new file in a new temporary
     directory, left in place; its path is in the summary). ``transport="kafka"``
-    starts the embedded broker for the run. Raises :class:`DemoError` when the
-    events do not drain within ``timeout`` seconds (default: 60 s + 40 ms per event).
+    starts the embedded broker for the run; ``transport="rabbitmq"`` uses a running
+    broker (``transport_url``, default :data:`RABBITMQ_URL`). Raises
+    :class:`DemoError` when the events do not drain within ``timeout`` seconds
+    (default: 60 s + 40 ms per event).
     """
     _check_arguments(events, transport)
     console = console or Console()
@@ -298,7 +329,16 @@ def run_demo(
             )
     else:
         summary = asyncio.run(
-            _until_signal(run_demo_async(events, transport, db_path, console, timeout=timeout))
+            _until_signal(
+                run_demo_async(
+                    events,
+                    transport,
+                    db_path,
+                    console,
+                    timeout=timeout,
+                    transport_url=transport_url,
+                )
+            )
         )
     render_summary(summary, console)
     return summary

@@ -127,6 +127,20 @@ class RabbitMQTransport:
         self._subscriptions.append(sub)
         return sub
 
+    async def delete_topology(self) -> None:
+        """Delete the exchanges and queues this transport declared, with the messages
+        in them (a throw-away run: the demo, tests). Never needed in production."""
+        connection = await self.connect()
+        try:
+            channel = await connection.channel(publisher_confirms=False)
+            for topic, group in sorted(self._groups):
+                for lane in range(self.settings.lanes):
+                    await channel.queue_delete(f"{topic}.{group}.{lane}")
+            for topic in sorted(self._routes):
+                await channel.exchange_delete(topic)
+        finally:
+            await connection.close()
+
     async def close(self) -> None:
         for sub in self._subscriptions:
             await sub.close()
