@@ -62,6 +62,7 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP) services
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.rabbitmq
 
 bench-quick: $(BENCH_STAMP) services
 	$(BIN)/python -m bench --quick

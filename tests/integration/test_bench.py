@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,3 +77,23 @@ def test_the_wire_costs_run(pg_database: ServerDatabase) -> None:
         "encode only, relay envelope",
     ):
         assert line in proc.stdout
+
+
+@pytest.mark.rabbitmq
+def test_the_rabbitmq_bench_runs(pg_database: ServerDatabase, rabbitmq_vhost: Any) -> None:
+    """``python -m bench.rabbitmq`` at its smallest size: the relay, the raw client and
+    end to end each measured (it asserts every row published or consumed)."""
+    paths = [str(ROOT / "src"), str(ROOT), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.rabbitmq", "--rounds", "1", "--rows", "200"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for line in ("outboxer relay (rabbitmq)", "raw aio-pika publish", "end-to-end (rabbitmq)"):
+        assert f"round 1: {line}" in proc.stdout
