@@ -89,8 +89,10 @@ def nats_server() -> str:
 def nats_url(nats_server: str) -> Iterator[str]:
     """The NATS server's URL; the streams the test declared are deleted after it
     (the tests name them uniquely: ``contract_svc_<hex>``, ``<prefix>_<service>`` with a
-    prefix ``c<hex>`` or ``nt<hex>``)."""
-    janitor = StreamJanitor(nats_server, r"(contract_svc_|c[0-9a-f]{6}_|nt[0-9a-f]{6}_)")
+    prefix ``c<hex>``, ``nt<hex>`` or ``i<hex>``)."""
+    janitor = StreamJanitor(
+        nats_server, r"(contract_svc_|c[0-9a-f]{6}_|nt[0-9a-f]{6}_|i[0-9a-f]{8}_)"
+    )
     yield nats_server
     janitor.clean()
 
