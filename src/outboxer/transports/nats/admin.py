@@ -139,3 +139,12 @@ class NatsAdmin:
                     continue
             await js.add_consumer(stream, self.consumer_config(route, lane))
         return missing
+
+    async def delete_streams(self, js: JetStreamContext, destinations: Sequence[str]) -> None:
+        """Delete the destinations' streams (their consumers and messages go with them)."""
+        for destination in destinations:
+            try:
+                await js.delete_stream(stream_name(destination))
+                logger.info("deleted NATS stream %s", stream_name(destination))
+            except js_errors.NotFoundError:
+                continue

@@ -100,6 +100,17 @@ class NatsTransport:
         if conn is not None:
             await conn.close()
 
+    async def delete_destinations(self, destinations: Sequence[str]) -> None:
+        """Delete the destinations' streams, with their consumers and messages (a
+        demo's or a test's; never called by the relay or the consumer), on a
+        connection of its own that it closes."""
+        conn = await connect(self.servers, self.settings, name="outboxer-admin")
+        try:
+            await self.admin.delete_streams(conn.js, destinations)
+        finally:
+            await conn.close()
+        self._ready.difference_update(destinations)
+
     def break_client(self, reason: str) -> None:
         """Flag the connection as unusable: the next call replaces it."""
         if self._conn is not None:
