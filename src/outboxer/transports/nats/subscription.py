@@ -8,7 +8,8 @@ seconds), so a long batch is not delivered to
 another reader meanwhile, while a reader that died leaves its messages to come
 again after ``ack_wait``. ``close`` gives what it still holds back at once.
 A connection that closed, or a consumer the server no longer knows (a server that
-lost its store), is replaced: the next ``receive`` builds the connection and the
+lost its store; looked for after ten seconds of fetches that found nothing), is
+replaced: the next ``receive`` builds the connection and the
 consumers again, spaced out while that fails.
 """
 
@@ -24,7 +25,7 @@ from outboxer.errors import TransportError
 from outboxer.routing import ServiceRoute
 from outboxer.transports.base import IncomingMessage
 from outboxer.transports.nats.admin import NatsAdmin, durable_name, stream_name
-from outboxer.transports.nats.client import JetStreamContext, Msg, nats_errors
+from outboxer.transports.nats.client import JetStreamContext, Msg, js_errors, nats_errors
 from outboxer.transports.nats.connection import Connection, Servers, connect
 from outboxer.transports.nats.errors import describe
 from outboxer.transports.nats.producer import KEY
@@ -38,6 +39,9 @@ _BUILD_RETRY_MAX = 30.0
 
 _FETCH_MIN = 0.05
 """The shortest wait (seconds) of one fetch: JetStream expires a pull request."""
+_CHECK_EVERY = 10.0
+"""Seconds of fetches that found nothing before the subscription asks whether its
+consumers still exist (a fetch from a consumer the server lost only times out)."""
 _LANE_WAIT = 0.25
 """The longest wait (seconds) of one round of fetches over the lanes."""
 
@@ -62,6 +66,7 @@ class NatsSubscription:
         self.rebuilds = 0
         self._build_retry_at = 0.0
         self._build_backoff = _BUILD_RETRY_FIRST
+        self._checked_at = time.monotonic()
 
     async def open(self) -> None:
         await self._build()
@@ -159,8 +164,30 @@ class NatsSubscription:
                 if not isinstance(failure, nats_errors.Error | OSError):
                     raise failure
                 return self._hand_out(out) + await self._rebuilt(describe(failure))
-            if out or time.monotonic() >= deadline:
+            if out:
+                self._checked_at = time.monotonic()
                 return self._hand_out(out)
+            if time.monotonic() >= deadline:
+                if time.monotonic() - self._checked_at >= _CHECK_EVERY:
+                    self._checked_at = time.monotonic()
+                    missing = await self._missing_consumer(conn)
+                    if missing:
+                        return await self._rebuilt(f"the server lost the consumer {missing}")
+                return []
+
+    async def _missing_consumer(self, conn: Connection) -> str | None:
+        """The first of the route's consumers the server does not know (None when it
+        knows them all, or cannot answer now: an outage is not a lost consumer)."""
+        stream = stream_name(self.route.topic)
+        for lane in range(len(self._pulls)):
+            name = durable_name(self.route.group_id, lane)
+            try:
+                await conn.js.consumer_info(stream, name, timeout=self._settings.connect_timeout)
+            except js_errors.NotFoundError:
+                return f"{stream}/{name}"
+            except (TimeoutError, nats_errors.Error, OSError):
+                return None
+        return None
 
     async def _rebuilt(self, reason: str) -> list[IncomingMessage]:
         await self._rebuild(reason)
