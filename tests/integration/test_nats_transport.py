@@ -62,3 +62,51 @@ async def test_a_server_that_lost_its_stream_gets_it_and_the_consumers_again(
     finally:
         await sub.close()
         await transport.close()
+
+
+def _route() -> ServiceRoute:
+    name = f"nt{uuid.uuid4().hex[:6]}"
+    return ServiceRoute(f"s_{name}", f"s_{name}_outbox", f"{name}.orders", f"{name}.orders.g")
+
+
+async def test_a_batch_held_longer_than_ack_wait_is_not_delivered_twice(nats_url: str) -> None:
+    """While a subscription holds a batch, its in-progress acks keep JetStream from
+    handing the messages to another reader after ``ack_wait``; once it is gone
+    without acknowledging, they come again."""
+    settings = OutboxSettings.from_values(nats={"ack_wait": 1.5, "lanes": 1})
+    transport = create(nats_url, settings)
+    route = _route()
+    await transport.start([route])
+    holder = await transport.subscribe(route)
+    other = await transport.subscribe(route)
+    try:
+        assert all(d.ok for d in await transport.send(route, _messages(1, 3)))
+        held = await holder.receive(10, 2.0)
+        assert len(held) == 3
+        # Three times ack_wait: without in-progress acks the other reader gets them.
+        deadline = time.monotonic() + 4.5
+        while time.monotonic() < deadline:
+            assert await other.receive(10, 0.5) == []
+        await holder.ack(held)
+        assert await other.receive(10, 2.0) == []
+    finally:
+        await holder.close()
+        await other.close()
+        await transport.close()
+
+
+async def test_a_message_over_the_servers_max_payload_is_permanent(nats_url: str) -> None:
+    transport = create(nats_url, OutboxSettings.from_values())
+    route = _route()
+    await transport.start([route])
+    try:
+        big = OutgoingMessage(1, 0, "k", b"x" * (2 * 1024 * 1024), "e-1", "t", "v1")
+        small = _messages(2, 1)[0]
+        too_big, fine = await transport.send(route, [big, small])
+        assert too_big.permanent
+        assert not too_big.transient
+        assert too_big.error is not None
+        assert "MaxPayload" in too_big.error
+        assert fine.ok
+    finally:
+        await transport.close()
