@@ -110,3 +110,41 @@ async def test_a_message_over_the_servers_max_payload_is_permanent(nats_url: str
         assert fine.ok
     finally:
         await transport.close()
+
+
+async def test_with_max_ack_pending_1_a_lane_is_read_in_order_across_readers(
+    nats_url: str,
+) -> None:
+    """``nats.max_ack_pending = 1``: one message of a lane out at a time, so two
+    readers of one group take a key's messages in publish order, also after one of
+    them gave a message back."""
+    settings = OutboxSettings.from_values(nats={"lanes": 1, "max_ack_pending": 1})
+    transport = create(nats_url, settings)
+    route = _route()
+    await transport.start([route])
+    readers = [await transport.subscribe(route), await transport.subscribe(route)]
+    try:
+        assert all(d.ok for d in await transport.send(route, _messages(1, 6)))
+        order: list[int] = []
+        gave_back = False
+        deadline = time.monotonic() + 30
+        while len(order) < 6:
+            assert time.monotonic() < deadline, f"read {order}"
+            rounds = [await r.receive(10, 0.3) for r in readers]
+            got = [(r, m) for r, batch in zip(readers, rounds, strict=True) for m in batch]
+            assert len(got) <= 1, [int(m.value or b"0") for _, m in got]
+            if not got:
+                continue
+            reader, message = got[0]
+            if int(message.value or b"0") == 3 and not gave_back:
+                gave_back = True
+                await reader.nack([message])
+                continue
+            order.append(int(message.value or b"0"))
+            await reader.ack([message])
+        assert order == [1, 2, 3, 4, 5, 6]
+        assert gave_back
+    finally:
+        for r in readers:
+            await r.close()
+        await transport.close()
