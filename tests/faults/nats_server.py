@@ -87,5 +87,12 @@ class PrivateNats:
         time.sleep(down_for)
         self.start()
 
+    def replace(self) -> None:
+        """SIGKILL, then a fresh server on the same port with an empty store: every
+        stream, consumer and stored message is gone."""
+        self.stop(signal.SIGKILL)
+        shutil.rmtree(self.store, ignore_errors=True)
+        self.start()
+
     def close(self) -> None:
         self.stop(signal.SIGKILL)

@@ -58,6 +58,7 @@ SIZES = {
         "broker-vanished": Size(2_000, 60, 1),
         "kill-pg-nats": Size(1_500, 100, 3),
         "nats-restarted": Size(1_200, 60, 2),
+        "nats-replaced": Size(1_000, 60, 1),
     },
     "full": {
         "kill-pg-kafka": Size(50_000, 400, 10, 900),
@@ -72,6 +73,7 @@ SIZES = {
         "broker-vanished": Size(20_000, 150, 3, 900),
         "kill-pg-nats": Size(50_000, 400, 10, 900),
         "nats-restarted": Size(20_000, 200, 6, 900),
+        "nats-replaced": Size(20_000, 200, 3, 900),
     },
 }["full" if FULL else "ci"]
 
@@ -454,6 +456,33 @@ def test_nats_server_restarted(
             sig = signal.SIGTERM if i % 2 == 0 else signal.SIGKILL
             private_nats.restart(sig, down_for=3.0)
             sc.fault(f"NATS server restarted ({sig.name})")
+        sc.finish(size.drain_timeout)
+        _no_worker_restarted(sc)
+        sc.check(broker_fault=True)
+
+
+def test_nats_server_replaced_by_an_empty_one(
+    pg_scratch: str, private_nats: PrivateNats, tmp_path: Path, fault_results: None
+) -> None:
+    """The private NATS server SIGKILLed and replaced by one with an empty store on the
+    same port: streams, consumers and the messages nobody had acknowledged are gone.
+    The relay declares the streams again, the subscriptions their consumers, and the
+    rows whose messages were lost are sent again after redeliver_after (20 s here);
+    no attempt is spent, nothing is dead, no worker restarted."""
+    size = SIZES["nats-replaced"]
+    with scenario(
+        "NATS server replaced",
+        tmp_path,
+        pg_scratch,
+        private_nats.url,
+        setup="PostgreSQL, NATS JetStream (file store)",
+        settings=NATS_SETTINGS,
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate)
+        for _ in sc.fault_times(size.faults):
+            private_nats.replace()
+            sc.fault("NATS server replaced (empty store)")
         sc.finish(size.drain_timeout)
         _no_worker_restarted(sc)
         sc.check(broker_fault=True)
