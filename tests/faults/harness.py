@@ -115,7 +115,7 @@ APP_SETTINGS = {
 MODES = {"both": [], "relay": ["--relay-only"], "consume": ["--consume-only"]}
 
 LOG_EVENTS = {
-    "relay outages": re.compile(r"transport unavailable, holding messages"),
+    "relay outages": re.compile(r"outage: the transport is unusable"),
     "Kafka producers rebuilt": re.compile(r"rebuilding the Kafka producer"),
     "Kafka consumers rebuilt": re.compile(r"rebuilding the Kafka consumer"),
     "NATS connections rebuilt": re.compile(r"rebuilding the NATS (?:connection|subscription)"),
