@@ -1,0 +1,9 @@
+"""The Django application of ``outboxer.contrib.django``."""
+
+from django.apps import AppConfig
+
+
+class OutboxerConfig(AppConfig):  # type: ignore[misc]  # Django ships no types
+    name = "outboxer.contrib.django"
+    label = "outboxer"
+    verbose_name = "outboxer"

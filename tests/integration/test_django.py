@@ -1,0 +1,325 @@
+"""The Django integration on SQLite, PostgreSQL and MariaDB, in this process.
+
+Django is configured by this module's fixture (three database aliases on scratch
+databases, migrated by Django's ``migrate``, which runs ``MigrateOutbox``) and
+unconfigured when the module ends, so no other test module sees Django settings.
+Workers that are killed and restarted are in ``test_django_worker.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("django")
+
+from django.conf import settings as django_settings
+from django.db import connections, transaction
+from sqlalchemy import func, select
+
+from outboxer import OutboxSettings
+from outboxer.database.connector import READ_ONLY
+from outboxer.errors import ConfigurationError, TransactionRequiredError
+from outboxer.models import Status
+from outboxer.testing import drain_sync
+from tests.helpers import ServerDatabase
+
+pytestmark = pytest.mark.django
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "django_shop"
+ALIASES = ("default", "postgresql", "mariadb")
+
+
+@pytest.fixture(scope="module")
+def django_project(
+    pg_database: ServerDatabase, mysql_database: ServerDatabase, tmp_path_factory: Any
+) -> Iterator[None]:
+    """Django configured with one alias per database, migrated; unconfigured after."""
+    import django  # noqa: PLC0415
+    import pymysql  # noqa: PLC0415
+    from django.conf import empty  # type: ignore[attr-defined]  # noqa: PLC0415
+    from django.core.management import call_command  # noqa: PLC0415
+
+    from outboxer.contrib.django import django_database  # noqa: PLC0415
+
+    pymysql.install_as_MySQLdb()  # Django's MySQL backend on PyMySQL (no mysqlclient)
+    sys.path.insert(0, str(EXAMPLE))
+    sqlite = tmp_path_factory.mktemp("django") / "default.db"
+    django_settings.configure(
+        DEBUG=False,
+        SECRET_KEY="test",
+        ALLOWED_HOSTS=["testserver"],
+        INSTALLED_APPS=[
+            "django.contrib.admin",
+            "django.contrib.auth",
+            "django.contrib.contenttypes",
+            "django.contrib.sessions",
+            "django.contrib.messages",
+            "outboxer.contrib.django",
+            "shop",
+        ],
+        MIDDLEWARE=[
+            "django.contrib.sessions.middleware.SessionMiddleware",
+            "django.middleware.common.CommonMiddleware",
+            "django.middleware.csrf.CsrfViewMiddleware",
+            "django.contrib.auth.middleware.AuthenticationMiddleware",
+            "django.contrib.messages.middleware.MessageMiddleware",
+        ],
+        ROOT_URLCONF="shop_project.urls",
+        TEMPLATES=[
+            {
+                "BACKEND": "django.template.backends.django.DjangoTemplates",
+                "APP_DIRS": True,
+                "OPTIONS": {
+                    "context_processors": [
+                        "django.template.context_processors.request",
+                        "django.contrib.auth.context_processors.auth",
+                        "django.contrib.messages.context_processors.messages",
+                    ]
+                },
+            }
+        ],
+        DATABASES={
+            "default": django_database(f"sqlite:///{sqlite}"),
+            "postgresql": django_database(pg_database.url),
+            "mariadb": django_database(mysql_database.url),
+        },
+        DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
+        USE_TZ=True,
+        OUTBOXER_APP="shop.events:outbox",
+    )
+    django.setup()
+    try:
+        for alias in ALIASES:
+            call_command("migrate", database=alias, verbosity=0)
+        yield
+    finally:
+        from shop.events import outbox as shop_outbox  # noqa: PLC0415
+
+        shop_outbox.close()
+        connections.close_all()
+        django_settings._wrapped = empty
+        sys.path.remove(str(EXAMPLE))
+
+
+@pytest.fixture(params=ALIASES)
+def outbox(request: pytest.FixtureRequest, django_project: None) -> Iterator[Any]:
+    """A DjangoOutbox on one alias with a fresh service (its table migrated)."""
+    from outboxer.contrib.django import DjangoOutbox  # noqa: PLC0415
+
+    ob = DjangoOutbox(
+        using=request.param,
+        settings=OutboxSettings.from_values(retry_unit=0.01, poll_interval=0.05),
+    )
+    service = f"svc_{uuid.uuid4().hex[:10]}"
+    ob.register_event("order.placed", service=service)
+    ob.register_event("order.batched", service=service)
+    ob.migrate()
+    ob.service = service  # type: ignore[attr-defined]
+    try:
+        yield ob
+    finally:
+        ob.close()
+        with ob.db.sync_engine.begin() as conn:
+            ob.table_for(service).drop(conn)
+        ob.db.dispose()
+
+
+def rows(ob: Any) -> list[tuple[str, Any, str]]:
+    """(event_type, payload, status) of every row of the test's service."""
+    table = ob.table_for(ob.service)
+    with ob.db.sync_engine.connect().execution_options(**READ_ONLY) as conn:
+        found = conn.execute(
+            select(table.c.event_type, table.c.payload, table.c.status).order_by(table.c.id)
+        ).all()
+    return [(r.event_type, r.payload, r.status) for r in found]
+
+
+def test_publish_commits_with_the_atomic_block(outbox: Any) -> None:
+    from shop.models import Order  # noqa: PLC0415
+
+    with transaction.atomic(using=outbox.using):
+        order = Order.objects.using(outbox.using).create(total=10)
+        oid = outbox.publish("order.placed", {"id": order.id}, key=f"order-{order.id}")
+        # Not visible to another connection before the commit.
+        assert rows(outbox) == []
+    assert oid > 0
+    [(event_type, payload, status)] = rows(outbox)
+    assert event_type == "order.placed"
+    assert f'"id":{order.id}' in payload.replace(" ", "")
+    assert status == Status.PENDING.value
+
+
+def test_an_atomic_block_that_raises_leaves_no_event(outbox: Any) -> None:
+    from shop.models import Order  # noqa: PLC0415
+
+    before = Order.objects.using(outbox.using).count()
+
+    def place() -> None:
+        with transaction.atomic(using=outbox.using):
+            order = Order.objects.using(outbox.using).create(total=10)
+            outbox.publish("order.placed", {"id": order.id})
+            raise RuntimeError("after publishing")
+
+    with pytest.raises(RuntimeError, match="after publishing"):
+        place()
+    assert rows(outbox) == []
+    assert Order.objects.using(outbox.using).count() == before
+
+
+def test_nested_blocks_and_savepoints(outbox: Any) -> None:
+    using = outbox.using
+
+    def dropped() -> None:
+        with transaction.atomic(using=using):
+            outbox.publish("order.placed", {"n": "inner dropped"})
+            raise ValueError("rolled back to the savepoint")
+
+    with transaction.atomic(using=using):
+        outbox.publish("order.placed", {"n": "outer"})
+        with transaction.atomic(using=using):  # a savepoint that commits with the outer
+            outbox.publish("order.placed", {"n": "inner kept"})
+        with pytest.raises(ValueError, match="rolled back"):
+            dropped()
+        sid = transaction.savepoint(using=using)
+        outbox.publish("order.placed", {"n": "manual savepoint"})
+        transaction.savepoint_rollback(sid, using=using)
+        outbox.publish("order.placed", {"n": "last"})
+    payloads = [payload for _, payload, _ in rows(outbox)]
+    assert [p.split('"n":')[1].strip(' "}') for p in payloads] == [
+        "outer",
+        "inner kept",
+        "last",
+    ]
+
+
+def test_publish_outside_an_atomic_block_is_refused(outbox: Any) -> None:
+    with pytest.raises(TransactionRequiredError, match=r"transaction\.atomic"):
+        outbox.publish("order.placed", {"n": 1})
+    assert rows(outbox) == []
+    outbox.publish("order.placed", {"n": 2}, autocommit=True)
+    assert len(rows(outbox)) == 1
+
+
+def test_a_rejected_event_leaves_the_block_usable(outbox: Any) -> None:
+    from shop.models import Order  # noqa: PLC0415
+
+    from outboxer.errors import RoutingError  # noqa: PLC0415
+
+    with transaction.atomic(using=outbox.using):
+        with pytest.raises(RoutingError):
+            outbox.publish("not.registered", {})
+        order = Order.objects.using(outbox.using).create(total=3)
+        outbox.publish("order.placed", {"id": order.id})
+    assert len(rows(outbox)) == 1
+
+
+def test_apublish_from_async_code(outbox: Any) -> None:
+    import asyncio  # noqa: PLC0415
+
+    async def view() -> int:
+        return await outbox.apublish("order.placed", {"n": 1}, autocommit=True)
+
+    assert asyncio.run(view()) > 0
+    assert len(rows(outbox)) == 1
+
+
+def invoices(using: str, order_ids: list[int]) -> dict[int, int]:
+    from django.db.models import Count  # noqa: PLC0415
+    from shop.models import Invoice  # noqa: PLC0415
+
+    found = (
+        Invoice.objects.using(using)
+        .filter(order_id__in=order_ids)
+        .values("order_id")
+        .annotate(n=Count("id"))
+    )
+    return {row["order_id"]: row["n"] for row in found}
+
+
+def test_handlers_write_with_the_orm_once_and_a_failure_rolls_back(outbox: Any) -> None:
+    from shop.models import Invoice, Order  # noqa: PLC0415
+
+    using = outbox.using
+    calls: dict[int, int] = {}
+
+    @outbox.handler("order.placed")
+    def create_invoice(event: Any) -> None:
+        order_id = event.payload["id"]
+        calls[order_id] = calls.get(order_id, 0) + 1
+        Invoice.objects.using(using).create(order_id=order_id)
+        if event.payload.get("fail") and calls[order_id] == 1:
+            # The invoice above must roll back with this attempt.
+            raise RuntimeError("first attempt fails")
+
+    ids = []
+    with transaction.atomic(using=using):
+        for n in range(5):
+            order = Order.objects.using(using).create(total=n)
+            ids.append(order.id)
+            outbox.publish("order.placed", {"id": order.id, "fail": n == 2})
+    drain_sync(outbox, timeout=60)
+    assert invoices(using, ids) == dict.fromkeys(ids, 1)
+    assert calls[ids[2]] == 2
+    assert [status for _, _, status in rows(outbox)] == [Status.CONSUMED.value] * 5
+    table = outbox.table_for(outbox.service)
+    with outbox.db.sync_engine.connect() as conn:
+        retried = conn.execute(
+            select(func.count()).select_from(table).where(table.c.retry_count > 0)
+        ).scalar_one()
+    assert retried == 1
+
+
+def test_batch_handlers_write_with_the_orm(outbox: Any) -> None:
+    from shop.models import Invoice, Order  # noqa: PLC0415
+
+    using = outbox.using
+    seen: list[int] = []
+
+    @outbox.batch_handler("order.batched")
+    def create_invoices(events: list[Any]) -> None:
+        seen.append(len(events))
+        Invoice.objects.using(using).bulk_create(
+            [Invoice(order_id=e.payload["id"]) for e in events]
+        )
+
+    with transaction.atomic(using=using):
+        ids = [Order.objects.using(using).create(total=1).id for _ in range(6)]
+        for order_id in ids:
+            outbox.publish("order.batched", {"id": order_id})
+    drain_sync(outbox, timeout=60)
+    assert invoices(using, ids) == dict.fromkeys(ids, 1)
+    assert sum(seen) == 6
+    assert max(seen) > 1  # consecutive events came in one call
+
+
+def test_async_handlers_are_refused(outbox: Any) -> None:
+    async def handle(event: Any) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="plain functions"):
+        outbox.handler("order.placed")(handle)
+
+
+def test_a_handler_cannot_commit_the_transaction(outbox: Any) -> None:
+    using = outbox.using
+
+    @outbox.handler("order.placed")
+    def commits(event: Any) -> None:
+        with connections[using].cursor() as cursor:
+            cursor.execute("COMMIT")
+
+    outbox.publish("order.placed", {"n": 1}, autocommit=True)
+    with pytest.raises(TimeoutError):
+        drain_sync(outbox, timeout=3)
+    [(_, _, status)] = rows(outbox)
+    assert status in (Status.PUBLISHED.value, Status.PENDING.value, Status.DEAD.value)
+    table = outbox.table_for(outbox.service)
+    with outbox.db.sync_engine.connect() as conn:
+        error = conn.execute(select(table.c.last_error)).scalar_one()
+    assert "tried to end the transaction" in (error or "")
