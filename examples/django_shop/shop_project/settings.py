@@ -9,6 +9,13 @@ from pathlib import Path
 
 from outboxer.contrib.django import django_database
 
+try:
+    import MySQLdb  # noqa: F401  - mysqlclient, Django's MySQL driver
+except ImportError:  # PyMySQL stands in for it (outboxer's mysql extra installs it)
+    import pymysql
+
+    pymysql.install_as_MySQLdb()
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 SECRET_KEY = os.environ.get("SHOP_SECRET_KEY", "only-for-the-example")
 DEBUG = True

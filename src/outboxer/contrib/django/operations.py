@@ -28,7 +28,6 @@ class MigrateOutbox(Operation):  # type: ignore[misc]  # Django ships no types
 
     reversible = True
     reduces_to_sql = True
-    atomic = True
 
     def state_forwards(self, app_label: str, state: Any) -> None:
         """The tables are not Django models: the model state does not change."""
