@@ -24,7 +24,11 @@ from sqlalchemy import func, select
 
 from outboxer import OutboxSettings
 from outboxer.database.connector import READ_ONLY
-from outboxer.errors import ConfigurationError, TransactionRequiredError
+from outboxer.errors import (
+    ConfigurationError,
+    MessageNotFoundError,
+    TransactionRequiredError,
+)
 from outboxer.models import Status
 from outboxer.testing import drain_sync
 from tests.helpers import ServerDatabase
@@ -323,3 +327,73 @@ def test_a_handler_cannot_commit_the_transaction(outbox: Any) -> None:
     with outbox.db.sync_engine.connect() as conn:
         error = conn.execute(select(table.c.last_error)).scalar_one()
     assert "tried to end the transaction" in (error or "")
+
+
+@pytest.fixture
+def admin_client(django_project: None) -> Iterator[Any]:
+    """A signed-in superuser, and the outbox of OUTBOXER_APP (SQLite alias)."""
+    from django.contrib.auth.models import User  # noqa: PLC0415
+    from django.test import Client  # noqa: PLC0415
+
+    name = f"admin_{uuid.uuid4().hex[:8]}"
+    user = User.objects.create_superuser(name, f"{name}@example.com", "pw")
+    client = Client()
+    client.force_login(user)
+    try:
+        yield client
+    finally:
+        user.delete()
+
+
+def test_the_admin_lists_filters_requeues_and_purges_dead_letters(admin_client: Any) -> None:
+    from shop.events import outbox as shop  # noqa: PLC0415
+
+    live = shop.publish("order.placed", {"id": 1}, key="order-live", autocommit=True)
+    dead = shop.publish(
+        "order.placed", {"id": 2}, key="order-dead", event_id="evt-dead", autocommit=True
+    )
+    shop.store("billing").mark_dead(dead, "the invoice service refused the order")
+    url = "/admin/outboxer/outboxmessage/"
+
+    page = admin_client.get(url)
+    assert page.status_code == 200
+    body = page.content.decode()
+    assert "order-live" in body
+    assert "order-dead" in body
+
+    only_dead = admin_client.get(url, {"status": "dead"}).content.decode()
+    assert "order-dead" in only_dead
+    assert "order-live" not in only_dead
+    assert "refused the order" in only_dead
+    by_key = admin_client.get(url, {"q": "order-live"}).content.decode()
+    assert "order-live" in by_key
+    assert "order-dead" not in by_key
+    by_event_id = admin_client.get(url, {"q": "evt-dead"}).content.decode()
+    assert "order-dead" in by_event_id
+    assert "order-live" not in by_event_id
+    other_type = admin_client.get(url, {"event_type": "order.cancelled"}).content.decode()
+    assert "order-live" not in other_type
+    assert admin_client.get(url, {"status": "nonsense"}).status_code == 400
+
+    # Read-only: no add or change form, no delete.
+    assert admin_client.get(f"{url}add/").status_code in (403, 404, 302)
+
+    done = admin_client.post(url, {"action": "requeue", "ids": [str(dead)], "service": "billing"})
+    assert done.status_code == 302
+    assert shop.admin.message(dead, service="billing").status is Status.PENDING
+    assert shop.admin.message(live, service="billing").status is Status.PENDING
+
+    shop.store("billing").mark_dead(dead, "refused again")
+    done = admin_client.post(url, {"action": "purge_dead", "service": "billing"})
+    assert done.status_code == 302
+    with pytest.raises(MessageNotFoundError):
+        shop.admin.message(dead, service="billing")
+    assert shop.admin.message(live, service="billing").status is Status.PENDING
+
+
+def test_the_admin_needs_a_staff_user(django_project: None) -> None:
+    from django.test import Client  # noqa: PLC0415
+
+    page = Client().get("/admin/outboxer/outboxmessage/")
+    assert page.status_code == 302
+    assert "/admin/login/" in page["Location"]
