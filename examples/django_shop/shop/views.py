@@ -15,9 +15,5 @@ def place_order(request):
     body = json.loads(request.body or b"{}")
     with transaction.atomic():
         order = Order.objects.create(total=int(body.get("total", 10)))
-        outbox.publish(
-            "order.placed",
-            {"id": order.id, "fail": bool(body.get("fail"))},
-            key=f"order-{order.id}",
-        )
+        outbox.publish("order.placed", {"id": order.id}, key=f"order-{order.id}")
     return JsonResponse({"id": order.id}, status=201)
