@@ -90,8 +90,9 @@ def django_project(
         ],
         DATABASES={
             "default": django_database(f"sqlite:///{sqlite}"),
-            "postgresql": django_database(pg_database.url),
-            "mariadb": django_database(mysql_database.url),
+            # Kept between operations, as a worker's should be: the restart test needs it.
+            "postgresql": {**django_database(pg_database.url), "CONN_MAX_AGE": 600},
+            "mariadb": {**django_database(mysql_database.url), "CONN_MAX_AGE": 600},
         },
         DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
         USE_TZ=True,
@@ -397,3 +398,59 @@ def test_the_admin_needs_a_staff_user(django_project: None) -> None:
     page = Client().get("/admin/outboxer/outboxmessage/")
     assert page.status_code == 302
     assert "/admin/login/" in page["Location"]
+
+
+@pytest.mark.parametrize("outbox", ["postgresql", "mariadb"], indirect=True)
+def test_the_worker_connects_again_after_its_connections_are_killed(outbox: Any) -> None:
+    """What a database restart does to the worker's connections: they die under it.
+    The operation in flight fails with a StoreError; the next one connects again."""
+    from shop.models import Invoice  # noqa: PLC0415
+
+    from outboxer.errors import StoreError  # noqa: PLC0415
+
+    store = outbox.store(outbox.service)
+    store.status()  # the connector's thread now holds a connection
+    engine = outbox.db.sync_engine
+    with engine.connect() as conn:
+        mine = conn.exec_driver_sql(
+            "SELECT CONNECTION_ID()" if "mysql" in engine.name else "SELECT pg_backend_pid()"
+        ).scalar_one()
+        if "mysql" in engine.name:
+            ids = [
+                r[0]
+                for r in conn.exec_driver_sql(
+                    "SELECT id FROM information_schema.processlist WHERE db = DATABASE()"
+                )
+                if r[0] != mine
+            ]
+            for other in ids:
+                conn.exec_driver_sql(f"KILL {int(other)}")
+        else:
+            conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> %s",
+                (mine,),
+            )
+            ids = [1]
+    assert ids, "the connector held no connection to kill"
+    outcomes = []
+    for _ in range(3):
+        try:
+            store.status()
+            outcomes.append("ok")
+        except StoreError:
+            outcomes.append("error")
+    # The operation in flight fails once (the killed connection), then it connects again.
+    assert outcomes == ["error", "ok", "ok"], outcomes
+
+    using = outbox.using
+
+    @outbox.handler("order.placed")
+    def invoice(event: Any) -> None:
+        Invoice.objects.using(using).create(order_id=event.payload["id"])
+
+    # This thread's connection died too; a request would fail and Django would drop it.
+    connections[using].close()
+    outbox.publish("order.placed", {"id": 777_000}, autocommit=True)
+    drain_sync(outbox, timeout=30)
+    assert invoices(using, [777_000]) == {777_000: 1}
