@@ -454,3 +454,40 @@ def test_the_worker_connects_again_after_its_connections_are_killed(outbox: Any)
     outbox.publish("order.placed", {"id": 777_000}, autocommit=True)
     drain_sync(outbox, timeout=30)
     assert invoices(using, [777_000]) == {777_000: 1}
+
+
+def test_bad_configuration_is_refused_with_a_typed_error(
+    django_project: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from outboxer.contrib.django import database_url, django_database, load_outbox  # noqa: PLC0415
+
+    with pytest.raises(ConfigurationError, match="unsupported database"):
+        django_database("oracle://scott@db/orcl")
+    assert django_database("postgresql+psycopg://u:p@h:5433/d") == {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": "d",
+        "USER": "u",
+        "PASSWORD": "p",
+        "HOST": "h",
+        "PORT": "5433",
+    }
+    with pytest.raises(ConfigurationError, match="no database 'nope'"):
+        database_url("nope")
+    monkeypatch.setattr(
+        django_settings,
+        "DATABASES",
+        {
+            "memory": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+            "oracle": {"ENGINE": "django.db.backends.oracle", "NAME": "x"},
+        },
+    )
+    with pytest.raises(ConfigurationError, match="in-memory SQLite"):
+        database_url("memory")
+    with pytest.raises(ConfigurationError, match="outboxer supports"):
+        database_url("oracle")
+    monkeypatch.setattr(django_settings, "OUTBOXER_APP", "shop.models")
+    with pytest.raises(ConfigurationError, match="OUTBOXER_APP"):
+        load_outbox()
+    monkeypatch.setattr(django_settings, "OUTBOXER_APP", "shop.models:Order")
+    with pytest.raises(ConfigurationError, match="not a DjangoOutbox"):
+        load_outbox()

@@ -15,18 +15,12 @@ from django.db import transaction
 from sqlalchemy.engine import URL, make_url
 
 from outboxer.contrib.django.connector import DjangoConnector, DjangoTransaction
+from outboxer.database.dialects import DIALECTS, dialect_for
 from outboxer.errors import ConfigurationError, HandlerError
 from outboxer.handlers import is_async_callable
 from outboxer.outbox import Outbox
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-_BACKENDS = {
-    "django.db.backends.postgresql": "postgresql",
-    "django.db.backends.mysql": "mysql",
-    "django.db.backends.sqlite3": "sqlite",
-}
-"""Django's database engines -> the SQLAlchemy backend of outboxer's own engines."""
 
 
 def database_url(using: str = "default") -> URL:
@@ -36,11 +30,12 @@ def database_url(using: str = "default") -> URL:
     if using not in databases:
         raise ConfigurationError(f"settings.DATABASES has no database {using!r}")
     config = databases[using]
-    backend = _BACKENDS.get(str(config.get("ENGINE", "")))
-    if backend is None:
+    engine = str(config.get("ENGINE", ""))
+    dialect = next((d for d in DIALECTS if d.django_engine == engine), None)
+    if dialect is None:
         raise ConfigurationError(
-            f"DATABASES[{using!r}] uses {config.get('ENGINE')!r}: outboxer supports "
-            f"{', '.join(sorted(_BACKENDS))}"
+            f"DATABASES[{using!r}] uses {engine!r}: outboxer supports "
+            f"{', '.join(sorted(str(d.django_engine) for d in DIALECTS))}"
         )
     name = str(config.get("NAME") or "")
     if not name or name == ":memory:" or name.startswith("file:"):
@@ -50,7 +45,7 @@ def database_url(using: str = "default") -> URL:
         )
     port = config.get("PORT")
     return URL.create(
-        backend,
+        dialect.family,
         username=config.get("USER") or None,
         password=config.get("PASSWORD") or None,
         host=config.get("HOST") or None,
@@ -59,20 +54,14 @@ def database_url(using: str = "default") -> URL:
     )
 
 
-_ENGINES = {backend: engine for engine, backend in _BACKENDS.items()}
-
-
 def django_database(url: str | URL) -> dict[str, Any]:
     """A ``settings.DATABASES`` entry for a database URL (``sqlite:///shop.db``,
     ``postgresql://user@host/db``, ``mysql://root@host/db``; a ``+driver`` is ignored).
     """
     parsed = make_url(url)
-    engine = _ENGINES.get(parsed.get_backend_name())
+    engine = dialect_for(parsed.get_backend_name()).django_engine
     if engine is None:
-        raise ConfigurationError(
-            f"no Django database engine for {parsed.get_backend_name()!r}: use "
-            f"{', '.join(sorted(_ENGINES))}"
-        )
+        raise ConfigurationError(f"no Django database engine for {parsed.get_backend_name()!r}")
     return {
         "ENGINE": engine,
         "NAME": parsed.database or "",
