@@ -491,3 +491,11 @@ def test_bad_configuration_is_refused_with_a_typed_error(
     monkeypatch.setattr(django_settings, "OUTBOXER_APP", "shop.models:Order")
     with pytest.raises(ConfigurationError, match="not a DjangoOutbox"):
         load_outbox()
+
+
+def test_the_migrations_match_the_models(django_project: None) -> None:
+    """outboxer's own migration (the admin's unmanaged model) and the example's leave
+    nothing for ``makemigrations`` to write."""
+    from django.core.management import call_command  # noqa: PLC0415
+
+    call_command("makemigrations", "outboxer", "shop", check=True, dry_run=True, verbosity=0)
