@@ -322,22 +322,40 @@ def sql_script(plans: Sequence[TablePlan], tables: Tables, dialect: Any) -> str:
     """The DDL and version rows of ``plans`` as one SQL script for ``dialect`` (a
     SQLAlchemy dialect), for a DBA to review and run."""
     lines: list[str] = []
+    for statement in sql_statements(plans, tables, dialect):
+        if statement.startswith("-- "):
+            lines.append("")
+            lines.append(statement)
+        else:
+            lines.append(statement + ";")
+    return "\n".join(lines) + "\n"
+
+
+def sql_statements(plans: Sequence[TablePlan], tables: Tables, dialect: Any) -> list[str]:
+    """The statements of :func:`sql_script`, one by one without their ``;`` (each
+    table's first line is a ``-- table: version a -> b`` comment), for a tool that
+    runs them itself (a Django migration operation)."""
+    out: list[str] = []
     versions_ddl = str(CreateTable(tables.versions, if_not_exists=True).compile(dialect=dialect))
-    lines.append(versions_ddl.strip() + ";")
+    out.append(versions_ddl.strip())
     for table_plan in plans:
         if table_plan.up_to_date:
             continue
-        lines.append("")
-        lines.append(f"-- {table_plan.table}: version {table_plan.current} -> {table_plan.target}")
+        out.append(f"-- {table_plan.table}: version {table_plan.current} -> {table_plan.target}")
         for statement in table_plan.statements:
-            lines.append(str(statement.compile(dialect=dialect)).strip() + ";")
+            out.append(str(statement.compile(dialect=dialect)).strip())
         op = op_record_versions(tables.versions, table_plan.table, table_plan.steps)
         for instruction in op:
             assert isinstance(instruction, Execute)
             stmt = instruction.statement
             for params in instruction.params or [{}]:
-                lines.append(_literal(stmt, params, dialect) + ";")
-    return "\n".join(lines) + "\n"
+                out.append(_literal(stmt, params, dialect))
+    return out
+
+
+def fresh_plans(tables: Tables) -> list[TablePlan]:
+    """What :func:`migrate` does on a database without outbox tables (reads nothing)."""
+    return [_plan_table(t, None, 0) for t in _outbox_tables(tables)]
 
 
 def _literal(stmt: Any, params: dict[str, Any], dialect: Any) -> str:
@@ -359,7 +377,9 @@ __all__ = [
     "migrate",
     "plan",
     "plan_on",
+    "fresh_plans",
     "sql_script",
+    "sql_statements",
     "table_at",
     "version_table",
 ]
