@@ -153,3 +153,37 @@ class Activity:
             consumed=[a + b for a, b in zip(self.consumed, other.consumed, strict=True)],
             failed=[a + b for a, b in zip(self.failed, other.failed, strict=True)],
         )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One operator action as the audit table (``outboxer_audit``) keeps it."""
+
+    id: int
+    at: datetime
+    """When (the database's clock, UTC), in the transaction of the action."""
+    actor: str
+    """Who: the OS user of a command, ``console:<address>`` for the web console."""
+    action: str
+    """``requeue``, ``purge``, ``edit``, ``cancel``, ``skip``, ``park``, ``release``."""
+    service_name: str
+    outbox_ids: list[int]
+    detail: dict[str, Any]
+    payload_before: str | None = None
+    payload_after: str | None = None
+
+    @classmethod
+    def from_mapping(cls, row: Mapping[str, Any]) -> AuditEntry:
+        ids = json.loads(row["outbox_ids"] or "[]")
+        detail = json.loads(row["detail"] or "{}")
+        return cls(
+            id=int(row["id"]),
+            at=row["at"],
+            actor=row["actor"],
+            action=row["action"],
+            service_name=row["service_name"],
+            outbox_ids=[int(i) for i in ids] if isinstance(ids, list) else [],
+            detail=detail if isinstance(detail, dict) else {},
+            payload_before=row["payload_before"],
+            payload_after=row["payload_after"],
+        )

@@ -277,7 +277,7 @@ def plan_on(conn: Connection, tables: Tables, outbox: Sequence[Table]) -> list[T
 
 def _outbox_tables(tables: Tables) -> list[Table]:
     return sorted(
-        (t for t in tables.metadata.tables.values() if t is not tables.versions),
+        (t for t in tables.metadata.tables.values() if not tables.own(t.name)),
         key=lambda t: t.name,
     )
 
@@ -299,6 +299,9 @@ def migrate(database: Database, tables: Tables) -> list[TablePlan]:
         with single_instance(database, MIGRATE_LOCK, wait=True):
             with database.sync_engine.begin() as conn:
                 tables.versions.create(conn, checkfirst=True)
+                # The audit table has no versions yet: created when missing, so an
+                # existing database gains it on its next `outboxer migrate`.
+                tables.audit.create(conn, checkfirst=True)
             plans = []
             for table in outbox:
                 with database.sync_engine.begin() as conn:
@@ -324,6 +327,10 @@ def sql_script(plans: Sequence[TablePlan], tables: Tables, dialect: Any) -> str:
     lines: list[str] = []
     versions_ddl = str(CreateTable(tables.versions, if_not_exists=True).compile(dialect=dialect))
     lines.append(versions_ddl.strip() + ";")
+    audit_ddl = str(CreateTable(tables.audit, if_not_exists=True).compile(dialect=dialect))
+    lines.append(audit_ddl.strip() + ";")
+    for index in sorted(tables.audit.indexes, key=lambda i: str(i.name)):
+        lines.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect)) + ";")
     for table_plan in plans:
         if table_plan.up_to_date:
             continue

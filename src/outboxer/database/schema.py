@@ -206,13 +206,46 @@ def version_table(metadata: MetaData) -> Table:
     )
 
 
+AUDIT_TABLE = "outboxer_audit"
+"""Every operator action (requeue, purge, edit, ...): who, when, what, which rows."""
+
+
+def audit_table(metadata: MetaData) -> Table:
+    """The audit table in ``metadata`` (built on first use). Retention never deletes
+    from it; ``Admin.purge_audit`` does, when asked."""
+    existing = metadata.tables.get(AUDIT_TABLE)
+    if existing is not None:
+        return existing
+    return Table(
+        AUDIT_TABLE,
+        metadata,
+        Column("id", id_type(), primary_key=True, autoincrement=True),
+        Column("at", UtcDateTime(), nullable=False),
+        Column("actor", String(200), nullable=False),
+        Column("action", String(32), nullable=False),
+        Column("service_name", String(64), nullable=False),
+        # The rows acted on as a JSON list of outbox ids ("[]": none matched).
+        Column("outbox_ids", Text, nullable=False),
+        # What the action was given (filters, reason, counts), as a JSON object.
+        Column("detail", Text, nullable=False),
+        Column("payload_before", _Payload(), nullable=True),
+        Column("payload_after", _Payload(), nullable=True),
+        Index("ix_outboxer_audit_at", "at"),
+    )
+
+
 class Tables:
-    """The outbox tables of one application and the schema version table, in one
-    ``MetaData`` (give it to Alembic)."""
+    """The outbox tables of one application, the schema version table and the audit
+    table, in one ``MetaData`` (give it to Alembic)."""
 
     def __init__(self, metadata: MetaData | None = None) -> None:
         self.metadata = metadata if metadata is not None else MetaData()
         self.versions = version_table(self.metadata)
+        self.audit = audit_table(self.metadata)
+
+    def own(self, name: str) -> bool:
+        """Whether ``name`` is one of outboxer's own tables (not an outbox table)."""
+        return name in (VERSION_TABLE, AUDIT_TABLE)
 
     def table(self, route: ServiceRoute) -> Table:
         """The table of ``route`` (built on first use): an outbox table, or an inbox
@@ -224,5 +257,5 @@ class Tables:
     def forget(self, name: str) -> None:
         """Drop table ``name`` from the metadata (a default route that was replaced)."""
         table = self.metadata.tables.get(name)
-        if table is not None and table is not self.versions:
+        if table is not None and not self.own(name):
             self.metadata.remove(table)
