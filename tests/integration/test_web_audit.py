@@ -1,0 +1,95 @@
+"""The console's audit page and the edit of a dead letter over HTTP on SQLite,
+PostgreSQL and MariaDB: CSRF and read-only as for every change, the checks of the
+new payload, the audit rows naming the console's client, data from outside shown
+as text."""
+
+from __future__ import annotations
+
+import json
+
+from outboxer import Status
+from tests.integration.test_web import XSS, Console, _csrf
+from tests.integration.test_web import console as console  # noqa: PLC0414 - the fixture
+
+
+def test_edit_requeue_and_the_audit_page(console: Console) -> None:
+    client = console.client()
+    store = console.outbox.store(console.mails)
+    page = client.get("/audit")
+    assert page.status_code == 200
+    assert 'id="audit-empty"' in page.text
+    message = client.get(f"/messages/{console.mails}/{console.xss_id}")
+    assert 'id="edit-payload"' in message.text
+    assert 'id="trail-empty"' in message.text
+    assert "<script>alert" not in message.text  # the payload in the form is text
+
+    edit = {"service": console.mails, "id": str(console.xss_id)}
+    # No CSRF token: refused, nothing changes.
+    refused = client.post("/dead/edit", data={**edit, "payload": '{"note": "fixed"}'})
+    assert refused.status_code == 403
+    csrf = _csrf(client)
+    bad = client.post("/dead/edit", data={**edit, "csrf": csrf, "payload": "{not json"})
+    assert bad.status_code == 400
+    assert "not valid JSON" in bad.text
+    row = store.get_by_id(console.xss_id)
+    assert row is not None
+    assert row.status is Status.DEAD
+
+    done = client.post(
+        "/dead/edit",
+        data={**edit, "csrf": csrf, "payload": json.dumps({"note": "fixed", "html": XSS})},
+        follow_redirects=False,
+    )
+    assert done.status_code == 303, done.text
+    assert done.headers["location"] == f"/messages/{console.mails}/{console.xss_id}?edited=1"
+    row = store.get_by_id(console.xss_id)
+    assert row is not None
+    assert (row.status, row.requeue_count) == (Status.PENDING, 1)
+    assert row.envelope().payload == {"note": "fixed", "html": XSS}
+    # Not dead any more: a second edit is refused.
+    again = client.post("/dead/edit", data={**edit, "csrf": csrf, "payload": "{}"})
+    assert again.status_code == 400
+    assert "not dead" in again.text
+
+    other = console.dead_ids[1]
+    requeued = client.post(
+        "/dead/requeue",
+        data={"csrf": csrf, "one": f"{console.mails}:{other}", "next": "/dead"},
+        follow_redirects=False,
+    )
+    assert requeued.status_code == 303
+
+    shown = client.get(f"/messages/{console.mails}/{console.xss_id}?edited=1")
+    assert 'id="edit-result"' in shown.text
+    assert 'id="trail"' in shown.text
+    assert "console:testclient" in shown.text
+    assert 'id="edit-payload"' not in shown.text  # only dead letters are edited
+    assert "<script>alert" not in shown.text
+
+    page = client.get("/audit")
+    assert page.status_code == 200
+    actions = list(page.text.split('class="action">')[1:])
+    assert [a.split("<", 1)[0] for a in actions] == ["requeue", "edit"]
+    assert f'href="/messages/{console.mails}/{other}"' in page.text
+    filtered = client.get("/audit", params={"action": "edit", "service": console.mails})
+    assert filtered.text.count('class="action">') == 1
+    unknown = client.get("/audit", params={"action": "delete"})
+    assert unknown.status_code == 400
+    assert "unknown audit action" in unknown.text
+    entries = console.outbox.admin.audit(services=[console.mails]).entries
+    assert [(e.action, e.actor, e.outbox_ids) for e in entries] == [
+        ("requeue", "console:testclient", [other]),
+        ("edit", "console:testclient", [console.xss_id]),
+    ]
+
+
+def test_read_only_console_offers_no_edit(console: Console) -> None:
+    client = console.client(read_only=True)
+    page = client.get(f"/messages/{console.mails}/{console.xss_id}")
+    assert page.status_code == 200
+    assert 'id="edit-payload"' not in page.text
+    csrf = _csrf(client)
+    data = {"csrf": csrf, "service": console.mails, "id": str(console.xss_id), "payload": "{}"}
+    assert client.post("/dead/edit", data=data).status_code == 403
+    assert client.get("/audit").status_code == 200
+    assert console.outbox.store(console.mails).status().dead == 2
