@@ -51,9 +51,16 @@ from outboxer.errors import (
     MessageNotFoundError,
     PayloadNotSerializableError,
 )
-from outboxer.models import Activity, AuditEntry, OutboxMessage, ServiceStatus, Status
+from outboxer.models import (
+    Activity,
+    AuditEntry,
+    BlockedKey,
+    OutboxMessage,
+    ServiceStatus,
+    Status,
+)
 from outboxer.routing import ServiceRoute
-from outboxer.rows import check_event_id
+from outboxer.rows import check_event_id, clean_key
 from outboxer.settings import DEFAULT_PURGE_BATCH
 from outboxer.store import Storage, Store
 
@@ -125,7 +132,7 @@ class AuditPage:
     """Cursor of the next (older) page (an audit id); ``None`` on the last page."""
 
 
-AUDIT_ACTIONS = ("requeue", "purge", "edit", "cancel", "skip", "park", "release")
+AUDIT_ACTIONS = ("requeue", "purge", "edit", "cancel", "retry", "skip", "park", "release")
 
 
 def os_user() -> str:
@@ -682,6 +689,82 @@ class Admin:
             max_bytes=rules.max_payload_bytes,
             event_type=m.event_type,
         )
+
+    # ------------------------------------------------------------------ blocked keys
+
+    def _ordered(self, service: str) -> ServiceRoute:
+        route = self.storage.routes.route_for_service(service)
+        if not route.ordered:
+            raise ConfigurationError(
+                f"service {service!r} is not ordered: no key of it is ever held back"
+            )
+        return route
+
+    def blocked_keys(
+        self, services: Sequence[str] | None = None, *, limit: int = DEFAULT_PAGE
+    ) -> list[BlockedKey]:
+        """Keys of the ordered ``services`` (all ordered ones when None) held back:
+        by a failing or dead head, or parked; oldest first, at most ``limit`` per
+        service. Services whose table is missing are left out."""
+        existing = self.storage.database.table_names()
+        found: list[BlockedKey] = []
+        for route in self.routes(services):
+            if services and not route.ordered:
+                self._ordered(route.service_name)
+            if route.ordered and route.table_name in existing:
+                found += self._store(route).blocked_keys(limit)
+        return found
+
+    async def blocked_keys_async(
+        self, services: Sequence[str] | None = None, *, limit: int = DEFAULT_PAGE
+    ) -> list[BlockedKey]:
+        return await asyncio.to_thread(lambda: self.blocked_keys(services, limit=limit))
+
+    def retry_head(self, service: str, key: str, *, actor: str | None = None) -> int:
+        """Retry the head of ``key`` now (a failing one keeps its attempts, a dead one
+        is requeued); audited. Returns its outbox id."""
+        route = self._ordered(service)
+        audit = Audit(actor or os_user(), "retry", {"key": key})
+        oid = self._store(route).retry_head(key, audit)
+        if oid is None:
+            raise MessageNotFoundError(
+                f"key {key!r} of {service} has no failing or dead event at its head"
+            )
+        return oid
+
+    def skip_head(self, service: str, key: str, reason: str, *, actor: str | None = None) -> int:
+        """Mark the head of ``key`` dead with ``reason`` so the events behind it go
+        on (with ``ordered_after_dead = "block"`` a dead head still holds the key);
+        audited. Returns its outbox id."""
+        reason = reason.strip()
+        if not reason:
+            raise ConfigurationError("give a reason to skip an event")
+        route = self._ordered(service)
+        audit = Audit(actor or os_user(), "skip", {"key": key, "reason": reason})
+        oid = self._store(route).skip_head(key, f"skipped by an operator: {reason}", audit)
+        if oid is None:
+            raise MessageNotFoundError(f"key {key!r} of {service} has no pending event to skip")
+        return oid
+
+    def park(
+        self, service: str, key: str, *, reason: str | None = None, actor: str | None = None
+    ) -> bool:
+        """Hold every event of ``key`` (handled by no consumer) until :meth:`release`;
+        audited. False when it was parked already."""
+        route = self._ordered(service)
+        key = clean_key(key)
+        audit = Audit(actor or os_user(), "park", {"key": key, "reason": reason})
+        return self._store(route).park(key, reason, audit)
+
+    def release(self, service: str, key: str, *, actor: str | None = None) -> int:
+        """Release parked ``key``: its waiting events are due at once; audited.
+        Returns how many were made due; raises when the key was not parked."""
+        route = self._ordered(service)
+        audit = Audit(actor or os_user(), "release", {"key": key})
+        released = self._store(route).release(key, audit)
+        if released is None:
+            raise MessageNotFoundError(f"key {key!r} of {service} is not parked")
+        return released
 
     # ------------------------------------------------------------------ audit
 

@@ -187,3 +187,22 @@ class AuditEntry:
             payload_before=row["payload_before"],
             payload_after=row["payload_after"],
         )
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedKey:
+    """A key of an ordered service whose events are held back, and by what."""
+
+    service_name: str
+    message_key: str
+    by: str
+    """``failing`` (the head waits for its retry), ``dead`` (with
+    ``ordered_after_dead = "block"``) or ``parked`` (an operator holds the key)."""
+    head: OutboxMessage | None
+    """The earliest open (or dead) event of the key; None for a parked key with none."""
+    waiting: int
+    """Events of the key held behind the head (all of them for a parked key)."""
+    since: datetime
+    """When the head was published (parked: when the key was parked)."""
+    parked_by: str | None = None
+    reason: str | None = None

@@ -40,13 +40,18 @@ from outboxer.database.ops.tools import (
     op_activity,
     op_audit_list,
     op_audit_purge,
+    op_blocked_keys,
     op_cancel_audited,
     op_count,
     op_edit,
     op_find,
+    op_park,
     op_purge_batch,
+    op_release_key,
     op_requeue,
     op_requeue_audited,
+    op_retry_head,
+    op_skip_head,
     op_status,
 )
 from outboxer.database.ops.transitions import (
@@ -72,7 +77,14 @@ from outboxer.errors import (
     MessageNotFoundError,
     ServiceMismatchError,
 )
-from outboxer.models import Activity, AuditEntry, OutboxMessage, ServiceStatus, Status
+from outboxer.models import (
+    Activity,
+    AuditEntry,
+    BlockedKey,
+    OutboxMessage,
+    ServiceStatus,
+    Status,
+)
 from outboxer.routing import RouteRegistry, ServiceRoute, validate_event_type
 from outboxer.rows import RowBuilder, check_event_id, clean_key
 from outboxer.settings import DEFAULT_BATCH_SIZE, DEFAULT_LEASE
@@ -123,6 +135,7 @@ class Storage:
             self.dead_blocks,
             self.scheduled_blocks,
             self.tables.audit,
+            self.tables.parked,
         )
 
     def store(self, route: ServiceRoute, tx: SyncTx | AsyncTx | None = None) -> Store:
@@ -385,6 +398,26 @@ class Store:
         """Replace dead letter ``outbox_id``'s stored envelope and requeue it, audited
         (None: the row is not dead)."""
         return self._run(op_edit(self._ctx, outbox_id, payload, audit))
+
+    def blocked_keys(self, limit: int) -> list[BlockedKey]:
+        """The keys of this (ordered) service held back (read only)."""
+        return self._run(op_blocked_keys(self._ctx, limit), read_only=True)
+
+    def retry_head(self, key: str, audit: Audit) -> int | None:
+        """Make the failing or dead head of ``key`` due now, audited."""
+        return self._run(op_retry_head(self._ctx, key, audit))
+
+    def skip_head(self, key: str, reason: str, audit: Audit) -> int | None:
+        """Mark the pending head of ``key`` dead with ``reason``, audited."""
+        return self._run(op_skip_head(self._ctx, key, reason, audit))
+
+    def park(self, key: str, reason: str | None, audit: Audit) -> bool:
+        """Hold every event of ``key`` until released, audited."""
+        return bool(self._run(op_park(self._ctx, key, reason, audit)))
+
+    def release(self, key: str, audit: Audit) -> int | None:
+        """Release parked ``key`` (its waiting events due now), audited."""
+        return self._run(op_release_key(self._ctx, key, audit))
 
     def cancel_audited(self, event_id: str, audit: Audit) -> bool:
         """:meth:`cancel` by an operator, audited."""

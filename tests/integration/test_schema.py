@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import inspect
 
 from outboxer import Outbox, OutboxMessage
-from outboxer.database.schema import AUDIT_TABLE, VERSION_TABLE
+from outboxer.database.schema import AUDIT_TABLE, PARKED_TABLE, VERSION_TABLE
 from tests.helpers import drop_tables, make_outbox
 
 # The row model and the table must agree column for column, in order.
@@ -101,7 +101,13 @@ def test_metadata_lists_registered_tables(db_url: str, service: str) -> None:
     ob.register_event("a.happened", service)
     ob.register_service(service + "_x", table=f"{service}_custom")
     assert sorted(ob.metadata.tables) == sorted(
-        [f"{service}_outbox_messages", f"{service}_custom", VERSION_TABLE, AUDIT_TABLE]
+        [
+            f"{service}_outbox_messages",
+            f"{service}_custom",
+            VERSION_TABLE,
+            AUDIT_TABLE,
+            PARKED_TABLE,
+        ]
     )
     ob.close()
 

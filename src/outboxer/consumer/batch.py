@@ -17,7 +17,7 @@ from typing import Any
 
 from outboxer.database.instructions import Invoke, Op
 from outboxer.database.ops.base import OpContext, Outcome
-from outboxer.database.ops.handling import op_lock_batch, op_open_before
+from outboxer.database.ops.handling import op_lock_batch, op_open_before, op_parked_keys
 from outboxer.database.ops.inbox import op_inbox_ids, op_store_received
 from outboxer.database.ops.transitions import (
     op_defer,
@@ -216,6 +216,9 @@ least this often (the earlier event may be retried sooner, after a requeue say).
 DEAD_WAIT = MAX_ORDER_WAIT
 """Seconds between looks at a key held by a dead event (``ordered_after_dead=block``):
 a requeue of the dead event releases the key within this time."""
+PARKED_WAIT = MAX_ORDER_WAIT
+"""Seconds between looks at a key an operator parked (releasing it makes its events
+due at once)."""
 
 
 class _KeyOrder:
@@ -251,6 +254,7 @@ def _key_order(c: OpContext, live: list[tuple[int, Any]]) -> Op[_KeyOrder]:
     keys = {oid: row.message_key for oid, row in live}
     ids = [oid for oid, _ in live]
     earlier = yield from op_open_before(c, set(keys.values()), ids)
+    parked = yield from op_parked_keys(c, set(keys.values()))
     waits: dict[str, list[tuple[int, float]]] = {}
     for r in earlier:
         if r.status == Status.DEAD.value:
@@ -272,7 +276,11 @@ def _key_order(c: OpContext, live: list[tuple[int, Any]]) -> Op[_KeyOrder]:
         else:  # published, or due for its first send, or on its way
             seconds = IN_FLIGHT_WAIT
         waits.setdefault(r.message_key, []).append((r.id, seconds))
-    return _KeyOrder(keys, waits)
+    order = _KeyOrder(keys, waits)
+    for key in parked:
+        # Every event of a parked key waits, the first one too.
+        order.held[key] = PARKED_WAIT
+    return order
 
 
 def op_inbox_receive(

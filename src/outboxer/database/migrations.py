@@ -299,9 +299,11 @@ def migrate(database: Database, tables: Tables) -> list[TablePlan]:
         with single_instance(database, MIGRATE_LOCK, wait=True):
             with database.sync_engine.begin() as conn:
                 tables.versions.create(conn, checkfirst=True)
-                # The audit table has no versions yet: created when missing, so an
-                # existing database gains it on its next `outboxer migrate`.
+                # The audit and parked keys tables have no versions yet: created
+                # when missing, so an existing database gains them on its next
+                # `outboxer migrate`.
                 tables.audit.create(conn, checkfirst=True)
+                tables.parked.create(conn, checkfirst=True)
             plans = []
             for table in outbox:
                 with database.sync_engine.begin() as conn:
@@ -331,6 +333,8 @@ def sql_script(plans: Sequence[TablePlan], tables: Tables, dialect: Any) -> str:
     lines.append(audit_ddl.strip() + ";")
     for index in sorted(tables.audit.indexes, key=lambda i: str(i.name)):
         lines.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect)) + ";")
+    parked_ddl = str(CreateTable(tables.parked, if_not_exists=True).compile(dialect=dialect))
+    lines.append(parked_ddl.strip() + ";")
     for table_plan in plans:
         if table_plan.up_to_date:
             continue

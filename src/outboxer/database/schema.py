@@ -234,18 +234,39 @@ def audit_table(metadata: MetaData) -> Table:
     )
 
 
+PARKED_TABLE = "outboxer_parked_keys"
+"""Keys of ordered services an operator parked: their events wait until released."""
+
+
+def parked_table(metadata: MetaData) -> Table:
+    """The parked keys table in ``metadata`` (built on first use)."""
+    existing = metadata.tables.get(PARKED_TABLE)
+    if existing is not None:
+        return existing
+    return Table(
+        PARKED_TABLE,
+        metadata,
+        Column("service_name", String(64), primary_key=True),
+        Column("message_key", String(MAX_KEY_CHARS), primary_key=True),
+        Column("parked_at", UtcDateTime(), nullable=False),
+        Column("actor", String(200), nullable=False),
+        Column("reason", Text, nullable=True),
+    )
+
+
 class Tables:
-    """The outbox tables of one application, the schema version table and the audit
-    table, in one ``MetaData`` (give it to Alembic)."""
+    """The outbox tables of one application, the schema version table, the audit
+    table and the parked keys, in one ``MetaData`` (give it to Alembic)."""
 
     def __init__(self, metadata: MetaData | None = None) -> None:
         self.metadata = metadata if metadata is not None else MetaData()
         self.versions = version_table(self.metadata)
         self.audit = audit_table(self.metadata)
+        self.parked = parked_table(self.metadata)
 
     def own(self, name: str) -> bool:
         """Whether ``name`` is one of outboxer's own tables (not an outbox table)."""
-        return name in (VERSION_TABLE, AUDIT_TABLE)
+        return name in (VERSION_TABLE, AUDIT_TABLE, PARKED_TABLE)
 
     def table(self, route: ServiceRoute) -> Table:
         """The table of ``route`` (built on first use): an outbox table, or an inbox

@@ -257,3 +257,19 @@ def op_open_before(c: OpContext, keys: AbstractSet[str], ids: Sequence[int]) -> 
         context=c.ctx(),
     )
     return list(result.all())
+
+
+def op_parked_keys(c: OpContext, keys: AbstractSet[str]) -> Op[set[str]]:
+    """Which of ``keys`` an operator parked in this service (ordered services: their
+    events wait until the key is released)."""
+    p = c.parked
+    if p is None or not keys:
+        return set()
+    result = yield Execute(
+        select(p.c.message_key).where(
+            p.c.service_name == c.route.service_name, p.c.message_key.in_(set(keys))
+        ),
+        what="parked keys",
+        context=c.ctx(),
+    )
+    return set(result.scalars().all())

@@ -25,14 +25,21 @@ from sqlalchemy import (
 from sqlalchemy.sql import ColumnElement
 
 from outboxer.database.instructions import Execute, Op
-from outboxer.database.ops.base import OpContext, due_rows, row_message
+from outboxer.database.ops.base import OpContext, due_rows, row_message, truncate_error
 from outboxer.database.ops.writes import op_cancel
 from outboxer.database.schema import (
     db_minute,
     db_now,
     db_now_plus,
 )
-from outboxer.models import Activity, AuditEntry, OutboxMessage, ServiceStatus, Status
+from outboxer.models import (
+    Activity,
+    AuditEntry,
+    BlockedKey,
+    OutboxMessage,
+    ServiceStatus,
+    Status,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -453,3 +460,225 @@ def op_audit_purge(audit: Table, f: AuditFilter) -> Op[int]:
     """Delete the audit rows matching ``f`` (only when asked: retention never does)."""
     result = yield Execute(delete(audit).where(_audit_where(audit, f)), what="audit", context={})
     return int(result.rowcount)
+
+
+def _open_statuses(c: OpContext) -> list[str]:
+    statuses = [Status.PENDING.value, Status.PUBLISHED.value]
+    if c.dead_blocks:
+        statuses.append(Status.DEAD.value)
+    return statuses
+
+
+def op_blocked_keys(c: OpContext, limit: int) -> Op[list[BlockedKey]]:
+    """The keys of an ordered service held back, at most ``limit``: keys whose
+    earliest open event is failing (pending after an attempt) or dead (when dead
+    blocks), and parked keys; each with its head, the events behind it and since
+    when. Reads the ``(status, ...)`` and ``(message_key, id)`` indexes."""
+    t = c.table
+    failing = and_(t.c.status == Status.PENDING.value, t.c.retry_count > 0)
+    stuck = or_(failing, t.c.status == Status.DEAD.value) if c.dead_blocks else failing
+    result = yield Execute(
+        select(t.c.message_key, func.min(t.c.id))
+        .where(stuck)
+        .group_by(t.c.message_key)
+        .order_by(func.min(t.c.id))
+        .limit(max(limit, 1)),
+        what="blocked keys",
+        context=c.ctx(),
+    )
+    candidates = {row[0]: int(row[1]) for row in result.all()}
+    parked: dict[str, Any] = {}
+    if c.parked is not None:
+        p = c.parked
+        result = yield Execute(
+            select(p)
+            .where(p.c.service_name == c.route.service_name)
+            .order_by(p.c.parked_at)
+            .limit(max(limit, 1)),
+            what="blocked keys",
+            context=c.ctx(),
+        )
+        parked = {r.message_key: r for r in result.all()}
+    keys = set(candidates) | set(parked)
+    if not keys:
+        return []
+    # Per key: its earliest open row and how many open rows it has.
+    heads: dict[str, int] = {}
+    result = yield Execute(
+        select(t.c.message_key, func.min(t.c.id), func.count())
+        .where(t.c.message_key.in_(keys), t.c.status.in_(_open_statuses(c)))
+        .group_by(t.c.message_key),
+        what="blocked keys",
+        context=c.ctx(),
+    )
+    open_rows = {row[0]: (int(row[1]), int(row[2])) for row in result.all()}
+    for key in keys:
+        if key in candidates:
+            first_open = open_rows.get(key)
+            head = candidates[key]
+            # A failing head that is not the key's earliest open event waits itself.
+            if first_open is not None and first_open[0] < head:
+                if key not in parked:
+                    continue
+                head = first_open[0]
+            heads[key] = head
+        elif key in open_rows:
+            heads[key] = open_rows[key][0]
+    rows: dict[int, OutboxMessage] = {}
+    if heads:
+        result = yield Execute(
+            select(t).where(t.c.id.in_(sorted(set(heads.values())))),
+            what="blocked keys",
+            context=c.ctx(),
+        )
+        rows = {r.id: row_message(r) for r in result.all()}
+    found: list[BlockedKey] = []
+    for key in keys:
+        head_row = rows.get(heads[key]) if key in heads else None
+        count = open_rows.get(key, (0, 0))[1]
+        if key in parked:
+            p_row = parked[key]
+            found.append(
+                BlockedKey(
+                    c.route.service_name,
+                    key,
+                    "parked",
+                    head_row,
+                    count,
+                    p_row.parked_at,
+                    parked_by=p_row.actor,
+                    reason=p_row.reason,
+                )
+            )
+        elif head_row is not None:
+            behind = count - 1  # the head is one of the key's open rows
+            by = "dead" if head_row.status is Status.DEAD else "failing"
+            found.append(
+                BlockedKey(
+                    c.route.service_name,
+                    key,
+                    by,
+                    head_row,
+                    max(0, behind),
+                    head_row.created_at,
+                )
+            )
+    found.sort(key=lambda b: (b.since, b.message_key))
+    return found[:limit]
+
+
+def op_retry_head(c: OpContext, key: str, audit: Audit) -> Op[int | None]:
+    """Make the head of ``key`` (its earliest failing or dead event) due now: a
+    failing one keeps its attempts, a dead one is requeued. Returns its id (None:
+    no such head)."""
+    t = c.table
+    pick = c.dialect.lock_rows(
+        select(t.c.id, t.c.status, t.c.retry_count)
+        .where(t.c.message_key == key, t.c.status.in_([*_open_statuses(c), Status.DEAD.value]))
+        .order_by(t.c.id)
+        .limit(1)
+    )
+    result = yield Execute(pick, what="retry head", context=c.ctx())
+    row = result.first()
+    failing = row is not None and row.status == Status.PENDING.value and row.retry_count > 0
+    if row is None or not (failing or row.status == Status.DEAD.value):
+        return None
+    values: dict[str, Any] = {"next_retry_at": db_now(), "updated_at": db_now(), "handling": 0}
+    if row.status == Status.DEAD.value:
+        values = {**_requeued(), "requeue_count": t.c.requeue_count + 1}
+    yield Execute(
+        update(t).where(t.c.id == row.id, t.c.status == row.status).values(**values),
+        what="retry head",
+        context=c.ctx(outbox_id=row.id),
+    )
+    yield from op_write_audit(c, audit, [row.id])
+    return int(row.id)
+
+
+def op_skip_head(c: OpContext, key: str, reason: str, audit: Audit) -> Op[int | None]:
+    """Mark the head of ``key`` (its earliest open event, pending) dead with
+    ``reason``, so the events behind it go on. Returns its id (None: no head)."""
+    t = c.table
+    pick = c.dialect.lock_rows(
+        select(t.c.id, t.c.status)
+        .where(t.c.message_key == key, t.c.status.in_(_open_statuses(c)))
+        .order_by(t.c.id)
+        .limit(1)
+    )
+    result = yield Execute(pick, what="skip head", context=c.ctx())
+    row = result.first()
+    if row is None or row.status != Status.PENDING.value:
+        return None
+    yield Execute(
+        update(t)
+        .where(t.c.id == row.id, t.c.status == Status.PENDING.value)
+        .values(
+            status=Status.DEAD.value,
+            last_error=truncate_error(reason),
+            next_retry_at=None,
+            updated_at=db_now(),
+            handling=0,
+        ),
+        what="skip head",
+        context=c.ctx(outbox_id=row.id),
+    )
+    yield from op_write_audit(c, audit, [row.id])
+    return int(row.id)
+
+
+def op_park(c: OpContext, key: str, reason: str | None, audit: Audit) -> Op[bool]:
+    """Park ``key``: its events wait until released. False when already parked."""
+    p = c.parked
+    assert p is not None
+    result = yield Execute(
+        select(p.c.message_key).where(
+            p.c.service_name == c.route.service_name, p.c.message_key == key
+        ),
+        what="park",
+        context=c.ctx(),
+    )
+    if result.first() is not None:
+        return False
+    yield Execute(
+        insert(p).values(
+            service_name=c.route.service_name,
+            message_key=key,
+            parked_at=db_now(),
+            actor=audit.actor[:200],
+            reason=reason,
+        ),
+        what="park",
+        context=c.ctx(),
+    )
+    yield from op_write_audit(c, audit, [])
+    return True
+
+
+def op_release_key(c: OpContext, key: str, audit: Audit) -> Op[int | None]:
+    """Release parked ``key``: its waiting events are due at once. Returns how many
+    were made due (None: the key was not parked)."""
+    p = c.parked
+    assert p is not None
+    result = yield Execute(
+        delete(p).where(p.c.service_name == c.route.service_name, p.c.message_key == key),
+        what="release",
+        context=c.ctx(),
+    )
+    if not result.rowcount:
+        return None
+    t = c.table
+    result = yield Execute(
+        update(t)
+        .where(
+            t.c.message_key == key,
+            t.c.status == Status.PENDING.value,
+            t.c.next_retry_at > db_now(),
+            or_(t.c.deliver_at.is_(None), t.c.deliver_at <= db_now()),
+        )
+        .values(next_retry_at=db_now(), updated_at=db_now()),
+        what="release",
+        context=c.ctx(),
+    )
+    released = int(result.rowcount)
+    yield from op_write_audit(c, audit, [])
+    return released
