@@ -43,6 +43,20 @@ def ob(db_url: str, service: str) -> Iterator[Outbox]:
     outbox.close()
 
 
+def _blocked_gauge(ob: Outbox, service: str) -> dict[str, float]:
+    """The ``outboxer_blocked_keys`` samples of ``service``, as a scrape reads them."""
+    from outboxer.metrics import PrometheusMetrics  # noqa: PLC0415 - the prometheus extra
+
+    metrics = PrometheusMetrics(ob.admin, min_interval=0)
+    return {
+        s.labels["by"]: s.value
+        for family in metrics.registry.collect()
+        if family.name == "outboxer_blocked_keys"
+        for s in family.samples
+        if s.labels["service"] == service
+    }
+
+
 def _publish(ob: Outbox, service: str, items: list[tuple[str, int]]) -> list[int]:
     with Session(ob.db.sync_engine) as session, session.begin():
         return [ob.publish(session, f"{service}.entry", {"n": n}, key=k) for k, n in items]
@@ -151,6 +165,7 @@ async def test_a_parked_key_is_not_handled_until_released(db_url: str, service: 
             assert (row.status, row.retry_count) == (Status.PENDING, 0)
         [blocked] = ob.admin.blocked_keys([service])
         assert (blocked.message_key, blocked.by, blocked.waiting) == ("held", "parked", 2)
+        assert _blocked_gauge(ob, service) == {"failing": 0, "dead": 0, "parked": 1}
         assert (blocked.parked_by, blocked.reason) == ("alice", "bad import")
         assert blocked.head is not None
         assert blocked.head.id == held[0]
@@ -165,6 +180,7 @@ async def test_a_parked_key_is_not_handled_until_released(db_url: str, service: 
         await run_until([ob], all_done, timeout=60)
         assert handled[2:] == [("held", 0), ("held", 2)]
         assert ob.admin.blocked_keys([service]) == []
+        assert _blocked_gauge(ob, service) == {"failing": 0, "dead": 0, "parked": 0}
         actions = [(e.action, e.actor) for e in ob.admin.audit(services=[service]).entries]
         assert actions == [("release", "bob"), ("park", "alice")]
     finally:
