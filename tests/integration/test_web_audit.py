@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import json
 
+from sqlalchemy.orm import Session
+from starlette.testclient import TestClient
+
 from outboxer import Status
-from tests.integration.test_web import XSS, Console, _csrf
+from outboxer.web import create_app
+from tests.helpers import drop_tables, make_outbox
+from tests.integration.test_web import ORIGIN, XSS, Console, _csrf
 from tests.integration.test_web import console as console  # noqa: PLC0414 - the fixture
 
 
@@ -93,3 +98,55 @@ def test_read_only_console_offers_no_edit(console: Console) -> None:
     assert client.post("/dead/edit", data=data).status_code == 403
     assert client.get("/audit").status_code == 200
     assert console.outbox.store(console.mails).status().dead == 2
+
+
+def test_blocked_keys_page_and_its_actions(db_url: str, service: str) -> None:
+    ob = make_outbox(db_url, retry_unit=60)
+    ob.register_service(service, ordered=True)
+    ob.register_event(f"{service}.entry", service)
+    ob.migrate()
+    try:
+        with Session(ob.db.sync_engine) as session, session.begin():
+            a, _ = (ob.publish(session, f"{service}.entry", {"n": n}, key=XSS) for n in range(2))
+        ob.store(service).mark_failed_for_retry(a, f"RuntimeError: {XSS}")
+        app = create_app(ob, cache_seconds=0, chart_cache_seconds=0)
+        client = TestClient(app, base_url=ORIGIN, headers={"Origin": ORIGIN})
+        page = client.get("/keys")
+        assert page.status_code == 200
+        assert 'id="keys"' in page.text
+        assert "<script>alert" not in page.text
+        assert f'href="/messages/{service}/{a}"' in page.text
+        csrf = _csrf(client)
+        form = {"csrf": csrf, "service": service, "key": XSS}
+        parking = client.post(
+            "/keys/action", data={**form, "action": "park"}, follow_redirects=False
+        )
+        assert parking.status_code == 303
+        parked = client.get("/keys", params={"service": service})
+        assert 'class="release"' in parked.text
+        no_csrf = client.post("/keys/action", data={**form, "csrf": "", "action": "release"})
+        assert no_csrf.status_code == 403
+        done = client.post(
+            "/keys/action", data={**form, "action": "release"}, follow_redirects=False
+        )
+        assert done.status_code == 303
+        assert "done=release" in done.headers["location"]
+        bad = client.post("/keys/action", data={**form, "action": "skip", "reason": " "})
+        assert bad.status_code == 400
+        assert "reason" in bad.text
+        skip = {**form, "action": "skip", "reason": "wrong amount"}
+        assert client.post("/keys/action", data=skip).status_code == 200  # redirected
+        assert 'id="keys-empty"' in client.get("/keys").text
+        entries = ob.admin.audit(services=[service]).entries
+        assert [(e.action, e.actor) for e in entries] == [
+            ("skip", "console:testclient"),
+            ("release", "console:testclient"),
+            ("park", "console:testclient"),
+        ]
+        read_only = TestClient(
+            create_app(ob, read_only=True), base_url=ORIGIN, headers={"Origin": ORIGIN}
+        )
+        assert "Park" not in read_only.get("/keys").text
+    finally:
+        drop_tables(ob)
+        ob.close()

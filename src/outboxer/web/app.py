@@ -295,6 +295,63 @@ class Console:
             f"/messages/{_quoted(service)}/{int(raw_id)}?edited=1", status_code=303
         )
 
+    # -------------------------------------------------------------- blocked keys
+
+    async def keys(self, request: Request) -> Response:
+        q = request.query_params
+        service = q.get("service") or None
+        form = {"service": service or ""}
+        ordered = sorted(r.service_name for r in self.outbox.routes.routes() if r.ordered)
+        try:
+            if service is not None and service not in ordered:
+                raise ConfigurationError(f"no ordered service named {service!r}")
+            found = await run_in_threadpool(
+                lambda: self.admin.blocked_keys([service] if service else None, limit=PAGE)
+            )
+        except OutboxError as exc:
+            return self.render(
+                request,
+                "keys.html",
+                400,
+                form=form,
+                found=None,
+                error=str(exc),
+                ordered=ordered,
+                done=None,
+            )
+        return self.render(
+            request,
+            "keys.html",
+            form=form,
+            found=found,
+            error=None,
+            ordered=ordered,
+            done=q.get("done"),
+        )
+
+    async def key_action(self, request: Request) -> Response:
+        form = await checked_form(request)
+        service = _str(form.get("service"))
+        key = _str(form.get("key"))
+        action = _str(form.get("action"))
+        reason = _str(form.get("reason")).strip()
+        actor = self.actor(request)
+        calls: dict[str, Callable[[], Any]] = {
+            "retry": lambda: self.admin.retry_head(service, key, actor=actor),
+            "skip": lambda: self.admin.skip_head(service, key, reason, actor=actor),
+            "park": lambda: self.admin.park(service, key, reason=reason or None, actor=actor),
+            "release": lambda: self.admin.release(service, key, actor=actor),
+        }
+        if service not in self.services() or action not in calls:
+            raise HTTPException(400, f"no action {action!r} on service {service!r}")
+        try:
+            await run_in_threadpool(calls[action])
+        except OutboxError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return RedirectResponse(
+            "/keys?" + urlencode({"service": service, "done": action}), status_code=303
+        )
+
     # -------------------------------------------------------------- audit
 
     async def audit(self, request: Request) -> Response:
@@ -581,6 +638,8 @@ def create_app(
         Route("/dead/purge", console.purge, methods=["POST"]),
         Route("/dead/edit", console.edit, methods=["POST"]),
         Route("/audit", console.audit),
+        Route("/keys", console.keys),
+        Route("/keys/action", console.key_action, methods=["POST"]),
         Route("/login", console.login, methods=["GET", "POST"]),
         Mount(
             "/static",
