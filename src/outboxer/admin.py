@@ -40,6 +40,7 @@ import os
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from outboxer.contracts import Contracts
@@ -58,6 +59,7 @@ from outboxer.models import (
     OutboxMessage,
     ServiceStatus,
     Status,
+    TraceStep,
 )
 from outboxer.routing import ServiceRoute
 from outboxer.rows import check_event_id, clean_key
@@ -766,6 +768,39 @@ class Admin:
             raise MessageNotFoundError(f"key {key!r} of {service} is not parked")
         return released
 
+    # ------------------------------------------------------------------ lineage
+
+    def trace(self, event_id: str) -> list[TraceStep]:
+        """The life of event ``event_id`` (or of the outbox id an event without one
+        went out with) in this application's tables, in order: created (or received
+        from where, by which group), attempts and the last error, sent where (the
+        broker's coordinates), consumed or dead, and each audited action on it."""
+        event_id = check_event_id(event_id)
+        existing = self.storage.database.table_names()
+        steps: list[TraceStep] = []
+        for route in self.routes():
+            if route.table_name not in existing:
+                continue
+            rows = self._store(route).find(RowFilter(event_id=event_id), 10)
+            for m in rows:
+                steps += _row_steps(m, route.inbox)
+                trail = self.audit(services=[route.service_name], outbox_id=m.id, limit=100)
+                steps += [
+                    TraceStep(
+                        e.at,
+                        m.service_name,
+                        m.id,
+                        e.action,
+                        f"by {e.actor}" + _audit_detail(e),
+                        route.inbox,
+                    )
+                    for e in trail.entries
+                ]
+        return sorted(steps, key=_step_order)
+
+    async def trace_async(self, event_id: str) -> list[TraceStep]:
+        return await asyncio.to_thread(self.trace, event_id)
+
     # ------------------------------------------------------------------ audit
 
     def audit(
@@ -803,6 +838,72 @@ class Admin:
         if not older_than > 0:
             raise ConfigurationError(f"older_than must be positive, got {older_than!r}")
         return self.storage.purge_audit(AuditFilter(older_than=older_than))
+
+
+_STEP_RANK = {"created": 0, "received": 0, "attempts": 2, "sent": 3, "consumed": 4}
+
+
+def _step_order(s: TraceStep) -> tuple[Any, ...]:
+    # Steps without a time of their own (attempts, waiting) go after their row's last.
+    at = s.at.timestamp() if s.at is not None else float("inf")
+    return (at, _STEP_RANK.get(s.step, 5), s.outbox_id)
+
+
+def _first(text: str | None) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _audit_detail(e: AuditEntry) -> str:
+    shown = {k: v for k, v in e.detail.items() if v is not None and k != "event_type"}
+    return "".join(f", {k}: {v}" for k, v in sorted(shown.items()))
+
+
+def _row_steps(m: OutboxMessage, inbox: bool) -> list[TraceStep]:
+    def step(at: datetime | None, name: str, detail: str) -> TraceStep:
+        return TraceStep(at, m.service_name, m.id, name, detail, inbox)
+
+    found: list[TraceStep] = []
+    if inbox:
+        where = m.coordinates or "the transport (no coordinates)"
+        group = f" by group {m.consumer_group}" if m.consumer_group else ""
+        found.append(step(m.created_at, "received", f"from {where}{group}; {m.event_type}"))
+    else:
+        found.append(
+            step(m.created_at, "created", f"{m.event_type}, key {m.message_key!r} (committed)")
+        )
+    if m.retry_count:
+        found.append(
+            step(
+                # Only a row still waiting for its retry was last changed by its
+                # last attempt; otherwise the attempts' times are not kept.
+                m.updated_at if m.status is Status.PENDING else None,
+                "attempts",
+                f"{m.retry_count} failed attempt(s) of {m.max_retry}; "
+                + (
+                    f"last error: {_first(m.last_error)}"
+                    if m.last_error
+                    else "its error is not kept once it succeeded"
+                ),
+            )
+        )
+    if m.published_at is not None:
+        where = m.coordinates or "the transport (no coordinates)"
+        found.append(step(m.published_at, "sent", f"to {where}"))
+    if m.consumed_at is not None:
+        who = f" by group {m.consumer_group}" if inbox and m.consumer_group else ""
+        found.append(step(m.consumed_at, "consumed", f"handled{who}"))
+    if m.status is Status.DEAD:
+        found.append(step(m.updated_at, "dead", _first(m.last_error) or "-"))
+    elif m.status is Status.CANCELLED:
+        found.append(step(m.updated_at, "cancelled", "taken back before it was sent"))
+    elif m.status is Status.PENDING:
+        found.append(step(None, "waiting", f"pending, next attempt at {m.next_retry_at}"))
+    elif m.status is Status.PUBLISHED and inbox:
+        found.append(step(None, "waiting", "received, not handled yet"))
+    return found
 
 
 def _page(found: list[OutboxMessage], limit: int) -> DeadLetterPage:

@@ -61,6 +61,11 @@ class OutboxMessage:
     Found set by the next delivery, it means the worker died while handling it."""
     crashes: int = 0
     """How many times a worker process died while handling this message alone."""
+    coordinates: str | None = None
+    """Lineage: where the broker put it when it acknowledged it (Kafka:
+    ``topic/partition@offset``); in an inbox, where it was read."""
+    consumer_group: str | None = None
+    """Lineage, in an inbox: the consumer group that received it."""
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any], **replace: Any) -> OutboxMessage:
@@ -206,3 +211,21 @@ class BlockedKey:
     """When the head was published (parked: when the key was parked)."""
     parked_by: str | None = None
     reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStep:
+    """One step of an event's life (``Admin.trace``)."""
+
+    at: datetime | None
+    """When (the database's clock); None when the step has no time of its own."""
+    service_name: str
+    outbox_id: int
+    step: str
+    """``created``, ``received``, ``attempts``, ``sent``, ``consumed``, ``dead``,
+    ``cancelled``, ``waiting``, or an audited action (``requeue``, ``edit``, ...)."""
+    detail: str
+    inbox: bool = False
+    """The row is an inbox row (the event as a consumer received it)."""
+    app: str = ""
+    """Which application's tables it was read from (set when tracing across apps)."""

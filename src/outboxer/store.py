@@ -9,7 +9,7 @@ shares (the database, the connector, the tables, the routes and the row rules of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -468,8 +468,11 @@ class Store:
         *,
         expect_retry_count: int | None = None,
         expect_updated_at: datetime | None = None,
+        coordinates: Mapping[int, str] | None = None,
     ) -> int:
-        op = op_mark_published(self._ctx, list(ids), expect_retry_count, expect_updated_at)
+        op = op_mark_published(
+            self._ctx, list(ids), expect_retry_count, expect_updated_at, coordinates
+        )
         return int(await self._run_async(op, single=True))
 
     async def release_async(self, ids: Iterable[int], delay: float = 0.0) -> int:

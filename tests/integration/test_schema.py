@@ -90,6 +90,8 @@ def test_schema_is_the_same_on_every_database(db_url: str, service: str) -> None
         "requeued_at",
         "event_id",
         "deliver_at",
+        "coordinates",
+        "consumer_group",
     }
     _seen[ob.db.family] = desc
     for other in _seen.values():

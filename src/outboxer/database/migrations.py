@@ -37,6 +37,9 @@ Version history:
    as being handled in a short transaction before its handler runs; the commit that
    settles it clears the mark. A mark found by the next delivery means the worker
    process died while handling it (poison protection, docs/semantics.md).
+6. ``coordinates`` and ``consumer_group`` (nullable): lineage. An outbox row keeps
+   where the broker put it (written by the published mark's UPDATE); an inbox row
+   where it was read and by which consumer group.
 
 Inbox tables (a service consumed here from another database) are the outbox template
 plus a unique ``event_id``; they were introduced at version 3, so they are always
@@ -130,6 +133,11 @@ STEPS: tuple[Step, ...] = (
         5,
         "handling, crashes (deliveries started and never settled: the worker died)",
         columns=("handling", "crashes"),
+    ),
+    Step(
+        6,
+        "coordinates, consumer_group (lineage: where a message went or came from)",
+        columns=("coordinates", "consumer_group"),
     ),
 )
 LATEST = STEPS[-1].version

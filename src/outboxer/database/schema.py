@@ -37,6 +37,7 @@ MAX_ERROR_CHARS = 2000
 MAX_KEY_CHARS = 255
 MAX_EVENT_TYPE_CHARS = 255
 MAX_EVENT_ID_CHARS = 255
+MAX_COORDINATES_CHARS = 255
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -164,6 +165,11 @@ def outbox_table(name: str, metadata: MetaData) -> Table:
         # ``crashes`` counts the deaths pinned on this message.
         Column("handling", Integer, nullable=False, server_default=text("0")),
         Column("crashes", Integer, nullable=False, server_default=text("0")),
+        # Schema version 6: lineage. Where the broker put the message when it
+        # acknowledged it (Kafka: topic/partition@offset), written with the published
+        # mark; in an inbox, where the message was read and by which consumer group.
+        Column("coordinates", String(MAX_COORDINATES_CHARS), nullable=True),
+        Column("consumer_group", String(255), nullable=True),
         # The claim: status = 'pending' AND next_retry_at <= now ORDER BY next_retry_at, id.
         Index(index_name(name, "due"), "status", "next_retry_at", "id"),
         # Operations: listing/purging by status and age, status counts.

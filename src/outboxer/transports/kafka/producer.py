@@ -172,7 +172,11 @@ class BatchWaiter:
         msg: Message,
     ) -> None:
         handle.delivered(err)
-        self.settle(index, Delivery(outbox_id) if err is None else delivery_of(outbox_id, err))
+        if err is None:
+            where = f"{msg.topic()}/{msg.partition()}@{msg.offset()}"
+            self.settle(index, Delivery(outbox_id, coordinates=where))
+        else:
+            self.settle(index, delivery_of(outbox_id, err))
 
 
 def _finish(fut: asyncio.Future[None]) -> None:
