@@ -17,7 +17,7 @@ from typing import Any
 
 from outboxer.database.instructions import Invoke, Op
 from outboxer.database.ops.base import OpContext, Outcome
-from outboxer.database.ops.handling import op_lock_batch, op_open_before, op_parked_keys
+from outboxer.database.ops.handling import op_lock_batch, op_open_before
 from outboxer.database.ops.inbox import op_inbox_ids, op_store_received
 from outboxer.database.ops.transitions import (
     op_defer,
@@ -254,7 +254,8 @@ def _key_order(c: OpContext, live: list[tuple[int, Any]]) -> Op[_KeyOrder]:
     keys = {oid: row.message_key for oid, row in live}
     ids = [oid for oid, _ in live]
     earlier = yield from op_open_before(c, set(keys.values()), ids)
-    parked = yield from op_parked_keys(c, set(keys.values()))
+    # Parked keys were read with the batch's rows (op_lock_batch): no statement here.
+    parked = {row.message_key for _, row in live if getattr(row, "parked", False)}
     waits: dict[str, list[tuple[int, float]]] = {}
     for r in earlier:
         if r.status == Status.DEAD.value:
