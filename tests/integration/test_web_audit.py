@@ -150,3 +150,18 @@ def test_blocked_keys_page_and_its_actions(db_url: str, service: str) -> None:
     finally:
         drop_tables(ob)
         ob.close()
+
+
+def test_trace_page(console: Console) -> None:
+    client = console.client()
+    message = client.get(f"/messages/{console.mails}/{console.xss_id}")
+    assert 'href="/trace?event_id=ev-xss"' in message.text
+    page = client.get("/trace", params={"event_id": "ev-xss"})
+    assert page.status_code == 200
+    steps = [s.split("<", 1)[0] for s in page.text.split('class="step">')[1:]]
+    assert steps == ["created", "dead"]
+    assert "<script>alert" not in page.text
+    assert "RuntimeError: &lt;script&gt;" in page.text
+    empty = client.get("/trace", params={"event_id": "nothing-here"})
+    assert 'id="trace-empty"' in empty.text
+    assert client.get("/trace").status_code == 200

@@ -352,6 +352,22 @@ class Console:
             "/keys?" + urlencode({"service": service, "done": action}), status_code=303
         )
 
+    # -------------------------------------------------------------- lineage
+
+    async def trace(self, request: Request) -> Response:
+        event_id = (request.query_params.get("event_id") or "").strip()
+        steps = None
+        error = None
+        status = 200
+        if event_id:
+            try:
+                steps = await run_in_threadpool(self.admin.trace, event_id)
+            except OutboxError as exc:
+                error, status = str(exc), 400
+        return self.render(
+            request, "trace.html", status, event_id=event_id, steps=steps, error=error
+        )
+
     # -------------------------------------------------------------- audit
 
     async def audit(self, request: Request) -> Response:
@@ -638,6 +654,7 @@ def create_app(
         Route("/dead/purge", console.purge, methods=["POST"]),
         Route("/dead/edit", console.edit, methods=["POST"]),
         Route("/audit", console.audit),
+        Route("/trace", console.trace),
         Route("/keys", console.keys),
         Route("/keys/action", console.key_action, methods=["POST"]),
         Route("/login", console.login, methods=["GET", "POST"]),
