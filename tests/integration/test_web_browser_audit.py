@@ -76,3 +76,67 @@ def test_fix_a_dead_letters_payload_and_find_it_in_the_audit(
     status = wait_until(driver, "message page", lambda d: d.find_element(By.ID, "status"))
     assert status.text == "consumed"
     assert shop.row(dead_id).envelope().payload == {"n": 7, "fail": False}
+
+
+LEDGER_APP = """\
+from outboxer import Outbox
+
+outbox = Outbox({url!r}, topic_prefix="t", retry_unit=60)
+outbox.register_service("{svc}", ordered=True)
+outbox.register_event("{svc}.entry", "{svc}")
+"""
+
+
+def test_park_and_release_a_key_then_trace_its_event(
+    driver: Any,  # noqa: F811
+    processes: Processes,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
+    from sqlalchemy.orm import Session  # noqa: PLC0415
+
+    from outboxer import Outbox  # noqa: PLC0415
+    from tests.helpers import isolated_settings, unique_service  # noqa: PLC0415
+
+    svc = unique_service()
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    (tmp_path / "ledgerapp.py").write_text(LEDGER_APP.format(url=url, svc=svc))
+    ob = Outbox(url, settings=isolated_settings(topic_prefix="t", retry_unit=60))
+    ob.register_service(svc, ordered=True)
+    ob.register_event(f"{svc}.entry", svc)
+    ob.migrate()
+    try:
+        with Session(ob.db.sync_engine) as session, session.begin():
+            head = ob.publish(session, f"{svc}.entry", {"n": 1}, key="acct-7", event_id="e-7")
+            ob.publish(session, f"{svc}.entry", {"n": 2}, key="acct-7")
+        ob.store(svc).mark_failed_for_retry(head, "RuntimeError: ledger closed")
+        base = processes.web("ledgerapp:outbox")
+        driver.get(base + "/")
+        driver.find_element(By.LINK_TEXT, "Blocked keys").click()
+        rows = wait_until(
+            driver, "blocked keys", lambda d: d.find_elements(By.CSS_SELECTOR, "#keys tbody tr")
+        )
+        assert len(rows) == 1
+        assert "failing" in rows[0].text
+        assert "ledger closed" in rows[0].text
+        rows[0].find_element(By.CSS_SELECTOR, "button.park").click()
+        wait_until(driver, "parked", lambda d: "Done: park" in d.page_source)
+        row = driver.find_element(By.CSS_SELECTOR, "#keys tbody tr")
+        assert "parked" in row.text
+        shot(driver, tmp_path, "parked")
+        row.find_element(By.CSS_SELECTOR, "button.release").click()
+        wait_until(driver, "released", lambda d: "Done: release" in d.page_source)
+        assert "failing" in driver.find_element(By.CSS_SELECTOR, "#keys tbody tr").text
+
+        driver.find_element(By.LINK_TEXT, "Trace").click()
+        box = wait_until(driver, "trace box", lambda d: d.find_element(By.ID, "trace-id"))
+        box.send_keys("e-7")
+        box.submit()
+        steps = wait_until(
+            driver, "trace steps", lambda d: d.find_elements(By.CSS_SELECTOR, "#trace td.step")
+        )
+        assert [s.text for s in steps] == ["created", "attempts", "waiting"]
+        shot(driver, tmp_path, "trace")
+        assert [e.action for e in ob.admin.audit().entries] == ["release", "park"]
+    finally:
+        ob.close()
