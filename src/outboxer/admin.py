@@ -785,6 +785,16 @@ class Admin:
             for m in rows:
                 steps += _row_steps(m, route.inbox)
                 trail = self.audit(services=[route.service_name], outbox_id=m.id, limit=100)
+                entries = list(trail.entries)
+                if route.ordered:
+                    # Its key parked or released while it waited.
+                    for action in ("park", "release"):
+                        page = self.audit(services=[route.service_name], action=action, limit=100)
+                        entries += [
+                            e
+                            for e in page.entries
+                            if e.detail.get("key") == m.message_key and e.at >= m.created_at
+                        ]
                 steps += [
                     TraceStep(
                         e.at,
@@ -794,7 +804,7 @@ class Admin:
                         f"by {e.actor}" + _audit_detail(e),
                         route.inbox,
                     )
-                    for e in trail.entries
+                    for e in entries
                 ]
         return sorted(steps, key=_step_order)
 
@@ -877,9 +887,7 @@ def _row_steps(m: OutboxMessage, inbox: bool) -> list[TraceStep]:
     if m.retry_count:
         found.append(
             step(
-                # Only a row still waiting for its retry was last changed by its
-                # last attempt; otherwise the attempts' times are not kept.
-                m.updated_at if m.status is Status.PENDING else None,
+                None,  # the attempts' times are not kept (only their count)
                 "attempts",
                 f"{m.retry_count} failed attempt(s) of {m.max_retry}; "
                 + (

@@ -135,7 +135,7 @@ def test_park_and_release_a_key_then_trace_its_event(
         steps = wait_until(
             driver, "trace steps", lambda d: d.find_elements(By.CSS_SELECTOR, "#trace td.step")
         )
-        assert [s.text for s in steps] == ["created", "attempts", "waiting"]
+        assert [s.text for s in steps] == ["created", "park", "release", "attempts", "waiting"]
         shot(driver, tmp_path, "trace")
         assert [e.action for e in ob.admin.audit().entries] == ["release", "park"]
     finally:
