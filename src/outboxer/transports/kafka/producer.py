@@ -169,11 +169,11 @@ class BatchWaiter:
         outbox_id: int,
         handle: ProducerHandle,
         err: KafkaError | None,
-        msg: Message,
+        msg: Message | None,
     ) -> None:
         handle.delivered(err)
         if err is None:
-            where = f"{msg.topic()}/{msg.partition()}@{msg.offset()}"
+            where = None if msg is None else f"{msg.topic()}/{msg.partition()}@{msg.offset()}"
             self.settle(index, Delivery(outbox_id, coordinates=where))
         else:
             self.settle(index, delivery_of(outbox_id, err))
