@@ -24,6 +24,7 @@ from outboxer.demo import HideDemoFailures, run_demo
 class DemoTransport(StrEnum):
     LOCAL = "local"
     KAFKA = "kafka"
+    NATS = "nats"
 
 
 @app.command()
@@ -31,8 +32,14 @@ def demo(
     events: Annotated[int, typer.Option(help="How many events to publish.")] = 3000,
     transport: Annotated[
         DemoTransport,
-        typer.Option(help="local (in-process) or kafka (starts the embedded broker)."),
+        typer.Option(
+            help="local (in-process), kafka (starts the embedded broker) or nats "
+            "(a NATS server with JetStream, see --nats-url)."
+        ),
     ] = DemoTransport.LOCAL,
+    nats_url: Annotated[
+        str, typer.Option(help="The NATS server of --transport nats (its streams are deleted).")
+    ] = "nats://127.0.0.1:4222",
     db: Annotated[
         Path | None,
         typer.Option(
@@ -51,7 +58,13 @@ def demo(
     path = db if scratch is None else Path(scratch.name) / "demo.db"
     try:
         with _logging("WARNING", LogFormat.RICH, console, (HideDemoFailures(),)), _reported():
-            summary = run_demo(events, transport.value, path, console)
+            summary = run_demo(
+                events,
+                transport.value,
+                path,
+                console,
+                transport_url=nats_url if transport is DemoTransport.NATS else None,
+            )
     except (KeyboardInterrupt, asyncio.CancelledError):
         # SIGINT/SIGTERM: the demo stopped its engine (and broker) cleanly.
         raise typer.Exit(130) from None

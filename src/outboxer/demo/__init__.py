@@ -81,6 +81,9 @@ def _settings(transport: str) -> OutboxSettings:
         # The embedded broker holds a group's first join for about half the session
         # timeout: a short one keeps the demo's start quick.
         values["kafka"] = {"session_timeout_ms": 6000}
+    if transport == "nats":
+        # The demo's streams are deleted at its end; in memory meanwhile.
+        values["nats"] = {"storage": "memory"}
     return OutboxSettings.from_values(**values)
 
 
@@ -102,12 +105,14 @@ async def run_demo_async(
     console = console or Console()
     if transport == "kafka" and transport_url is None:
         raise ConfigurationError("transport 'kafka' needs transport_url (kafka://host:port)")
+    if transport == "nats" and transport_url is None:
+        transport_url = NATS_URL
     path = _database_path(db_path)
     url = f"sqlite:///{path}"
     limit = timeout if timeout is not None else 60.0 + events / 25
     outbox = Outbox(
         url,
-        transport=transport_url if transport == "kafka" else "local",
+        transport=transport_url if transport in ("kafka", "nats") else "local",
         settings=_settings(transport),
     )
     demo = DemoSystem(outbox, url)
@@ -151,12 +156,27 @@ async def run_demo_async(
                 runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
         await demo.close()
+        if transport == "nats":
+            await _delete_destinations(outbox)
         await outbox.aclose()
+
+
+NATS_URL = "nats://127.0.0.1:4222"
+"""The NATS server of ``outboxer demo --transport nats`` unless told otherwise."""
+
+
+async def _delete_destinations(outbox: Outbox) -> None:
+    """Delete the run's streams: they outlive the run on the user's server."""
+    delete = getattr(outbox.transport, "delete_destinations", None)
+    if delete is not None:
+        await delete(sorted({r.topic for r in outbox.routes.routes()}))
 
 
 def _check_arguments(events: int, transport: str) -> None:
     if transport not in TRANSPORTS:
-        raise ConfigurationError(f"unknown demo transport {transport!r}: use local or kafka")
+        raise ConfigurationError(
+            f"unknown demo transport {transport!r}: use " + ", ".join(TRANSPORTS)
+        )
     if events < MIN_EVENTS:
         raise ConfigurationError(f"the demo needs at least {MIN_EVENTS} events, got {events}")
 
@@ -272,12 +292,15 @@ def run_demo(
     console: Console | None = None,
     *,
     timeout: float | None = None,
+    transport_url: str | None = None,
 ) -> DemoSummary:
     """Run the demo and print its live progress and summary on ``console``.
 
     ``db_path`` must not exist yet (default: a new file in a new temporary
     directory, left in place; its path is in the summary). ``transport="kafka"``
-    starts the embedded broker for the run. Raises :class:`DemoError` when the
+    starts the embedded broker for the run; ``transport="nats"`` uses the NATS server
+    at ``transport_url`` (default ``nats://127.0.0.1:4222``, JetStream enabled) and
+    deletes its streams at the end. Raises :class:`DemoError` when the
     events do not drain within ``timeout`` seconds (default: 60 s + 40 ms per event).
     """
     _check_arguments(events, transport)
@@ -298,7 +321,16 @@ def run_demo(
             )
     else:
         summary = asyncio.run(
-            _until_signal(run_demo_async(events, transport, db_path, console, timeout=timeout))
+            _until_signal(
+                run_demo_async(
+                    events,
+                    transport,
+                    db_path,
+                    console,
+                    timeout=timeout,
+                    transport_url=transport_url,
+                )
+            )
         )
     render_summary(summary, console)
     return summary
