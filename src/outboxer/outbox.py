@@ -125,7 +125,7 @@ class Outbox:
         """The payload schemas of the event types, by version (``register_event``)."""
         self._publisher = Publisher(self.storage, self.hooks, self.contracts)
         self._handlers = Handlers()
-        self.admin = Admin(self.storage, self.handled_services)
+        self.admin = Admin(self.storage, self.handled_services, self.contracts)
         """Dead letters, retention and status across the services (see
         :class:`outboxer.admin.Admin`)."""
         # Built now so a bad transport is refused at construction; it connects on run.
@@ -218,9 +218,11 @@ class Outbox:
         # A default route taken on first use (register_event before register_service)
         # is replaced: its table must not linger in the metadata.
         for table in list(self.tables.metadata.tables):
-            if table not in (route.table_name, self.tables.versions.name) and table not in {
-                r.table_name for r in self.routes.routes()
-            }:
+            if (
+                table != route.table_name
+                and not self.tables.own(table)
+                and table not in {r.table_name for r in self.routes.routes()}
+            ):
                 self.tables.forget(table)
         self.tables.table(route)
         return route

@@ -37,6 +37,9 @@ Version history:
    as being handled in a short transaction before its handler runs; the commit that
    settles it clears the mark. A mark found by the next delivery means the worker
    process died while handling it (poison protection, docs/semantics.md).
+6. ``coordinates`` and ``consumer_group`` (nullable): lineage. An outbox row keeps
+   where the broker put it (written by the published mark's UPDATE); an inbox row
+   where it was read and by which consumer group.
 
 Inbox tables (a service consumed here from another database) are the outbox template
 plus a unique ``event_id``; they were introduced at version 3, so they are always
@@ -130,6 +133,11 @@ STEPS: tuple[Step, ...] = (
         5,
         "handling, crashes (deliveries started and never settled: the worker died)",
         columns=("handling", "crashes"),
+    ),
+    Step(
+        6,
+        "coordinates, consumer_group (lineage: where a message went or came from)",
+        columns=("coordinates", "consumer_group"),
     ),
 )
 LATEST = STEPS[-1].version
@@ -277,7 +285,7 @@ def plan_on(conn: Connection, tables: Tables, outbox: Sequence[Table]) -> list[T
 
 def _outbox_tables(tables: Tables) -> list[Table]:
     return sorted(
-        (t for t in tables.metadata.tables.values() if t is not tables.versions),
+        (t for t in tables.metadata.tables.values() if not tables.own(t.name)),
         key=lambda t: t.name,
     )
 
@@ -299,6 +307,11 @@ def migrate(database: Database, tables: Tables) -> list[TablePlan]:
         with single_instance(database, MIGRATE_LOCK, wait=True):
             with database.sync_engine.begin() as conn:
                 tables.versions.create(conn, checkfirst=True)
+                # The audit and parked keys tables have no versions yet: created
+                # when missing, so an existing database gains them on its next
+                # `outboxer migrate`.
+                tables.audit.create(conn, checkfirst=True)
+                tables.parked.create(conn, checkfirst=True)
             plans = []
             for table in outbox:
                 with database.sync_engine.begin() as conn:
@@ -338,6 +351,12 @@ def sql_statements(plans: Sequence[TablePlan], tables: Tables, dialect: Any) -> 
     out: list[str] = []
     versions_ddl = str(CreateTable(tables.versions, if_not_exists=True).compile(dialect=dialect))
     out.append(versions_ddl.strip())
+    audit_ddl = str(CreateTable(tables.audit, if_not_exists=True).compile(dialect=dialect))
+    out.append(audit_ddl.strip())
+    for index in sorted(tables.audit.indexes, key=lambda i: str(i.name)):
+        out.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect)).strip())
+    parked_ddl = str(CreateTable(tables.parked, if_not_exists=True).compile(dialect=dialect))
+    out.append(parked_ddl.strip())
     for table_plan in plans:
         if table_plan.up_to_date:
             continue
