@@ -313,6 +313,9 @@ class Bench:
         self._stack = ExitStack()
         self._kafka: EmbeddedKafka | None = None
         self._kafka_error: str | None = None
+        self._nats_url: str | None = None
+        self._nats_error: str | None = None
+        self._nats_checked = False
         self.tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
 
     def close(self) -> None:
@@ -338,6 +341,29 @@ class Bench:
 
     def kafka_missing(self) -> str:
         return self._kafka_error or ""
+
+    def nats(self) -> str | None:
+        """The NATS server's URL when it answers with JetStream (None, with
+        :meth:`nats_missing`, when not); the run's streams are deleted at its end."""
+        if self._nats_checked:
+            return self._nats_url
+        self._nats_checked = True
+        from bench import natsbench  # noqa: PLC0415 - optional
+
+        if not have("nats"):
+            self._nats_error = "nats-py is not installed (pip install '.[nats]')"
+            return None
+        try:
+            before = natsbench.streams(natsbench.NATS_URL)
+        except Exception as exc:
+            self._nats_error = f"no NATS JetStream at {natsbench.NATS_URL}: {exc}"
+            return None
+        self._stack.callback(natsbench.delete_new_streams, natsbench.NATS_URL, before)
+        self._nats_url = natsbench.NATS_URL
+        return self._nats_url
+
+    def nats_missing(self) -> str:
+        return self._nats_error or ""
 
     @contextmanager
     def database(self, backend: str) -> Iterator[str]:

@@ -14,6 +14,7 @@ Contenders, interleaved round by round:
 - **outboxer (local, ordered=True)**: the per-event handler on a service declared
   ``ordered=True`` (a key's events in publish order across failures); the backlog has
   64 keys. Its ratio to the unordered run is the cost of ordering.
+- **outboxer (nats)**: the same with the NATS JetStream transport.
 - **procrastinate** (its own database): the same number of jobs deferred in one
   batch (untimed), then ``run_worker_async(concurrency=20, wait=False)`` timed until
   it returns with the queue empty; its task inserts the same row. Its task's insert
@@ -57,6 +58,7 @@ LOCAL = "outboxer (local)"
 BATCH = "outboxer (local, batch handler)"
 ORDERED = "outboxer (local, ordered=True)"
 KAFKA = "outboxer (kafka)"
+NATS = "outboxer (nats)"
 PROCRASTINATE = "procrastinate (concurrency 20)"
 CONCURRENCY = 20
 
@@ -241,6 +243,11 @@ def run(bench: Bench) -> Section:
                 section.skip(KAFKA, bench.kafka_missing())
             else:
                 engines[KAFKA] = _Engine(url, broker.transport_url)
+            nats_url = bench.nats()
+            if nats_url is None:
+                section.skip(NATS, bench.nats_missing())
+            else:
+                engines[NATS] = _Engine(url, nats_url)
             if have("procrastinate"):
                 proc = _Procrastinate(proc_url)
             else:
@@ -335,7 +342,9 @@ def _targets(section: Section) -> None:
             None,
         )
     )
-    for name in (LOCAL, BATCH, KAFKA):
+    nratio = [a / b for a, b in zip(samples(NATS), samples(PROCRASTINATE), strict=False) if b]
+    section.ratios["outboxer nats / procrastinate"] = nratio
+    for name in (LOCAL, BATCH, KAFKA, NATS):
         rate = median(samples(name))
         section.targets.append(
             Target(

@@ -15,6 +15,10 @@ Contenders, interleaved round by round, each on its own table of one database:
   produce it and wait for the broker's acknowledgement (``flush``), mark it published.
 - **raw confluent-kafka produce**: the same messages produced with the producer
   settings of outboxer's Kafka transport, then one ``flush`` (the broker's ceiling).
+- **outboxer relay (nats)**: as the Kafka relay, with the NATS JetStream transport.
+- **raw nats-py publish**: the same messages published with plain nats-py to the same
+  stream and lanes, a batch size at a time (the relay's concurrency), each awaiting
+  its PubAck (the server's ceiling at that concurrency).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from bench.core import (
 )
 from bench.workers import InProcessWorker, publish_one
 from outboxer import Outbox, OutboxMessage, Status
+from outboxer.routing import ServiceRoute
 from outboxer.testing import fill_due
 
 OUTBOXER = "outboxer relay (kafka)"
@@ -47,6 +52,8 @@ CEILING = "database ceiling (raw SQL, psycopg)"
 STORE = "outboxer store claim+mark (no broker)"
 NAIVE = "one-at-a-time relay (kafka)"
 PRODUCE = "raw confluent-kafka produce"
+NATS_RELAY = "outboxer relay (nats)"
+NATS_PUBLISH = "raw nats-py publish (PubAcks)"
 
 Message = tuple[str, bytes, list[tuple[str, str | bytes | None]]]
 """A Kafka message as (key, value, headers)."""
@@ -273,10 +280,21 @@ def run(bench: Bench) -> Section:
             contenders[OUTBOXER] = relay
             contenders[NAIVE] = _Contender(url, NAIVE)
             contenders[PRODUCE] = _Contender(url, PRODUCE)
+        nats_url = bench.nats()
+        nats_worker: InProcessWorker | None = None
+        if nats_url is None:
+            section.skip("NATS contenders", bench.nats_missing())
+        else:
+            nats_relay = _Contender(url, NATS_RELAY, transport=nats_url)
+            nats_worker = InProcessWorker(nats_relay.outbox, consume=False).start()
+            contenders[NATS_RELAY] = nats_relay
+            contenders[NATS_PUBLISH] = _Contender(url, NATS_PUBLISH)
         batch = ceiling.batch
         for name in contenders:
             size = n_naive if name == NAIVE else n
-            section.add(name, "rows/s", size, reference=name in (CEILING, NAIVE, PRODUCE))
+            section.add(
+                name, "rows/s", size, reference=name in (CEILING, NAIVE, PRODUCE, NATS_PUBLISH)
+            )
         say(f"  relay: {n:,} rows per run ({n_naive:,} for the one-at-a-time relay), batch {batch}")
         try:
             # One untimed pass of each contender: connection pools, statement caches.
@@ -287,7 +305,12 @@ def run(bench: Bench) -> Section:
                 size = min(n, 50) if r < 0 else (n_naive if name == NAIVE else n)
                 run_name = f"{name}, round {r + 1}" if r >= 0 else f"{name}, warm-up"
                 try:
-                    rate = _one(c, name, size, kafka, worker, app_engine, section, run_name)
+                    if name in (NATS_RELAY, NATS_PUBLISH):
+                        rate = _one_nats(
+                            c, name, size, nats_worker, nats_url, app_engine, section, run_name
+                        )
+                    else:
+                        rate = _one(c, name, size, kafka, worker, app_engine, section, run_name)
                 except Exception as exc:
                     section.failed(run_name, exc)
                     continue
@@ -301,6 +324,8 @@ def run(bench: Bench) -> Section:
         finally:
             if worker is not None:
                 worker.stop()
+            if nats_worker is not None:
+                nats_worker.stop()
             app_engine.dispose()
             for c in contenders.values():
                 c.outbox.close()
@@ -320,17 +345,7 @@ def _one(
 ) -> float | None:
     if name == OUTBOXER:
         assert worker is not None
-        _truncate(c.outbox, c.service)
-        goal = worker.progress.goal("published", worker.progress.counts["published"] + size)
-        fill_due(c.outbox, c.service, size - 1, event_type=EVENT)
-        start = time.perf_counter()
-        publish_one(c.outbox, app_engine, {"kick": True})  # its commit wakes the relay
-        if not goal.done.wait(120):
-            section.check(f"{run_name}: relay finished", False, "not done within 120 s")
-            return None
-        took = goal.at - start
-        c.check_published(section, run_name, size)
-        return size / took
+        return _relay_run(c, size, worker, app_engine, section, run_name)
     c.fill(size)
     if name == CEILING:
         start = time.perf_counter()
@@ -368,6 +383,79 @@ def _one(
     return size / took
 
 
+def _relay_run(
+    c: _Contender,
+    size: int,
+    worker: InProcessWorker,
+    app_engine: Engine,
+    section: Section,
+    run_name: str,
+) -> float | None:
+    """A backlog relayed by outboxer's running relay: rows/s until the last mark."""
+    _truncate(c.outbox, c.service)
+    goal = worker.progress.goal("published", worker.progress.counts["published"] + size)
+    fill_due(c.outbox, c.service, size - 1, event_type=EVENT)
+    start = time.perf_counter()
+    publish_one(c.outbox, app_engine, {"kick": True})  # its commit wakes the relay
+    if not goal.done.wait(120):
+        section.check(f"{run_name}: relay finished", False, "not done within 120 s")
+        return None
+    took = goal.at - start
+    c.check_published(section, run_name, size)
+    return size / took
+
+
+def _one_nats(
+    c: _Contender,
+    name: str,
+    size: int,
+    worker: InProcessWorker | None,
+    nats_url: str | None,
+    app_engine: Engine,
+    section: Section,
+    run_name: str,
+) -> float | None:
+    from bench import natsbench  # noqa: PLC0415 - optional
+
+    if name == NATS_RELAY:
+        assert worker is not None
+        return _relay_run(c, size, worker, app_engine, section, run_name)
+    assert nats_url is not None
+    c.fill(size)
+    messages = _envelopes(c)
+    destination = c.outbox.routes.route_for_service(c.service).topic
+    from outboxer.transports.nats import NatsSettings  # noqa: PLC0415 - optional
+
+    lanes = NatsSettings().lanes
+    _ensure_stream(nats_url, destination)
+    took, acked, errors = natsbench.publish_raw(
+        nats_url, destination, messages, concurrency=c.batch, lanes=lanes
+    )
+    section.check(
+        f"{run_name}: every message acknowledged",
+        acked == size and not errors,
+        f"{acked} of {size}, errors {errors[:3]}",
+    )
+    return size / took
+
+
+def _ensure_stream(nats_url: str, destination: str) -> None:
+    """The destination's stream as outboxer's transport declares it."""
+    import asyncio  # noqa: PLC0415
+
+    from outboxer.transports.nats import create  # noqa: PLC0415 - optional
+
+    async def declare() -> None:
+        transport = create(nats_url, settings())
+        route = ServiceRoute("bench_raw", "bench_raw_outbox", destination, f"{destination}.g")
+        try:
+            await transport.start([route])
+        finally:
+            await transport.close()
+
+    asyncio.run(declare())
+
+
 def batch_times(worker: InProcessWorker) -> dict[str, float | None]:
     """Median milliseconds of a relay round (claim, send, mark) and of its send (until
     the broker acknowledged the batch), as the relay reports them to its observers."""
@@ -391,11 +479,16 @@ def _ratios(section: Section, rounds: int) -> None:
         section.ratios["relay / ceiling"] = per_round(OUTBOXER, CEILING)
         section.ratios["relay / one-at-a-time"] = per_round(OUTBOXER, NAIVE)
         section.ratios["relay / raw produce"] = per_round(OUTBOXER, PRODUCE)
+    if NATS_RELAY in s:
+        section.ratios["nats relay / raw nats-py publish"] = per_round(NATS_RELAY, NATS_PUBLISH)
     section.ratios["store claim+mark / ceiling"] = per_round(STORE, CEILING)
     r1 = section.ratios.get("relay / ceiling", [])
     r2 = section.ratios.get("relay / one-at-a-time", [])
     out = s[OUTBOXER].samples if OUTBOXER in s else []
     m1, m2 = median(r1), median(r2)
+    nats_ratio = section.ratios.get("nats relay / raw nats-py publish", [])
+    nats_out = s[NATS_RELAY].samples if NATS_RELAY in s else []
+    nats_raw = s[NATS_PUBLISH].samples if NATS_PUBLISH in s else []
     section.targets = [
         Target(
             f"relay rows/s, {s[CEILING].size:,} rows, Kafka, vs the database ceiling",
@@ -414,3 +507,13 @@ def _ratios(section: Section, rounds: int) -> None:
             None if m2 is None else m2 >= NAIVE_TARGET,
         ),
     ]
+    section.targets.append(
+        Target(
+            f"relay rows/s, {s[CEILING].size:,} rows, NATS JetStream, vs raw nats-py publish",
+            spread(nats_out),
+            f"raw nats-py {spread(nats_raw)}",
+            spread(nats_ratio, "{:.2f}"),
+            "report only",
+            None,
+        )
+    )

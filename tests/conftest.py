@@ -24,6 +24,7 @@ from tests.helpers import (
     unavailable,
     unique_service,
 )
+from tests.nats_support import NATS_URL, StreamJanitor, stream_names
 from tests.rabbitmq_broker import RabbitVhost
 
 
@@ -85,6 +86,28 @@ def rabbitmq_vhost() -> Iterator[RabbitVhost]:
         unavailable(f"RabbitMQ at 127.0.0.1:5672 (rabbitmqctl add_vhost): {exc}")
     yield vhost
     vhost.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> str:
+    """The NATS server with JetStream (streams and consumers are per test)."""
+    try:
+        stream_names(NATS_URL)
+    except Exception as exc:
+        unavailable(f"NATS JetStream at {NATS_URL}: {exc}")
+    return NATS_URL
+
+
+@pytest.fixture
+def nats_url(nats_server: str) -> Iterator[str]:
+    """The NATS server's URL; the streams the test declared are deleted after it
+    (the tests name them uniquely: ``contract_svc_<hex>``, ``<prefix>_<service>`` with a
+    prefix ``c<hex>``, ``nt<hex>`` or ``i<hex>``)."""
+    janitor = StreamJanitor(
+        nats_server, r"(contract_svc_|c[0-9a-f]{6}_|nt[0-9a-f]{6}_|i[0-9a-f]{8}_)"
+    )
+    yield nats_server
+    janitor.clean()
 
 
 @pytest.fixture

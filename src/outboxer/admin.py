@@ -21,6 +21,12 @@ in small transactions of its own, and has an ``_async`` twin.
   transaction with a pause between batches, so it holds no long lock and sends
   replicas no large spike.
 
+- Audit: every change an operator makes here (requeue, purge with an ``actor``,
+  edit, cancel) writes a row in ``outboxer_audit`` in the transaction of the change;
+  :meth:`Admin.audit` reads it back, :meth:`Admin.purge_audit` deletes from it (the
+  retention purge never does). :meth:`Admin.edit` replaces a dead letter's payload
+  (checked as ``publish`` checks one) and requeues it.
+
 Ages are measured from a row's last change (``updated_at``, the database's clock):
 for a consumed row its consumption, for a dead row its death.
 """
@@ -28,16 +34,35 @@ for a consumed row its consumption, for a dead row its death.
 from __future__ import annotations
 
 import asyncio
+import getpass
+import json
+import os
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from outboxer.database.ops.tools import RowFilter
-from outboxer.errors import AmbiguousMessageError, ConfigurationError, MessageNotFoundError
-from outboxer.models import Activity, OutboxMessage, ServiceStatus, Status
+from outboxer.contracts import Contracts
+from outboxer.database.ops.tools import Audit, AuditFilter, RowFilter
+from outboxer.envelope import DEFAULT_VERSION, encode_json
+from outboxer.errors import (
+    AmbiguousMessageError,
+    ConfigurationError,
+    MessageNotFoundError,
+    PayloadNotSerializableError,
+)
+from outboxer.models import (
+    Activity,
+    AuditEntry,
+    BlockedKey,
+    OutboxMessage,
+    ServiceStatus,
+    Status,
+    TraceStep,
+)
 from outboxer.routing import ServiceRoute
-from outboxer.rows import check_event_id
+from outboxer.rows import check_event_id, clean_key
 from outboxer.settings import DEFAULT_PURGE_BATCH
 from outboxer.store import Storage, Store
 
@@ -100,6 +125,26 @@ class PurgeResult:
         return sum(self.deleted.values())
 
 
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    """One page of the audit trail, newest first."""
+
+    entries: list[AuditEntry]
+    next_before: int | None
+    """Cursor of the next (older) page (an audit id); ``None`` on the last page."""
+
+
+AUDIT_ACTIONS = ("requeue", "purge", "edit", "cancel", "retry", "skip", "park", "release")
+
+
+def os_user() -> str:
+    """The operator of a command: the OS user name (``uid:N`` when it has none)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+
+
 def parse_cursor(after: str | None) -> tuple[str, int] | None:
     """``service:id`` -> (service, id)."""
     if after is None:
@@ -121,9 +166,11 @@ class Admin:
         self,
         storage: Storage,
         consumed_here: Callable[[], Collection[str]] = frozenset,
+        contracts: Contracts | None = None,
     ) -> None:
         self.storage = storage
         self._consumed_here = consumed_here
+        self._contracts = contracts if contracts is not None else Contracts()
 
     def routes(self, services: Sequence[str] | None = None) -> list[ServiceRoute]:
         """The routes of ``services`` (all registered ones when None or empty)."""
@@ -329,19 +376,22 @@ class Admin:
                 found.append(m)
         return _one(found, outbox_id, service)
 
-    def cancel(self, event_id: str, *, service: str | None = None) -> bool:
+    def cancel(
+        self, event_id: str, *, service: str | None = None, actor: str | None = None
+    ) -> bool:
         """Take back the event ``event_id`` of ``service`` (or of the only service
         where an event with that id is pending) if it is still waiting; True when it
         is now ``cancelled``. Raises :class:`AmbiguousMessageError` when the id is
         pending in several services."""
         event_id = check_event_id(event_id)
         route = self._cancel_route(event_id, service)
-        return route is not None and self._store(route).cancel(event_id)
+        audit = Audit(actor or os_user(), "cancel", {"event_id": event_id})
+        return route is not None and self._store(route).cancel_audited(event_id, audit)
 
-    async def cancel_async(self, event_id: str, *, service: str | None = None) -> bool:
-        event_id = check_event_id(event_id)
-        route = await asyncio.to_thread(self._cancel_route, event_id, service)
-        return route is not None and await self._store(route).cancel_async(event_id)
+    async def cancel_async(
+        self, event_id: str, *, service: str | None = None, actor: str | None = None
+    ) -> bool:
+        return await asyncio.to_thread(self.cancel, event_id, service=service, actor=actor)
 
     def _cancel_route(self, event_id: str, service: str | None) -> ServiceRoute | None:
         existing = self.storage.database.table_names()
@@ -378,12 +428,15 @@ class Admin:
         event_type: str | None = None,
         since: float | None = None,
         dry_run: bool = False,
+        actor: str | None = None,
     ) -> dict[str, int]:
         """Give dead letters a new start: ``pending``, due now, ``retry_count`` 0, and a
         note (``requeue_count`` + 1, ``requeued_at``). Either ``ids`` (each must be
         dead in exactly one of the chosen services) or ``services`` (all of their dead
         letters, narrowed by ``event_type`` and ``since``: died within that many
-        seconds). Returns the rows requeued (``dry_run``: that would be) per service."""
+        seconds). Returns the rows requeued (``dry_run``: that would be) per service.
+        Each service's requeue writes an audit row naming ``actor`` (default: the OS
+        user) and the rows, in its transaction."""
         plan = self._requeue_plan(ids, services, event_type, since, self._find_dead)
         done: dict[str, int] = {}
         for route, chosen in plan:
@@ -394,7 +447,11 @@ class Admin:
                 )
                 done[route.service_name] = store.count(where)
             else:
-                done[route.service_name] = store.requeue(chosen, event_type=event_type, since=since)
+                detail: dict[str, Any] = {"event_type": event_type, "since": since}
+                audit = Audit(actor or os_user(), "requeue", detail)
+                done[route.service_name] = store.requeue_audited(
+                    chosen, audit, event_type=event_type, since=since
+                )
         return done
 
     async def requeue_async(
@@ -405,6 +462,7 @@ class Admin:
         event_type: str | None = None,
         since: float | None = None,
         dry_run: bool = False,
+        actor: str | None = None,
     ) -> dict[str, int]:
         return await asyncio.to_thread(
             self.requeue,
@@ -413,6 +471,7 @@ class Admin:
             event_type=event_type,
             since=since,
             dry_run=dry_run,
+            actor=actor,
         )
 
     def _find_dead(self, route: ServiceRoute, ids: Sequence[int]) -> set[int]:
@@ -498,13 +557,16 @@ class Admin:
         dry_run: bool = False,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
+        actor: str | None = None,
     ) -> PurgeResult:
         """Delete consumed (and cancelled, at the same age), published and dead rows
         older than the given ages (seconds since their last change), ``batch_size``
         rows per transaction, ``pause`` seconds between batches. Published rows are
         deleted only for services this application has no handlers for (consumed
         elsewhere: ``published`` is final there). ``dry_run`` counts instead;
-        ``should_stop`` is asked between batches."""
+        ``should_stop`` is asked between batches. ``actor``: an operator's purge, each
+        batch audited with the rows it deleted (the retention sweep gives none). The
+        audit table is never purged here (:meth:`purge_audit`)."""
         if batch_size < 1:
             raise ConfigurationError(f"batch size must be at least 1, got {batch_size}")
         rules = self.purge_rules(
@@ -534,7 +596,15 @@ class Admin:
                     if should_stop is not None and should_stop():
                         result.stopped = True
                         return result
-                    n = store.purge_batch(where, batch_size)
+                    audit = None
+                    if actor is not None:
+                        detail = {
+                            "status": rule.status.value,
+                            "older_than": rule.older_than,
+                            "event_type": event_type,
+                        }
+                        audit = Audit(actor, "purge", detail)
+                    n = store.purge_batch(where, batch_size, audit)
                     result.deleted[key] += n
                     if progress is not None and n:
                         progress(route.service_name, rule.status, result.deleted[key])
@@ -548,6 +618,300 @@ class Admin:
         """:meth:`purge` (same keyword arguments) on a worker thread: its batches are
         separate transactions with pauses between them."""
         return await asyncio.to_thread(lambda: self.purge(**options))
+
+    # ------------------------------------------------------------------ edit
+
+    def edit(
+        self,
+        outbox_id: int,
+        payload: Any,
+        *,
+        service: str | None = None,
+        actor: str | None = None,
+    ) -> OutboxMessage:
+        """Replace dead letter ``outbox_id``'s payload with ``payload`` (a JSON value)
+        and requeue it, with an audit row holding the envelope before and after.
+
+        The payload is checked as ``publish`` checks one, before any SQL: JSON (strict
+        when the settings are), the size limit, and the schema registered for the
+        event type and the envelope's version. Raises :class:`MessageNotFoundError`
+        when the row is not dead (or is gone)."""
+        m = self.message(outbox_id, service=service)
+        if m.status is not Status.DEAD:
+            raise MessageNotFoundError(
+                f"outbox message {outbox_id} of {m.service_name} is {m.status.value}, "
+                f"not dead: only dead letters are edited",
+                outbox_id=outbox_id,
+            )
+        text = self.edited_envelope(m, payload)
+        route = self.storage.routes.route_for_service(m.service_name)
+        audit = Audit(actor or os_user(), "edit", {"event_type": m.event_type})
+        edited = self._store(route).edit(m.id, text, audit)
+        if edited is None:
+            raise MessageNotFoundError(
+                f"outbox message {outbox_id} of {m.service_name} is no longer dead",
+                outbox_id=outbox_id,
+            )
+        return edited
+
+    async def edit_async(
+        self,
+        outbox_id: int,
+        payload: Any,
+        *,
+        service: str | None = None,
+        actor: str | None = None,
+    ) -> OutboxMessage:
+        return await asyncio.to_thread(self.edit, outbox_id, payload, service=service, actor=actor)
+
+    def edited_envelope(self, m: OutboxMessage, payload: Any) -> str:
+        """The stored envelope of ``m`` with ``payload`` in place of its payload,
+        checked (JSON, size, schema) and encoded; raises a typed error otherwise."""
+        if payload is None:
+            raise PayloadNotSerializableError("payload is None", event_type=m.event_type)
+        try:
+            stored = json.loads(m.payload)
+        except ValueError:
+            stored = None
+        if not isinstance(stored, dict):
+            # The stored text is what could not be read: rebuilt from the columns.
+            stored = {
+                "event_id": m.event_id,
+                "event_type": m.event_type,
+                "event_version": DEFAULT_VERSION,
+                "aggregate_id": m.message_key,
+            }
+        version = stored.get("event_version")
+        self._contracts.check(m.event_type, version if isinstance(version, str) else None, payload)
+        rules = self.storage.rows
+        return encode_json(
+            {**stored, "payload": payload},
+            strict=rules.strict_json,
+            json_default=rules.json_default,
+            max_bytes=rules.max_payload_bytes,
+            event_type=m.event_type,
+        )
+
+    # ------------------------------------------------------------------ blocked keys
+
+    def _ordered(self, service: str) -> ServiceRoute:
+        route = self.storage.routes.route_for_service(service)
+        if not route.ordered:
+            raise ConfigurationError(
+                f"service {service!r} is not ordered: no key of it is ever held back"
+            )
+        return route
+
+    def blocked_keys(
+        self, services: Sequence[str] | None = None, *, limit: int = DEFAULT_PAGE
+    ) -> list[BlockedKey]:
+        """Keys of the ordered ``services`` (all ordered ones when None) held back:
+        by a failing or dead head, or parked; oldest first, at most ``limit`` per
+        service. Services whose table is missing are left out."""
+        existing = self.storage.database.table_names()
+        found: list[BlockedKey] = []
+        for route in self.routes(services):
+            if services and not route.ordered:
+                self._ordered(route.service_name)
+            if route.ordered and route.table_name in existing:
+                found += self._store(route).blocked_keys(limit)
+        return found
+
+    async def blocked_keys_async(
+        self, services: Sequence[str] | None = None, *, limit: int = DEFAULT_PAGE
+    ) -> list[BlockedKey]:
+        return await asyncio.to_thread(lambda: self.blocked_keys(services, limit=limit))
+
+    def retry_head(self, service: str, key: str, *, actor: str | None = None) -> int:
+        """Retry the head of ``key`` now (a failing one keeps its attempts, a dead one
+        is requeued); audited. Returns its outbox id."""
+        route = self._ordered(service)
+        audit = Audit(actor or os_user(), "retry", {"key": key})
+        oid = self._store(route).retry_head(key, audit)
+        if oid is None:
+            raise MessageNotFoundError(
+                f"key {key!r} of {service} has no failing or dead event at its head"
+            )
+        return oid
+
+    def skip_head(self, service: str, key: str, reason: str, *, actor: str | None = None) -> int:
+        """Mark the head of ``key`` dead with ``reason`` so the events behind it go
+        on (with ``ordered_after_dead = "block"`` a dead head still holds the key);
+        audited. Returns its outbox id."""
+        reason = reason.strip()
+        if not reason:
+            raise ConfigurationError("give a reason to skip an event")
+        route = self._ordered(service)
+        audit = Audit(actor or os_user(), "skip", {"key": key, "reason": reason})
+        oid = self._store(route).skip_head(key, f"skipped by an operator: {reason}", audit)
+        if oid is None:
+            raise MessageNotFoundError(f"key {key!r} of {service} has no pending event to skip")
+        return oid
+
+    def park(
+        self, service: str, key: str, *, reason: str | None = None, actor: str | None = None
+    ) -> bool:
+        """Hold every event of ``key`` (handled by no consumer) until :meth:`release`;
+        audited. False when it was parked already."""
+        route = self._ordered(service)
+        key = clean_key(key)
+        audit = Audit(actor or os_user(), "park", {"key": key, "reason": reason})
+        return self._store(route).park(key, reason, audit)
+
+    def release(self, service: str, key: str, *, actor: str | None = None) -> int:
+        """Release parked ``key``: its waiting events are due at once; audited.
+        Returns how many were made due; raises when the key was not parked."""
+        route = self._ordered(service)
+        audit = Audit(actor or os_user(), "release", {"key": key})
+        released = self._store(route).release(key, audit)
+        if released is None:
+            raise MessageNotFoundError(f"key {key!r} of {service} is not parked")
+        return released
+
+    # ------------------------------------------------------------------ lineage
+
+    def trace(self, event_id: str) -> list[TraceStep]:
+        """The life of event ``event_id`` (or of the outbox id an event without one
+        went out with) in this application's tables, in order: created (or received
+        from where, by which group), attempts and the last error, sent where (the
+        broker's coordinates), consumed or dead, and each audited action on it."""
+        event_id = check_event_id(event_id)
+        existing = self.storage.database.table_names()
+        steps: list[TraceStep] = []
+        for route in self.routes():
+            if route.table_name not in existing:
+                continue
+            rows = self._store(route).find(RowFilter(event_id=event_id), 10)
+            for m in rows:
+                steps += _row_steps(m, route.inbox)
+                trail = self.audit(services=[route.service_name], outbox_id=m.id, limit=100)
+                entries = list(trail.entries)
+                if route.ordered:
+                    # Its key parked or released while it waited.
+                    for action in ("park", "release"):
+                        page = self.audit(services=[route.service_name], action=action, limit=100)
+                        entries += [
+                            e
+                            for e in page.entries
+                            if e.detail.get("key") == m.message_key and e.at >= m.created_at
+                        ]
+                steps += [
+                    TraceStep(
+                        e.at,
+                        m.service_name,
+                        m.id,
+                        e.action,
+                        f"by {e.actor}" + _audit_detail(e),
+                        route.inbox,
+                    )
+                    for e in entries
+                ]
+        return sorted(steps, key=_step_order)
+
+    async def trace_async(self, event_id: str) -> list[TraceStep]:
+        return await asyncio.to_thread(self.trace, event_id)
+
+    # ------------------------------------------------------------------ audit
+
+    def audit(
+        self,
+        *,
+        services: Sequence[str] | None = None,
+        action: str | None = None,
+        outbox_id: int | None = None,
+        limit: int = DEFAULT_PAGE,
+        before: int | None = None,
+    ) -> AuditPage:
+        """The audit trail, newest first, ``limit`` per page; ``before`` is the
+        previous page's ``next_before``. ``services`` (any of them), ``action`` and
+        ``outbox_id`` narrow it."""
+        if action is not None and action not in AUDIT_ACTIONS:
+            raise ConfigurationError(
+                f"unknown audit action {action!r} (actions: {', '.join(AUDIT_ACTIONS)})"
+            )
+        names = [r.service_name for r in self.routes(services)] if services else [None]
+        found: list[AuditEntry] = []
+        for name in names:
+            where = AuditFilter(service=name, action=action, outbox_id=outbox_id, before_id=before)
+            found += self.storage.audit_entries(where, limit + 1)
+        found.sort(key=lambda e: -e.id)
+        if len(found) <= limit:
+            return AuditPage(found, None)
+        return AuditPage(found[:limit], found[limit - 1].id)
+
+    async def audit_async(self, **options: Any) -> AuditPage:
+        return await asyncio.to_thread(lambda: self.audit(**options))
+
+    def purge_audit(self, *, older_than: float) -> int:
+        """Delete audit rows written more than ``older_than`` seconds ago (only when
+        asked: the retention purge keeps them)."""
+        if not older_than > 0:
+            raise ConfigurationError(f"older_than must be positive, got {older_than!r}")
+        return self.storage.purge_audit(AuditFilter(older_than=older_than))
+
+
+_STEP_RANK = {"created": 0, "received": 0, "attempts": 2, "sent": 3, "consumed": 4}
+
+
+def _step_order(s: TraceStep) -> tuple[Any, ...]:
+    # Steps without a time of their own (attempts, waiting) go after their row's last.
+    at = s.at.timestamp() if s.at is not None else float("inf")
+    return (at, _STEP_RANK.get(s.step, 5), s.outbox_id)
+
+
+def _first(text: str | None) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _audit_detail(e: AuditEntry) -> str:
+    shown = {k: v for k, v in e.detail.items() if v is not None and k != "event_type"}
+    return "".join(f", {k}: {v}" for k, v in sorted(shown.items()))
+
+
+def _row_steps(m: OutboxMessage, inbox: bool) -> list[TraceStep]:
+    def step(at: datetime | None, name: str, detail: str) -> TraceStep:
+        return TraceStep(at, m.service_name, m.id, name, detail, inbox)
+
+    found: list[TraceStep] = []
+    if inbox:
+        where = m.coordinates or "the transport (no coordinates)"
+        group = f" by group {m.consumer_group}" if m.consumer_group else ""
+        found.append(step(m.created_at, "received", f"from {where}{group}; {m.event_type}"))
+    else:
+        found.append(
+            step(m.created_at, "created", f"{m.event_type}, key {m.message_key!r} (committed)")
+        )
+    if m.retry_count:
+        found.append(
+            step(
+                None,  # the attempts' times are not kept (only their count)
+                "attempts",
+                f"{m.retry_count} failed attempt(s) of {m.max_retry}; "
+                + (
+                    f"last error: {_first(m.last_error)}"
+                    if m.last_error
+                    else "its error is not kept once it succeeded"
+                ),
+            )
+        )
+    if m.published_at is not None:
+        where = m.coordinates or "the transport (no coordinates)"
+        found.append(step(m.published_at, "sent", f"to {where}"))
+    if m.consumed_at is not None:
+        who = f" by group {m.consumer_group}" if inbox and m.consumer_group else ""
+        found.append(step(m.consumed_at, "consumed", f"handled{who}"))
+    if m.status is Status.DEAD:
+        found.append(step(m.updated_at, "dead", _first(m.last_error) or "-"))
+    elif m.status is Status.CANCELLED:
+        found.append(step(m.updated_at, "cancelled", "taken back before it was sent"))
+    elif m.status is Status.PENDING:
+        found.append(step(None, "waiting", f"pending, next attempt at {m.next_retry_at}"))
+    elif m.status is Status.PUBLISHED and inbox:
+        found.append(step(None, "waiting", "received, not handled yet"))
+    return found
 
 
 def _page(found: list[OutboxMessage], limit: int) -> DeadLetterPage:

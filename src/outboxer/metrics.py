@@ -25,6 +25,8 @@ from typing import Any
 
 from outboxer.admin import Admin
 from outboxer.hooks import Observer
+from outboxer.models import ServiceStatus
+from outboxer.routing import ServiceRoute
 
 try:
     from prometheus_client import (
@@ -63,6 +65,10 @@ class MetricsServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(5)
+
+
+BLOCKED_KEYS_COUNTED = 1000
+"""The blocked keys gauge counts at most this many keys per ordered service."""
 
 
 class _Backlog(Collector):
@@ -125,7 +131,29 @@ class _Backlog(Collector):
             due.add_metric([service], st.due)
             scheduled.add_metric([service], st.scheduled)
             oldest.add_metric([service], st.oldest_due_seconds or 0.0)
-        return [up, migrated, rows, due, scheduled, oldest]
+        return [up, migrated, rows, due, scheduled, oldest, *self._blocked(found)]
+
+    def _blocked(self, found: list[tuple[ServiceRoute, ServiceStatus | None]]) -> list[Any]:
+        ordered = [r.service_name for r, st in found if r.ordered and st is not None]
+        if not ordered:
+            return []
+        blocked = GaugeMetricFamily(
+            "outboxer_blocked_keys",
+            "Keys of an ordered service held back, by what holds them (failing, dead, "
+            f"parked; counted up to {BLOCKED_KEYS_COUNTED} per service)",
+            labels=["service", "by"],
+        )
+        try:
+            keys = self.admin.blocked_keys(ordered, limit=BLOCKED_KEYS_COUNTED)
+        except Exception:
+            logger.warning("metrics: cannot read the blocked keys", exc_info=True)
+            return []
+        counts = {(s, by): 0 for s in ordered for by in ("failing", "dead", "parked")}
+        for b in keys:
+            counts[(b.service_name, b.by)] += 1
+        for (service, by), n in sorted(counts.items()):
+            blocked.add_metric([service, by], n)
+        return [blocked]
 
 
 class PrometheusMetrics(Observer):

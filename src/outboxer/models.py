@@ -61,6 +61,11 @@ class OutboxMessage:
     Found set by the next delivery, it means the worker died while handling it."""
     crashes: int = 0
     """How many times a worker process died while handling this message alone."""
+    coordinates: str | None = None
+    """Lineage: where the broker put it when it acknowledged it (Kafka:
+    ``topic/partition@offset``); in an inbox, where it was read."""
+    consumer_group: str | None = None
+    """Lineage, in an inbox: the consumer group that received it."""
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any], **replace: Any) -> OutboxMessage:
@@ -153,3 +158,74 @@ class Activity:
             consumed=[a + b for a, b in zip(self.consumed, other.consumed, strict=True)],
             failed=[a + b for a, b in zip(self.failed, other.failed, strict=True)],
         )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One operator action as the audit table (``outboxer_audit``) keeps it."""
+
+    id: int
+    at: datetime
+    """When (the database's clock, UTC), in the transaction of the action."""
+    actor: str
+    """Who: the OS user of a command, ``console:<address>`` for the web console."""
+    action: str
+    """``requeue``, ``purge``, ``edit``, ``cancel``, ``skip``, ``park``, ``release``."""
+    service_name: str
+    outbox_ids: list[int]
+    detail: dict[str, Any]
+    payload_before: str | None = None
+    payload_after: str | None = None
+
+    @classmethod
+    def from_mapping(cls, row: Mapping[str, Any]) -> AuditEntry:
+        ids = json.loads(row["outbox_ids"] or "[]")
+        detail = json.loads(row["detail"] or "{}")
+        return cls(
+            id=int(row["id"]),
+            at=row["at"],
+            actor=row["actor"],
+            action=row["action"],
+            service_name=row["service_name"],
+            outbox_ids=[int(i) for i in ids] if isinstance(ids, list) else [],
+            detail=detail if isinstance(detail, dict) else {},
+            payload_before=row["payload_before"],
+            payload_after=row["payload_after"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedKey:
+    """A key of an ordered service whose events are held back, and by what."""
+
+    service_name: str
+    message_key: str
+    by: str
+    """``failing`` (the head waits for its retry), ``dead`` (with
+    ``ordered_after_dead = "block"``) or ``parked`` (an operator holds the key)."""
+    head: OutboxMessage | None
+    """The earliest open (or dead) event of the key; None for a parked key with none."""
+    waiting: int
+    """Events of the key held behind the head (all of them for a parked key)."""
+    since: datetime
+    """When the head was published (parked: when the key was parked)."""
+    parked_by: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStep:
+    """One step of an event's life (``Admin.trace``)."""
+
+    at: datetime | None
+    """When (the database's clock); None when the step has no time of its own."""
+    service_name: str
+    outbox_id: int
+    step: str
+    """``created``, ``received``, ``attempts``, ``sent``, ``consumed``, ``dead``,
+    ``cancelled``, ``waiting``, or an audited action (``requeue``, ``edit``, ...)."""
+    detail: str
+    inbox: bool = False
+    """The row is an inbox row (the event as a consumer received it)."""
+    app: str = ""
+    """Which application's tables it was read from (set when tracing across apps)."""

@@ -24,7 +24,7 @@ from outboxer.admin import Admin
 from outboxer.backoff import RetryPolicy
 from outboxer.contracts import ChannelSpec, Contracts, asyncapi_document
 from outboxer.database import migrations
-from outboxer.database.connector import SQLAlchemyConnector
+from outboxer.database.connector import Connector, SQLAlchemyConnector
 from outboxer.database.engines import Database
 from outboxer.database.migrations import TablePlan
 from outboxer.database.schema import Tables
@@ -59,7 +59,9 @@ class Outbox:
     forms) or a SQLAlchemy ``Engine``/``AsyncEngine``; when omitted, ``OUTBOXER_URL``
     or the configuration file decides. Keyword arguments override configuration.
     ``observers`` listen to what the loops and ``publish`` do (see
-    :mod:`outboxer.hooks`); ``stats`` is always one of them.
+    :mod:`outboxer.hooks`); ``stats`` is always one of them. ``connector`` builds
+    the connector every op runs through from the :class:`Database` (a framework's,
+    see :mod:`outboxer.contrib.django`); SQLAlchemy's by default.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Outbox:
         settings: OutboxSettings | None = None,
         config_file: str | Path | None = None,
         observers: Sequence[Observer] = (),
+        connector: Callable[[Database], Connector] | None = None,
     ) -> None:
         if settings is None:
             settings = load_settings(config_file)
@@ -104,7 +107,7 @@ class Outbox:
         self.hooks = Hooks([self.stats, LogReports(), *observers])
         self.storage = Storage(
             self.db,
-            SQLAlchemyConnector(self.db),
+            SQLAlchemyConnector(self.db) if connector is None else connector(self.db),
             self.tables,
             self.routes,
             RowBuilder(
@@ -122,7 +125,7 @@ class Outbox:
         """The payload schemas of the event types, by version (``register_event``)."""
         self._publisher = Publisher(self.storage, self.hooks, self.contracts)
         self._handlers = Handlers()
-        self.admin = Admin(self.storage, self.handled_services)
+        self.admin = Admin(self.storage, self.handled_services, self.contracts)
         """Dead letters, retention and status across the services (see
         :class:`outboxer.admin.Admin`)."""
         # Built now so a bad transport is refused at construction; it connects on run.
@@ -215,9 +218,11 @@ class Outbox:
         # A default route taken on first use (register_event before register_service)
         # is replaced: its table must not linger in the metadata.
         for table in list(self.tables.metadata.tables):
-            if table not in (route.table_name, self.tables.versions.name) and table not in {
-                r.table_name for r in self.routes.routes()
-            }:
+            if (
+                table != route.table_name
+                and not self.tables.own(table)
+                and table not in {r.table_name for r in self.routes.routes()}
+            ):
                 self.tables.forget(table)
         self.tables.table(route)
         return route

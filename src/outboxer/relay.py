@@ -269,6 +269,7 @@ class Relay:
         service = self.route.service_name
         stamps = claimed_at or {}
         published: dict[tuple[int, datetime | None], list[int]] = defaultdict(list)
+        coordinates: dict[int, str] = {}
         handed_over = 0
         handoff_failed: list[str] = []
         failed: list[tuple[int, str]] = []
@@ -284,6 +285,8 @@ class Relay:
                     handed_over += 1
             elif d.error is None:
                 published[msg.retry_count, stamps.get(msg.outbox_id)].append(msg.outbox_id)
+                if d.coordinates:
+                    coordinates[msg.outbox_id] = d.coordinates
             elif msg.outbox_id in redelivered:
                 # A copy was delivered before; a failed resend must not become an
                 # attempt or a dead letter (the consumer would then skip that copy).
@@ -300,7 +303,8 @@ class Relay:
                 failed.append((msg.outbox_id, f"send failed: {d.error}"))
         marked = 0
         for (retry_count, stamp), ids in published.items():
-            marked += await self._mark_published(ids, retry_count, stamp)
+            where = {i: coordinates[i] for i in ids if i in coordinates}
+            marked += await self._mark_published(ids, retry_count, stamp, where)
         sent = handed_over + sum(len(ids) for ids in published.values())
         if sent:
             self.hooks.batch_sent(service, sent, marked, seconds)
@@ -349,7 +353,11 @@ class Relay:
             )
 
     async def _mark_published(
-        self, ids: list[int], retry_count: int, stamp: datetime | None
+        self,
+        ids: list[int],
+        retry_count: int,
+        stamp: datetime | None,
+        coordinates: Mapping[int, str] | None = None,
     ) -> int:
         """Mark sent rows published; once more on a new connection if the connection
         was lost (its answer too: the mark may have been made, and then the second one
@@ -357,7 +365,10 @@ class Relay:
         it the rows would be sent again after the lease."""
         try:
             return await self.store.mark_published_many_async(
-                ids, expect_retry_count=retry_count, expect_updated_at=stamp
+                ids,
+                expect_retry_count=retry_count,
+                expect_updated_at=stamp,
+                coordinates=coordinates,
             )
         except Exception as exc:
             if not connection_lost(exc, self.store.dialect):
@@ -368,7 +379,10 @@ class Relay:
                 extra={"service": self.route.service_name, "error": str(exc)},
             )
             return await self.store.mark_published_many_async(
-                ids, expect_retry_count=retry_count, expect_updated_at=stamp
+                ids,
+                expect_retry_count=retry_count,
+                expect_updated_at=stamp,
+                coordinates=coordinates,
             )
 
     def _report_dead(

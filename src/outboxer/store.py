@@ -9,7 +9,7 @@ shares (the database, the connector, the tables, the routes and the row rules of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -34,12 +34,24 @@ from outboxer.database.ops.handling import (
 )
 from outboxer.database.ops.inbox import op_inbox_start, op_inbox_store
 from outboxer.database.ops.tools import (
+    Audit,
+    AuditFilter,
     RowFilter,
     op_activity,
+    op_audit_list,
+    op_audit_purge,
+    op_blocked_keys,
+    op_cancel_audited,
     op_count,
+    op_edit,
     op_find,
+    op_park,
     op_purge_batch,
+    op_release_key,
     op_requeue,
+    op_requeue_audited,
+    op_retry_head,
+    op_skip_head,
     op_status,
 )
 from outboxer.database.ops.transitions import (
@@ -65,7 +77,14 @@ from outboxer.errors import (
     MessageNotFoundError,
     ServiceMismatchError,
 )
-from outboxer.models import Activity, OutboxMessage, ServiceStatus, Status
+from outboxer.models import (
+    Activity,
+    AuditEntry,
+    BlockedKey,
+    OutboxMessage,
+    ServiceStatus,
+    Status,
+)
 from outboxer.routing import RouteRegistry, ServiceRoute, validate_event_type
 from outboxer.rows import RowBuilder, check_event_id, clean_key
 from outboxer.settings import DEFAULT_BATCH_SIZE, DEFAULT_LEASE
@@ -115,10 +134,21 @@ class Storage:
             channel,
             self.dead_blocks,
             self.scheduled_blocks,
+            self.tables.audit,
+            self.tables.parked,
         )
 
     def store(self, route: ServiceRoute, tx: SyncTx | AsyncTx | None = None) -> Store:
         return Store(self, route, tx)
+
+    def audit_entries(self, where: AuditFilter, limit: int) -> list[AuditEntry]:
+        """The audit trail (``outboxer_audit``) matching ``where``, newest first."""
+        op = op_audit_list(self.tables.audit, where, limit)
+        return self.connector.run(op, read_only=True)
+
+    def purge_audit(self, where: AuditFilter) -> int:
+        """Delete the audit rows matching ``where`` (one transaction)."""
+        return int(self.connector.run(op_audit_purge(self.tables.audit, where)))
 
 
 class Store:
@@ -344,9 +374,54 @@ class Store:
     def count(self, where: RowFilter) -> int:
         return int(self._run(op_count(self._ctx, where), read_only=True))
 
-    def purge_batch(self, where: RowFilter, limit: int) -> int:
-        """Delete up to ``limit`` rows matching ``where`` in one short transaction."""
-        return int(self._run(op_purge_batch(self._ctx, where, limit)))
+    def purge_batch(self, where: RowFilter, limit: int, audit: Audit | None = None) -> int:
+        """Delete up to ``limit`` rows matching ``where`` in one short transaction
+        (``audit``: an operator's purge, recorded in the same transaction)."""
+        return int(self._run(op_purge_batch(self._ctx, where, limit, audit)))
+
+    # -- an operator's changes, each with its audit row in its transaction
+
+    def requeue_audited(
+        self,
+        ids: Sequence[int] | None,
+        audit: Audit,
+        *,
+        status: Status = Status.DEAD,
+        event_type: str | None = None,
+        since: float | None = None,
+    ) -> int:
+        """:meth:`requeue` by an operator: the audit row names the rows requeued."""
+        op = op_requeue_audited(self._ctx, ids, status, audit, event_type=event_type, since=since)
+        return int(self._run(op))
+
+    def edit(self, outbox_id: int, payload: str, audit: Audit) -> OutboxMessage | None:
+        """Replace dead letter ``outbox_id``'s stored envelope and requeue it, audited
+        (None: the row is not dead)."""
+        return self._run(op_edit(self._ctx, outbox_id, payload, audit))
+
+    def blocked_keys(self, limit: int) -> list[BlockedKey]:
+        """The keys of this (ordered) service held back (read only)."""
+        return self._run(op_blocked_keys(self._ctx, limit), read_only=True)
+
+    def retry_head(self, key: str, audit: Audit) -> int | None:
+        """Make the failing or dead head of ``key`` due now, audited."""
+        return self._run(op_retry_head(self._ctx, key, audit))
+
+    def skip_head(self, key: str, reason: str, audit: Audit) -> int | None:
+        """Mark the pending head of ``key`` dead with ``reason``, audited."""
+        return self._run(op_skip_head(self._ctx, key, reason, audit))
+
+    def park(self, key: str, reason: str | None, audit: Audit) -> bool:
+        """Hold every event of ``key`` until released, audited."""
+        return bool(self._run(op_park(self._ctx, key, reason, audit)))
+
+    def release(self, key: str, audit: Audit) -> int | None:
+        """Release parked ``key`` (its waiting events due now), audited."""
+        return self._run(op_release_key(self._ctx, key, audit))
+
+    def cancel_audited(self, event_id: str, audit: Audit) -> bool:
+        """:meth:`cancel` by an operator, audited."""
+        return bool(self._run(op_cancel_audited(self._ctx, check_event_id(event_id), audit)))
 
     # -- async face
 
@@ -393,8 +468,11 @@ class Store:
         *,
         expect_retry_count: int | None = None,
         expect_updated_at: datetime | None = None,
+        coordinates: Mapping[int, str] | None = None,
     ) -> int:
-        op = op_mark_published(self._ctx, list(ids), expect_retry_count, expect_updated_at)
+        op = op_mark_published(
+            self._ctx, list(ids), expect_retry_count, expect_updated_at, coordinates
+        )
         return int(await self._run_async(op, single=True))
 
     async def release_async(self, ids: Iterable[int], delay: float = 0.0) -> int:

@@ -19,6 +19,7 @@ from tests.faults.harness import (
     PrivatePostgres,
     results_markdown,
 )
+from tests.faults.nats_server import PrivateNats
 from tests.helpers import MYSQL_ADMIN_URL, PG_ADMIN_URL, unavailable
 
 
@@ -68,6 +69,20 @@ def broker() -> Iterator[EmbeddedKafka]:
         yield kafka
     finally:
         kafka.stop()
+
+
+@pytest.fixture
+def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
+    """A NATS server of this scenario's own (its store under tmp_path; restarted by
+    the scenario, stopped by its pid)."""
+    try:
+        server = PrivateNats(tmp_path / "nats").start()
+    except Exception as exc:
+        unavailable(f"a private nats-server -js: {exc}")
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="session")

@@ -115,11 +115,12 @@ APP_SETTINGS = {
 MODES = {"both": [], "relay": ["--relay-only"], "consume": ["--consume-only"]}
 
 LOG_EVENTS = {
-    "relay outages": re.compile(r"transport unavailable, holding messages"),
+    "relay outages": re.compile(r"outage: the transport is unusable"),
     "Kafka producers rebuilt": re.compile(r"rebuilding the Kafka producer"),
     "Kafka consumers rebuilt": re.compile(r"rebuilding the Kafka consumer"),
     "RabbitMQ producers rebuilt": re.compile(r"rebuilding the RabbitMQ producer"),
     "RabbitMQ consumers rebuilt": re.compile(r"rebuilding the RabbitMQ consumer"),
+    "NATS connections rebuilt": re.compile(r"rebuilding the NATS (?:connection|subscription)"),
     "rows sent again after redeliver_after": re.compile(
         r"(\d+) published message\(s\) not consumed within"
     ),

@@ -11,6 +11,7 @@ writes tests/faults/RESULTS.md).
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.faults.harness import (
     scenario,
     wait_for,
 )
+from tests.faults.nats_server import PrivateNats
 from tests.faults.proxy import COMMIT, FaultProxy
 from tests.helpers import MYSQL_ADMIN_URL, unavailable
 from tests.rabbitmq_broker import RabbitVhost
@@ -55,6 +57,9 @@ SIZES = {
         "commit-answers-lost": Size(2_000, 80, 6),
         "database-vanished": Size(2_000, 60, 1),
         "broker-vanished": Size(2_000, 60, 1),
+        "kill-pg-nats": Size(1_500, 100, 3),
+        "nats-restarted": Size(1_200, 60, 2),
+        "nats-replaced": Size(1_000, 60, 1),
         "kill-pg-rabbitmq": Size(1_200, 80, 3),
         "rabbitmq-connections-closed": Size(1_200, 80, 3),
     },
@@ -69,6 +74,9 @@ SIZES = {
         "commit-answers-lost": Size(20_000, 200, 30, 900),
         "database-vanished": Size(20_000, 150, 3, 900),
         "broker-vanished": Size(20_000, 150, 3, 900),
+        "kill-pg-nats": Size(50_000, 400, 10, 900),
+        "nats-restarted": Size(20_000, 200, 6, 900),
+        "nats-replaced": Size(20_000, 200, 3, 900),
         "kill-pg-rabbitmq": Size(30_000, 300, 10, 900),
         "rabbitmq-connections-closed": Size(20_000, 200, 8, 900),
     },
@@ -400,6 +408,86 @@ def test_broker_slow_then_vanished(
             sc.pause(VANISHED)
             proxy.restore()
             sc.fault("50 ms latency, then the broker vanished for 20 s")
+        sc.finish(size.drain_timeout)
+        _no_worker_restarted(sc)
+        sc.check(broker_fault=True)
+
+
+NATS_SETTINGS = {
+    # Shorter than the harness's OUTBOXER_REDELIVER_AFTER (20 s), as the transport
+    # requires; a SIGKILLed consumer's messages come back after 10 s.
+    "OUTBOXER_NATS__DUPLICATE_WINDOW": "10",
+    "OUTBOXER_NATS__ACK_WAIT": "10",
+}
+
+
+def test_workers_sigkilled_postgresql_nats(
+    pg_scratch: str, private_nats: PrivateNats, tmp_path: Path, fault_results: None
+) -> None:
+    size = SIZES["kill-pg-nats"]
+    with scenario(
+        "workers SIGKILLed",
+        tmp_path,
+        pg_scratch,
+        private_nats.url,
+        setup="PostgreSQL, NATS JetStream",
+        settings=NATS_SETTINGS,
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate)
+        _kill_loop(sc, size)
+        sc.finish(size.drain_timeout)
+        sc.check()
+
+
+def test_nats_server_restarted(
+    pg_scratch: str, private_nats: PrivateNats, tmp_path: Path, fault_results: None
+) -> None:
+    """The private NATS server stopped (SIGTERM, then SIGKILL in turn), down for 3 s,
+    and started again on the same port and file store: the same workers reconnect,
+    spend no attempt, and deliver everything once."""
+    size = SIZES["nats-restarted"]
+    with scenario(
+        "NATS server restarted",
+        tmp_path,
+        pg_scratch,
+        private_nats.url,
+        setup="PostgreSQL, NATS JetStream (file store)",
+        settings=NATS_SETTINGS,
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate)
+        for i in sc.fault_times(size.faults, lasting=3.0):
+            sig = signal.SIGTERM if i % 2 == 0 else signal.SIGKILL
+            private_nats.restart(sig, down_for=3.0)
+            sc.fault(f"NATS server restarted ({sig.name})")
+        sc.finish(size.drain_timeout)
+        _no_worker_restarted(sc)
+        sc.check(broker_fault=True)
+
+
+def test_nats_server_replaced_by_an_empty_one(
+    pg_scratch: str, private_nats: PrivateNats, tmp_path: Path, fault_results: None
+) -> None:
+    """The private NATS server SIGKILLed and replaced by one with an empty store on the
+    same port: streams, consumers and the messages nobody had acknowledged are gone.
+    The relay declares the streams again, the subscriptions their consumers, and the
+    rows whose messages were lost are sent again after redeliver_after (20 s here);
+    no attempt is spent, nothing is dead, no worker restarted."""
+    size = SIZES["nats-replaced"]
+    with scenario(
+        "NATS server replaced",
+        tmp_path,
+        pg_scratch,
+        private_nats.url,
+        setup="PostgreSQL, NATS JetStream (file store)",
+        settings=NATS_SETTINGS,
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate)
+        for _ in sc.fault_times(size.faults):
+            private_nats.replace()
+            sc.fault("NATS server replaced (empty store)")
         sc.finish(size.drain_timeout)
         _no_worker_restarted(sc)
         sc.check(broker_fault=True)

@@ -140,3 +140,20 @@ def test_rabbitmq_demo_adds_up_and_leaves_nothing_behind(
     assert "demo." not in left
     left = rabbitmqctl("list_exchanges", "-p", rabbitmq_vhost.name, "name")
     assert "demo." not in left
+
+
+@pytest.mark.nats
+def test_nats_demo_adds_up(tmp_path: Path, nats_server: str) -> None:
+    from tests.nats_support import stream_names  # noqa: PLC0415
+
+    before = stream_names(nats_server)
+    console, out = _console()
+    db = tmp_path / "demo.db"
+    summary = run_demo(
+        200, transport="nats", db_path=db, console=console, timeout=120, transport_url=nats_server
+    )
+    _check(summary, 200, db)
+    assert summary.transport == "nats"
+    assert "nats transport" in out.getvalue()
+    # The run's streams are deleted at its end.
+    assert stream_names(nats_server) <= before

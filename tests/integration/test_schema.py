@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import inspect
 
 from outboxer import Outbox, OutboxMessage
-from outboxer.database.schema import VERSION_TABLE
+from outboxer.database.schema import AUDIT_TABLE, PARKED_TABLE, VERSION_TABLE
 from tests.helpers import drop_tables, make_outbox
 
 # The row model and the table must agree column for column, in order.
@@ -90,6 +90,8 @@ def test_schema_is_the_same_on_every_database(db_url: str, service: str) -> None
         "requeued_at",
         "event_id",
         "deliver_at",
+        "coordinates",
+        "consumer_group",
     }
     _seen[ob.db.family] = desc
     for other in _seen.values():
@@ -101,7 +103,13 @@ def test_metadata_lists_registered_tables(db_url: str, service: str) -> None:
     ob.register_event("a.happened", service)
     ob.register_service(service + "_x", table=f"{service}_custom")
     assert sorted(ob.metadata.tables) == sorted(
-        [f"{service}_outbox_messages", f"{service}_custom", VERSION_TABLE]
+        [
+            f"{service}_outbox_messages",
+            f"{service}_custom",
+            VERSION_TABLE,
+            AUDIT_TABLE,
+            PARKED_TABLE,
+        ]
     )
     ob.close()
 

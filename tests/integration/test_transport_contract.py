@@ -87,6 +87,25 @@ async def _kafka_consumer_gone(sub: Subscription) -> None:
     await sub._call(consumer.close)  # type: ignore[attr-defined]
 
 
+def _nats_url(request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue("nats_url")  # type: ignore[no-any-return]
+
+
+def _nats_down(request: pytest.FixtureRequest) -> str:
+    return f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+
+
+def _nats_fatal(transport: Transport) -> None:
+    # The connection flagged as its closed callback flags it after a fatal error
+    # (an authorization violation closes it for good).
+    transport.break_client("fatal error planted by the contract suite")  # type: ignore[attr-defined]
+
+
+async def _nats_connection_gone(sub: Subscription) -> None:
+    # The subscription's connection closed under it: every fetch on it fails.
+    await sub._conn.client.close()  # type: ignore[attr-defined]
+
+
 def _amqp_url(request: pytest.FixtureRequest) -> str:
     vhost: RabbitVhost = request.getfixturevalue("rabbitmq_vhost")
     return vhost.url
@@ -127,6 +146,15 @@ CASES = [
         settings=lambda: {"lease": 3.0, "kafka": {"session_timeout_ms": 6000}},
     ),
     Case(
+        "nats",
+        _nats_url,
+        down_url=_nats_down,
+        break_client=_nats_fatal,
+        break_subscription=_nats_connection_gone,
+        # Short PubAck timeout (80% of the lease) for the outage test.
+        settings=lambda: {"lease": 3.0, "nats": {"ack_wait": 5.0, "connect_timeout": 1.0}},
+    ),
+    Case(
         "amqp",
         _amqp_url,
         down_url=_amqp_down,
@@ -139,8 +167,8 @@ CASES = [
 
 def _param(case: Case) -> Any:
     marks = [pytest.mark.kafka] if case.scheme == "kafka" else []
-    if case.scheme == "amqp":
-        marks = [pytest.mark.rabbitmq]
+    marks = [pytest.mark.nats] if case.scheme == "nats" else marks
+    marks = [pytest.mark.rabbitmq] if case.scheme == "amqp" else marks
     return pytest.param(case, id=case.scheme, marks=marks)
 
 

@@ -15,7 +15,7 @@ Durations read like ``30s``, ``15m``, ``12h``, ``7d``.
 
 # Each module registers its commands on `app` when imported, in the order of --help.
 # isort: off
-from outboxer.cli import run, status, dead, schemas, web, demo  # noqa: F401
+from outboxer.cli import run, status, dead, keys, audit, trace, schemas, web, demo  # noqa: F401
 
 # isort: on
 from outboxer.cli.common import app, load_app

@@ -1,12 +1,17 @@
-"""Dead letters (list, show, requeue, purge), cancel, and retention purge."""
+"""Dead letters (list, show, requeue, edit, purge), cancel, and retention purge.
+
+Every change made here is written to the audit table (``outboxer audit list``) with
+the OS user as its actor."""
 
 from __future__ import annotations
 
 import json
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich import box
 from rich.console import Console
@@ -14,7 +19,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from outboxer.admin import PurgeResult
+from outboxer.admin import PurgeResult, os_user
 from outboxer.cli.common import (
     EXIT_ERROR,
     EXIT_USAGE,
@@ -33,7 +38,9 @@ from outboxer.models import OutboxMessage, Status
 from outboxer.outbox import Outbox
 
 dead_app = typer.Typer(
-    help="Dead letters: list, show, requeue, purge.", no_args_is_help=True, add_completion=False
+    help="Dead letters: list, show, requeue, edit, purge.",
+    no_args_is_help=True,
+    add_completion=False,
 )
 app.add_typer(dead_app, name="dead")
 
@@ -226,6 +233,7 @@ def dead_requeue(
             event_type=event_type,
             since=window,
             dry_run=dry_run,
+            actor=os_user(),
         )
     total = sum(done.values())
     if as_json:
@@ -235,6 +243,130 @@ def dead_requeue(
     verb = "would requeue" if dry_run else "requeued"
     detail = ", ".join(f"{svc} {n}" for svc, n in done.items())
     Console().print(f"{verb} {total} dead letter(s)" + (f": {detail}" if detail else ""))
+
+
+class EditError(ValueError):
+    """An edit the command line cannot make (the path or the value of ``--set``)."""
+
+
+def _set_path(document: Any, assignment: str) -> Any:
+    """``document`` with ``path=value`` applied: dotted keys (a number indexes a list),
+    ``value`` read as JSON, or taken as a string when it is not JSON."""
+    path, sep, raw = assignment.partition("=")
+    if not sep or not path:
+        raise EditError(f"--set takes path=value, got {assignment!r}")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    parts = path.split(".")
+    if not isinstance(document, dict | list):
+        raise EditError(f"--set {path}: the payload is not an object or a list")
+    node: Any = document
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise EditError(f"--set {path}: {part!r} is not an index of the list")
+            key: Any = int(part)
+        elif isinstance(node, dict):
+            key = part
+            if not last and key not in node:
+                node[key] = {}
+        else:
+            raise EditError(f"--set {path}: {'.'.join(parts[:i])} is not an object or a list")
+        if last:
+            node[key] = value
+        else:
+            node = node[key]
+    return document
+
+
+def _current_payload(m: OutboxMessage) -> Any:
+    try:
+        return m.envelope().payload
+    except OutboxError:
+        try:
+            return json.loads(m.payload)
+        except ValueError:
+            return m.payload
+
+
+@dead_app.command("edit")
+def dead_edit(
+    ctx: typer.Context,
+    outbox_id: Annotated[int, typer.Argument(metavar="ID", help="The dead letter's outbox id.")],
+    service: Annotated[
+        str | None,
+        typer.Option("--service", "-s", help="The service, if several have this id."),
+    ] = None,
+    assignments: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="PATH=VALUE",
+            help="Set one field of the payload (dotted path; VALUE read as JSON, else text). "
+            "Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    payload_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--payload-file",
+            metavar="FILE",
+            help="The new payload as a JSON file ('-': standard input).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Fix a dead letter's payload and send it again: opens the payload in $EDITOR
+    (or takes --set / --payload-file), checks it as publish does (JSON, size limit,
+    the event type's registered schema), then requeues it. The change is audited
+    with the payload before and after."""
+    fail = _failer(as_json)
+    if assignments and payload_file is not None:
+        fail("give --set or --payload-file, not both", EXIT_USAGE)
+    with _opened(ctx, as_json=as_json) as outbox:
+        m = outbox.admin.message(outbox_id, service=service)
+        if m.status is not Status.DEAD:
+            fail(
+                f"outbox message {m.id} of {m.service_name} is {m.status.value}, not dead: "
+                "only dead letters are edited",
+                EXIT_ERROR,
+            )
+        before = _current_payload(m)
+        try:
+            if payload_file is not None:
+                raw = sys.stdin.read() if str(payload_file) == "-" else payload_file.read_text()
+                payload = json.loads(raw)
+            elif assignments:
+                payload = json.loads(json.dumps(before))
+                for assignment in assignments:
+                    payload = _set_path(payload, assignment)
+            else:
+                text = json.dumps(before, indent=2, ensure_ascii=False) + "\n"
+                edited = click.edit(text, extension=".json", require_save=True)
+                if edited is None:
+                    fail("no change: the payload was not saved; nothing requeued", EXIT_ERROR)
+                payload = json.loads(edited)
+        except (ValueError, EditError) as exc:
+            fail(f"the new payload is not valid: {exc}", EXIT_USAGE)
+        except OSError as exc:
+            fail(f"cannot read the payload: {exc}", EXIT_USAGE)
+        if payload == before:
+            fail("no change: the payload is the same; nothing requeued", EXIT_ERROR)
+        edited_row = outbox.admin.edit(m.id, payload, service=m.service_name, actor=os_user())
+    if as_json:
+        sys.stdout.write(json.dumps(message_json(edited_row), indent=2) + "\n")
+        return
+    Console().print(
+        f"edited dead letter {edited_row.id} of {escape(edited_row.service_name)} "
+        f"({len(m.payload.encode()):,} -> {len(edited_row.payload.encode()):,} bytes) "
+        f"and requeued it",
+        highlight=False,
+    )
 
 
 @dead_app.command("purge")
@@ -287,7 +419,7 @@ def cancel(
     sent yet, not on its way): it becomes cancelled and is never sent. Exits 1 when
     it could not be cancelled (not there, or already sent, consumed or dead)."""
     with _opened(ctx, as_json=as_json) as outbox:
-        done = outbox.admin.cancel(event_id, service=service)
+        done = outbox.admin.cancel(event_id, service=service, actor=os_user())
     if as_json:
         sys.stdout.write(json.dumps({"event_id": event_id, "cancelled": done}, indent=2) + "\n")
     elif done:
@@ -378,6 +510,8 @@ def _purge(
     retention = outbox.settings.retention
     size = batch_size or retention.batch_size
     wait = retention.batch_pause if pause is None else pause
+    if not options.get("dry_run"):
+        options["actor"] = os_user()
     if as_json or not sys.stderr.isatty():
         return outbox.admin.purge(batch_size=size, pause=wait, **options)
     with Progress(

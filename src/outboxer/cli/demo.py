@@ -24,6 +24,7 @@ from outboxer.demo import HideDemoFailures, run_demo
 class DemoTransport(StrEnum):
     LOCAL = "local"
     KAFKA = "kafka"
+    NATS = "nats"
     RABBITMQ = "rabbitmq"
 
 
@@ -33,18 +34,20 @@ def demo(
     transport: Annotated[
         DemoTransport,
         typer.Option(
-            help="local (in-process), kafka (starts the embedded broker) or rabbitmq "
-            "(a running broker, see --broker-url)."
+            help="local (in-process), kafka (starts the embedded broker), nats "
+            "(a NATS server with JetStream, see --nats-url) or rabbitmq (a running "
+            "RabbitMQ, see --rabbitmq-url)."
         ),
     ] = DemoTransport.LOCAL,
-    broker_url: Annotated[
-        str | None,
+    nats_url: Annotated[
+        str, typer.Option(help="The NATS server of --transport nats (its streams are deleted).")
+    ] = "nats://127.0.0.1:4222",
+    rabbitmq_url: Annotated[
+        str,
         typer.Option(
-            metavar="URL",
-            help="The broker of --transport rabbitmq (default amqp://guest:guest@127.0.0.1:5672/).",
-            show_default=False,
+            help="The broker of --transport rabbitmq (its exchanges and queues are deleted)."
         ),
-    ] = None,
+    ] = "amqp://guest:guest@127.0.0.1:5672/",
     db: Annotated[
         Path | None,
         typer.Option(
@@ -63,7 +66,16 @@ def demo(
     path = db if scratch is None else Path(scratch.name) / "demo.db"
     try:
         with _logging("WARNING", LogFormat.RICH, console, (HideDemoFailures(),)), _reported():
-            summary = run_demo(events, transport.value, path, console, transport_url=broker_url)
+            summary = run_demo(
+                events,
+                transport.value,
+                path,
+                console,
+                transport_url={
+                    DemoTransport.NATS: nats_url,
+                    DemoTransport.RABBITMQ: rabbitmq_url,
+                }.get(transport),
+            )
     except (KeyboardInterrupt, asyncio.CancelledError):
         # SIGINT/SIGTERM: the demo stopped its engine (and broker) cleanly.
         raise typer.Exit(130) from None

@@ -216,6 +216,9 @@ least this often (the earlier event may be retried sooner, after a requeue say).
 DEAD_WAIT = MAX_ORDER_WAIT
 """Seconds between looks at a key held by a dead event (``ordered_after_dead=block``):
 a requeue of the dead event releases the key within this time."""
+PARKED_WAIT = MAX_ORDER_WAIT
+"""Seconds between looks at a key an operator parked (releasing it makes its events
+due at once)."""
 
 
 class _KeyOrder:
@@ -251,6 +254,8 @@ def _key_order(c: OpContext, live: list[tuple[int, Any]]) -> Op[_KeyOrder]:
     keys = {oid: row.message_key for oid, row in live}
     ids = [oid for oid, _ in live]
     earlier = yield from op_open_before(c, set(keys.values()), ids)
+    # Parked keys were read with the batch's rows (op_lock_batch): no statement here.
+    parked = {row.message_key for _, row in live if getattr(row, "parked", False)}
     waits: dict[str, list[tuple[int, float]]] = {}
     for r in earlier:
         if r.status == Status.DEAD.value:
@@ -272,7 +277,11 @@ def _key_order(c: OpContext, live: list[tuple[int, Any]]) -> Op[_KeyOrder]:
         else:  # published, or due for its first send, or on its way
             seconds = IN_FLIGHT_WAIT
         waits.setdefault(r.message_key, []).append((r.id, seconds))
-    return _KeyOrder(keys, waits)
+    order = _KeyOrder(keys, waits)
+    for key in parked:
+        # Every event of a parked key waits, the first one too.
+        order.held[key] = PARKED_WAIT
+    return order
 
 
 def op_inbox_receive(

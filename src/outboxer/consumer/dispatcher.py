@@ -24,6 +24,7 @@ from outboxer.database.connections import connection_lost
 from outboxer.database.instructions import Op
 from outboxer.database.ops.base import Outcome
 from outboxer.database.ops.handling import Started
+from outboxer.database.schema import MAX_COORDINATES_CHARS
 from outboxer.envelope import Envelope
 from outboxer.errors import ConnectionLostError, describe_error
 from outboxer.handlers import BatchHandler, Handler, handler_fn, is_async_callable
@@ -401,9 +402,15 @@ class InboxDispatcher(Dispatcher):
     def _row(self, event: InboxEvent) -> dict[str, Any]:
         row = self._rows.get(event.event_id)
         if row is None:
-            row = self._rows[event.event_id] = self.storage.rows.received(
-                self.route, **_received(event)
+            row = self._rows[event.event_id] = self._lineage(
+                self.storage.rows.received(self.route, **_received(event)), None
             )
+        return row
+
+    def _lineage(self, row: dict[str, Any], coordinates: str | None) -> dict[str, Any]:
+        # Every row of a batch has the same columns (one executemany).
+        row["coordinates"] = coordinates[:MAX_COORDINATES_CHARS] if coordinates else None
+        row["consumer_group"] = self.route.group_id
         return row
 
     async def _start(self, items: list[Any], *, alone: bool) -> tuple[list[Any], bool]:
@@ -436,6 +443,7 @@ class InboxDispatcher(Dispatcher):
                 # Built (and so checked) now, so one bad message cannot fail the
                 # batch's insert; the start and the batch use this row.
                 row = self.storage.rows.received(self.route, **_received(event))
+                row = self._lineage(row, msg.coordinates)
             except Exception as exc:  # noqa: BLE001 - whatever the adapter cannot read
                 if report:
                     self._skipped(msg, "undecodable", "unreadable message skipped", exc)

@@ -37,6 +37,9 @@ Version history:
    as being handled in a short transaction before its handler runs; the commit that
    settles it clears the mark. A mark found by the next delivery means the worker
    process died while handling it (poison protection, docs/semantics.md).
+6. ``coordinates`` and ``consumer_group`` (nullable): lineage. An outbox row keeps
+   where the broker put it (written by the published mark's UPDATE); an inbox row
+   where it was read and by which consumer group.
 
 Inbox tables (a service consumed here from another database) are the outbox template
 plus a unique ``event_id``; they were introduced at version 3, so they are always
@@ -130,6 +133,11 @@ STEPS: tuple[Step, ...] = (
         5,
         "handling, crashes (deliveries started and never settled: the worker died)",
         columns=("handling", "crashes"),
+    ),
+    Step(
+        6,
+        "coordinates, consumer_group (lineage: where a message went or came from)",
+        columns=("coordinates", "consumer_group"),
     ),
 )
 LATEST = STEPS[-1].version
@@ -277,7 +285,7 @@ def plan_on(conn: Connection, tables: Tables, outbox: Sequence[Table]) -> list[T
 
 def _outbox_tables(tables: Tables) -> list[Table]:
     return sorted(
-        (t for t in tables.metadata.tables.values() if t is not tables.versions),
+        (t for t in tables.metadata.tables.values() if not tables.own(t.name)),
         key=lambda t: t.name,
     )
 
@@ -299,6 +307,11 @@ def migrate(database: Database, tables: Tables) -> list[TablePlan]:
         with single_instance(database, MIGRATE_LOCK, wait=True):
             with database.sync_engine.begin() as conn:
                 tables.versions.create(conn, checkfirst=True)
+                # The audit and parked keys tables have no versions yet: created
+                # when missing, so an existing database gains them on its next
+                # `outboxer migrate`.
+                tables.audit.create(conn, checkfirst=True)
+                tables.parked.create(conn, checkfirst=True)
             plans = []
             for table in outbox:
                 with database.sync_engine.begin() as conn:
@@ -322,22 +335,46 @@ def sql_script(plans: Sequence[TablePlan], tables: Tables, dialect: Any) -> str:
     """The DDL and version rows of ``plans`` as one SQL script for ``dialect`` (a
     SQLAlchemy dialect), for a DBA to review and run."""
     lines: list[str] = []
+    for statement in sql_statements(plans, tables, dialect):
+        if statement.startswith("-- "):
+            lines.append("")
+            lines.append(statement)
+        else:
+            lines.append(statement + ";")
+    return "\n".join(lines) + "\n"
+
+
+def sql_statements(plans: Sequence[TablePlan], tables: Tables, dialect: Any) -> list[str]:
+    """The statements of :func:`sql_script`, one by one without their ``;`` (each
+    table's first line is a ``-- table: version a -> b`` comment), for a tool that
+    runs them itself (a Django migration operation)."""
+    out: list[str] = []
     versions_ddl = str(CreateTable(tables.versions, if_not_exists=True).compile(dialect=dialect))
-    lines.append(versions_ddl.strip() + ";")
+    out.append(versions_ddl.strip())
+    audit_ddl = str(CreateTable(tables.audit, if_not_exists=True).compile(dialect=dialect))
+    out.append(audit_ddl.strip())
+    for index in sorted(tables.audit.indexes, key=lambda i: str(i.name)):
+        out.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect)).strip())
+    parked_ddl = str(CreateTable(tables.parked, if_not_exists=True).compile(dialect=dialect))
+    out.append(parked_ddl.strip())
     for table_plan in plans:
         if table_plan.up_to_date:
             continue
-        lines.append("")
-        lines.append(f"-- {table_plan.table}: version {table_plan.current} -> {table_plan.target}")
+        out.append(f"-- {table_plan.table}: version {table_plan.current} -> {table_plan.target}")
         for statement in table_plan.statements:
-            lines.append(str(statement.compile(dialect=dialect)).strip() + ";")
+            out.append(str(statement.compile(dialect=dialect)).strip())
         op = op_record_versions(tables.versions, table_plan.table, table_plan.steps)
         for instruction in op:
             assert isinstance(instruction, Execute)
             stmt = instruction.statement
             for params in instruction.params or [{}]:
-                lines.append(_literal(stmt, params, dialect) + ";")
-    return "\n".join(lines) + "\n"
+                out.append(_literal(stmt, params, dialect))
+    return out
+
+
+def fresh_plans(tables: Tables) -> list[TablePlan]:
+    """What :func:`migrate` does on a database without outbox tables (reads nothing)."""
+    return [_plan_table(t, None, 0) for t in _outbox_tables(tables)]
 
 
 def _literal(stmt: Any, params: dict[str, Any], dialect: Any) -> str:
@@ -359,7 +396,9 @@ __all__ = [
     "migrate",
     "plan",
     "plan_on",
+    "fresh_plans",
     "sql_script",
+    "sql_statements",
     "table_at",
     "version_table",
 ]

@@ -37,6 +37,7 @@ MAX_ERROR_CHARS = 2000
 MAX_KEY_CHARS = 255
 MAX_EVENT_TYPE_CHARS = 255
 MAX_EVENT_ID_CHARS = 255
+MAX_COORDINATES_CHARS = 255
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -164,6 +165,11 @@ def outbox_table(name: str, metadata: MetaData) -> Table:
         # ``crashes`` counts the deaths pinned on this message.
         Column("handling", Integer, nullable=False, server_default=text("0")),
         Column("crashes", Integer, nullable=False, server_default=text("0")),
+        # Schema version 6: lineage. Where the broker put the message when it
+        # acknowledged it (Kafka: topic/partition@offset), written with the published
+        # mark; in an inbox, where the message was read and by which consumer group.
+        Column("coordinates", String(MAX_COORDINATES_CHARS), nullable=True),
+        Column("consumer_group", String(255), nullable=True),
         # The claim: status = 'pending' AND next_retry_at <= now ORDER BY next_retry_at, id.
         Index(index_name(name, "due"), "status", "next_retry_at", "id"),
         # Operations: listing/purging by status and age, status counts.
@@ -206,13 +212,67 @@ def version_table(metadata: MetaData) -> Table:
     )
 
 
+AUDIT_TABLE = "outboxer_audit"
+"""Every operator action (requeue, purge, edit, ...): who, when, what, which rows."""
+
+
+def audit_table(metadata: MetaData) -> Table:
+    """The audit table in ``metadata`` (built on first use). Retention never deletes
+    from it; ``Admin.purge_audit`` does, when asked."""
+    existing = metadata.tables.get(AUDIT_TABLE)
+    if existing is not None:
+        return existing
+    return Table(
+        AUDIT_TABLE,
+        metadata,
+        Column("id", id_type(), primary_key=True, autoincrement=True),
+        Column("at", UtcDateTime(), nullable=False),
+        Column("actor", String(200), nullable=False),
+        Column("action", String(32), nullable=False),
+        Column("service_name", String(64), nullable=False),
+        # The rows acted on as a JSON list of outbox ids ("[]": none matched).
+        Column("outbox_ids", Text, nullable=False),
+        # What the action was given (filters, reason, counts), as a JSON object.
+        Column("detail", Text, nullable=False),
+        Column("payload_before", _Payload(), nullable=True),
+        Column("payload_after", _Payload(), nullable=True),
+        Index("ix_outboxer_audit_at", "at"),
+    )
+
+
+PARKED_TABLE = "outboxer_parked_keys"
+"""Keys of ordered services an operator parked: their events wait until released."""
+
+
+def parked_table(metadata: MetaData) -> Table:
+    """The parked keys table in ``metadata`` (built on first use)."""
+    existing = metadata.tables.get(PARKED_TABLE)
+    if existing is not None:
+        return existing
+    return Table(
+        PARKED_TABLE,
+        metadata,
+        Column("service_name", String(64), primary_key=True),
+        Column("message_key", String(MAX_KEY_CHARS), primary_key=True),
+        Column("parked_at", UtcDateTime(), nullable=False),
+        Column("actor", String(200), nullable=False),
+        Column("reason", Text, nullable=True),
+    )
+
+
 class Tables:
-    """The outbox tables of one application and the schema version table, in one
-    ``MetaData`` (give it to Alembic)."""
+    """The outbox tables of one application, the schema version table, the audit
+    table and the parked keys, in one ``MetaData`` (give it to Alembic)."""
 
     def __init__(self, metadata: MetaData | None = None) -> None:
         self.metadata = metadata if metadata is not None else MetaData()
         self.versions = version_table(self.metadata)
+        self.audit = audit_table(self.metadata)
+        self.parked = parked_table(self.metadata)
+
+    def own(self, name: str) -> bool:
+        """Whether ``name`` is one of outboxer's own tables (not an outbox table)."""
+        return name in (VERSION_TABLE, AUDIT_TABLE, PARKED_TABLE)
 
     def table(self, route: ServiceRoute) -> Table:
         """The table of ``route`` (built on first use): an outbox table, or an inbox
@@ -224,5 +284,5 @@ class Tables:
     def forget(self, name: str) -> None:
         """Drop table ``name`` from the metadata (a default route that was replaced)."""
         table = self.metadata.tables.get(name)
-        if table is not None and table is not self.versions:
+        if table is not None and not self.own(name):
             self.metadata.remove(table)

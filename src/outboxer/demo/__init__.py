@@ -84,6 +84,9 @@ def _settings(transport: str) -> OutboxSettings:
         # The embedded broker holds a group's first join for about half the session
         # timeout: a short one keeps the demo's start quick.
         values["kafka"] = {"session_timeout_ms": 6000}
+    if transport == "nats":
+        # The demo's streams are deleted at its end; in memory meanwhile.
+        values["nats"] = {"storage": "memory"}
     return OutboxSettings.from_values(**values)
 
 
@@ -99,24 +102,22 @@ async def run_demo_async(
     """:func:`run_demo` for callers already in an event loop.
 
     ``transport_url`` is where ``transport="kafka"`` sends (a running broker's
-    ``kafka://host:port``); :func:`run_demo` starts an embedded one. For
-    ``transport="rabbitmq"`` it is a running broker's ``amqp://`` URL (default
-    :data:`RABBITMQ_URL`); the run's exchanges and queues are deleted at its end.
+    ``kafka://host:port``); :func:`run_demo` starts an embedded one.
     """
     _check_arguments(events, transport)
     console = console or Console()
     if transport == "kafka" and transport_url is None:
         raise ConfigurationError("transport 'kafka' needs transport_url (kafka://host:port)")
-    if transport == "rabbitmq":
-        transport_url = transport_url or RABBITMQ_URL
+    if transport == "nats" and transport_url is None:
+        transport_url = NATS_URL
+    if transport == "rabbitmq" and transport_url is None:
+        transport_url = RABBITMQ_URL
     path = _database_path(db_path)
     url = f"sqlite:///{path}"
     limit = timeout if timeout is not None else 60.0 + events / 25
     outbox = Outbox(
         url,
-        transport=transport_url
-        if transport in ("kafka", "rabbitmq") and transport_url
-        else "local",
+        transport=transport_url if transport in ("kafka", "nats", "rabbitmq") else "local",
         settings=_settings(transport),
     )
     demo = DemoSystem(outbox, url)
@@ -162,11 +163,13 @@ async def run_demo_async(
         await demo.close()
         if transport == "rabbitmq":
             await _delete_topology(outbox)
+        if transport == "nats":
+            await _delete_destinations(outbox)
         await outbox.aclose()
 
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
-"""The broker ``outboxer demo --transport rabbitmq`` uses unless told another."""
+"""The broker of ``outboxer demo --transport rabbitmq`` unless told otherwise."""
 
 
 async def _delete_topology(outbox: Outbox) -> None:
@@ -180,10 +183,21 @@ async def _delete_topology(outbox: Outbox) -> None:
         logger.warning("could not delete the demo's RabbitMQ exchanges and queues: %s", exc)
 
 
+NATS_URL = "nats://127.0.0.1:4222"
+"""The NATS server of ``outboxer demo --transport nats`` unless told otherwise."""
+
+
+async def _delete_destinations(outbox: Outbox) -> None:
+    """Delete the run's streams: they outlive the run on the user's server."""
+    delete = getattr(outbox.transport, "delete_destinations", None)
+    if delete is not None:
+        await delete(sorted({r.topic for r in outbox.routes.routes()}))
+
+
 def _check_arguments(events: int, transport: str) -> None:
     if transport not in TRANSPORTS:
         raise ConfigurationError(
-            f"unknown demo transport {transport!r}: use {', '.join(TRANSPORTS)}"
+            f"unknown demo transport {transport!r}: use " + ", ".join(TRANSPORTS)
         )
     if events < MIN_EVENTS:
         raise ConfigurationError(f"the demo needs at least {MIN_EVENTS} events, got {events}")
@@ -306,10 +320,12 @@ def run_demo(
 
     ``db_path`` must not exist yet (default: a new file in a new temporary
     directory, left in place; its path is in the summary). ``transport="kafka"``
-    starts the embedded broker for the run; ``transport="rabbitmq"`` uses a running
-    broker (``transport_url``, default :data:`RABBITMQ_URL`). Raises
-    :class:`DemoError` when the events do not drain within ``timeout`` seconds
-    (default: 60 s + 40 ms per event).
+    starts the embedded broker for the run; ``transport="nats"`` uses the NATS server
+    at ``transport_url`` (default ``nats://127.0.0.1:4222``, JetStream enabled) and
+    deletes its streams at the end; ``transport="rabbitmq"`` uses the broker at
+    ``transport_url`` (default :data:`RABBITMQ_URL`) and deletes the run's exchanges and
+    queues at the end. Raises :class:`DemoError` when the
+    events do not drain within ``timeout`` seconds (default: 60 s + 40 ms per event).
     """
     _check_arguments(events, transport)
     console = console or Console()

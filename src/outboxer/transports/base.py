@@ -82,6 +82,8 @@ class Delivery:
     outage and backs off.
     ``settled`` means the consumer side already recorded the outcome in the database
     (the in-process transport), so the relay must not mark the row published.
+    ``coordinates``: where the broker put an acknowledged message, as short text
+    (Kafka: ``topic/partition@offset``); the relay stores it with the published mark.
     """
 
     outbox_id: int
@@ -89,6 +91,7 @@ class Delivery:
     permanent: bool = False
     settled: bool = False
     transient: bool = False
+    coordinates: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -105,6 +108,9 @@ class IncomingMessage:
     headers: Mapping[str, bytes] = field(default_factory=dict)
     position: Any = None
     """The transport's own marker (partition and offset for Kafka) used by ``ack``."""
+    coordinates: str | None = None
+    """Where the message was read, as short text (Kafka: ``topic/partition@offset``);
+    an inbox row keeps it."""
 
 
 @dataclass(frozen=True, slots=True)

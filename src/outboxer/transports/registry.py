@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from outboxer.errors import ConfigurationError
 from outboxer.settings import OutboxSettings, register_section
 from outboxer.transports import kafka
+from outboxer.transports import nats as nats_transport
 from outboxer.transports import rabbitmq as amqp
 from outboxer.transports.base import Transport
 from outboxer.transports.local import LocalTransport
@@ -87,3 +88,4 @@ register_transport("kafka", kafka.create, settings=kafka.KafkaSettings)
 # amqp://user:pass@host:port/vhost reads the [rabbitmq] section (OUTBOXER_RABBITMQ__*).
 register_transport("amqp", amqp.create)
 register_section(amqp.SECTION, amqp.RabbitMQSettings)
+register_transport("nats", nats_transport.create, settings=nats_transport.NatsSettings)

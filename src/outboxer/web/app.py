@@ -1,4 +1,9 @@
-"""The console's pages: overview, messages, one message, dead letters, login.
+"""The console's pages: overview, messages, one message (with its audit trail and,
+for a dead letter, the edit form), dead letters, the audit trail, login.
+
+Every change is audited with the actor ``console:<client address>`` (the console
+has one shared token, no user names; the address is the one behind trusted
+proxies).
 
 Every read and change goes through :class:`~outboxer.admin.Admin` (the same code as
 ``outboxer status`` / ``outboxer dead ...``), called on Starlette's thread pool.
@@ -15,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import jinja2
 from starlette.applications import Starlette
@@ -30,7 +35,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from outboxer.admin import Admin, Search, parse_cursor
+from outboxer.admin import AUDIT_ACTIONS, Admin, Search, parse_cursor
 from outboxer.durations import format_duration, parse_duration
 from outboxer.errors import ConfigurationError, MessageNotFoundError, OutboxError
 from outboxer.models import OutboxMessage, Status
@@ -104,6 +109,18 @@ def _pretty_envelope(m: OutboxMessage) -> str:
             return m.payload
 
 
+def _pretty_payload(m: OutboxMessage) -> str:
+    """The payload alone, as the edit form shows it."""
+    try:
+        return json.dumps(m.envelope().payload, indent=2, ensure_ascii=False)
+    except OutboxError:
+        return m.payload
+
+
+def _quoted(value: str) -> str:
+    return quote(value, safe="")
+
+
 def _templates() -> Jinja2Templates:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("outboxer.web", "templates"),
@@ -132,6 +149,11 @@ class Console:
 
     def services(self) -> list[str]:
         return sorted(r.service_name for r in self.outbox.routes.routes())
+
+    @staticmethod
+    def actor(request: Request) -> str:
+        """Who the audit row names for a change made through this request."""
+        return f"console:{request.state.client}"
 
     def render(
         self, request: Request, name: str, status_code: int = 200, **context: Any
@@ -235,14 +257,158 @@ class Console:
             m = await run_in_threadpool(self.admin.message, outbox_id, service=service)
         except MessageNotFoundError as exc:
             raise HTTPException(404, str(exc)) from None
+        trail = await run_in_threadpool(
+            lambda: self.admin.audit(services=[service], outbox_id=outbox_id, limit=PAGE)
+        )
         return self.render(
             request,
             "message.html",
             m=m,
             envelope=_pretty_envelope(m),
+            payload=_pretty_payload(m),
             headers=json.dumps(m.header_map(), indent=2) if m.headers else None,
             requeued=_int(request.query_params.get("requeued")),
             cancelled=_int(request.query_params.get("cancelled")),
+            edited=_int(request.query_params.get("edited")),
+            trail=trail.entries,
+        )
+
+    async def edit(self, request: Request) -> Response:
+        form = await checked_form(request)
+        service = _str(form.get("service"))
+        raw_id = _str(form.get("id"))
+        if service not in self.services() or not raw_id.isdigit():
+            raise HTTPException(400, f"no dead letter {service!r}:{raw_id!r}")
+        try:
+            payload = json.loads(_str(form.get("payload")))
+        except ValueError as exc:
+            raise HTTPException(400, f"the new payload is not valid JSON: {exc}") from None
+        try:
+            await run_in_threadpool(
+                lambda: self.admin.edit(
+                    int(raw_id), payload, service=service, actor=self.actor(request)
+                )
+            )
+        except OutboxError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return RedirectResponse(
+            f"/messages/{_quoted(service)}/{int(raw_id)}?edited=1", status_code=303
+        )
+
+    # -------------------------------------------------------------- blocked keys
+
+    async def keys(self, request: Request) -> Response:
+        q = request.query_params
+        service = q.get("service") or None
+        form = {"service": service or ""}
+        ordered = sorted(r.service_name for r in self.outbox.routes.routes() if r.ordered)
+        try:
+            if service is not None and service not in ordered:
+                raise ConfigurationError(f"no ordered service named {service!r}")
+            found = await run_in_threadpool(
+                lambda: self.admin.blocked_keys([service] if service else None, limit=PAGE)
+            )
+        except OutboxError as exc:
+            return self.render(
+                request,
+                "keys.html",
+                400,
+                form=form,
+                found=None,
+                error=str(exc),
+                ordered=ordered,
+                done=None,
+            )
+        return self.render(
+            request,
+            "keys.html",
+            form=form,
+            found=found,
+            error=None,
+            ordered=ordered,
+            done=q.get("done"),
+        )
+
+    async def key_action(self, request: Request) -> Response:
+        form = await checked_form(request)
+        service = _str(form.get("service"))
+        key = _str(form.get("key"))
+        action = _str(form.get("action"))
+        reason = _str(form.get("reason")).strip()
+        actor = self.actor(request)
+        calls: dict[str, Callable[[], Any]] = {
+            "retry": lambda: self.admin.retry_head(service, key, actor=actor),
+            "skip": lambda: self.admin.skip_head(service, key, reason, actor=actor),
+            "park": lambda: self.admin.park(service, key, reason=reason or None, actor=actor),
+            "release": lambda: self.admin.release(service, key, actor=actor),
+        }
+        if service not in self.services() or action not in calls:
+            raise HTTPException(400, f"no action {action!r} on service {service!r}")
+        try:
+            await run_in_threadpool(calls[action])
+        except OutboxError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return RedirectResponse(
+            "/keys?" + urlencode({"service": service, "done": action}), status_code=303
+        )
+
+    # -------------------------------------------------------------- lineage
+
+    async def trace(self, request: Request) -> Response:
+        event_id = (request.query_params.get("event_id") or "").strip()
+        steps = None
+        error = None
+        status = 200
+        if event_id:
+            try:
+                steps = await run_in_threadpool(self.admin.trace, event_id)
+            except OutboxError as exc:
+                error, status = str(exc), 400
+        return self.render(
+            request, "trace.html", status, event_id=event_id, steps=steps, error=error
+        )
+
+    # -------------------------------------------------------------- audit
+
+    async def audit(self, request: Request) -> Response:
+        q = request.query_params
+        service = q.get("service") or None
+        action = q.get("action") or None
+        form = {"service": service or "", "action": action or ""}
+        try:
+            if service is not None and service not in self.services():
+                raise ConfigurationError(f"no service named {service!r}")
+            before = q.get("before")
+            page = await run_in_threadpool(
+                lambda: self.admin.audit(
+                    services=[service] if service else None,
+                    action=action,
+                    limit=PAGE,
+                    before=int(before) if before and before.isdigit() else None,
+                )
+            )
+        except OutboxError as exc:
+            return self.render(
+                request,
+                "audit.html",
+                400,
+                form=form,
+                page=None,
+                error=str(exc),
+                more=None,
+                actions=AUDIT_ACTIONS,
+            )
+        more = None
+        if page.next_before is not None:
+            more = "/audit?" + urlencode({**form, "before": page.next_before})
+        return self.render(
+            request,
+            "audit.html",
+            form=form,
+            page=page,
+            error=None,
+            more=more,
+            actions=AUDIT_ACTIONS,
         )
 
     async def cancel(self, request: Request) -> Response:
@@ -252,7 +418,9 @@ class Console:
         if service not in self.services():
             raise HTTPException(400, f"no service named {service!r}")
         try:
-            done = await run_in_threadpool(self.admin.cancel, event_id, service=service)
+            done = await run_in_threadpool(
+                lambda: self.admin.cancel(event_id, service=service, actor=self.actor(request))
+            )
         except OutboxError as exc:
             raise HTTPException(400, str(exc)) from None
         return _back(form, "/messages", cancelled=int(done))
@@ -310,7 +478,9 @@ class Console:
                 raise ConfigurationError("no dead letter chosen: tick some first")
             total = 0
             for service, ids in by_service.items():
-                done = await run_in_threadpool(self.admin.requeue, ids, services=[service])
+                done = await run_in_threadpool(
+                    self.admin.requeue, ids, services=[service], actor=self.actor(request)
+                )
                 total += sum(done.values())
         except OutboxError as exc:
             raise HTTPException(400, str(exc)) from None
@@ -322,7 +492,10 @@ class Console:
             services, event_type = self._dead_filter(form)
             done = await run_in_threadpool(
                 lambda: self.admin.requeue(
-                    None, services=services or self.services(), event_type=event_type
+                    None,
+                    services=services or self.services(),
+                    event_type=event_type,
+                    actor=self.actor(request),
                 )
             )
         except OutboxError as exc:
@@ -343,6 +516,7 @@ class Console:
                     event_type=event_type,
                     batch_size=retention.batch_size,
                     pause=retention.batch_pause,
+                    actor=self.actor(request),
                 )
             )
         except OutboxError as exc:
@@ -478,6 +652,11 @@ def create_app(
         Route("/dead/requeue", console.requeue, methods=["POST"]),
         Route("/dead/requeue-all", console.requeue_all, methods=["POST"]),
         Route("/dead/purge", console.purge, methods=["POST"]),
+        Route("/dead/edit", console.edit, methods=["POST"]),
+        Route("/audit", console.audit),
+        Route("/trace", console.trace),
+        Route("/keys", console.keys),
+        Route("/keys/action", console.key_action, methods=["POST"]),
         Route("/login", console.login, methods=["GET", "POST"]),
         Mount(
             "/static",

@@ -50,6 +50,8 @@ class Dialect:
     family: ClassVar[str]
     backends: ClassVar[tuple[str, ...]]
     """SQLAlchemy backend names of this family (``mariadb`` is ``mysql``'s)."""
+    django_engine: ClassVar[str | None] = None
+    """Django's database engine for this family (``outboxer.contrib.django``)."""
     sync_driver: ClassVar[str]
     async_driver: ClassVar[str]
     async_drivers: ClassVar[frozenset[str]] = frozenset()

@@ -47,6 +47,7 @@ server gone away, lost connection during query, lost connection (system error)."
 class MySQLDialect(Dialect):
     family = "mysql"
     backends = ("mysql", "mariadb")
+    django_engine = "django.db.backends.mysql"
     sync_driver = "pymysql"
     async_driver = "aiomysql"
     async_drivers = frozenset({"aiomysql", "asyncmy"})

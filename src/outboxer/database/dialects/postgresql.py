@@ -51,6 +51,7 @@ _PQ_TRANS_IDLE = 0
 class PostgreSQLDialect(Dialect):
     family = "postgresql"
     backends = ("postgresql", "postgres")
+    django_engine = "django.db.backends.postgresql"
     sync_driver = "psycopg"
     async_driver = "psycopg"
     async_drivers = frozenset({"asyncpg"})

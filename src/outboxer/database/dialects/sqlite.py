@@ -50,6 +50,7 @@ way), within the busy timeout."""
 class SQLiteDialect(Dialect):
     family = "sqlite"
     backends = ("sqlite",)
+    django_engine = "django.db.backends.sqlite3"
     sync_driver = "pysqlite"
     async_driver = "aiosqlite"
     async_drivers = frozenset({"aiosqlite"})

@@ -54,6 +54,10 @@ class OpContext:
     scheduled_blocks: bool = False
     """Ordered services: a scheduled event not yet due holds back the later events
     of its key."""
+    audit: Table | None = None
+    """Where operator actions are recorded (``outboxer_audit``)."""
+    parked: Table | None = None
+    """Keys of ordered services held by an operator (``outboxer_parked_keys``)."""
 
     def ctx(self, **extra: Any) -> dict[str, Any]:
         return {"service": self.route.service_name, "table": self.table.name, **extra}

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import (
     and_,
+    exists,
     or_,
     select,
     text,
@@ -212,15 +213,28 @@ def op_start(
 
 def op_lock_batch(c: OpContext, ids: Sequence[int]) -> Op[dict[int, Any]]:
     """Lock a batch's rows in id order (concurrent consumers cannot deadlock) and read
-    what the dispatch needs of them; missing rows are absent."""
+    what the dispatch needs of them; missing rows are absent. For an ordered service
+    each row also says whether an operator parked its key (``parked``), read in the
+    same statement."""
     t = c.table
+    columns: list[Any] = [
+        t.c.id,
+        t.c.status,
+        t.c.event_type,
+        t.c.retry_count,
+        t.c.created_at,
+        t.c.message_key,
+    ]
+    if c.route.ordered and c.parked is not None:
+        p = c.parked
+        columns.append(
+            exists()
+            .where(p.c.service_name == c.route.service_name, p.c.message_key == t.c.message_key)
+            .label("parked")
+        )
     result = yield Execute(
         c.dialect.lock_rows(
-            select(
-                t.c.id, t.c.status, t.c.event_type, t.c.retry_count, t.c.created_at, t.c.message_key
-            )
-            .where(c.dialect.ids_in(t.c.id, sorted(set(ids))))
-            .order_by(t.c.id)
+            select(*columns).where(c.dialect.ids_in(t.c.id, sorted(set(ids)))).order_by(t.c.id)
         ),
         what="lock batch",
         context=c.ctx(),

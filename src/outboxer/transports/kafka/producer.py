@@ -169,10 +169,14 @@ class BatchWaiter:
         outbox_id: int,
         handle: ProducerHandle,
         err: KafkaError | None,
-        msg: Message,
+        msg: Message | None,
     ) -> None:
         handle.delivered(err)
-        self.settle(index, Delivery(outbox_id) if err is None else delivery_of(outbox_id, err))
+        if err is None:
+            where = None if msg is None else f"{msg.topic()}/{msg.partition()}@{msg.offset()}"
+            self.settle(index, Delivery(outbox_id, coordinates=where))
+        else:
+            self.settle(index, delivery_of(outbox_id, err))
 
 
 def _finish(fut: asyncio.Future[None]) -> None:

@@ -132,6 +132,7 @@ class KafkaSubscription:
                     key=m.key(),
                     headers=headers,
                     position=(m.topic(), m.partition(), m.offset()),
+                    coordinates=f"{m.topic()}/{m.partition()}@{m.offset()}",
                 )
             )
         await self._watch_assignment(assigned or bool(out))

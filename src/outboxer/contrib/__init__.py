@@ -1,0 +1,2 @@
+"""Integrations with frameworks, each an optional package at the edges
+(:mod:`outboxer.contrib.django`)."""
