@@ -15,6 +15,7 @@ import pytest
 from outboxer.errors import TransportError
 from outboxer.routing import ServiceRoute
 from outboxer.transports.base import IncomingMessage, OutgoingMessage
+from outboxer.transports.rabbitmq.admin import lane_of
 from outboxer.transports.rabbitmq.transport import RabbitMQTransport
 from outboxer.transports.registry import make_transport
 from tests.helpers import isolated_settings
@@ -69,9 +70,13 @@ async def test_a_message_no_queue_takes_is_not_sent(rabbitmq_vhost: RabbitVhost)
         assert all("no queue bound" in (d.error or "") for d in deliveries)
         # Once the group subscribed, the same transport sends them.
         sub = await transport.subscribe(route)
-        assert all(d.ok for d in await transport.send(route, _messages(3)))
+        sent = await transport.send(route, _messages(3))
+        assert all(d.ok for d in sent)
+        # No offsets on RabbitMQ: where a message went is its exchange and lane.
+        assert {d.coordinates for d in sent} == {f"{route.topic}/{lane_of('k', 8)}"}
         got = await _collect(sub, 3)
         assert sorted(_ids(got)) == [1, 2, 3]
+        assert {m.coordinates for m in got} == {f"{route.topic}/{lane_of('k', 8)}"}
         await sub.ack(got)
     finally:
         await transport.close()

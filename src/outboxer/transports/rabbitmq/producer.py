@@ -89,6 +89,7 @@ async def publish_batch(
     exchange = await handle.exchange(destination)
     out: list[Delivery | None] = [None] * len(messages)
     pending: list[tuple[int, Any]] = []
+    lane_of_message: dict[int, int] = {}
     for i, m in enumerate(messages):
         if len(m.value) > max_size:
             out[i] = Delivery(
@@ -98,9 +99,10 @@ async def publish_batch(
                 permanent=True,
             )
             continue
+        lane = lane_of_message[i] = lane_of(m.key, lanes)
         publish = exchange.publish(
             amqp_message(m),
-            routing_key=str(lane_of(m.key, lanes)),
+            routing_key=str(lane),
             mandatory=True,
             timeout=timeout,
         )
@@ -109,7 +111,8 @@ async def publish_batch(
     for (i, _), result in zip(pending, results, strict=True):
         m = messages[i]
         if not isinstance(result, BaseException):
-            out[i] = Delivery(m.outbox_id)
+            # RabbitMQ has no offsets: where it went is the exchange and the lane.
+            out[i] = Delivery(m.outbox_id, coordinates=f"{destination}/{lane_of_message[i]}")
             continue
         if isinstance(result, asyncio.CancelledError):
             raise result

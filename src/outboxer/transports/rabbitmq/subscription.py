@@ -165,6 +165,7 @@ class RabbitMQSubscription:
             key=None if key is None else _header_bytes(key),
             headers=headers,
             position=(generation, message),
+            coordinates=f"{message.exchange}/{message.routing_key}",
         )
 
     async def ack(self, messages: Sequence[IncomingMessage]) -> None:
