@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from outboxer.errors import ConfigurationError
 from outboxer.settings import OutboxSettings, register_section
 from outboxer.transports import kafka
+from outboxer.transports import redis as redis_streams
 from outboxer.transports.base import Transport
 from outboxer.transports.local import LocalTransport
 from outboxer.transports.memory import InMemoryTransport
@@ -83,3 +84,4 @@ def _memory(spec: str, settings: OutboxSettings) -> Transport:
 register_transport("local", _local)
 register_transport("memory", _memory)
 register_transport("kafka", kafka.create, settings=kafka.KafkaSettings)
+register_transport("redis", redis_streams.create, settings=redis_streams.RedisSettings)
