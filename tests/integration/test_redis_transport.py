@@ -134,6 +134,28 @@ async def test_a_paused_reader_cannot_acknowledge_after_losing_its_lane(
     await transport.close()
 
 
+async def test_entries_left_idle_by_another_consumer_are_claimed(
+    redis_server: str, prefix: str, raw: redis.Redis
+) -> None:
+    transport = _transport(redis_server, prefix, lanes=1, claim_idle=1.0)
+    route = _route()
+    await transport.start([route])
+    sub = await transport.subscribe(route)
+    assert await sub.receive(10, 0.1) == []  # holds the lane from now on
+    await transport.send(route, _messages(2))
+    stream = transport.topology.stream(route.topic, 0)
+    # A former holder paused past its lease reads them after all, then stops.
+    stale = raw.xreadgroup(route.group_id, "stale-reader", {stream: ">"}, count=10)
+    assert len(stale[0][1]) == 2
+    got = await _collect(sub, 2, timeout=10)  # once idle for claim_idle
+    assert _ids(got) == [1, 2]
+    consumers = {c["name"]: c["pending"] for c in raw.xinfo_consumers(stream, route.group_id)}
+    assert consumers[b"stale-reader"] == 0
+    await sub.ack(got)
+    assert raw.xpending(stream, route.group_id)["pending"] == 0
+    await transport.close()
+
+
 async def test_lanes_spread_keys_and_keep_each_keys_order(redis_server: str, prefix: str) -> None:
     transport = _transport(redis_server, prefix, lanes=4)
     route = _route()

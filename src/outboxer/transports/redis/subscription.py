@@ -35,8 +35,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, cast
 
 from outboxer.routing import ServiceRoute
 from outboxer.transports.base import IncomingMessage
@@ -224,6 +224,12 @@ class RedisSubscription:
                 return []
             await self._unreachable(exc, timeout)
             return []
+        except Exception:
+            # A reply this code did not expect: never the end of the consumer loop.
+            logger.exception("reading from Redis failed", extra=self._extra)
+            await self._drop_client()
+            await asyncio.sleep(min(timeout, 1.0))
+            return []
         self._reachable()
         return out
 
@@ -297,18 +303,15 @@ class RedisSubscription:
         idle = int(self._settings.claim_idle * 1000)
         for lane in lanes:
             stream = self._stream(lane)
-            pending = await call(
-                client,
-                "XPENDING",
-                stream,
-                self.route.group_id,
-                "IDLE",
-                idle,
-                "-",
-                "+",
-                max_messages,
+            # redis-py's own method: execute_command would parse the reply as the
+            # summary form of XPENDING.
+            pending = await cast(
+                Awaitable[list[dict[str, Any]]],
+                client.xpending_range(
+                    stream, self.route.group_id, "-", "+", max_messages, idle=idle
+                ),
             )
-            ids = [p[0] for p in pending if _text(p[1]) != self.consumer]
+            ids = [p["message_id"] for p in pending if _text(p["consumer"]) != self.consumer]
             if not ids:
                 continue
             entries = await call(

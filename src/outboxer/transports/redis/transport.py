@@ -66,6 +66,8 @@ class RedisTransport:
         self._subscriptions: list[RedisSubscription] = []
         self._routes: list[ServiceRoute] = []
         self.client_rebuilds = 0
+        self._failing = False
+        """The last send failed as a whole (an outage: the relay logs it once)."""
 
     @property
     def delivers_in_process(self) -> bool:
@@ -111,20 +113,27 @@ class RedisTransport:
         if not messages:
             return []
         try:
-            return await add_batch(
+            deliveries = await add_batch(
                 self._current(), self.topology, self.settings, route.topic, messages
             )
+            self._failing = False
+            return deliveries
         except REBUILD_ERRORS as exc:
             # The client's connection is broken (or the server restarted): a new
-            # client, one more try at once; a second failure is an outage.
-            logger.info("rebuilding the Redis client after %s", describe(exc))
+            # client, one more try at once; a second failure is an outage (logged
+            # by the relay, once when it starts and once when it ends).
+            if not self._failing:
+                logger.info("rebuilding the Redis client after %s", describe(exc))
             await self._drop_client()
             self.client_rebuilds += 1
         try:
-            return await add_batch(
+            deliveries = await add_batch(
                 self._current(), self.topology, self.settings, route.topic, messages
             )
+            self._failing = False
+            return deliveries
         except OUTAGE_ERRORS as exc:
+            self._failing = True
             await self._drop_client()
             raise TransportError(
                 f"Redis unreachable: {describe(exc)}", url=redacted(self.url)
