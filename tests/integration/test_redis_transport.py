@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from outboxer import Status
+from outboxer.demo import run_demo
 from outboxer.errors import TransportError
 from outboxer.routing import ServiceRoute
 from outboxer.transports.base import IncomingMessage, OutgoingMessage
@@ -32,6 +33,7 @@ from outboxer.transports.redis.subscription import RedisSubscription
 from outboxer.transports.redis.transport import RedisTransport
 from tests.helpers import delete_redis_keys, redis_prefix
 from tests.integration.engine_helpers import run_until
+from tests.integration.test_demo import _check, _console
 from tests.integration.test_inbox import EVENTS, Pair
 from tests.integration.test_readme_app import _argv, _blocks, _commands, _invoices
 
@@ -325,3 +327,18 @@ async def test_the_inbox_applies_each_event_once_over_redis(
     finally:
         pair.drop()
         delete_redis_keys(redis_server, pair.prefix)
+
+
+def test_the_demo_runs_on_redis_and_leaves_no_keys(
+    tmp_path: Path, redis_server: str, raw: redis.Redis
+) -> None:
+    before = set(raw.scan_iter(match="demo.*"))
+    console, out = _console()
+    db = tmp_path / "demo.db"
+    summary = run_demo(
+        200, transport="redis", db_path=db, console=console, timeout=120, transport_url=redis_server
+    )
+    _check(summary, 200, db)
+    assert summary.transport == "redis"
+    assert "redis transport" in out.getvalue()
+    assert set(raw.scan_iter(match="demo.*")) == before

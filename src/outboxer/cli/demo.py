@@ -24,6 +24,7 @@ from outboxer.demo import HideDemoFailures, run_demo
 class DemoTransport(StrEnum):
     LOCAL = "local"
     KAFKA = "kafka"
+    REDIS = "redis"
 
 
 @app.command()
@@ -31,8 +32,19 @@ def demo(
     events: Annotated[int, typer.Option(help="How many events to publish.")] = 3000,
     transport: Annotated[
         DemoTransport,
-        typer.Option(help="local (in-process) or kafka (starts the embedded broker)."),
+        typer.Option(
+            help="local (in-process), kafka (starts the embedded broker) or redis "
+            "(a running server, see --transport-url)."
+        ),
     ] = DemoTransport.LOCAL,
+    transport_url: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help="The server of --transport redis. Default: redis://127.0.0.1:6379/0.",
+            show_default=False,
+        ),
+    ] = None,
     db: Annotated[
         Path | None,
         typer.Option(
@@ -51,7 +63,7 @@ def demo(
     path = db if scratch is None else Path(scratch.name) / "demo.db"
     try:
         with _logging("WARNING", LogFormat.RICH, console, (HideDemoFailures(),)), _reported():
-            summary = run_demo(events, transport.value, path, console)
+            summary = run_demo(events, transport.value, path, console, transport_url=transport_url)
     except (KeyboardInterrupt, asyncio.CancelledError):
         # SIGINT/SIGTERM: the demo stopped its engine (and broker) cleanly.
         raise typer.Exit(130) from None

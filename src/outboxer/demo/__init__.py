@@ -96,18 +96,22 @@ async def run_demo_async(
     """:func:`run_demo` for callers already in an event loop.
 
     ``transport_url`` is where ``transport="kafka"`` sends (a running broker's
-    ``kafka://host:port``); :func:`run_demo` starts an embedded one.
+    ``kafka://host:port``); :func:`run_demo` starts an embedded one. For
+    ``transport="redis"`` it is the running server (default
+    :data:`DEMO_REDIS_URL`); the run's streams are deleted at its end.
     """
     _check_arguments(events, transport)
     console = console or Console()
     if transport == "kafka" and transport_url is None:
         raise ConfigurationError("transport 'kafka' needs transport_url (kafka://host:port)")
+    if transport == "redis":
+        transport_url = transport_url or DEMO_REDIS_URL
     path = _database_path(db_path)
     url = f"sqlite:///{path}"
     limit = timeout if timeout is not None else 60.0 + events / 25
     outbox = Outbox(
         url,
-        transport=transport_url if transport == "kafka" else "local",
+        transport=transport_url if transport in ("kafka", "redis") else "local",
         settings=_settings(transport),
     )
     demo = DemoSystem(outbox, url)
@@ -152,11 +156,32 @@ async def run_demo_async(
             await asyncio.gather(runner, return_exceptions=True)
         await demo.close()
         await outbox.aclose()
+        if transport == "redis" and transport_url is not None:
+            await _delete_redis_keys(transport_url, outbox.settings.topic_prefix)
+
+
+DEMO_REDIS_URL = "redis://127.0.0.1:6379/0"
+"""The Redis server of ``outboxer demo --transport redis`` unless told otherwise."""
+
+
+async def _delete_redis_keys(url: str, prefix: str) -> None:
+    """The run's streams and lane leases (all named after its own topic prefix)."""
+    from redis.asyncio import Redis  # noqa: PLC0415 - the extra is needed only here
+
+    client = Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}.*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 def _check_arguments(events: int, transport: str) -> None:
     if transport not in TRANSPORTS:
-        raise ConfigurationError(f"unknown demo transport {transport!r}: use local or kafka")
+        raise ConfigurationError(
+            f"unknown demo transport {transport!r}: use {', '.join(TRANSPORTS)}"
+        )
     if events < MIN_EVENTS:
         raise ConfigurationError(f"the demo needs at least {MIN_EVENTS} events, got {events}")
 
@@ -272,12 +297,14 @@ def run_demo(
     console: Console | None = None,
     *,
     timeout: float | None = None,
+    transport_url: str | None = None,
 ) -> DemoSummary:
     """Run the demo and print its live progress and summary on ``console``.
 
     ``db_path`` must not exist yet (default: a new file in a new temporary
     directory, left in place; its path is in the summary). ``transport="kafka"``
-    starts the embedded broker for the run. Raises :class:`DemoError` when the
+    starts the embedded broker for the run; ``transport="redis"`` uses the running
+    server at ``transport_url`` (default :data:`DEMO_REDIS_URL`). Raises :class:`DemoError` when the
     events do not drain within ``timeout`` seconds (default: 60 s + 40 ms per event).
     """
     _check_arguments(events, transport)
@@ -298,7 +325,16 @@ def run_demo(
             )
     else:
         summary = asyncio.run(
-            _until_signal(run_demo_async(events, transport, db_path, console, timeout=timeout))
+            _until_signal(
+                run_demo_async(
+                    events,
+                    transport,
+                    db_path,
+                    console,
+                    timeout=timeout,
+                    transport_url=transport_url,
+                )
+            )
         )
     render_summary(summary, console)
     return summary
