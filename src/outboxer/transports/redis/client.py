@@ -22,17 +22,28 @@ RedisConnectionError = redis_exceptions.ConnectionError
 RedisTimeoutError = redis_exceptions.TimeoutError
 
 
+RAW_REPLIES = ("XREADGROUP", "XAUTOCLAIM", "XCLAIM", "XPENDING", "XINFO GROUPS")
+"""Commands whose replies the transport reads as the server sends them (RESP2):
+redis-py's parsers of these depend on the options of its own helper methods (an
+``XAUTOCLAIM ... JUSTID`` or an ``XPENDING ... IDLE`` sent as a plain command breaks
+them) and have changed between versions."""
+
+
 def connect(url: str, socket_timeout: float) -> Redis:
     """A client of ``url``; no retries of its own (the transport decides what a
-    failed call means), bytes in and out."""
-    return Redis.from_url(
+    failed call means), bytes in and out, the stream commands' replies raw."""
+    client = Redis.from_url(
         url,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
         decode_responses=False,
+        protocol=2,
     )
+    for command in RAW_REPLIES:
+        client.response_callbacks.pop(command, None)
+    return client
 
 
 async def call(client: Redis, *args: Any) -> Any:

@@ -12,7 +12,8 @@ close. A dead holder's lanes are free when its lease expires; a subscription tri
 to take free lanes every third of the lease.
 
 A lane just taken is read from its pending entries first (``XAUTOCLAIM`` from
-``0-0`` with no idle bound: the previous holder's unacknowledged entries, in order,
+``0-0`` with no idle bound and ``JUSTID`` makes the previous holder's unacknowledged
+entries this consumer's; ``XREADGROUP`` from id ``0`` then reads them in order,
 before anything new), then with ``XREADGROUP ... >`` (blocking up to the receive's
 timeout). While it holds a lane, a subscription also claims entries that another
 consumer of the group has left idle for ``claim_idle`` seconds (a paused former
@@ -35,8 +36,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 from outboxer.routing import ServiceRoute
 from outboxer.transports.base import IncomingMessage
@@ -86,8 +87,11 @@ class RedisSubscription:
         self._closed = False
         self._held: set[int] = set()
         """Lanes this subscription holds a lease on."""
+        self._claim: dict[int, bytes] = {}
+        """Lanes just taken whose pending entries are not all this consumer's yet,
+        and the ``XAUTOCLAIM`` cursor reached."""
         self._pending: dict[int, bytes] = {}
-        """Lanes whose pending entries are read first, and the cursor reached."""
+        """Lanes whose own pending entries are read first, and the last id read."""
         self._hold_until: dict[int, float] = {}
         """Lanes given back with a delay, and when to read them again."""
         self._leases_checked = 0.0
@@ -189,7 +193,8 @@ class RedisSubscription:
                 self._lose(lane)
             elif lane not in self._held and holds:
                 self._held.add(lane)
-                self._pending[lane] = b"0-0"
+                self._claim[lane] = b"0-0"
+                self._pending[lane] = b"0"
                 logger.debug("took Redis lane %s", self._stream(lane), extra=self._extra)
 
     def _lose(self, lane: int) -> None:
@@ -201,6 +206,7 @@ class RedisSubscription:
         )
         self._held.discard(lane)
         self._pending.pop(lane, None)
+        self._claim.pop(lane, None)
         self._hold_until.pop(lane, None)
 
     def _readable(self, now: float) -> list[int]:
@@ -255,27 +261,34 @@ class RedisSubscription:
             await asyncio.sleep(min(timeout, self._settings.lane_lease / 3))
             return []
         group = self.route.group_id
-        # 1. Pending entries of lanes just taken or given back, oldest first.
+        # 1. A lane just taken: every pending entry of the group moves to this
+        #    consumer (a former holder's too), ids only; then this consumer's own
+        #    pending entries are read from the start, oldest first, before anything
+        #    new (also after a nack).
+        for lane in lanes:
+            if lane in self._claim:
+                await self._take_pending(client, lane)
         for lane in lanes:
             cursor = self._pending.get(lane)
             if cursor is None:
                 continue
             reply = await call(
                 client,
-                "XAUTOCLAIM",
-                self._stream(lane),
+                "XREADGROUP",
+                "GROUP",
                 group,
                 self.consumer,
-                0,
-                cursor,
                 "COUNT",
                 max_messages,
+                "STREAMS",
+                self._stream(lane),
+                cursor,
             )
-            next_cursor, entries = reply[0], reply[1]
-            if next_cursor in (b"0-0", "0-0"):
+            entries = [e for _, found in _streams_of(reply) for e in found]
+            if not entries:
                 del self._pending[lane]
-            else:
-                self._pending[lane] = next_cursor
+                continue
+            self._pending[lane] = entries[-1][0]
             out = self._messages(lane, entries)
             if out:
                 return out
@@ -290,6 +303,9 @@ class RedisSubscription:
         block = int(min(timeout, self._settings.socket_timeout - 0.5) * 1000)
         if block > 0:
             args += ["BLOCK", block]
+        lanes = [lane for lane in lanes if lane not in self._pending]
+        if not lanes:
+            return []
         args += ["STREAMS", *(self._stream(lane) for lane in lanes), *(">" for _ in lanes)]
         reply = await call(client, *args)
         out = []
@@ -297,21 +313,47 @@ class RedisSubscription:
             out.extend(self._messages(self._lane_of_stream(stream), entries))
         return out
 
+    async def _take_pending(self, client: Redis, lane: int) -> None:
+        """``XAUTOCLAIM ... 0 <cursor> JUSTID`` until the cursor comes back to
+        ``0-0``: the lane's pending entries, whoever had them, are this consumer's."""
+        cursor = self._claim[lane]
+        while True:
+            reply = await call(
+                client,
+                "XAUTOCLAIM",
+                self._stream(lane),
+                self.route.group_id,
+                self.consumer,
+                0,
+                cursor,
+                "COUNT",
+                1000,
+                "JUSTID",
+            )
+            cursor = reply[0]
+            self._claim[lane] = cursor
+            if cursor in (b"0-0", "0-0"):
+                del self._claim[lane]
+                return
+
     async def _claim_idle(
         self, client: Redis, lanes: Sequence[int], max_messages: int
     ) -> list[IncomingMessage]:
         idle = int(self._settings.claim_idle * 1000)
         for lane in lanes:
             stream = self._stream(lane)
-            # redis-py's own method: execute_command would parse the reply as the
-            # summary form of XPENDING.
-            pending = await cast(
-                Awaitable[list[dict[str, Any]]],
-                client.xpending_range(
-                    stream, self.route.group_id, "-", "+", max_messages, idle=idle
-                ),
+            pending = await call(
+                client,
+                "XPENDING",
+                stream,
+                self.route.group_id,
+                "IDLE",
+                idle,
+                "-",
+                "+",
+                max_messages,
             )
-            ids = [p["message_id"] for p in pending if _text(p["consumer"]) != self.consumer]
+            ids = [p[0] for p in pending if _text(p[1]) != self.consumer]
             if not ids:
                 continue
             entries = await call(
@@ -393,7 +435,7 @@ class RedisSubscription:
             lane = m.position[0]
             if lane not in self._held:
                 continue
-            self._pending[lane] = b"0-0"
+            self._pending[lane] = b"0"
             if delay > 0:
                 self._hold_until[lane] = until
 
