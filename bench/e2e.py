@@ -8,6 +8,8 @@ Contenders, interleaved round by round:
   backlog is inserted (``fill_due``) and one more event published, whose commit wakes
   the relay; timed from the backlog's commit until the consumer reported the last
   event consumed (its handler's row and the consumed mark committed together).
+- **outboxer (redis)**: the same with the Redis Streams transport (a running server,
+  ``OUTBOXER_BENCH_REDIS_URL``), relay and consumer in one process.
 - **outboxer (local, batch handler)**: the same with a batch handler
   (``Outbox.batch_handler``) that writes a batch's rows in one statement, as the
   README shows; same effects, same exactly-once check.
@@ -57,6 +59,7 @@ LOCAL = "outboxer (local)"
 BATCH = "outboxer (local, batch handler)"
 ORDERED = "outboxer (local, ordered=True)"
 KAFKA = "outboxer (kafka)"
+REDIS = "outboxer (redis)"
 PROCRASTINATE = "procrastinate (concurrency 20)"
 CONCURRENCY = 20
 
@@ -241,6 +244,11 @@ def run(bench: Bench) -> Section:
                 section.skip(KAFKA, bench.kafka_missing())
             else:
                 engines[KAFKA] = _Engine(url, broker.transport_url)
+            redis_url = bench.redis()
+            if redis_url is None:
+                section.skip(REDIS, bench.redis_missing())
+            else:
+                engines[REDIS] = _Engine(url, redis_url)
             if have("procrastinate"):
                 proc = _Procrastinate(proc_url)
             else:
@@ -298,6 +306,8 @@ def _targets(section: Section) -> None:
     section.ratios["outboxer local / procrastinate"] = ratio
     kratio = [a / b for a, b in zip(samples(KAFKA), samples(PROCRASTINATE), strict=False) if b]
     section.ratios["outboxer kafka / procrastinate"] = kratio
+    rratio = [a / b for a, b in zip(samples(REDIS), samples(KAFKA), strict=False) if b]
+    section.ratios["outboxer redis / outboxer kafka"] = rratio
     bratio = [a / b for a, b in zip(samples(BATCH), samples(PROCRASTINATE), strict=False) if b]
     section.ratios["outboxer local, batch handler / procrastinate"] = bratio
     m = median(ratio)
@@ -335,7 +345,7 @@ def _targets(section: Section) -> None:
             None,
         )
     )
-    for name in (LOCAL, BATCH, KAFKA):
+    for name in (LOCAL, BATCH, KAFKA, REDIS):
         rate = median(samples(name))
         section.targets.append(
             Target(
