@@ -36,7 +36,9 @@ class RedisSettings(BaseModel):
     default: trimming drops entries whether or not a group has read them."""
     lane_lease: float = Field(default=10.0, ge=1.0)
     """Seconds a subscription's hold on a lane lasts unless renewed (renewed every
-    third of it while it reads): the time a dead reader's lanes wait for a new one."""
+    third of it, between batches): the time a dead reader's lanes wait for a new one.
+    Keep it above the longest time a batch takes to handle: a reader that outlives its
+    lease can no longer acknowledge, and the lane's next reader handles it again."""
     claim_idle: float = Field(default=30.0, ge=1.0)
     """Seconds an entry of a lane may sit unacknowledged with another consumer of the
     group before the lane's reader claims it (``XPENDING IDLE`` + ``XCLAIM``)."""
