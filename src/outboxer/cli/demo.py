@@ -25,6 +25,7 @@ class DemoTransport(StrEnum):
     LOCAL = "local"
     KAFKA = "kafka"
     NATS = "nats"
+    REDIS = "redis"
 
 
 @app.command()
@@ -33,13 +34,19 @@ def demo(
     transport: Annotated[
         DemoTransport,
         typer.Option(
-            help="local (in-process), kafka (starts the embedded broker) or nats "
-            "(a NATS server with JetStream, see --nats-url)."
+            help="local (in-process), kafka (starts the embedded broker), nats or redis "
+            "(a running server, see --transport-url)."
         ),
     ] = DemoTransport.LOCAL,
-    nats_url: Annotated[
-        str, typer.Option(help="The NATS server of --transport nats (its streams are deleted).")
-    ] = "nats://127.0.0.1:4222",
+    transport_url: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help="The server of --transport nats or redis (the run's streams are deleted). "
+            "Default: nats://127.0.0.1:4222, redis://127.0.0.1:6379/0.",
+            show_default=False,
+        ),
+    ] = None,
     db: Annotated[
         Path | None,
         typer.Option(
@@ -58,13 +65,7 @@ def demo(
     path = db if scratch is None else Path(scratch.name) / "demo.db"
     try:
         with _logging("WARNING", LogFormat.RICH, console, (HideDemoFailures(),)), _reported():
-            summary = run_demo(
-                events,
-                transport.value,
-                path,
-                console,
-                transport_url=nats_url if transport is DemoTransport.NATS else None,
-            )
+            summary = run_demo(events, transport.value, path, console, transport_url=transport_url)
     except (KeyboardInterrupt, asyncio.CancelledError):
         # SIGINT/SIGTERM: the demo stopped its engine (and broker) cleanly.
         raise typer.Exit(130) from None
