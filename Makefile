@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-installed-stamp
-CODE := src tests $(wildcard bench)
+CODE := src tests $(wildcard bench) scripts
 
 .PHONY: all demo test chaos lint format bench bench-quick services browser web clean constraints
 
@@ -46,8 +46,10 @@ browser:
 web: $(STAMP)
 	$(BIN)/outboxer web
 
+# Two pytest lanes at once (the fault scenarios and a few long files beside the rest;
+# see scripts/run_tests.py); PYTEST_ARGS=... runs one plain pytest with them instead.
 test: $(STAMP) lint services browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python scripts/run_tests.py $(PYTEST_ARGS)
 
 # The fault scenarios at full size (tests/faults; make test runs them at CI size);
 # writes tests/faults/RESULTS.md.

@@ -299,6 +299,12 @@ def wake_sources() -> list[str]:
 # ---------------------------------------------------------------------------- context
 
 
+def _delete_keys(client: Any, prefix: str) -> None:
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    for i in range(0, len(keys), 1000):
+        client.delete(*keys[i : i + 1000])
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
@@ -316,6 +322,8 @@ class Bench:
         self._nats_url: str | None = None
         self._nats_error: str | None = None
         self._nats_checked = False
+        self._redis: str | None = None
+        self._redis_error: str | None = None
         self.tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
 
     def close(self) -> None:
@@ -365,6 +373,30 @@ class Bench:
     def nats_missing(self) -> str:
         return self._nats_error or ""
 
+    def redis(self) -> str | None:
+        """The Redis server's URL when it answers (None, with :meth:`redis_missing`,
+        when not); the run's keys are deleted when the bench closes."""
+        if self._redis is None and self._redis_error is None:
+            if not have("redis"):
+                self._redis_error = "redis-py is not installed (pip install '.[redis]')"
+                return None
+            import redis  # noqa: PLC0415 - optional
+
+            client = redis.Redis.from_url(REDIS_URL, socket_timeout=3, socket_connect_timeout=3)
+            try:
+                client.ping()
+            except redis.RedisError as exc:
+                self._redis_error = f"no Redis server at {REDIS_URL}: {exc}"
+                client.close()
+                return None
+            self._stack.callback(client.close)
+            self._stack.callback(_delete_keys, client, REDIS_KEY_PREFIX)
+            self._redis = REDIS_URL
+        return self._redis
+
+    def redis_missing(self) -> str:
+        return self._redis_error or ""
+
     @contextmanager
     def database(self, backend: str) -> Iterator[str]:
         """A throw-away database on ``backend``, dropped afterwards."""
@@ -392,7 +424,14 @@ def settings(**values: Any) -> OutboxSettings:
         "config": dict(BROKER_CONFIG),
         **values.pop("kafka", {}),
     }
-    return OutboxSettings.from_values(kafka=kafka, **values)
+    redis = {"key_prefix": REDIS_KEY_PREFIX, **values.pop("redis", {})}
+    return OutboxSettings.from_values(kafka=kafka, redis=redis, **values)
+
+
+REDIS_URL = os.environ.get("OUTBOXER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+"""The Redis server of the Redis contenders (a running one; its keys are this run's
+own, ``REDIS_KEY_PREFIX``, deleted at the end)."""
+REDIS_KEY_PREFIX = f"outboxer-bench-{uuid.uuid4().hex[:10]}:"
 
 
 def transport_url(bench: Bench, transport: str) -> str:

@@ -8,6 +8,8 @@ Contenders, interleaved round by round:
   backlog is inserted (``fill_due``) and one more event published, whose commit wakes
   the relay; timed from the backlog's commit until the consumer reported the last
   event consumed (its handler's row and the consumed mark committed together).
+- **outboxer (redis)**: the same with the Redis Streams transport (a running server,
+  ``OUTBOXER_BENCH_REDIS_URL``), relay and consumer in one process.
 - **outboxer (local, batch handler)**: the same with a batch handler
   (``Outbox.batch_handler``) that writes a batch's rows in one statement, as the
   README shows; same effects, same exactly-once check.
@@ -59,6 +61,7 @@ BATCH = "outboxer (local, batch handler)"
 ORDERED = "outboxer (local, ordered=True)"
 KAFKA = "outboxer (kafka)"
 NATS = "outboxer (nats)"
+REDIS = "outboxer (redis)"
 PROCRASTINATE = "procrastinate (concurrency 20)"
 CONCURRENCY = 20
 
@@ -248,6 +251,11 @@ def run(bench: Bench) -> Section:
                 section.skip(NATS, bench.nats_missing())
             else:
                 engines[NATS] = _Engine(url, nats_url)
+            redis_url = bench.redis()
+            if redis_url is None:
+                section.skip(REDIS, bench.redis_missing())
+            else:
+                engines[REDIS] = _Engine(url, redis_url)
             if have("procrastinate"):
                 proc = _Procrastinate(proc_url)
             else:
@@ -305,6 +313,8 @@ def _targets(section: Section) -> None:
     section.ratios["outboxer local / procrastinate"] = ratio
     kratio = [a / b for a, b in zip(samples(KAFKA), samples(PROCRASTINATE), strict=False) if b]
     section.ratios["outboxer kafka / procrastinate"] = kratio
+    rratio = [a / b for a, b in zip(samples(REDIS), samples(KAFKA), strict=False) if b]
+    section.ratios["outboxer redis / outboxer kafka"] = rratio
     bratio = [a / b for a, b in zip(samples(BATCH), samples(PROCRASTINATE), strict=False) if b]
     section.ratios["outboxer local, batch handler / procrastinate"] = bratio
     m = median(ratio)
@@ -344,7 +354,7 @@ def _targets(section: Section) -> None:
     )
     nratio = [a / b for a, b in zip(samples(NATS), samples(PROCRASTINATE), strict=False) if b]
     section.ratios["outboxer nats / procrastinate"] = nratio
-    for name in (LOCAL, BATCH, KAFKA, NATS):
+    for name in (LOCAL, BATCH, KAFKA, NATS, REDIS):
         rate = median(samples(name))
         section.targets.append(
             Target(

@@ -19,10 +19,16 @@ Contenders, interleaved round by round, each on its own table of one database:
 - **raw nats-py publish**: the same messages published with plain nats-py to the same
   stream and lanes, a batch size at a time (the relay's concurrency), each awaiting
   its PubAck (the server's ceiling at that concurrency).
+- **outboxer relay (redis)**: as the Kafka relay, with the Redis Streams transport
+  (a running server, ``OUTBOXER_BENCH_REDIS_URL``).
+- **raw redis-py XADD pipeline**: the same entries (same lanes, same fields) added
+  with redis-py's asyncio client, one non-transactional pipeline per batch of
+  ``batch_size``, each awaited before the next (the server's ceiling for that shape).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -54,6 +60,8 @@ NAIVE = "one-at-a-time relay (kafka)"
 PRODUCE = "raw confluent-kafka produce"
 NATS_RELAY = "outboxer relay (nats)"
 NATS_PUBLISH = "raw nats-py publish (PubAcks)"
+REDIS_RELAY = "outboxer relay (redis)"
+REDIS_RAW = "raw redis-py XADD pipeline"
 
 Message = tuple[str, bytes, list[tuple[str, str | bytes | None]]]
 """A Kafka message as (key, value, headers)."""
@@ -289,6 +297,15 @@ def run(bench: Bench) -> Section:
             nats_worker = InProcessWorker(nats_relay.outbox, consume=False).start()
             contenders[NATS_RELAY] = nats_relay
             contenders[NATS_PUBLISH] = _Contender(url, NATS_PUBLISH)
+        redis_url = bench.redis()
+        redis_worker: InProcessWorker | None = None
+        if redis_url is None:
+            section.skip("Redis contenders", bench.redis_missing())
+        else:
+            redis_relay = _Contender(url, REDIS_RELAY, transport=redis_url)
+            redis_worker = InProcessWorker(redis_relay.outbox, consume=False).start()
+            contenders[REDIS_RELAY] = redis_relay
+            contenders[REDIS_RAW] = _Contender(url, REDIS_RAW)
         batch = ceiling.batch
         for name in contenders:
             size = n_naive if name == NAIVE else n
@@ -309,6 +326,10 @@ def run(bench: Bench) -> Section:
                         rate = _one_nats(
                             c, name, size, nats_worker, nats_url, app_engine, section, run_name
                         )
+                    elif name in (REDIS_RELAY, REDIS_RAW):
+                        rate = _redis_one(
+                            c, name, size, redis_url, redis_worker, app_engine, section, run_name
+                        )
                     else:
                         rate = _one(c, name, size, kafka, worker, app_engine, section, run_name)
                 except Exception as exc:
@@ -326,6 +347,8 @@ def run(bench: Bench) -> Section:
                 worker.stop()
             if nats_worker is not None:
                 nats_worker.stop()
+            if redis_worker is not None:
+                redis_worker.stop()
             app_engine.dispose()
             for c in contenders.values():
                 c.outbox.close()
@@ -456,6 +479,67 @@ def _ensure_stream(nats_url: str, destination: str) -> None:
     asyncio.run(declare())
 
 
+def _redis_one(
+    c: _Contender,
+    name: str,
+    size: int,
+    url: str | None,
+    worker: InProcessWorker | None,
+    app_engine: Engine,
+    section: Section,
+    run_name: str,
+) -> float | None:
+    """One run of a Redis contender: the relay (timed as the Kafka relay is), or the
+    raw pipelines of the same entries."""
+    if name == REDIS_RELAY:
+        assert worker is not None
+        return _relay_run(c, size, worker, app_engine, section, run_name)
+    assert url is not None
+    c.fill(size)
+    took, added = asyncio.run(_redis_raw(c, url))
+    section.check(f"{run_name}: every entry added", added == size, f"{added} of {size} entry ids")
+    return size / took
+
+
+async def _redis_raw(c: _Contender, url: str) -> tuple[float, int]:
+    """XADD the contender's rows as outboxer's transport would (its lanes and fields),
+    one pipeline per batch; returns (seconds, entry ids received)."""
+    from redis.asyncio import Redis  # noqa: PLC0415 - optional
+
+    from outboxer.transports.base import OutgoingMessage  # noqa: PLC0415
+    from outboxer.transports.redis.admin import Topology  # noqa: PLC0415
+    from outboxer.transports.redis.producer import fields_of  # noqa: PLC0415
+    from outboxer.transports.redis.settings import RedisSettings  # noqa: PLC0415
+
+    topology = Topology(RedisSettings.parse(c.outbox.settings.section("redis")))
+    destination = c.outbox.routes.route_for_service(c.service).topic
+    entries = [
+        (
+            topology.stream(destination, topology.lane_of(key)),
+            fields_of(OutgoingMessage(i, 0, key, value, "", "", "", {})),
+            headers,
+        )
+        for i, (key, value, headers) in enumerate(_envelopes(c))
+    ]
+    client = Redis.from_url(url)
+    added = 0
+    try:
+        start = time.perf_counter()
+        for i in range(0, len(entries), c.batch):
+            pipe = client.pipeline(transaction=False)
+            for stream, fields, headers in entries[i : i + c.batch]:
+                for name, value in headers:
+                    fields[b"h:" + name.encode()] = (
+                        value if isinstance(value, bytes) else str(value).encode()
+                    )
+                pipe.xadd(stream, fields)  # type: ignore[arg-type]
+            added += sum(1 for r in await pipe.execute() if r)
+        took = time.perf_counter() - start
+    finally:
+        await client.aclose()
+    return took, added
+
+
 def batch_times(worker: InProcessWorker) -> dict[str, float | None]:
     """Median milliseconds of a relay round (claim, send, mark) and of its send (until
     the broker acknowledged the batch), as the relay reports them to its observers."""
@@ -481,6 +565,8 @@ def _ratios(section: Section, rounds: int) -> None:
         section.ratios["relay / raw produce"] = per_round(OUTBOXER, PRODUCE)
     if NATS_RELAY in s:
         section.ratios["nats relay / raw nats-py publish"] = per_round(NATS_RELAY, NATS_PUBLISH)
+    if REDIS_RELAY in s:
+        section.ratios["redis relay / raw XADD pipeline"] = per_round(REDIS_RELAY, REDIS_RAW)
     section.ratios["store claim+mark / ceiling"] = per_round(STORE, CEILING)
     r1 = section.ratios.get("relay / ceiling", [])
     r2 = section.ratios.get("relay / one-at-a-time", [])
@@ -489,6 +575,21 @@ def _ratios(section: Section, rounds: int) -> None:
     nats_ratio = section.ratios.get("nats relay / raw nats-py publish", [])
     nats_out = s[NATS_RELAY].samples if NATS_RELAY in s else []
     nats_raw = s[NATS_PUBLISH].samples if NATS_PUBLISH in s else []
+    redis_ratio = section.ratios.get("redis relay / raw XADD pipeline", [])
+    redis_targets = (
+        [
+            Target(
+                f"relay rows/s, {s[REDIS_RELAY].size:,} rows, Redis, vs raw redis-py pipelines",
+                spread(s[REDIS_RELAY].samples),
+                f"raw XADD pipelines {spread(s[REDIS_RAW].samples)}",
+                spread(redis_ratio, "{:.2f}"),
+                "report only",
+                None,
+            )
+        ]
+        if REDIS_RELAY in s
+        else []
+    )
     section.targets = [
         Target(
             f"relay rows/s, {s[CEILING].size:,} rows, Kafka, vs the database ceiling",
@@ -517,3 +618,4 @@ def _ratios(section: Section, rounds: int) -> None:
             None,
         )
     )
+    section.targets += redis_targets

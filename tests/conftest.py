@@ -18,6 +18,7 @@ from tests.helpers import (
     BACKENDS,
     MYSQL_ADMIN_URL,
     PG_ADMIN_URL,
+    REDIS_URL,
     ServerDatabase,
     drop_tables,
     make_outbox,
@@ -108,6 +109,25 @@ def nats_url(nats_server: str) -> Iterator[str]:
     )
     yield nats_server
     janitor.clean()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    """The Redis server of the tests (``OUTBOXER_TEST_REDIS_URL``, else 127.0.0.1:6379)
+    as a transport URL; tests name their keys with a prefix of their own and delete
+    them (never ``FLUSHDB`` on a shared server)."""
+    url = REDIS_URL
+    try:
+        import redis  # noqa: PLC0415 - the extra may be missing locally
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:
+        unavailable(f"Redis at {url}: {exc}")
+    return url
 
 
 @pytest.fixture

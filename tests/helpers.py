@@ -24,6 +24,7 @@ PG_ADMIN_URL = os.environ.get(
 MYSQL_ADMIN_URL = os.environ.get(
     "OUTBOXER_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"
 )
+REDIS_URL = os.environ.get("OUTBOXER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 BACKENDS = ("sqlite", "postgresql", "mariadb")
 
@@ -107,3 +108,22 @@ def read_topic(bootstrap_servers: str, topic: str, expect: int) -> list[Any]:
     finally:
         c.close()
     return got
+
+
+def redis_prefix() -> str:
+    """A key prefix of one test's own on the shared Redis server."""
+    return f"outboxer-test-{uuid.uuid4().hex[:10]}:"
+
+
+def delete_redis_keys(url: str, prefix: str) -> int:
+    """Delete every key that starts with ``prefix`` (a test's own streams and leases)."""
+    import redis  # noqa: PLC0415 - the extra may be missing locally
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=500))
+        if keys:
+            client.delete(*keys)
+        return len(keys)
+    finally:
+        client.close()

@@ -20,6 +20,7 @@ from tests.faults.harness import (
     results_markdown,
 )
 from tests.faults.nats_server import PrivateNats
+from tests.faults.redis_server import PrivateRedis
 from tests.helpers import MYSQL_ADMIN_URL, PG_ADMIN_URL, unavailable
 
 
@@ -109,3 +110,19 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(figures.summary())
     for path in _written:
         terminalreporter.write_line(f"figures written to {path}")
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A Redis server of this scenario's own, ``appendonly yes`` (it may be killed and
+    started again on the same port and directory)."""
+    server = PrivateRedis(tmp_path / "redis")
+    try:
+        try:
+            server.start()
+        except Exception as exc:
+            server.stop()
+            unavailable(f"a private redis-server: {exc}")
+        yield server
+    finally:
+        server.stop()

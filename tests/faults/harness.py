@@ -121,6 +121,9 @@ LOG_EVENTS = {
     "RabbitMQ producers rebuilt": re.compile(r"rebuilding the RabbitMQ producer"),
     "RabbitMQ consumers rebuilt": re.compile(r"rebuilding the RabbitMQ consumer"),
     "NATS connections rebuilt": re.compile(r"rebuilding the NATS (?:connection|subscription)"),
+    "Redis clients rebuilt (relay)": re.compile(r"rebuilding the Redis client"),
+    "Redis consumer outages": re.compile(r"Redis unreachable for the consumer"),
+    "Redis lane leases lost": re.compile(r"lost the lease of Redis lane"),
     "rows sent again after redeliver_after": re.compile(
         r"(\d+) published message\(s\) not consumed within"
     ),

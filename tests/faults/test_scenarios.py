@@ -31,6 +31,7 @@ from tests.faults.harness import (
 )
 from tests.faults.nats_server import PrivateNats
 from tests.faults.proxy import COMMIT, FaultProxy
+from tests.faults.redis_server import PrivateRedis
 from tests.helpers import MYSQL_ADMIN_URL, unavailable
 from tests.rabbitmq_broker import RabbitVhost
 
@@ -60,6 +61,9 @@ SIZES = {
         "kill-pg-nats": Size(1_500, 100, 3),
         "nats-restarted": Size(1_200, 60, 2),
         "nats-replaced": Size(1_000, 60, 1),
+        "kill-pg-redis": Size(1_200, 80, 3),
+        "redis-restarted": Size(1_200, 60, 2),
+        "redis-emptied": Size(1_000, 60, 1),
         "kill-pg-rabbitmq": Size(1_200, 80, 3),
         "rabbitmq-connections-closed": Size(1_200, 80, 3),
     },
@@ -77,6 +81,9 @@ SIZES = {
         "kill-pg-nats": Size(50_000, 400, 10, 900),
         "nats-restarted": Size(20_000, 200, 6, 900),
         "nats-replaced": Size(20_000, 200, 3, 900),
+        "kill-pg-redis": Size(50_000, 400, 10, 900),
+        "redis-restarted": Size(20_000, 200, 5, 900),
+        "redis-emptied": Size(20_000, 200, 3, 900),
         "kill-pg-rabbitmq": Size(30_000, 300, 10, 900),
         "rabbitmq-connections-closed": Size(20_000, 200, 8, 900),
     },
@@ -491,6 +498,93 @@ def test_nats_server_replaced_by_an_empty_one(
         sc.finish(size.drain_timeout)
         _no_worker_restarted(sc)
         sc.check(broker_fault=True)
+
+
+# ---------------------------------------------------------------------- Redis Streams
+
+REDIS_SETTINGS = {
+    # A SIGKILLed reader's lanes go to another after 3 s (default 10 s).
+    "OUTBOXER_REDIS__LANE_LEASE": "3",
+    "OUTBOXER_REDIS__SOCKET_TIMEOUT": "2",
+}
+
+
+def test_workers_sigkilled_postgresql_redis(
+    pg_scratch: str, private_redis: PrivateRedis, tmp_path: Path, fault_results: None
+) -> None:
+    """Workers SIGKILLed while publishing goes on: the killed reader's lanes move to
+    another after their lease, with their pending entries first."""
+    size = SIZES["kill-pg-redis"]
+    with scenario(
+        "workers SIGKILLed",
+        tmp_path,
+        pg_scratch,
+        private_redis.url,
+        setup="PostgreSQL, Redis",
+        settings=REDIS_SETTINGS,
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate)
+        _kill_loop(sc, size)
+        sc.finish(size.drain_timeout)
+        sc.check()
+
+
+def test_redis_restarted(
+    pg_scratch: str, private_redis: PrivateRedis, tmp_path: Path, fault_results: None
+) -> None:
+    """The server SIGKILLed and started again on the same port and directory after 3 s
+    (``appendonly yes``, ``appendfsync everysec``: it may lose its last second). The
+    same workers drain everything; no attempt is spent, nothing is dead; what the
+    server lost is sent again after ``redeliver_after``."""
+    size = SIZES["redis-restarted"]
+    with scenario(
+        "Redis restarted",
+        tmp_path,
+        pg_scratch,
+        private_redis.url,
+        setup="PostgreSQL, Redis (appendonly)",
+        settings=REDIS_SETTINGS,
+    ) as sc:
+        sc.start_workers(["relay", "consume", "both"])
+        sc.publish(size.events, size.rate)
+        for _ in sc.fault_times(size.faults, lasting=3.0):
+            private_redis.restart(down=3.0)
+            sc.fault("Redis restarted")
+        sc.finish(size.drain_timeout)
+        _no_worker_restarted(sc)
+        sc.check(broker_fault=True)
+
+
+def test_redis_restarted_empty(pg_scratch: str, tmp_path: Path, fault_results: None) -> None:
+    """A server without persistence SIGKILLed and started again: its streams, groups
+    and leases are gone. The transport creates them again and the outbox sends
+    again what was published and not consumed."""
+    size = SIZES["redis-emptied"]
+    server = PrivateRedis(tmp_path / "redis", persistence="none")
+    try:
+        try:
+            server.start()
+        except Exception as exc:
+            unavailable(f"a private redis-server: {exc}")
+        with scenario(
+            "Redis restarted empty",
+            tmp_path,
+            pg_scratch,
+            server.url,
+            setup="PostgreSQL, Redis (no persistence)",
+            settings=REDIS_SETTINGS,
+        ) as sc:
+            sc.start_workers(["relay", "consume", "both"])
+            sc.publish(size.events, size.rate)
+            for _ in sc.fault_times(size.faults):
+                server.restart()
+                sc.fault("Redis restarted empty")
+            sc.finish(size.drain_timeout)
+            _no_worker_restarted(sc)
+            sc.check(broker_fault=True)
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------- RabbitMQ

@@ -391,6 +391,14 @@ def test_the_admin_lists_filters_requeues_and_purges_dead_letters(admin_client: 
         shop.admin.message(dead, service="billing")
     assert shop.admin.message(live, service="billing").status is Status.PENDING
 
+    # Both actions are in the audit trail under the signed-in Django user.
+    trail = shop.admin.audit(services=["billing"]).entries
+    actions = [(e.action, e.actor) for e in trail[:2]]
+    user = admin_client.session.get("_auth_user_id")
+    assert user is not None
+    assert [a for a, _ in actions] == ["purge", "requeue"]
+    assert all(actor.startswith("django:") and actor != "django:" for _, actor in actions)
+
 
 def test_the_admin_needs_a_staff_user(django_project: None) -> None:
     from django.test import Client  # noqa: PLC0415

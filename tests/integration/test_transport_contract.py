@@ -36,10 +36,13 @@ from outboxer.transports.base import (
     Transport,
 )
 from outboxer.transports.registry import make_transport, schemes
-from tests.helpers import isolated_settings
+from tests.helpers import delete_redis_keys, isolated_settings, redis_prefix
 from tests.rabbitmq_broker import RabbitVhost
 
 pytestmark = pytest.mark.timeout(300)
+
+REDIS_PREFIX = redis_prefix()
+"""The Redis case's keys (streams, leases), deleted after each test."""
 
 WAIT = 60.0
 """Bound (seconds) of every wait for messages (a Kafka group join takes seconds)."""
@@ -106,6 +109,37 @@ async def _nats_connection_gone(sub: Subscription) -> None:
     await sub._conn.client.close()  # type: ignore[attr-defined]
 
 
+def _redis_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue("redis_server")
+    # Every key of the test starts with REDIS_PREFIX (the case's settings): gone after it.
+    request.addfinalizer(lambda: delete_redis_keys(url, REDIS_PREFIX))
+    return url
+
+
+def _redis_down(request: pytest.FixtureRequest) -> str:
+    return f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+
+
+def _redis_fatal(transport: Transport) -> None:
+    # The client's connections closed and pointing at a port where nothing listens:
+    # its next command fails on the connection, as after a server that went away.
+    client = transport._client  # type: ignore[attr-defined]
+    assert client is not None
+    pool = client.connection_pool
+    dead = free_port()
+    pool.connection_kwargs["port"] = dead
+    for conn in [*pool._available_connections, *pool._in_use_connections]:
+        conn._close()
+        conn.port = dead
+
+
+async def _redis_client_gone(sub: Subscription) -> None:
+    client = sub._client  # type: ignore[attr-defined]
+    assert client is not None
+    client.connection_pool.connection_kwargs["port"] = free_port()
+    await client.connection_pool.disconnect()
+
+
 def _amqp_url(request: pytest.FixtureRequest) -> str:
     vhost: RabbitVhost = request.getfixturevalue("rabbitmq_vhost")
     return vhost.url
@@ -155,6 +189,14 @@ CASES = [
         settings=lambda: {"lease": 3.0, "nats": {"ack_wait": 5.0, "connect_timeout": 1.0}},
     ),
     Case(
+        "redis",
+        _redis_url,
+        down_url=_redis_down,
+        break_client=_redis_fatal,
+        break_subscription=_redis_client_gone,
+        settings=lambda: {"redis": {"key_prefix": REDIS_PREFIX, "socket_timeout": 2.0}},
+    ),
+    Case(
         "amqp",
         _amqp_url,
         down_url=_amqp_down,
@@ -166,10 +208,10 @@ CASES = [
 
 
 def _param(case: Case) -> Any:
-    marks = [pytest.mark.kafka] if case.scheme == "kafka" else []
-    marks = [pytest.mark.nats] if case.scheme == "nats" else marks
-    marks = [pytest.mark.rabbitmq] if case.scheme == "amqp" else marks
-    return pytest.param(case, id=case.scheme, marks=marks)
+    by_scheme = {"kafka": pytest.mark.kafka, "nats": pytest.mark.nats, "redis": pytest.mark.redis}
+    by_scheme["amqp"] = pytest.mark.rabbitmq
+    mark = by_scheme.get(case.scheme)
+    return pytest.param(case, id=case.scheme, marks=[mark] if mark else [])
 
 
 @pytest.fixture(params=[_param(c) for c in CASES])

@@ -25,6 +25,7 @@ class DemoTransport(StrEnum):
     LOCAL = "local"
     KAFKA = "kafka"
     NATS = "nats"
+    REDIS = "redis"
     RABBITMQ = "rabbitmq"
 
 
@@ -34,20 +35,20 @@ def demo(
     transport: Annotated[
         DemoTransport,
         typer.Option(
-            help="local (in-process), kafka (starts the embedded broker), nats "
-            "(a NATS server with JetStream, see --nats-url) or rabbitmq (a running "
-            "RabbitMQ, see --rabbitmq-url)."
+            help="local (in-process), kafka (starts the embedded broker), nats, redis or "
+            "rabbitmq (a running server, see --transport-url)."
         ),
     ] = DemoTransport.LOCAL,
-    nats_url: Annotated[
-        str, typer.Option(help="The NATS server of --transport nats (its streams are deleted).")
-    ] = "nats://127.0.0.1:4222",
-    rabbitmq_url: Annotated[
-        str,
+    transport_url: Annotated[
+        str | None,
         typer.Option(
-            help="The broker of --transport rabbitmq (its exchanges and queues are deleted)."
+            metavar="URL",
+            help="The server of --transport nats, redis or rabbitmq (the run's streams, "
+            "exchanges and queues are deleted). Default: nats://127.0.0.1:4222, "
+            "redis://127.0.0.1:6379/0, amqp://guest:guest@127.0.0.1:5672/.",
+            show_default=False,
         ),
-    ] = "amqp://guest:guest@127.0.0.1:5672/",
+    ] = None,
     db: Annotated[
         Path | None,
         typer.Option(
@@ -66,16 +67,7 @@ def demo(
     path = db if scratch is None else Path(scratch.name) / "demo.db"
     try:
         with _logging("WARNING", LogFormat.RICH, console, (HideDemoFailures(),)), _reported():
-            summary = run_demo(
-                events,
-                transport.value,
-                path,
-                console,
-                transport_url={
-                    DemoTransport.NATS: nats_url,
-                    DemoTransport.RABBITMQ: rabbitmq_url,
-                }.get(transport),
-            )
+            summary = run_demo(events, transport.value, path, console, transport_url=transport_url)
     except (KeyboardInterrupt, asyncio.CancelledError):
         # SIGINT/SIGTERM: the demo stopped its engine (and broker) cleanly.
         raise typer.Exit(130) from None

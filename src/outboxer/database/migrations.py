@@ -283,7 +283,9 @@ def plan_on(conn: Connection, tables: Tables, outbox: Sequence[Table]) -> list[T
     return [_plan_table(t, present[t.name], recorded.get(t.name, 0)) for t in outbox]
 
 
-def _outbox_tables(tables: Tables) -> list[Table]:
+def outbox_tables(tables: Tables) -> list[Table]:
+    """The services' tables (outbox and inbox), by name; not outboxer's own (the
+    versions, the audit trail, the parked keys)."""
     return sorted(
         (t for t in tables.metadata.tables.values() if not tables.own(t.name)),
         key=lambda t: t.name,
@@ -294,7 +296,7 @@ def plan(database: Database, tables: Tables) -> list[TablePlan]:
     """What :func:`migrate` would do to each outbox table in ``tables``."""
     try:
         with database.sync_engine.connect() as conn:
-            return plan_on(conn, tables, _outbox_tables(tables))
+            return plan_on(conn, tables, outbox_tables(tables))
     except SQLAlchemyError as exc:
         raise StoreError(f"cannot read the schema: {_orig(exc)}", url=database.safe_url) from exc
 
@@ -302,7 +304,7 @@ def plan(database: Database, tables: Tables) -> list[TablePlan]:
 def migrate(database: Database, tables: Tables) -> list[TablePlan]:
     """Bring every outbox table in ``tables`` to the latest version; returns what was
     done per table (idempotent: a second run does nothing)."""
-    outbox = _outbox_tables(tables)
+    outbox = outbox_tables(tables)
     try:
         with single_instance(database, MIGRATE_LOCK, wait=True):
             with database.sync_engine.begin() as conn:
@@ -374,7 +376,7 @@ def sql_statements(plans: Sequence[TablePlan], tables: Tables, dialect: Any) -> 
 
 def fresh_plans(tables: Tables) -> list[TablePlan]:
     """What :func:`migrate` does on a database without outbox tables (reads nothing)."""
-    return [_plan_table(t, None, 0) for t in _outbox_tables(tables)]
+    return [_plan_table(t, None, 0) for t in outbox_tables(tables)]
 
 
 def _literal(stmt: Any, params: dict[str, Any], dialect: Any) -> str:

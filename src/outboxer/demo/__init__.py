@@ -102,22 +102,24 @@ async def run_demo_async(
     """:func:`run_demo` for callers already in an event loop.
 
     ``transport_url`` is where ``transport="kafka"`` sends (a running broker's
-    ``kafka://host:port``); :func:`run_demo` starts an embedded one.
+    ``kafka://host:port``); :func:`run_demo` starts an embedded one. For
+    ``transport="nats"`` or ``"redis"`` it is the running server (default: its
+    :data:`DEMO_URLS` entry); the run's streams are deleted at its end. For
+    ``transport="rabbitmq"``, a running broker; the run's exchanges and queues are
+    deleted at its end.
     """
     _check_arguments(events, transport)
     console = console or Console()
     if transport == "kafka" and transport_url is None:
         raise ConfigurationError("transport 'kafka' needs transport_url (kafka://host:port)")
-    if transport == "nats" and transport_url is None:
-        transport_url = NATS_URL
-    if transport == "rabbitmq" and transport_url is None:
-        transport_url = RABBITMQ_URL
+    if transport in DEMO_URLS:
+        transport_url = transport_url or DEMO_URLS[transport]
     path = _database_path(db_path)
     url = f"sqlite:///{path}"
     limit = timeout if timeout is not None else 60.0 + events / 25
     outbox = Outbox(
         url,
-        transport=transport_url if transport in ("kafka", "nats", "rabbitmq") else "local",
+        transport=transport_url if transport != "local" else "local",
         settings=_settings(transport),
     )
     demo = DemoSystem(outbox, url)
@@ -161,19 +163,26 @@ async def run_demo_async(
                 runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
         await demo.close()
-        if transport == "rabbitmq":
-            await _delete_topology(outbox)
         if transport == "nats":
             await _delete_destinations(outbox)
+        if transport == "rabbitmq":
+            await _delete_topology(outbox)
         await outbox.aclose()
+        if transport == "redis" and transport_url is not None:
+            await _delete_redis_keys(transport_url, outbox.settings.topic_prefix)
 
 
-RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
-"""The broker of ``outboxer demo --transport rabbitmq`` unless told otherwise."""
+DEMO_URLS = {
+    "nats": "nats://127.0.0.1:4222",
+    "redis": "redis://127.0.0.1:6379/0",
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
+}
+"""The server of ``outboxer demo --transport nats|redis|rabbitmq`` unless told otherwise."""
 
 
 async def _delete_topology(outbox: Outbox) -> None:
-    """Delete the run's exchanges and queues (each run has a topic prefix of its own)."""
+    """Delete the run's RabbitMQ exchanges and queues (each run has a topic prefix of
+    its own)."""
     delete = getattr(outbox.transport, "delete_topology", None)
     if delete is None:
         return
@@ -183,8 +192,17 @@ async def _delete_topology(outbox: Outbox) -> None:
         logger.warning("could not delete the demo's RabbitMQ exchanges and queues: %s", exc)
 
 
-NATS_URL = "nats://127.0.0.1:4222"
-"""The NATS server of ``outboxer demo --transport nats`` unless told otherwise."""
+async def _delete_redis_keys(url: str, prefix: str) -> None:
+    """The run's streams and lane leases (all named after its own topic prefix)."""
+    from redis.asyncio import Redis  # noqa: PLC0415 - the extra is needed only here
+
+    client = Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}.*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 async def _delete_destinations(outbox: Outbox) -> None:
@@ -197,7 +215,7 @@ async def _delete_destinations(outbox: Outbox) -> None:
 def _check_arguments(events: int, transport: str) -> None:
     if transport not in TRANSPORTS:
         raise ConfigurationError(
-            f"unknown demo transport {transport!r}: use " + ", ".join(TRANSPORTS)
+            f"unknown demo transport {transport!r}: use {', '.join(TRANSPORTS)}"
         )
     if events < MIN_EVENTS:
         raise ConfigurationError(f"the demo needs at least {MIN_EVENTS} events, got {events}")
@@ -320,11 +338,9 @@ def run_demo(
 
     ``db_path`` must not exist yet (default: a new file in a new temporary
     directory, left in place; its path is in the summary). ``transport="kafka"``
-    starts the embedded broker for the run; ``transport="nats"`` uses the NATS server
-    at ``transport_url`` (default ``nats://127.0.0.1:4222``, JetStream enabled) and
-    deletes its streams at the end; ``transport="rabbitmq"`` uses the broker at
-    ``transport_url`` (default :data:`RABBITMQ_URL`) and deletes the run's exchanges and
-    queues at the end. Raises :class:`DemoError` when the
+    starts the embedded broker for the run; ``transport="nats"`` or ``"redis"`` uses the
+    running server at ``transport_url`` (default: :data:`DEMO_URLS`) and deletes the
+    run's streams at the end. Raises :class:`DemoError` when the
     events do not drain within ``timeout`` seconds (default: 60 s + 40 ms per event).
     """
     _check_arguments(events, transport)

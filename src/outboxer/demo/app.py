@@ -31,7 +31,7 @@ from outboxer.errors import OutboxError
 from outboxer.models import ServiceStatus
 from outboxer.outbox import Outbox
 
-TRANSPORTS = ("local", "kafka", "nats", "rabbitmq")
+TRANSPORTS = ("local", "kafka", "nats", "redis", "rabbitmq")
 MIN_EVENTS = 10
 TX_SIZE = 20
 """Business operations per transaction."""

@@ -25,6 +25,7 @@ from outboxer.settings import OutboxSettings, register_section
 from outboxer.transports import kafka
 from outboxer.transports import nats as nats_transport
 from outboxer.transports import rabbitmq as amqp
+from outboxer.transports import redis as redis_streams
 from outboxer.transports.base import Transport
 from outboxer.transports.local import LocalTransport
 from outboxer.transports.memory import InMemoryTransport
@@ -89,3 +90,4 @@ register_transport("kafka", kafka.create, settings=kafka.KafkaSettings)
 register_transport("amqp", amqp.create)
 register_section(amqp.SECTION, amqp.RabbitMQSettings)
 register_transport("nats", nats_transport.create, settings=nats_transport.NatsSettings)
+register_transport("redis", redis_streams.create, settings=redis_streams.RedisSettings)

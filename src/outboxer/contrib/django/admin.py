@@ -86,16 +86,18 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[misc]  # Django ship
         action = request.POST.get("action")
         service = request.POST.get("service") or None
         services = [service] if service else None
+        # The audit trail names the signed-in Django user.
+        actor = f"django:{request.user.get_username()}"
         try:
             if action == "requeue":
                 ids = [int(i) for i in request.POST.getlist("ids")]
                 if not ids:
                     messages.warning(request, "choose the dead letters to requeue")
                     return
-                done = outbox.admin.requeue(ids, services=services)
+                done = outbox.admin.requeue(ids, services=services, actor=actor)
                 messages.success(request, f"requeued {sum(done.values())} dead letter(s)")
             elif action == "purge_dead":
-                result = outbox.admin.purge(dead_older_than=0.0, services=services)
+                result = outbox.admin.purge(dead_older_than=0.0, services=services, actor=actor)
                 messages.success(request, f"purged {result.total} dead letter(s)")
             else:
                 messages.error(request, f"unknown action {action!r}")

@@ -237,14 +237,7 @@ class DjangoConnector:
         """What migrating ``tables`` would do, read on Django's connection ``using``
         (inside a migration's transaction, where another connection could wait)."""
         with self._borrowed(using) as sa:
-            return migrations.plan_on(
-                sa,
-                tables,
-                sorted(
-                    (t for t in tables.metadata.tables.values() if t is not tables.versions),
-                    key=lambda t: t.name,
-                ),
-            )
+            return migrations.plan_on(sa, tables, migrations.outbox_tables(tables))
 
     def _mark_own_thread(self) -> None:
         self._local.own = True
