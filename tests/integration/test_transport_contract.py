@@ -339,6 +339,11 @@ async def test_send_receive_and_acknowledge(bench: Bench) -> None:
         assert all(d.settled for d in deliveries)
         await sub.close()
         return
+    # Lineage: a broker says where it put each message, and a reader where it read
+    # it, in the same words (docs/architecture.md, "Add a transport").
+    where_sent = {d.outbox_id: d.coordinates for d in deliveries}
+    assert all(where_sent.values()), where_sent
+    assert {_ids([m])[0]: m.coordinates for m in got} == where_sent
     await sub.close()
     # What was acknowledged stays so: the group's next reader starts after it.
     later = _messages(["a"], 1, start=100)

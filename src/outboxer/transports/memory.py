@@ -92,6 +92,7 @@ class MemorySubscription:
                 key=m.key,
                 headers=dict(m.headers),
                 position=m.offset,
+                coordinates=f"{self.route.topic}@{m.offset}",
             )
             for m in batch
         ]
@@ -193,10 +194,11 @@ class InMemoryTransport:
                 error, permanent = self._failures.pop(0)
                 out.append(Delivery(m.outbox_id, error=error, permanent=permanent))
                 continue
+            offset = len(log)
             log.append(
-                StoredMessage(route.topic, len(log), m.key.encode(), m.value, dict(m.headers()))
+                StoredMessage(route.topic, offset, m.key.encode(), m.value, dict(m.headers()))
             )
-            out.append(Delivery(m.outbox_id))
+            out.append(Delivery(m.outbox_id, coordinates=f"{route.topic}@{offset}"))
         arrived = self._arrival()
         arrived.set()
         arrived.clear()

@@ -47,9 +47,10 @@ async def publish_batch(
     async def one(m: OutgoingMessage) -> tuple[Delivery, BaseException | None]:
         subject = lane_subject(destination, lane_of(m.key, lanes))
         try:
-            await js.publish(subject, m.value, timeout=timeout, headers=headers_of(m))
+            ack = await js.publish(subject, m.value, timeout=timeout, headers=headers_of(m))
         except (TimeoutError, Exception) as exc:  # noqa: BLE001 - sorted by delivery_of
             return delivery_of(m.outbox_id, exc), exc
-        return Delivery(m.outbox_id), None
+        # Where the stream stored it: its name and sequence (lineage).
+        return Delivery(m.outbox_id, coordinates=f"{ack.stream}@{ack.seq}"), None
 
     return list(await asyncio.gather(*(one(m) for m in messages)))

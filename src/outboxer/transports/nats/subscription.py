@@ -202,7 +202,12 @@ class NatsSubscription:
             self._held[id(msg)] = (msg, now)
             out.append(
                 IncomingMessage(
-                    route=self.route, value=msg.data, key=key, headers=headers, position=msg
+                    route=self.route,
+                    value=msg.data,
+                    key=key,
+                    headers=headers,
+                    position=msg,
+                    coordinates=_coordinates(msg),
                 )
             )
         return out
@@ -275,3 +280,13 @@ class NatsSubscription:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
+
+
+def _coordinates(msg: Msg) -> str | None:
+    """The stream and its sequence of a received message (lineage), when the reply
+    subject carries them (always, for a JetStream delivery)."""
+    try:
+        meta = msg.metadata
+    except Exception:  # noqa: BLE001 - not a JetStream delivery
+        return None
+    return f"{meta.stream}@{meta.sequence.stream}"

@@ -43,8 +43,9 @@ async def add_batch(
     treats them as an outage); a command the server refused is a transient failure
     of that message."""
     pipe = client.pipeline(transaction=False)
-    for m in messages:
-        args: list[Any] = ["XADD", topology.stream(destination, topology.lane_of(m.key))]
+    streams = [topology.stream(destination, topology.lane_of(m.key)) for m in messages]
+    for m, stream in zip(messages, streams, strict=True):
+        args: list[Any] = ["XADD", stream]
         if settings.maxlen is not None:
             args += ["MAXLEN", "~", settings.maxlen]
         args.append("*")
@@ -55,8 +56,10 @@ async def add_batch(
         pipe.execute_command("WAIT", settings.wait_replicas, int(settings.wait_timeout * 1000))
     results = await pipe.execute(raise_on_error=False)
     out = [
-        failed(m.outbox_id, r) if isinstance(r, BaseException) else Delivery(m.outbox_id)
-        for m, r in zip(messages, results, strict=False)
+        failed(m.outbox_id, r)
+        if isinstance(r, BaseException)
+        else Delivery(m.outbox_id, coordinates=f"{stream}@{_text(r)}")
+        for m, stream, r in zip(messages, streams, results, strict=False)
     ]
     if settings.wait_replicas:
         acked = results[-1]
@@ -69,3 +72,8 @@ async def add_batch(
             )
             out = [d if not d.ok else failed(d.outbox_id, f"WAIT: {why}") for d in out]
     return out
+
+
+def _text(entry_id: Any) -> str:
+    """An entry id as the server replied it (bytes or text)."""
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)

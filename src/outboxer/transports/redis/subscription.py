@@ -386,6 +386,7 @@ class RedisSubscription:
                     key=fields.get(KEY),
                     headers=headers,
                     position=(lane, entry_id),
+                    coordinates=f"{self._stream(lane)}@{_entry_text(entry_id)}",
                 )
             )
         return out
@@ -473,3 +474,7 @@ def _streams_of(reply: Any) -> list[tuple[Any, Any]]:
     if isinstance(reply, dict):
         return list(reply.items())
     return [(item[0], item[1]) for item in reply]
+
+
+def _entry_text(entry_id: Any) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
