@@ -186,3 +186,25 @@ async def test_a_parked_key_is_not_handled_until_released(db_url: str, service: 
     finally:
         drop_tables(ob)
         await ob.aclose()
+
+
+def test_retry_takes_the_failing_head_not_an_earlier_dead_event(ob: Outbox, service: str) -> None:
+    # With ordered_after_dead = "skip" a dead event holds nothing: the head of the key
+    # is its earliest open event, and "retry now" must retry that one, never requeue
+    # an event that went dead before it (here one an operator skipped).
+    a, b, _ = _publish(ob, service, [("k", 0), ("k", 1), ("k", 2)])
+    store = ob.store(service)
+    assert store.mark_failed_for_retry(a, "RuntimeError: first") is Status.PENDING
+    assert ob.admin.skip_head(service, "k", "amount is wrong", actor="bob") == a
+    assert store.mark_failed_for_retry(b, "RuntimeError: second") is Status.PENDING
+    [blocked] = ob.admin.blocked_keys([service])
+    assert blocked.head is not None
+    assert blocked.head.id == b
+
+    assert ob.admin.retry_head(service, "k", actor="alice") == b
+    skipped = store.get_by_id(a)
+    assert skipped is not None
+    assert skipped.status is Status.DEAD
+    retried = store.get_by_id(b)
+    assert retried is not None
+    assert (retried.status, retried.retry_count) == (Status.PENDING, 1)

@@ -568,13 +568,14 @@ def op_blocked_keys(c: OpContext, limit: int) -> Op[list[BlockedKey]]:
 
 
 def op_retry_head(c: OpContext, key: str, audit: Audit) -> Op[int | None]:
-    """Make the head of ``key`` (its earliest failing or dead event) due now: a
-    failing one keeps its attempts, a dead one is requeued. Returns its id (None:
-    no such head)."""
+    """Make the head of ``key`` (its earliest open event, when it is failing, or dead
+    and dead blocks) due now: a failing one keeps its attempts, a dead one is
+    requeued. Returns its id (None: no such head). A dead event that holds nothing
+    (``ordered_after_dead = "skip"``) is never the head: it stays dead."""
     t = c.table
     pick = c.dialect.lock_rows(
         select(t.c.id, t.c.status, t.c.retry_count)
-        .where(t.c.message_key == key, t.c.status.in_([*_open_statuses(c), Status.DEAD.value]))
+        .where(t.c.message_key == key, t.c.status.in_(_open_statuses(c)))
         .order_by(t.c.id)
         .limit(1)
     )
