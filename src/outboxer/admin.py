@@ -737,7 +737,9 @@ class Admin:
     def skip_head(self, service: str, key: str, reason: str, *, actor: str | None = None) -> int:
         """Mark the head of ``key`` dead with ``reason`` so the events behind it go
         on (with ``ordered_after_dead = "block"`` a dead head still holds the key);
-        audited. Returns its outbox id."""
+        audited. Returns its outbox id. Only a head that holds the key is skipped (it
+        failed, or the key is parked): when the failing head went through meanwhile,
+        nothing is skipped and :class:`MessageNotFoundError` is raised."""
         reason = reason.strip()
         if not reason:
             raise ConfigurationError("give a reason to skip an event")
@@ -745,7 +747,10 @@ class Admin:
         audit = Audit(actor or os_user(), "skip", {"key": key, "reason": reason})
         oid = self._store(route).skip_head(key, f"skipped by an operator: {reason}", audit)
         if oid is None:
-            raise MessageNotFoundError(f"key {key!r} of {service} has no pending event to skip")
+            raise MessageNotFoundError(
+                f"key {key!r} of {service} has no failing event at its head to skip "
+                f"(and is not parked)"
+            )
         return oid
 
     def park(

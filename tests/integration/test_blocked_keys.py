@@ -208,3 +208,38 @@ def test_retry_takes_the_failing_head_not_an_earlier_dead_event(ob: Outbox, serv
     retried = store.get_by_id(b)
     assert retried is not None
     assert (retried.status, retried.retry_count) == (Status.PENDING, 1)
+
+
+def test_skip_leaves_a_key_whose_failing_head_went_through(ob: Outbox, service: str) -> None:
+    # The operator saw the head failing; it succeeded on its retry before the skip
+    # came. The next event of the key holds nothing: it must not be killed in its
+    # place.
+    a, b = _publish(ob, service, [("k", 0), ("k", 1)])
+    store = ob.store(service)
+    assert store.mark_failed_for_retry(a, "RuntimeError: ledger closed") is Status.PENDING
+    [blocked] = ob.admin.blocked_keys([service])
+    assert blocked.head is not None
+    assert blocked.head.id == a
+    store.mark_consumed(a)  # the retry went through
+
+    with pytest.raises(MessageNotFoundError):
+        ob.admin.skip_head(service, "k", "amount is wrong", actor="bob")
+    row = store.get_by_id(b)
+    assert row is not None
+    assert (row.status, row.retry_count) == (Status.PENDING, 0)
+    assert ob.admin.audit(services=[service]).entries == []
+
+
+def test_skip_takes_the_head_of_a_parked_key(ob: Outbox, service: str) -> None:
+    # A parked key holds even a head that never failed: skipping it is the operator's
+    # way to drop that event and release the rest later.
+    a, b = _publish(ob, service, [("k", 0), ("k", 1)])
+    assert ob.admin.park(service, "k", actor="alice") is True
+    assert ob.admin.skip_head(service, "k", "duplicate import", actor="bob") == a
+    store = ob.store(service)
+    skipped = store.get_by_id(a)
+    assert skipped is not None
+    assert skipped.status is Status.DEAD
+    row = store.get_by_id(b)
+    assert row is not None
+    assert row.status is Status.PENDING
