@@ -726,6 +726,7 @@ class Admin:
         """Retry the head of ``key`` now (a failing one keeps its attempts, a dead one
         is requeued); audited. Returns its outbox id."""
         route = self._ordered(service)
+        key = clean_key(key)
         audit = Audit(actor or os_user(), "retry", {"key": key})
         oid = self._store(route).retry_head(key, audit)
         if oid is None:
@@ -744,6 +745,7 @@ class Admin:
         if not reason:
             raise ConfigurationError("give a reason to skip an event")
         route = self._ordered(service)
+        key = clean_key(key)
         audit = Audit(actor or os_user(), "skip", {"key": key, "reason": reason})
         oid = self._store(route).skip_head(key, f"skipped by an operator: {reason}", audit)
         if oid is None:
@@ -767,6 +769,7 @@ class Admin:
         """Release parked ``key``: its waiting events are due at once; audited.
         Returns how many were made due; raises when the key was not parked."""
         route = self._ordered(service)
+        key = clean_key(key)
         audit = Audit(actor or os_user(), "release", {"key": key})
         released = self._store(route).release(key, audit)
         if released is None:

@@ -243,3 +243,15 @@ def test_skip_takes_the_head_of_a_parked_key(ob: Outbox, service: str) -> None:
     row = store.get_by_id(b)
     assert row is not None
     assert row.status is Status.PENDING
+
+
+def test_keys_are_trimmed_as_park_trims_them(ob: Outbox, service: str) -> None:
+    # Keys are stored trimmed (publish and park trim them): every action on a key
+    # trims it the same way, so the key an operator parked is the key they release.
+    a, _ = _publish(ob, service, [("k", 0), ("k", 1)])
+    store = ob.store(service)
+    assert store.mark_failed_for_retry(a, "RuntimeError: ledger closed") is Status.PENDING
+    assert ob.admin.retry_head(service, " k ", actor="alice") == a
+    assert ob.admin.park(service, " k ", actor="alice") is True
+    assert ob.admin.release(service, "k ", actor="alice") >= 0
+    assert ob.admin.skip_head(service, "\tk", "amount is wrong", actor="bob") == a
