@@ -726,6 +726,7 @@ class Admin:
         """Retry the head of ``key`` now (a failing one keeps its attempts, a dead one
         is requeued); audited. Returns its outbox id."""
         route = self._ordered(service)
+        key = clean_key(key)
         audit = Audit(actor or os_user(), "retry", {"key": key})
         oid = self._store(route).retry_head(key, audit)
         if oid is None:
@@ -737,15 +738,21 @@ class Admin:
     def skip_head(self, service: str, key: str, reason: str, *, actor: str | None = None) -> int:
         """Mark the head of ``key`` dead with ``reason`` so the events behind it go
         on (with ``ordered_after_dead = "block"`` a dead head still holds the key);
-        audited. Returns its outbox id."""
+        audited. Returns its outbox id. Only a head that holds the key is skipped (it
+        failed, or the key is parked): when the failing head went through meanwhile,
+        nothing is skipped and :class:`MessageNotFoundError` is raised."""
         reason = reason.strip()
         if not reason:
             raise ConfigurationError("give a reason to skip an event")
         route = self._ordered(service)
+        key = clean_key(key)
         audit = Audit(actor or os_user(), "skip", {"key": key, "reason": reason})
         oid = self._store(route).skip_head(key, f"skipped by an operator: {reason}", audit)
         if oid is None:
-            raise MessageNotFoundError(f"key {key!r} of {service} has no pending event to skip")
+            raise MessageNotFoundError(
+                f"key {key!r} of {service} has no failing event at its head to skip "
+                f"(and is not parked)"
+            )
         return oid
 
     def park(
@@ -762,6 +769,7 @@ class Admin:
         """Release parked ``key``: its waiting events are due at once; audited.
         Returns how many were made due; raises when the key was not parked."""
         route = self._ordered(service)
+        key = clean_key(key)
         audit = Audit(actor or os_user(), "release", {"key": key})
         released = self._store(route).release(key, audit)
         if released is None:

@@ -186,3 +186,72 @@ async def test_a_parked_key_is_not_handled_until_released(db_url: str, service: 
     finally:
         drop_tables(ob)
         await ob.aclose()
+
+
+def test_retry_takes_the_failing_head_not_an_earlier_dead_event(ob: Outbox, service: str) -> None:
+    # With ordered_after_dead = "skip" a dead event holds nothing: the head of the key
+    # is its earliest open event, and "retry now" must retry that one, never requeue
+    # an event that went dead before it (here one an operator skipped).
+    a, b, _ = _publish(ob, service, [("k", 0), ("k", 1), ("k", 2)])
+    store = ob.store(service)
+    assert store.mark_failed_for_retry(a, "RuntimeError: first") is Status.PENDING
+    assert ob.admin.skip_head(service, "k", "amount is wrong", actor="bob") == a
+    assert store.mark_failed_for_retry(b, "RuntimeError: second") is Status.PENDING
+    [blocked] = ob.admin.blocked_keys([service])
+    assert blocked.head is not None
+    assert blocked.head.id == b
+
+    assert ob.admin.retry_head(service, "k", actor="alice") == b
+    skipped = store.get_by_id(a)
+    assert skipped is not None
+    assert skipped.status is Status.DEAD
+    retried = store.get_by_id(b)
+    assert retried is not None
+    assert (retried.status, retried.retry_count) == (Status.PENDING, 1)
+
+
+def test_skip_leaves_a_key_whose_failing_head_went_through(ob: Outbox, service: str) -> None:
+    # The operator saw the head failing; it succeeded on its retry before the skip
+    # came. The next event of the key holds nothing: it must not be killed in its
+    # place.
+    a, b = _publish(ob, service, [("k", 0), ("k", 1)])
+    store = ob.store(service)
+    assert store.mark_failed_for_retry(a, "RuntimeError: ledger closed") is Status.PENDING
+    [blocked] = ob.admin.blocked_keys([service])
+    assert blocked.head is not None
+    assert blocked.head.id == a
+    store.mark_consumed(a)  # the retry went through
+
+    with pytest.raises(MessageNotFoundError):
+        ob.admin.skip_head(service, "k", "amount is wrong", actor="bob")
+    row = store.get_by_id(b)
+    assert row is not None
+    assert (row.status, row.retry_count) == (Status.PENDING, 0)
+    assert ob.admin.audit(services=[service]).entries == []
+
+
+def test_skip_takes_the_head_of_a_parked_key(ob: Outbox, service: str) -> None:
+    # A parked key holds even a head that never failed: skipping it is the operator's
+    # way to drop that event and release the rest later.
+    a, b = _publish(ob, service, [("k", 0), ("k", 1)])
+    assert ob.admin.park(service, "k", actor="alice") is True
+    assert ob.admin.skip_head(service, "k", "duplicate import", actor="bob") == a
+    store = ob.store(service)
+    skipped = store.get_by_id(a)
+    assert skipped is not None
+    assert skipped.status is Status.DEAD
+    row = store.get_by_id(b)
+    assert row is not None
+    assert row.status is Status.PENDING
+
+
+def test_keys_are_trimmed_as_park_trims_them(ob: Outbox, service: str) -> None:
+    # Keys are stored trimmed (publish and park trim them): every action on a key
+    # trims it the same way, so the key an operator parked is the key they release.
+    a, _ = _publish(ob, service, [("k", 0), ("k", 1)])
+    store = ob.store(service)
+    assert store.mark_failed_for_retry(a, "RuntimeError: ledger closed") is Status.PENDING
+    assert ob.admin.retry_head(service, " k ", actor="alice") == a
+    assert ob.admin.park(service, " k ", actor="alice") is True
+    assert ob.admin.release(service, "k ", actor="alice") >= 0
+    assert ob.admin.skip_head(service, "\tk", "amount is wrong", actor="bob") == a

@@ -15,6 +15,7 @@ from sqlalchemy import (
     and_,
     case,
     delete,
+    exists,
     func,
     insert,
     or_,
@@ -568,13 +569,14 @@ def op_blocked_keys(c: OpContext, limit: int) -> Op[list[BlockedKey]]:
 
 
 def op_retry_head(c: OpContext, key: str, audit: Audit) -> Op[int | None]:
-    """Make the head of ``key`` (its earliest failing or dead event) due now: a
-    failing one keeps its attempts, a dead one is requeued. Returns its id (None:
-    no such head)."""
+    """Make the head of ``key`` (its earliest open event, when it is failing, or dead
+    and dead blocks) due now: a failing one keeps its attempts, a dead one is
+    requeued. Returns its id (None: no such head). A dead event that holds nothing
+    (``ordered_after_dead = "skip"``) is never the head: it stays dead."""
     t = c.table
     pick = c.dialect.lock_rows(
         select(t.c.id, t.c.status, t.c.retry_count)
-        .where(t.c.message_key == key, t.c.status.in_([*_open_statuses(c), Status.DEAD.value]))
+        .where(t.c.message_key == key, t.c.status.in_(_open_statuses(c)))
         .order_by(t.c.id)
         .limit(1)
     )
@@ -597,10 +599,21 @@ def op_retry_head(c: OpContext, key: str, audit: Audit) -> Op[int | None]:
 
 def op_skip_head(c: OpContext, key: str, reason: str, audit: Audit) -> Op[int | None]:
     """Mark the head of ``key`` (its earliest open event, pending) dead with
-    ``reason``, so the events behind it go on. Returns its id (None: no head)."""
+    ``reason``, so the events behind it go on. Only a head that holds the key is
+    skipped: one that failed, or any head of a parked key; a head that has not
+    failed (the failing one went through meanwhile) is left. Returns its id (None:
+    no such head)."""
     t = c.table
+    columns: list[Any] = [t.c.id, t.c.status, t.c.retry_count]
+    if c.parked is not None:
+        p = c.parked
+        columns.append(
+            exists()
+            .where(p.c.service_name == c.route.service_name, p.c.message_key == t.c.message_key)
+            .label("parked")
+        )
     pick = c.dialect.lock_rows(
-        select(t.c.id, t.c.status)
+        select(*columns)
         .where(t.c.message_key == key, t.c.status.in_(_open_statuses(c)))
         .order_by(t.c.id)
         .limit(1)
@@ -608,6 +621,8 @@ def op_skip_head(c: OpContext, key: str, reason: str, audit: Audit) -> Op[int | 
     result = yield Execute(pick, what="skip head", context=c.ctx())
     row = result.first()
     if row is None or row.status != Status.PENDING.value:
+        return None
+    if not row.retry_count and not getattr(row, "parked", False):
         return None
     yield Execute(
         update(t)
