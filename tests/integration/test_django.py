@@ -8,6 +8,7 @@ Workers that are killed and restarted are in ``test_django_worker.py``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import uuid
 from collections.abc import Iterator
@@ -301,6 +302,34 @@ def test_batch_handlers_write_with_the_orm(outbox: Any) -> None:
     assert invoices(using, ids) == dict.fromkeys(ids, 1)
     assert sum(seen) == 6
     assert max(seen) > 1  # consecutive events came in one call
+
+
+def test_a_handler_that_swallows_a_database_error_fails_its_event(outbox: Any) -> None:
+    """Django marks its block for rollback when an ORM write fails inside it; a handler
+    that catches the error and returns must not count as handled (its block would roll
+    back while its event is marked consumed, or the whole batch silently)."""
+    from django.db import IntegrityError  # noqa: PLC0415
+    from shop.models import Invoice, Order  # noqa: PLC0415
+
+    using = outbox.using
+    with transaction.atomic(using=using):
+        taken = Order.objects.using(using).create(total=1).id
+        outbox.publish("order.placed", {"id": taken}, max_retry=2)
+
+    @outbox.handler("order.placed")
+    def swallow(event: Any) -> None:
+        Invoice.objects.using(using).create(order_id=event.payload["id"])
+        with contextlib.suppress(IntegrityError):
+            Order.objects.using(using).create(id=event.payload["id"], total=2)  # taken
+
+    drain_sync(outbox, timeout=30)
+    assert invoices(using, [taken]) == {}
+    [(_, _, status)] = rows(outbox)
+    assert status == Status.DEAD.value
+    table = outbox.table_for(outbox.service)
+    with outbox.db.sync_engine.connect() as conn:
+        error = conn.execute(select(table.c.last_error)).scalar_one()
+    assert "marked for rollback" in (error or "")
 
 
 def test_async_handlers_are_refused(outbox: Any) -> None:
