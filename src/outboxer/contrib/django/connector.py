@@ -41,7 +41,12 @@ from outboxer.database.instructions import Execute, Invoke, Op
 from outboxer.database.migrations import TablePlan
 from outboxer.database.runner import ends_transaction
 from outboxer.database.schema import Tables
-from outboxer.errors import HandlerError, StoreError, TransactionRequiredError
+from outboxer.errors import (
+    HandlerError,
+    StoreError,
+    TransactionAbortedError,
+    TransactionRequiredError,
+)
 from outboxer.handlers import callable_name
 
 T = TypeVar("T")
@@ -257,6 +262,13 @@ class DjangoConnector:
                 out = self._perform(op, self.using)
                 if commit_if is not None and not commit_if(out):
                     transaction.set_rollback(True, using=self.using)
+                elif conn.needs_rollback:
+                    # Django would roll the block back on leaving it, silently, while
+                    # the op's result says what it wrote.
+                    raise TransactionAbortedError(
+                        "Django marked the transaction for rollback during the operation; "
+                        "nothing of it was kept"
+                    )
                 return out
         except (DjangoDatabaseError, SQLAlchemyError) as exc:
             conn.errors_occurred = True  # checked (and closed if broken) by the next op
@@ -334,9 +346,26 @@ class DjangoConnector:
                         f"{callable_name(instr.fn)} returned an awaitable: Django handlers "
                         "are plain functions"
                     )
+                if conn.needs_rollback:
+                    # A database error was caught inside the block: Django would roll
+                    # the block back at its end, silently. Raised here, it rolls back
+                    # the callback's savepoint (or fails the fast path) as an error of
+                    # the callback, so its event is not marked consumed.
+                    raise HandlerError(
+                        f"{callable_name(instr.fn)} left Django's transaction marked for "
+                        "rollback (it caught a database error inside the atomic block); "
+                        "wrap a write that may fail in a transaction.atomic() of its own"
+                    )
             if instr.guard and not conn.in_atomic_block:
                 raise HandlerError(f"{callable_name(instr.fn)} ended the transaction it was given")
         except Exception as exc:
+            if instr.savepoint and conn.needs_rollback:
+                # Django could not roll back to the savepoint (the database aborted the
+                # whole transaction: a MariaDB deadlock, say): nothing may be marked.
+                raise TransactionAbortedError(
+                    "the transaction was aborted by the database during a callback: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
             if instr.capture:
                 return exc
             self._local.callback_error = exc
