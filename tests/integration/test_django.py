@@ -28,6 +28,7 @@ from outboxer.database.connector import READ_ONLY
 from outboxer.errors import (
     ConfigurationError,
     MessageNotFoundError,
+    StoreError,
     TransactionRequiredError,
 )
 from outboxer.models import Status
@@ -223,6 +224,21 @@ def test_a_rejected_event_leaves_the_block_usable(outbox: Any) -> None:
         order = Order.objects.using(outbox.using).create(total=3)
         outbox.publish("order.placed", {"id": order.id})
     assert len(rows(outbox)) == 1
+
+
+def test_a_publish_that_failed_in_the_database_rolls_the_block_back(outbox: Any) -> None:
+    """As an ORM write that fails: a caller that catches the error cannot commit its
+    business writes without the event (on any database)."""
+    from shop.models import Order  # noqa: PLC0415
+
+    using = outbox.using
+    outbox.register_event("order.lost", service=f"{outbox.service}_missing")  # no table
+    before = Order.objects.using(using).count()
+    with transaction.atomic(using=using):
+        Order.objects.using(using).create(total=7)
+        with pytest.raises(StoreError):
+            outbox.publish("order.lost", {"n": 1})
+    assert Order.objects.using(using).count() == before
 
 
 def test_apublish_from_async_code(outbox: Any) -> None:
