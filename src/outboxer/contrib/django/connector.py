@@ -315,7 +315,7 @@ class DjangoConnector:
                 instr = next(op)
                 while True:
                     if isinstance(instr, Execute):
-                        instr = op.send(self._execute(sa, instr))
+                        instr = op.send(self._execute(sa, instr, using))
                     else:
                         instr = op.send(self._invoke(instr, using))
             except StopIteration as stop:
@@ -323,10 +323,17 @@ class DjangoConnector:
             finally:
                 op.close()
 
-    def _execute(self, sa: Connection, instr: Execute) -> Any:
+    def _execute(self, sa: Connection, instr: Execute, using: str) -> Any:
         try:
             return sa.execute(instr.statement, instr.params)
         except SQLAlchemyError as exc:
+            conn = connections[using]
+            if conn.in_atomic_block:
+                # As Django does when an ORM write fails in an atomic block: the block
+                # (or the savepoint around this op) rolls back, even if the caller
+                # catches the error; otherwise MySQL and SQLite would commit the
+                # business writes without the event.
+                conn.needs_rollback = True
             orig = getattr(exc, "orig", None) or exc
             raise StoreError(
                 f"database error during {instr.what}: {orig}", **instr.context
