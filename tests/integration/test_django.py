@@ -509,6 +509,30 @@ def test_the_worker_connects_again_after_its_connections_are_killed(outbox: Any)
     assert invoices(using, [777_000]) == {777_000: 1}
 
 
+@pytest.mark.parametrize("outbox", ["default"], indirect=True)
+def test_the_worker_connects_again_to_other_aliases_its_handlers_use(outbox: Any) -> None:
+    """Django's close_old_connections covers every alias: a handler that reads another
+    database keeps working after that database's connections die."""
+    from shop.models import Order  # noqa: PLC0415
+
+    seen: list[int] = []
+
+    @outbox.handler("order.placed")
+    def read_elsewhere(event: Any) -> None:
+        seen.append(Order.objects.using("postgresql").count())
+
+    outbox.publish("order.placed", {"n": 1}, autocommit=True)
+    drain_sync(outbox, timeout=30)  # the worker's thread now holds a PostgreSQL connection
+    with connections["postgresql"].cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    outbox.publish("order.placed", {"n": 2}, autocommit=True, max_retry=5)
+    drain_sync(outbox, timeout=30)
+    assert [status for _, _, status in rows(outbox)] == [Status.CONSUMED.value] * 2
+
+
 def test_bad_configuration_is_refused_with_a_typed_error(
     django_project: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
