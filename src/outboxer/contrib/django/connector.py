@@ -10,9 +10,9 @@ alone begin, commit and roll back.
 Operations outboxer runs on its own (the relay's claims, the consumer's batches, the
 tools) run on a small pool of threads owned by the connector, each with its own
 Django connection kept between operations; before each one Django's
-``close_if_unusable_or_obsolete`` drops a connection that failed or outlived
-``CONN_MAX_AGE``, as Django does between requests, so a database restart costs the
-operation in flight and the next one connects again.
+``close_if_unusable_or_obsolete`` drops a connection (of any alias the thread opened)
+that failed or outlived ``CONN_MAX_AGE``, as Django does between requests, so a
+database restart costs the operation in flight and the next one connects again.
 """
 
 from __future__ import annotations
@@ -253,9 +253,12 @@ class DjangoConnector:
         commit_if: Callable[[T], bool] | None,
         context: Callable[[], dict[str, Any]] | None,
     ) -> T:
+        # Django's close_old_connections, between operations as between requests: on
+        # every alias this thread opened (handlers may use others than ``using``).
+        for opened in connections.all(initialized_only=True):
+            if not opened.in_atomic_block:
+                opened.close_if_unusable_or_obsolete()
         conn = connections[self.using]
-        if not conn.in_atomic_block:
-            conn.close_if_unusable_or_obsolete()
         self._local.callback_error = None
         try:
             with transaction.atomic(using=self.using):
