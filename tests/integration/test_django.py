@@ -8,6 +8,7 @@ Workers that are killed and restarted are in ``test_django_worker.py``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import uuid
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from outboxer.database.connector import READ_ONLY
 from outboxer.errors import (
     ConfigurationError,
     MessageNotFoundError,
+    StoreError,
     TransactionRequiredError,
 )
 from outboxer.models import Status
@@ -224,6 +226,21 @@ def test_a_rejected_event_leaves_the_block_usable(outbox: Any) -> None:
     assert len(rows(outbox)) == 1
 
 
+def test_a_publish_that_failed_in_the_database_rolls_the_block_back(outbox: Any) -> None:
+    """As an ORM write that fails: a caller that catches the error cannot commit its
+    business writes without the event (on any database)."""
+    from shop.models import Order  # noqa: PLC0415
+
+    using = outbox.using
+    outbox.register_event("order.lost", service=f"{outbox.service}_missing")  # no table
+    before = Order.objects.using(using).count()
+    with transaction.atomic(using=using):
+        Order.objects.using(using).create(total=7)
+        with pytest.raises(StoreError):
+            outbox.publish("order.lost", {"n": 1})
+    assert Order.objects.using(using).count() == before
+
+
 def test_apublish_from_async_code(outbox: Any) -> None:
     import asyncio  # noqa: PLC0415
 
@@ -301,6 +318,34 @@ def test_batch_handlers_write_with_the_orm(outbox: Any) -> None:
     assert invoices(using, ids) == dict.fromkeys(ids, 1)
     assert sum(seen) == 6
     assert max(seen) > 1  # consecutive events came in one call
+
+
+def test_a_handler_that_swallows_a_database_error_fails_its_event(outbox: Any) -> None:
+    """Django marks its block for rollback when an ORM write fails inside it; a handler
+    that catches the error and returns must not count as handled (its block would roll
+    back while its event is marked consumed, or the whole batch silently)."""
+    from django.db import IntegrityError  # noqa: PLC0415
+    from shop.models import Invoice, Order  # noqa: PLC0415
+
+    using = outbox.using
+    with transaction.atomic(using=using):
+        taken = Order.objects.using(using).create(total=1).id
+        outbox.publish("order.placed", {"id": taken}, max_retry=2)
+
+    @outbox.handler("order.placed")
+    def swallow(event: Any) -> None:
+        Invoice.objects.using(using).create(order_id=event.payload["id"])
+        with contextlib.suppress(IntegrityError):
+            Order.objects.using(using).create(id=event.payload["id"], total=2)  # taken
+
+    drain_sync(outbox, timeout=30)
+    assert invoices(using, [taken]) == {}
+    [(_, _, status)] = rows(outbox)
+    assert status == Status.DEAD.value
+    table = outbox.table_for(outbox.service)
+    with outbox.db.sync_engine.connect() as conn:
+        error = conn.execute(select(table.c.last_error)).scalar_one()
+    assert "marked for rollback" in (error or "")
 
 
 def test_async_handlers_are_refused(outbox: Any) -> None:
@@ -462,6 +507,30 @@ def test_the_worker_connects_again_after_its_connections_are_killed(outbox: Any)
     outbox.publish("order.placed", {"id": 777_000}, autocommit=True)
     drain_sync(outbox, timeout=30)
     assert invoices(using, [777_000]) == {777_000: 1}
+
+
+@pytest.mark.parametrize("outbox", ["default"], indirect=True)
+def test_the_worker_connects_again_to_other_aliases_its_handlers_use(outbox: Any) -> None:
+    """Django's close_old_connections covers every alias: a handler that reads another
+    database keeps working after that database's connections die."""
+    from shop.models import Order  # noqa: PLC0415
+
+    seen: list[int] = []
+
+    @outbox.handler("order.placed")
+    def read_elsewhere(event: Any) -> None:
+        seen.append(Order.objects.using("postgresql").count())
+
+    outbox.publish("order.placed", {"n": 1}, autocommit=True)
+    drain_sync(outbox, timeout=30)  # the worker's thread now holds a PostgreSQL connection
+    with connections["postgresql"].cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    outbox.publish("order.placed", {"n": 2}, autocommit=True, max_retry=5)
+    drain_sync(outbox, timeout=30)
+    assert [status for _, _, status in rows(outbox)] == [Status.CONSUMED.value] * 2
 
 
 def test_bad_configuration_is_refused_with_a_typed_error(

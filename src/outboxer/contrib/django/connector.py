@@ -10,9 +10,9 @@ alone begin, commit and roll back.
 Operations outboxer runs on its own (the relay's claims, the consumer's batches, the
 tools) run on a small pool of threads owned by the connector, each with its own
 Django connection kept between operations; before each one Django's
-``close_if_unusable_or_obsolete`` drops a connection that failed or outlived
-``CONN_MAX_AGE``, as Django does between requests, so a database restart costs the
-operation in flight and the next one connects again.
+``close_if_unusable_or_obsolete`` drops a connection (of any alias the thread opened)
+that failed or outlived ``CONN_MAX_AGE``, as Django does between requests, so a
+database restart costs the operation in flight and the next one connects again.
 """
 
 from __future__ import annotations
@@ -41,7 +41,12 @@ from outboxer.database.instructions import Execute, Invoke, Op
 from outboxer.database.migrations import TablePlan
 from outboxer.database.runner import ends_transaction
 from outboxer.database.schema import Tables
-from outboxer.errors import HandlerError, StoreError, TransactionRequiredError
+from outboxer.errors import (
+    HandlerError,
+    StoreError,
+    TransactionAbortedError,
+    TransactionRequiredError,
+)
 from outboxer.handlers import callable_name
 
 T = TypeVar("T")
@@ -248,15 +253,25 @@ class DjangoConnector:
         commit_if: Callable[[T], bool] | None,
         context: Callable[[], dict[str, Any]] | None,
     ) -> T:
+        # Django's close_old_connections, between operations as between requests: on
+        # every alias this thread opened (handlers may use others than ``using``).
+        for opened in connections.all(initialized_only=True):
+            if not opened.in_atomic_block:
+                opened.close_if_unusable_or_obsolete()
         conn = connections[self.using]
-        if not conn.in_atomic_block:
-            conn.close_if_unusable_or_obsolete()
         self._local.callback_error = None
         try:
             with transaction.atomic(using=self.using):
                 out = self._perform(op, self.using)
                 if commit_if is not None and not commit_if(out):
                     transaction.set_rollback(True, using=self.using)
+                elif conn.needs_rollback:
+                    # Django would roll the block back on leaving it, silently, while
+                    # the op's result says what it wrote.
+                    raise TransactionAbortedError(
+                        "Django marked the transaction for rollback during the operation; "
+                        "nothing of it was kept"
+                    )
                 return out
         except (DjangoDatabaseError, SQLAlchemyError) as exc:
             conn.errors_occurred = True  # checked (and closed if broken) by the next op
@@ -303,7 +318,7 @@ class DjangoConnector:
                 instr = next(op)
                 while True:
                     if isinstance(instr, Execute):
-                        instr = op.send(self._execute(sa, instr))
+                        instr = op.send(self._execute(sa, instr, using))
                     else:
                         instr = op.send(self._invoke(instr, using))
             except StopIteration as stop:
@@ -311,10 +326,17 @@ class DjangoConnector:
             finally:
                 op.close()
 
-    def _execute(self, sa: Connection, instr: Execute) -> Any:
+    def _execute(self, sa: Connection, instr: Execute, using: str) -> Any:
         try:
             return sa.execute(instr.statement, instr.params)
         except SQLAlchemyError as exc:
+            conn = connections[using]
+            if conn.in_atomic_block:
+                # As Django does when an ORM write fails in an atomic block: the block
+                # (or the savepoint around this op) rolls back, even if the caller
+                # catches the error; otherwise MySQL and SQLite would commit the
+                # business writes without the event.
+                conn.needs_rollback = True
             orig = getattr(exc, "orig", None) or exc
             raise StoreError(
                 f"database error during {instr.what}: {orig}", **instr.context
@@ -334,9 +356,26 @@ class DjangoConnector:
                         f"{callable_name(instr.fn)} returned an awaitable: Django handlers "
                         "are plain functions"
                     )
+                if conn.needs_rollback:
+                    # A database error was caught inside the block: Django would roll
+                    # the block back at its end, silently. Raised here, it rolls back
+                    # the callback's savepoint (or fails the fast path) as an error of
+                    # the callback, so its event is not marked consumed.
+                    raise HandlerError(
+                        f"{callable_name(instr.fn)} left Django's transaction marked for "
+                        "rollback (it caught a database error inside the atomic block); "
+                        "wrap a write that may fail in a transaction.atomic() of its own"
+                    )
             if instr.guard and not conn.in_atomic_block:
                 raise HandlerError(f"{callable_name(instr.fn)} ended the transaction it was given")
         except Exception as exc:
+            if instr.savepoint and conn.needs_rollback:
+                # Django could not roll back to the savepoint (the database aborted the
+                # whole transaction: a MariaDB deadlock, say): nothing may be marked.
+                raise TransactionAbortedError(
+                    "the transaction was aborted by the database during a callback: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
             if instr.capture:
                 return exc
             self._local.callback_error = exc

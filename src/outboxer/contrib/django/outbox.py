@@ -120,7 +120,8 @@ class DjangoOutbox(Outbox):
         return its outbox id: it commits with the block and disappears with its
         rollback (or a savepoint's). Outside an atomic block it raises
         :class:`~outboxer.errors.TransactionRequiredError`, unless ``autocommit=True``
-        (the event is then written in a transaction of its own). ``options`` are those
+        (the event is then written in a transaction of its own; inside an open block it
+        joins that block all the same). ``options`` are those
         of :meth:`Outbox.publish` (``key``, ``event_id``, ``delay``, ...)."""
         # Publisher types SQLAlchemy's transactions; the connector checks this one.
         tx: Any = DjangoTransaction(self.using)
@@ -133,9 +134,10 @@ class DjangoOutbox(Outbox):
         self, event_type: str, payload: Any, *, autocommit: bool = False, **options: Any
     ) -> int:
         """:meth:`publish` for async views, on Django's thread for the ORM
-        (``sync_to_async``): the atomic block must be open on that thread, so from an
-        async view either call it inside a function run by ``sync_to_async`` that opened
-        the block, or pass ``autocommit=True``."""
+        (``sync_to_async``). An async view has no atomic block open on that thread, so
+        pass ``autocommit=True`` (the event is written alone). To write the event with
+        ORM writes, put both in a plain function that opens ``transaction.atomic()`` and
+        calls :meth:`publish`, and run it with ``sync_to_async``."""
         call = functools.partial(self.publish, autocommit=autocommit, **options)
         return int(await sync_to_async(call)(event_type, payload))
 
