@@ -27,7 +27,9 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from django.db import DatabaseError as DjangoDatabaseError
+from django.db import (
+    Error as DjangoDatabaseError,
+)  # every DB-API error Django wraps (InterfaceError too)
 from django.db import connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from sqlalchemy import Connection, Engine, create_engine
