@@ -34,6 +34,7 @@ SLOW_LANE = [
     "tests/integration/test_ordering.py",
     "tests/integration/test_state_machine_model.py",
     "tests/integration/test_django_worker.py",
+    "tests/integration/test_engine.py",
 ]
 
 
