@@ -758,8 +758,9 @@ class Admin:
     def park(
         self, service: str, key: str, *, reason: str | None = None, actor: str | None = None
     ) -> bool:
-        """Hold every event of ``key`` (handled by no consumer) until :meth:`release`;
-        audited. False when it was parked already."""
+        """Hold every event of ``key`` (handled by no consumer from the next batch on; a
+        batch that locked its rows before the park committed finishes them) until
+        :meth:`release`; audited. False when it was parked already."""
         route = self._ordered(service)
         key = clean_key(key)
         audit = Audit(actor or os_user(), "park", {"key": key, "reason": reason})
