@@ -31,7 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SLOW_LANE = [
     "tests/faults",
-    "tests/integration/test_ordering.py",
     "tests/integration/test_state_machine_model.py",
     "tests/integration/test_django_worker.py",
     "tests/integration/test_engine.py",
