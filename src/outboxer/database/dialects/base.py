@@ -14,7 +14,18 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Engine, Insert, Row, Select, Table, create_engine, select, text, update
+from sqlalchemy import (
+    Engine,
+    Insert,
+    Row,
+    Select,
+    Table,
+    bindparam,
+    create_engine,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import ColumnElement, Executable
@@ -142,6 +153,20 @@ class Dialect:
         """``column`` is one of ``ids`` (the batch statements: marks, locks)."""
         return column.in_(list(ids))
 
+    def ids_param(self, column: ColumnElement[int], name: str) -> ColumnElement[bool]:
+        """``column`` is one of the ids given at execution as the parameter ``name``
+        (a list): :meth:`ids_in` for a statement built once and run many times."""
+        return column.in_(bindparam(name, expanding=True))
+
+    def value_by_id(
+        self, column: ColumnElement[int], ids: str, values: str, otherwise: ColumnElement[Any]
+    ) -> ColumnElement[Any] | None:
+        """The text at the position of ``column`` in the list parameter ``ids`` within
+        the list parameter ``values`` (a NULL there: ``otherwise``), in a statement
+        whose text does not depend on how many ids there are; None when the database
+        has no arrays (the caller writes a ``CASE`` for the batch at hand)."""
+        return None
+
     def lock_rows(
         self, stmt: Select[Any], *, skip_locked: bool = False, read: bool = False
     ) -> Select[Any]:
@@ -241,25 +266,36 @@ class Dialect:
         values: dict[str, Any],
         context: dict[str, Any],
         columns: Sequence[ColumnElement[Any]] | None = None,
+        *,
+        params: dict[str, Any] | None = None,
+        built: dict[str, Any] | None = None,
     ) -> Op[list[tuple[Row[Any], dict[str, Any]]]]:
         """Take up to ``limit`` rows matching ``cond`` (in ``order``) that no other
         claimer holds, set ``values`` on them, and return each row (its ``columns``,
         all by default) with the values it now has (the second item: overrides for
         that read).
 
+        ``params`` are the values of bind parameters in ``cond`` and ``values``.
+        ``built`` keeps the statements built for these arguments: a caller that
+        passes the same dict (and the same arguments) again runs them without
+        building them again (see :func:`~outboxer.database.ops.base.hot`).
+
         This default is one ``UPDATE ... WHERE id IN (SELECT ... LIMIT n [FOR UPDATE
         SKIP LOCKED]) RETURNING *`` (PostgreSQL, SQLite).
         """
-        pick = select_ids(table, cond, order, limit)
-        if self.skip_locked:
-            pick = pick.with_for_update(skip_locked=True)
-        stmt = (
-            update(table)
-            .where(table.c.id.in_(pick.scalar_subquery()))
-            .values(**values)
-            .returning(*(table.c if columns is None else columns))
-        )
-        result = yield Execute(stmt, what="claim", context=context)
+        built = {} if built is None else built
+        stmt = built.get("claim")
+        if stmt is None:
+            pick = select_ids(table, cond, order, limit)
+            if self.skip_locked:
+                pick = pick.with_for_update(skip_locked=True)
+            stmt = built["claim"] = (
+                update(table)
+                .where(table.c.id.in_(pick.scalar_subquery()))
+                .values(**values)
+                .returning(*(table.c if columns is None else columns))
+            )
+        result = yield Execute(stmt, params, what="claim", context=context)
         return [(row, {}) for row in result.all()]
 
     # ------------------------------------------------------------------ locks

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Insert, Row, Table, func, select, update
+from sqlalchemy import Insert, Row, Table, bindparam, func, select, update
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Executable
@@ -128,31 +128,45 @@ class MySQLDialect(Dialect):
         values: dict[str, Any],
         context: dict[str, Any],
         columns: Sequence[ColumnElement[Any]] | None = None,
+        *,
+        params: dict[str, Any] | None = None,
+        built: dict[str, Any] | None = None,
     ) -> Op[list[tuple[Row[Any], dict[str, Any]]]]:
         # Read the new values with the locked rows (the clock once), then write them.
         labels = {f"_new_{k}": k for k in values}
-        locked = (
-            select(
-                *(table.c if columns is None else columns),
-                *(values[k].label(label) for label, k in labels.items()),
+        built = {} if built is None else built
+        locked = built.get("claim")
+        if locked is None:
+            locked = built["claim"] = (
+                select(
+                    *(table.c if columns is None else columns),
+                    *(values[k].label(label) for label, k in labels.items()),
+                )
+                .where(cond)
+                .order_by(*order)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
             )
-            .where(cond)
-            .order_by(*order)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        result = yield Execute(locked, what="claim", context=context)
+            built["set"] = (
+                update(table)
+                .where(table.c.id.in_(bindparam("claimed_ids", expanding=True)))
+                .values(
+                    **{k: bindparam(label, type_=table.c[k].type) for label, k in labels.items()}
+                )
+            )
+        result = yield Execute(locked, params, what="claim", context=context)
         rows = result.all()
         if not rows:
             return []
         first = rows[0]._mapping
-        concrete = {k: first[label] for label, k in labels.items()}
+        concrete = {label: first[label] for label in labels}
         yield Execute(
-            update(table).where(table.c.id.in_([r.id for r in rows])).values(**concrete),
+            built["set"],
+            {"claimed_ids": [r.id for r in rows], **concrete},
             what="claim",
             context=context,
         )
-        return [(row, concrete) for row in rows]
+        return [(row, {k: concrete[label] for label, k in labels.items()}) for row in rows]
 
     def lock_statement(self, name: str) -> Executable | None:
         return select(func.get_lock(lock_name(name), 0))

@@ -8,16 +8,25 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
+    Float,
+    Integer,
     and_,
     bindparam,
     case,
     select,
     update,
 )
-from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql import ColumnElement, Executable
 
 from outboxer.database.instructions import Callback, Execute, Invoke, Op
-from outboxer.database.ops.base import OpContext, due_rows, only_id, row_message, truncate_error
+from outboxer.database.ops.base import (
+    OpContext,
+    due_rows,
+    hot,
+    only_id,
+    row_message,
+    truncate_error,
+)
 from outboxer.database.schema import (
     MAX_COORDINATES_CHARS,
     db_now,
@@ -87,7 +96,7 @@ def _claim(
     return sorted((row_message(row, **now) for row, now in claimed), key=lambda m: m.id)
 
 
-def _claim_values(lease: float | None) -> dict[str, Any]:
+def _claim_values(lease: float | ColumnElement[float] | None) -> dict[str, Any]:
     values: dict[str, Any] = {"updated_at": db_now()}
     if lease is not None:
         values["next_retry_at"] = db_now_plus(lease)
@@ -109,18 +118,27 @@ class Claimed(NamedTuple):
 
 
 def op_claim_to_send(c: OpContext, limit: int, lease: float) -> Op[list[Claimed]]:
-    """:func:`op_claim` returning only what the relay sends (no row objects)."""
+    """:func:`op_claim` returning only what the relay sends (no row objects); its
+    statements are built once per table and limit (:func:`hot`), the lease a parameter."""
     t = c.table
-    cols = (t.c.id, t.c.message_key, t.c.payload, t.c.retry_count, t.c.headers, t.c.updated_at)
     limit = limit if limit > 0 else DEFAULT_BATCH_SIZE
+    built = hot(c, ("claim to send", limit))
+    args = built.get("args")
+    if args is None:
+        cols = (t.c.id, t.c.message_key, t.c.payload, t.c.retry_count, t.c.headers, t.c.updated_at)
+        lease_param = bindparam("lease", type_=Float())
+        args = built["args"] = (due_rows(c, None), (t.c.next_retry_at, t.c.id), cols, lease_param)
+    cond, order, cols, lease_param = args
     claimed = yield from c.dialect.claim(
         t,
-        due_rows(c, None),
-        (t.c.next_retry_at, t.c.id),
+        cond,
+        order,
         limit,
-        _claim_values(lease),
+        _claim_values(lease_param),
         c.ctx(),
         cols,
+        params={"lease": float(lease)},
+        built=built,
     )
     rows = [
         Claimed(
@@ -147,7 +165,9 @@ def op_mark_published(
     """pending -> published; never overwrites consumed or dead.
 
     ``coordinates`` (outbox id -> where the broker put it) are written by the same
-    UPDATE, as a ``CASE`` on the id: lineage costs no statement.
+    UPDATE: lineage costs no statement. Where the database has arrays (PostgreSQL)
+    they are a parameter beside the ids and the statement is built once
+    (:func:`hot`); elsewhere they are a ``CASE`` on the id, built per batch.
 
     ``expect_retry_count`` (the relay passes the value it claimed) also skips rows
     that failed meanwhile, so a consumer's retry is never hidden by a late mark;
@@ -156,22 +176,67 @@ def op_mark_published(
     """
     if not ids:
         return 0
-    t = c.table
-    cond = and_(c.dialect.ids_in(t.c.id, ids), t.c.status.not_in(FINAL_STATUSES))
+    where = {oid: text[:MAX_COORDINATES_CHARS] for oid, text in (coordinates or {}).items() if text}
+    params: dict[str, Any] = {"mark_ids": list(ids)}
     if expect_retry_count is not None:
-        cond = and_(cond, t.c.retry_count == expect_retry_count)
+        params["mark_retry_count"] = expect_retry_count
     if expect_updated_at is not None:
-        cond = and_(cond, t.c.updated_at == expect_updated_at)
-    values: dict[str, Any] = {
+        params["mark_claimed_at"] = expect_updated_at
+    if where:
+        params["mark_coordinates"] = [where.get(oid) for oid in params["mark_ids"]]
+    built = hot(c, ("mark published", *sorted(params)))
+    stmt = built.get("statement")
+    if stmt is None:
+        stmt = None if built.get("cold") else _published_mark(c, params)
+        if stmt is None:  # no arrays: a CASE for this batch's coordinates
+            built["cold"] = True
+            return (yield from _mark_published_cold(c, ids, params, where))
+        built["statement"] = stmt
+    result = yield Execute(
+        stmt, params, what="mark published", context=c.ctx(outbox_id=only_id(ids))
+    )
+    return int(result.rowcount)
+
+
+def _published_mark(c: OpContext, params: Mapping[str, Any]) -> Executable | None:
+    """The published mark for these parameters, built to run again (None: the
+    coordinates need a CASE per batch on this database)."""
+    t = c.table
+    values = _published_values()
+    if "mark_coordinates" in params:
+        found = c.dialect.value_by_id(t.c.id, "mark_ids", "mark_coordinates", t.c.coordinates)
+        if found is None:
+            return None
+        values["coordinates"] = found
+    cond = and_(c.dialect.ids_param(t.c.id, "mark_ids"), t.c.status.not_in(FINAL_STATUSES))
+    if "mark_retry_count" in params:
+        cond = and_(cond, t.c.retry_count == bindparam("mark_retry_count", type_=Integer()))
+    if "mark_claimed_at" in params:
+        cond = and_(cond, t.c.updated_at == bindparam("mark_claimed_at", type_=t.c.updated_at.type))
+    return update(t).where(c.dialect.in_lock_order(t, cond)).values(**values)
+
+
+def _published_values() -> dict[str, Any]:
+    return {
         "status": Status.PUBLISHED.value,
         "published_at": db_now(),
         "last_error": None,
         "next_retry_at": None,
         "updated_at": db_now(),
     }
-    where = {oid: text[:MAX_COORDINATES_CHARS] for oid, text in (coordinates or {}).items() if text}
-    if where:
-        values["coordinates"] = case(where, value=t.c.id, else_=t.c.coordinates)
+
+
+def _mark_published_cold(
+    c: OpContext, ids: Sequence[int], params: Mapping[str, Any], where: Mapping[int, str]
+) -> Op[int]:
+    t = c.table
+    cond = and_(c.dialect.ids_in(t.c.id, ids), t.c.status.not_in(FINAL_STATUSES))
+    if "mark_retry_count" in params:
+        cond = and_(cond, t.c.retry_count == params["mark_retry_count"])
+    if "mark_claimed_at" in params:
+        cond = and_(cond, t.c.updated_at == params["mark_claimed_at"])
+    values = _published_values()
+    values["coordinates"] = case(dict(where), value=t.c.id, else_=t.c.coordinates)
     stmt = update(t).where(c.dialect.in_lock_order(t, cond)).values(**values)
     result = yield Execute(stmt, what="mark published", context=c.ctx(outbox_id=only_id(ids)))
     return int(result.rowcount)
