@@ -67,6 +67,8 @@ class Sizes:
     scale_workers: tuple[int, ...]
     cross_process_backends: tuple[str, ...]
     cross_process_kafka: bool
+    cross_rates: tuple[float, ...] = (20,)
+    """Rates (events/s) of the other-process latency layouts, one worker each."""
 
 
 FULL = Sizes(
@@ -86,6 +88,7 @@ FULL = Sizes(
     scale_workers=(1, 2, 4),
     cross_process_backends=("postgresql", "mariadb", "sqlite"),
     cross_process_kafka=True,
+    cross_rates=(20, 200, 1000),
 )
 QUICK = Sizes(
     mode="quick",
@@ -104,6 +107,7 @@ QUICK = Sizes(
     scale_workers=(1, 2, 4),
     cross_process_backends=("postgresql",),
     cross_process_kafka=False,
+    cross_rates=(20, 200),
 )
 TINY = Sizes(
     mode="tiny",
