@@ -18,7 +18,7 @@ from sqlalchemy import (
 )
 
 from outboxer.database.instructions import Execute, Op
-from outboxer.database.ops.base import OpContext, Outcome, only_id
+from outboxer.database.ops.base import OpContext, Outcome, hot, only_id
 from outboxer.database.ops.transitions import op_mark_failed
 from outboxer.database.schema import (
     db_now,
@@ -61,13 +61,27 @@ class Started:
 def op_mark_clean(c: OpContext, ids: Sequence[int], mark: int) -> Op[list[int] | None]:
     """The fast path of :func:`op_start`, for one autocommit statement where the
     dialect has one (:meth:`Dialect.mark_clean`): mark the rows of ``ids`` that are
-    pending or published and carry no mark; returns their ids (None: no fast path)."""
-    t = c.table
-    cond = and_(c.dialect.ids_in(t.c.id, ids), t.c.status.not_in(FINAL_STATUSES), t.c.handling == 0)
-    stmt = c.dialect.mark_clean(t, cond, {"handling": mark})
+    pending or published and carry no mark; returns their ids (None: no fast path).
+    Built once per table and mark (:func:`hot`), the ids a parameter."""
+    built = hot(c, ("mark handling", mark))
+    stmt = built.get("statement")
     if stmt is None:
-        return None
-    result = yield Execute(stmt, what="mark handling", context=c.ctx(outbox_id=only_id(ids)))
+        if built.get("none"):
+            return None
+        t = c.table
+        cond = and_(
+            c.dialect.ids_param(t.c.id, "clean_ids"),
+            t.c.status.not_in(FINAL_STATUSES),
+            t.c.handling == 0,
+        )
+        stmt = c.dialect.mark_clean(t, cond, {"handling": mark})
+        if stmt is None:
+            built["none"] = True
+            return None
+        built["statement"] = stmt
+    result = yield Execute(
+        stmt, {"clean_ids": list(ids)}, what="mark handling", context=c.ctx(outbox_id=only_id(ids))
+    )
     return [int(r.id) for r in result.all()]
 
 
