@@ -17,6 +17,12 @@ Contenders, interleaved round by round:
   ``ordered=True`` (a key's events in publish order across failures); the backlog has
   64 keys. Its ratio to the unordered run is the cost of ordering.
 - **outboxer (nats)**: the same with the NATS JetStream transport.
+- **same work, raw claim (reference)**: what one worker could do with the same handler
+  code: the claim and the consumed mark as SQL on psycopg (the relay's claim
+  statement, in autocommit), and per batch one SQLAlchemy ``Session`` transaction
+  that decodes each event's payload, runs the handler's INSERT and marks the batch
+  consumed; at batch 100 and at batch 1000. outboxer (local, also at batch 1000) is
+  compared with it each at its best, round by round.
 - **procrastinate** (its own database): the same number of jobs deferred in one
   batch (untimed), then ``run_worker_async(concurrency=20, wait=False)`` timed until
   it returns with the queue empty; its task inserts the same row. Its task's insert
@@ -27,12 +33,14 @@ Contenders, interleaved round by round:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy import Engine, create_engine, insert, select, text
+from sqlalchemy.orm import Session
 
 from bench.core import (
     EVENT,
@@ -57,6 +65,11 @@ from outboxer import Outbox, Status
 from outboxer.testing import fill_due
 
 LOCAL = "outboxer (local)"
+LOCAL_BIG = "outboxer (local), batch 1000"
+CEILING = "same work, raw claim (reference)"
+CEILING_BIG = "same work, raw claim (reference), batch 1000"
+BIG_BATCH = 1_000
+WORKER_TARGET = 0.90
 BATCH = "outboxer (local, batch handler)"
 ORDERED = "outboxer (local, ordered=True)"
 KAFKA = "outboxer (kafka)"
@@ -80,12 +93,19 @@ class _Engine:
     """One outboxer contender: its outbox, service, effects table and running worker."""
 
     def __init__(
-        self, url: str, transport: str, *, batch: bool = False, ordered: bool = False
+        self,
+        url: str,
+        transport: str,
+        *,
+        batch: bool = False,
+        ordered: bool = False,
+        batch_size: int | None = None,
     ) -> None:
         self.service = unique("e")
         self.effects = f"{self.service}_effects"
+        values = {} if batch_size is None else {"batch_size": batch_size}
         self.outbox = Outbox(
-            url, transport=transport, topic_prefix=unique("bench"), settings=settings()
+            url, transport=transport, topic_prefix=unique("bench"), settings=settings(**values)
         )
         if ordered:
             self.outbox.register_service(self.service, ordered=True)
@@ -144,6 +164,78 @@ class _Engine:
         finally:
             self.app_engine.dispose()
             self.outbox.close()
+
+
+# ---------------------------------------------------------------------------- the reference
+
+CLAIM_SQL = """
+UPDATE {table} SET next_retry_at = statement_timestamp() + make_interval(secs => %(lease)s),
+                   updated_at = statement_timestamp()
+ WHERE id IN (SELECT id FROM {table}
+               WHERE status = 'pending' AND next_retry_at IS NOT NULL
+                 AND next_retry_at <= statement_timestamp()
+               ORDER BY next_retry_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING id, payload
+"""
+CONSUMED_SQL = """
+UPDATE {table} SET status = 'consumed', consumed_at = statement_timestamp(),
+                   last_error = NULL, next_retry_at = NULL,
+                   updated_at = statement_timestamp(), handling = 0
+ WHERE id = ANY(:ids)
+"""
+
+
+class _Reference:
+    """The same work without outboxer's loops: raw claim, one Session per batch."""
+
+    def __init__(self, url: str, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.service = unique("c")
+        self.effects = effects_table(f"{self.service}_effects")
+        self.outbox = Outbox(url, transport="local", settings=settings())
+        self.outbox.register_event(EVENT, self.service)
+        self.outbox.migrate()
+        self.engine = create_engine(url)
+        self.effects.create(self.engine)
+        self.conninfo = pg_conninfo(url)
+
+    def run(self, n: int, section: Section, run_name: str) -> float:
+        import psycopg  # noqa: PLC0415 - PostgreSQL only
+        from psycopg import sql  # noqa: PLC0415
+
+        table = self.outbox.table_for(self.service)
+        _truncate(self.engine, table.name, self.effects.name)
+        fill_due(self.outbox, self.service, n, event_type=EVENT)
+        claim = sql.SQL(CLAIM_SQL).format(table=sql.Identifier(table.name))
+        quoted = self.engine.dialect.identifier_preparer.quote(table.name)
+        consumed = text(CONSUMED_SQL.format(table=quoted))
+        effects, pid = self.effects, os.getpid()
+        lease = self.outbox.settings.lease
+        start = time.perf_counter()
+        with psycopg.connect(self.conninfo, autocommit=True) as raw, Session(self.engine) as tx:
+            while True:
+                rows = raw.execute(claim, {"lease": lease, "limit": self.batch_size}).fetchall()
+                if not rows:
+                    break
+                with tx.begin():
+                    for oid, payload in rows:
+                        json.loads(payload)  # the event, as a handler receives it
+                        started = time.time()
+                        tx.execute(
+                            insert(effects).values(outbox_id=oid, started_at=started, worker=pid)
+                        )
+                    tx.execute(consumed, {"ids": [r[0] for r in rows]})
+        took = time.perf_counter() - start
+        with self.engine.connect() as conn:
+            ids = list(conn.execute(select(table.c.id)).scalars())
+            counts = count_by_id(conn, effects, 0, 2**62)
+        ok, detail = exactly_once(counts, ids)
+        section.check(f"{run_name}: every event handled once", ok and len(ids) == n, detail)
+        return n / took
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self.outbox.close()
 
 
 # ---------------------------------------------------------------------------- procrastinate
@@ -234,11 +326,15 @@ def run(bench: Bench) -> Section:
         section.skip("e2e", "psycopg is not installed (pip install '.[postgres]')")
         return section
     engines: dict[str, _Engine] = {}
+    references: dict[str, _Reference] = {}
     proc: _Procrastinate | None = None
     statements: dict[str, list[float]] = {}
     with bench.database("postgresql") as url, bench.database("postgresql") as proc_url:
         try:
             engines[LOCAL] = _Engine(url, "local")
+            engines[LOCAL_BIG] = _Engine(url, "local", batch_size=BIG_BATCH)
+            references[CEILING] = _Reference(url, 100)
+            references[CEILING_BIG] = _Reference(url, BIG_BATCH)
             engines[BATCH] = _Engine(url, "local", batch=True)
             engines[ORDERED] = _Engine(url, "local", ordered=True)
             broker = bench.kafka()
@@ -264,11 +360,12 @@ def run(bench: Bench) -> Section:
                 )
             for e in engines.values():
                 e.warm_up()
-            names = [*engines, *([PROCRASTINATE] if proc else [])]
+            names = [*engines, *references, *([PROCRASTINATE] if proc else [])]
             for name in names:
                 size = n_proc if name == PROCRASTINATE else n
                 note = f"version {proc.version}" if name == PROCRASTINATE and proc else ""
-                section.add(name, "events/s", size, note, reference=name == PROCRASTINATE)
+                reference = name in (PROCRASTINATE, CEILING, CEILING_BIG)
+                section.add(name, "events/s", size, note, reference=reference)
             say(f"  e2e: {n:,} events per outboxer run, {n_proc:,} jobs per procrastinate run")
             plan = [(-1, name) for name in names] + list(interleave(bench.rounds, names))
             for r, name in plan:
@@ -279,6 +376,8 @@ def run(bench: Bench) -> Section:
                         rate: float | None = proc.run(
                             min(n_proc, 20) if r < 0 else n_proc, section, run_name
                         )
+                    elif name in references:
+                        rate = references[name].run(min(n, 100) if r < 0 else n, section, run_name)
                     else:
                         got = engines[name].run(min(n, 100) if r < 0 else n, section, run_name)
                         rate = None
@@ -296,6 +395,8 @@ def run(bench: Bench) -> Section:
             section.extra["batches"] = {name: batch_times(e.worker) for name, e in engines.items()}
             for e in engines.values():
                 e.close()
+            for ref in references.values():
+                ref.close()
             if proc is not None:
                 proc.close()
     section.extra["statements_per_event"] = {k: median(v) for k, v in statements.items()}
@@ -317,6 +418,25 @@ def _targets(section: Section) -> None:
     section.ratios["outboxer redis / outboxer kafka"] = rratio
     bratio = [a / b for a, b in zip(samples(BATCH), samples(PROCRASTINATE), strict=False) if b]
     section.ratios["outboxer local, batch handler / procrastinate"] = bratio
+
+    def best(a: str, b: str) -> list[float]:
+        return [max(x, y) for x, y in zip(samples(a), samples(b), strict=False)]
+
+    worker, reference = best(LOCAL, LOCAL_BIG), best(CEILING, CEILING_BIG)
+    wratio = [a / b for a, b in zip(worker, reference, strict=False) if b]
+    section.ratios["outboxer local / same work with a raw claim (each at its best batch)"] = wratio
+    mw = median(wratio)
+    section.targets.append(
+        Target(
+            "one worker, local transport, handler inserts a row, vs the same handler with a "
+            "raw claim (each at its best of batch 100 and 1000)",
+            spread(worker),
+            f"raw claim {spread(reference)}",
+            spread(wratio, "{:.2f}"),
+            f">= {WORKER_TARGET:.2f}",
+            None if mw is None else mw >= WORKER_TARGET,
+        )
+    )
     m = median(ratio)
     section.targets.append(
         Target(

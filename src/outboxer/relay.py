@@ -48,6 +48,18 @@ COMMIT_RECHECK = 0.002
 """A Connection's commit hook fires just before COMMIT: after a wake-up that found
 nothing, look again this soon (then 2x, 4x, ...) instead of waiting a whole poll."""
 
+STAY_FAST = 1.0
+"""Without notifications (MariaDB, SQLite, ``notify = false``), polls stay at
+``poll_interval_min`` this many seconds after the last poll that found rows before
+the wait starts doubling: a steady trickle of events (a few a second or more) is
+found within ``poll_interval_min``, not after a poll that backed off meanwhile."""
+
+COALESCE_WAIT = 0.1
+"""After a wake-up while a batch smaller than ``batch_size`` is in flight, wait for
+it (at most this long) before claiming again: what arrived meanwhile then goes out
+as one batch instead of queueing behind it as many small ones. A full batch (a
+backlog) never waits: the pipeline keeps ``relay_pipeline`` batches in flight."""
+
 
 @dataclass(slots=True)
 class _Batch:
@@ -434,8 +446,16 @@ class Relay:
                 )
                 self.hooks.loop_error(service, "relay", exc)
 
+        partial: set[asyncio.Task[None]] = set()  # in flight, smaller than batch_size
+        loop = asyncio.get_running_loop()
+        stay_fast = not self.store.notifies
+        last_found = -STAY_FAST
         try:
             while not stopping.is_set():
+                if partial:
+                    # Let the small batch in flight finish first: what came since
+                    # then leaves as one batch.
+                    await asyncio.wait(set(partial), timeout=COALESCE_WAIT)
                 await slots.acquire()
                 try:
                     batch = await self._claim()
@@ -450,6 +470,9 @@ class Relay:
                     task = asyncio.create_task(self._deliver(batch))
                     in_flight.add(task)
                     task.add_done_callback(finished)
+                    if batch.claimed < self.settings.batch_size:
+                        partial.add(task)
+                        task.add_done_callback(partial.discard)
                 else:
                     slots.release()
                 if self.outage_since is not None:
@@ -463,10 +486,14 @@ class Relay:
                     break
                 # Adaptive polling: soon after work was found, slower while idle, up to
                 # poll_interval (the latency of databases without notifications).
+                now = loop.time()
                 if claimed:
+                    last_found = now
                     poll = min(self.settings.poll_interval_min, top)
                 elif woken:
                     poll = min(COMMIT_RECHECK, top)  # woken a moment before the COMMIT
+                elif stay_fast and now - last_found < STAY_FAST:
+                    poll = min(self.settings.poll_interval_min, top)
                 else:
                     poll = min(poll * 2, top)
                 woken = await self._wait_for_work(stopping, poll)

@@ -195,6 +195,13 @@ class Store:
         return self._ctx.dialect
 
     @property
+    def notifies(self) -> bool:
+        """Whether inserts into this table notify waiting relays (PostgreSQL NOTIFY,
+        unless ``notify`` is off): without it, relays in other processes find new
+        rows by polling."""
+        return self._ctx.channel is not None
+
+    @property
     def _single_claim(self) -> bool:
         return self._storage.database.dialect.single_statement_claim
 
