@@ -13,6 +13,14 @@ process, the worker runs elsewhere):
 - **ten events, publish x10** / **ten events, publish_many**: an order with ten
   events, published one call each, and (when the outbox has it) in one
   ``publish_many`` call; reported in events/s.
+
+And what one publish adds to a transaction, against the raw driver doing the same:
+``synchronous_commit`` off on the connection (the disk's noise out), the median
+duration of a transaction without publish, with ``Outbox.publish``, and with the
+same row written by hand: the very SQL ``publish`` sends (its INSERT and
+``pg_notify``, captured once) run with ``Connection.exec_driver_sql``, the envelope
+built by ``json.dumps`` (the same keys and separators), its id read back. Also the
+median of the call alone.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ TEN = "business tx + 10 events (publish x10)"
 MANY = "business tx + 10 events (publish_many)"
 
 TARGET = 0.90
+ADDED_TARGET = 1.10
 
 
 def run(bench: Bench) -> Section:
@@ -133,11 +142,81 @@ def run(bench: Bench) -> Section:
                     rate *= 1 if events <= 1 else events
                     section.series[name].samples.append(rate)
                     say(f"    {run_name}: {rate:,.0f} {section.series[name].unit}")
+            added: dict[str, list[tuple[float, float]]] = {}
+            for r in range(bench.rounds):
+                try:
+                    for name, pair in _added(engine, outbox, orders, table, k).items():
+                        added.setdefault(name, []).append(pair)
+                except Exception as exc:
+                    section.failed(f"added cost, round {r + 1}", exc)
+            section.extra["added_us"] = {
+                name: [[1e6 * a, 1e6 * b] for a, b in pairs] for name, pairs in added.items()
+            }
+            _added_targets(section, added)
         finally:
             engine.dispose()
             outbox.close()
     _targets(section)
     return section
+
+
+def _added(
+    engine: Engine, outbox: Outbox, orders: Table, table: Table, count: int
+) -> dict[str, tuple[float, float]]:
+    """Median seconds of a whole transaction and of the publishing call alone, for
+    no publish, ``Outbox.publish`` and the same row written with the raw driver."""
+    import json  # noqa: PLC0415
+
+    from sqlalchemy import event as sa_event  # noqa: PLC0415
+
+    captured: dict[str, Any] = {}
+
+    def grab(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        if "sql" not in captured and statement.lstrip().startswith(("INSERT", "WITH")):
+            captured["sql"], captured["params"] = statement, dict(params)
+
+    sa_event.listen(engine, "before_cursor_execute", grab)
+    try:
+        with engine.begin() as conn:
+            outbox.publish(conn, EVENT, {"order": -1}, key="order--1")
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", grab)
+    sql, template = captured["sql"], captured["params"]
+    envelope = json.loads(template["payload"])
+
+    def raw(conn: Connection, i: int) -> None:
+        params = dict(template)
+        params["payload"] = json.dumps(
+            {**envelope, "aggregate_id": f"order-{i}", "payload": {"order": i}},
+            separators=(",", ":"),
+        )
+        params["message_key"] = f"order-{i}"
+        conn.exec_driver_sql(sql, params).scalar()
+
+    def with_publish(conn: Connection, i: int) -> None:
+        outbox.publish(conn, EVENT, {"order": i}, key=f"order-{i}")
+
+    out: dict[str, tuple[float, float]] = {}
+    for name, call in (("without", None), ("publish", with_publish), ("raw", raw)):
+        with engine.begin() as conn:
+            conn.execute(orders.delete())
+            conn.execute(table.delete())
+        whole: list[float] = []
+        alone: list[float] = []
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SET synchronous_commit TO OFF")
+            conn.commit()
+            for i in range(count):
+                began = time.perf_counter()
+                with conn.begin():
+                    conn.execute(insert(orders).values(n=i))
+                    if call is not None:
+                        t = time.perf_counter()
+                        call(conn, i)
+                        alone.append(time.perf_counter() - t)
+                whole.append(time.perf_counter() - began)
+        out[name] = (median(whole) or 0.0, median(alone) or 0.0)
+    return out
 
 
 def _publish_many(outbox: Outbox, engine: Engine) -> Callable[[Connection, list[Any]], Any] | None:
@@ -177,6 +256,38 @@ def _check(
         n_events = conn.execute(select(func.count()).select_from(table)).scalar_one()
     ok = n_orders == count and n_events == events
     return ok, f"orders {n_orders} of {count}, events {n_events} of {events}"
+
+
+def _added_targets(section: Section, added: dict[str, list[tuple[float, float]]]) -> None:
+    """What publish adds to a transaction over what the raw driver's same row adds."""
+    if not all(name in added for name in ("without", "publish", "raw")):
+        return
+    rounds = zip(added["without"], added["publish"], added["raw"], strict=False)
+    tx_ratio: list[float] = []
+    call_ratio: list[float] = []
+    ours: list[float] = []
+    theirs: list[float] = []
+    for (w, _), (p, pc), (r, rc) in rounds:
+        if r - w > 0:
+            tx_ratio.append((p - w) / (r - w))
+        if rc > 0:
+            call_ratio.append(pc / rc)
+        ours.append(1e6 * (p - w))
+        theirs.append(1e6 * (r - w))
+    section.ratios["publish adds / raw driver adds (per transaction)"] = tx_ratio
+    section.ratios["publish call / raw driver call"] = call_ratio
+    m = median(tx_ratio)
+    section.targets.append(
+        Target(
+            "what one publish adds to a transaction (median us, synchronous_commit off), "
+            "vs the same row by the raw driver",
+            spread(ours, "{:.0f} us"),
+            f"raw {spread(theirs, '{:.0f} us')}; the call alone {spread(call_ratio, '{:.2f}x')}",
+            spread(tx_ratio, "{:.2f}x"),
+            f"<= {ADDED_TARGET:.2f}x",
+            None if m is None else m <= ADDED_TARGET,
+        )
+    )
 
 
 def _targets(section: Section) -> None:

@@ -13,6 +13,7 @@ there is no module-level state.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -113,6 +114,13 @@ def validate_event_type(event_type: object) -> str:
             f"event type must be a string, got {type(event_type).__name__}",
             event_type=event_type,
         )
+    return _checked_event_type(event_type)
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_event_type(event_type: str) -> str:
+    """:func:`validate_event_type` of a string, remembered (an app has few types and
+    publishes them many times; a rejected one raises and is not remembered)."""
     stripped = event_type.strip()
     if not stripped:
         raise InvalidEventError("event type is empty", event_type=event_type)

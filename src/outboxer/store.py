@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -119,14 +119,22 @@ class Storage:
     scheduled_blocks: bool = False
     """Ordered services: a scheduled event not yet due holds back the later events
     of its key."""
+    _contexts: dict[tuple[ServiceRoute, str], OpContext] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def op_context(self, route: ServiceRoute, tx: Any = None) -> OpContext:
         """The context the ops need for ``route``, on outboxer's engines or on the
-        caller's transaction ``tx``."""
+        caller's transaction ``tx`` (one object per route and database, kept: a
+        publish builds none)."""
         dialect = self.database.dialect if tx is None else self.connector.dialect_of(tx)
+        key = (route, dialect.family)
+        found = self._contexts.get(key)
+        if found is not None:
+            return found
         table = self.tables.table(route)
         channel = dialect.notify_channel(table.name) if self.notify and not route.inbox else None
-        return OpContext(
+        made = OpContext(
             table,
             route,
             dialect,
@@ -137,6 +145,8 @@ class Storage:
             self.tables.audit,
             self.tables.parked,
         )
+        self._contexts[key] = made
+        return made
 
     def store(self, route: ServiceRoute, tx: SyncTx | AsyncTx | None = None) -> Store:
         return Store(self, route, tx)

@@ -84,7 +84,10 @@ def op_insert(c: OpContext, values: dict[str, Any]) -> Op[int]:
         # every bound column needs a value here
         params = {"headers": None, "event_id": None, **values}
         result = yield Execute(stmt, params, what="insert", context=ctx)
-        return int(result.scalar_one())
+        new_id = result.scalar()  # one row: the INSERT's id (scalar_one costs more)
+        if new_id is None:
+            raise StoreError("the INSERT returned no id", **ctx)
+        return int(new_id)
     result = yield Execute(_new_rows(c.table), values, what="insert", context=ctx)
     return int(result.inserted_primary_key[0])
 
