@@ -37,7 +37,7 @@ from outboxer.hooks import Observer
 from outboxer.logs import log_dead
 from outboxer.models import Status, parse_headers
 from outboxer.routing import ServiceRoute
-from outboxer.settings import OutboxSettings
+from outboxer.settings import DEFAULT_POLL_INTERVAL, POLLED_POLL_INTERVAL, OutboxSettings
 from outboxer.store import Store
 from outboxer.transports.base import Delivery, OutgoingMessage, Transport
 from outboxer.wake import Waker
@@ -430,7 +430,9 @@ class Relay:
         slots = asyncio.Semaphore(self.pipeline_depth)
         in_flight: set[asyncio.Task[None]] = set()
         woken = False
-        top = self.settings.poll_interval
+        top = self.settings.poll_interval or (
+            DEFAULT_POLL_INTERVAL if self.store.notifies else POLLED_POLL_INTERVAL
+        )
         poll = top
 
         def finished(task: asyncio.Task[None]) -> None:

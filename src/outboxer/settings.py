@@ -73,6 +73,10 @@ DEFAULT_URL = "sqlite:///outboxer.db"
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_RELAY_PIPELINE = 4
 DEFAULT_POLL_INTERVAL = 1.0
+POLLED_POLL_INTERVAL = 0.1
+"""``poll_interval`` by default where no notification wakes relays across processes
+(MariaDB, SQLite, ``notify = false``): the first event after an idle spell waits at
+most this long, for about ten cheap empty claims a second per service and worker."""
 DEFAULT_LEASE = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_DATABASE_TIMEOUT = 60.0
@@ -251,8 +255,10 @@ class OutboxSettings(BaseSettings):
     relay_pipeline: int = Field(default=DEFAULT_RELAY_PIPELINE, ge=1, le=64)
     """Batches a relay may have in flight: it claims and sends the next batch while
     the broker acknowledges the previous ones."""
-    poll_interval: float = Field(default=DEFAULT_POLL_INTERVAL, gt=0)
-    """Longest wait between relay polls when nothing wakes the relay."""
+    poll_interval: float | None = Field(default=None, gt=0)
+    """Longest wait between relay polls when nothing wakes the relay. Unset: 1 s where
+    publishes in other processes wake relays (PostgreSQL with ``notify``), 0.1 s where
+    polling is how relays find them (MariaDB, SQLite, ``notify = false``)."""
     poll_interval_min: float = Field(default=0.01, gt=0)
     """Poll this soon after a poll that found rows; the wait doubles while polls find
     nothing, up to ``poll_interval``."""
