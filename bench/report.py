@@ -258,6 +258,8 @@ def _section_md(section: Section, plots: dict[str, str]) -> list[str]:
     out += [f"- {c.name}: {c.detail}" for c in failed]
     if section.key in plots:
         out += ["", f"![{section.title}]({plots[section.key]})"]
+    if f"{section.key}_rate" in plots:
+        out += ["", f"![{section.title} versus rate]({plots[section.key + '_rate']})"]
     load = extra.get("load")
     busy = f", load average {load:.1f} on {os.cpu_count()} cores at its end" if load else ""
     out += ["", f"({section.seconds:.0f} s{busy})", ""]
@@ -390,6 +392,32 @@ def plots(sections: list[Section], out: Path) -> tuple[dict[str, str], str | Non
         fig.savefig(out / "latency.png", dpi=110)
         plt.close(fig)
         made["latency"] = "latency.png"
+        by_rate = _latency_by_rate(dist)
+        if by_rate:
+            fig, ax = plt.subplots(figsize=(9, 4))
+            for backend, color in zip(
+                by_rate, ("tab:blue", "tab:orange", "tab:green"), strict=False
+            ):
+                points = sorted(by_rate[backend])
+                rates = [r for r, _, _ in points]
+                ax.plot(
+                    rates, [p50 for _, p50, _ in points], "o-", color=color, label=f"{backend} p50"
+                )
+                ax.plot(
+                    rates, [p99 for _, _, p99 in points], "s--", color=color, label=f"{backend} p99"
+                )
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("events/s published from another process")
+            ax.set_ylabel("commit -> handler start, ms")
+            ax.legend(fontsize=8)
+            ax.set_title(
+                "Latency versus rate (one worker process, in-process transport)", fontsize=10
+            )
+            fig.tight_layout()
+            fig.savefig(out / "latency_rate.png", dpi=110)
+            plt.close(fig)
+            made["latency_rate"] = "latency_rate.png"
     memory = by_key.get("memory")
     rss = memory.extra.get("rss") if memory else None
     if rss:
@@ -405,6 +433,17 @@ def plots(sections: list[Section], out: Path) -> tuple[dict[str, str], str | Non
         plt.close(fig)
         made["memory"] = "memory.png"
     return made, None
+
+
+def _latency_by_rate(dist: dict[str, Any]) -> dict[str, list[tuple[float, float, float]]]:
+    """The other-process layouts of the in-process transport as {backend: [(rate, p50,
+    p99)]} (their names: ``other process, <backend>, local, <rate>/s``)."""
+    out: dict[str, list[tuple[float, float, float]]] = {}
+    for name, d in dist.items():
+        parts = [p.strip() for p in name.split(",")]
+        if len(parts) == 4 and parts[0] == "other process" and parts[2] == "local":
+            out.setdefault(parts[1], []).append((float(d["rate"]), d["p50"], d["p99"]))
+    return {k: v for k, v in out.items() if len(v) > 1}
 
 
 # ---------------------------------------------------------------------------- writing
