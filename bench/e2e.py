@@ -59,7 +59,7 @@ from bench.core import (
     spread,
     unique,
 )
-from bench.relay import StatementCounter, batch_times
+from bench.relay import CLAIM_SQL, StatementCounter, batch_times
 from bench.workers import InProcessWorker, effect_handler, publish_one
 from outboxer import Outbox, Status
 from outboxer.testing import fill_due
@@ -168,15 +168,6 @@ class _Engine:
 
 # ---------------------------------------------------------------------------- the reference
 
-CLAIM_SQL = """
-UPDATE {table} SET next_retry_at = statement_timestamp() + make_interval(secs => %(lease)s),
-                   updated_at = statement_timestamp()
- WHERE id IN (SELECT id FROM {table}
-               WHERE status = 'pending' AND next_retry_at IS NOT NULL
-                 AND next_retry_at <= statement_timestamp()
-               ORDER BY next_retry_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
-RETURNING id, payload
-"""
 CONSUMED_SQL = """
 UPDATE {table} SET status = 'consumed', consumed_at = statement_timestamp(),
                    last_error = NULL, next_retry_at = NULL,
@@ -206,7 +197,9 @@ class _Reference:
         table = self.outbox.table_for(self.service)
         _truncate(self.engine, table.name, self.effects.name)
         fill_due(self.outbox, self.service, n, event_type=EVENT)
-        claim = sql.SQL(CLAIM_SQL).format(table=sql.Identifier(table.name))
+        claim = sql.SQL(CLAIM_SQL).format(
+            table=sql.Identifier(table.name), returning=sql.SQL("id, payload")
+        )
         quoted = self.engine.dialect.identifier_preparer.quote(table.name)
         consumed = text(CONSUMED_SQL.format(table=quoted))
         effects, pid = self.effects, os.getpid()

@@ -80,7 +80,7 @@ UPDATE {table} SET next_retry_at = statement_timestamp() + make_interval(secs =>
                WHERE status = 'pending' AND next_retry_at IS NOT NULL
                  AND next_retry_at <= statement_timestamp()
                ORDER BY next_retry_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
-RETURNING *
+RETURNING {returning}
 """
 MARK_SQL = """
 UPDATE {table} SET status = 'published', published_at = statement_timestamp(),
@@ -149,7 +149,7 @@ def _ceiling_run(c: _Contender) -> None:
     from psycopg import sql  # noqa: PLC0415
 
     table = sql.Identifier(c.outbox.table_for(c.service).name)
-    claim = sql.SQL(CLAIM_SQL).format(table=table)
+    claim = sql.SQL(CLAIM_SQL).format(table=table, returning=sql.SQL("*"))
     mark = sql.SQL(MARK_SQL).format(table=table)
     lease = c.outbox.settings.lease
     with psycopg.connect(pg_conninfo(c.outbox.db.safe_url)) as conn:

@@ -126,15 +126,15 @@ def op_claim_to_send(c: OpContext, limit: int, lease: float) -> Op[list[Claimed]
     args = built.get("args")
     if args is None:
         cols = (t.c.id, t.c.message_key, t.c.payload, t.c.retry_count, t.c.headers, t.c.updated_at)
-        lease_param = bindparam("lease", type_=Float())
-        args = built["args"] = (due_rows(c, None), (t.c.next_retry_at, t.c.id), cols, lease_param)
-    cond, order, cols, lease_param = args
+        values = _claim_values(bindparam("lease", type_=Float()))
+        args = built["args"] = (due_rows(c, None), (t.c.next_retry_at, t.c.id), cols, values)
+    cond, order, cols, values = args
     claimed = yield from c.dialect.claim(
         t,
         cond,
         order,
         limit,
-        _claim_values(lease_param),
+        values,
         c.ctx(),
         cols,
         params={"lease": float(lease)},
@@ -187,59 +187,43 @@ def op_mark_published(
     built = hot(c, ("mark published", *sorted(params)))
     stmt = built.get("statement")
     if stmt is None:
-        stmt = None if built.get("cold") else _published_mark(c, params)
-        if stmt is None:  # no arrays: a CASE for this batch's coordinates
-            built["cold"] = True
-            return (yield from _mark_published_cold(c, ids, params, where))
-        built["statement"] = stmt
+        t = c.table
+        found = None
+        if where:
+            found = c.dialect.value_by_id(t.c.id, "mark_ids", "mark_coordinates", t.c.coordinates)
+        if where and found is None:
+            # No arrays: a CASE for this batch's coordinates, built for this call only.
+            del params["mark_coordinates"]
+            stmt = _published_mark(c, params, case(where, value=t.c.id, else_=t.c.coordinates))
+        else:
+            stmt = built["statement"] = _published_mark(c, params, found)
     result = yield Execute(
         stmt, params, what="mark published", context=c.ctx(outbox_id=only_id(ids))
     )
     return int(result.rowcount)
 
 
-def _published_mark(c: OpContext, params: Mapping[str, Any]) -> Executable | None:
-    """The published mark for these parameters, built to run again (None: the
-    coordinates need a CASE per batch on this database)."""
+def _published_mark(
+    c: OpContext, params: Mapping[str, Any], coordinates: ColumnElement[Any] | None
+) -> Executable:
+    """The published mark for the guards in ``params`` (their values bound at
+    execution), writing ``coordinates`` when given."""
     t = c.table
-    values = _published_values()
-    if "mark_coordinates" in params:
-        found = c.dialect.value_by_id(t.c.id, "mark_ids", "mark_coordinates", t.c.coordinates)
-        if found is None:
-            return None
-        values["coordinates"] = found
-    cond = and_(c.dialect.ids_param(t.c.id, "mark_ids"), t.c.status.not_in(FINAL_STATUSES))
-    if "mark_retry_count" in params:
-        cond = and_(cond, t.c.retry_count == bindparam("mark_retry_count", type_=Integer()))
-    if "mark_claimed_at" in params:
-        cond = and_(cond, t.c.updated_at == bindparam("mark_claimed_at", type_=t.c.updated_at.type))
-    return update(t).where(c.dialect.in_lock_order(t, cond)).values(**values)
-
-
-def _published_values() -> dict[str, Any]:
-    return {
+    values: dict[str, Any] = {
         "status": Status.PUBLISHED.value,
         "published_at": db_now(),
         "last_error": None,
         "next_retry_at": None,
         "updated_at": db_now(),
     }
-
-
-def _mark_published_cold(
-    c: OpContext, ids: Sequence[int], params: Mapping[str, Any], where: Mapping[int, str]
-) -> Op[int]:
-    t = c.table
-    cond = and_(c.dialect.ids_in(t.c.id, ids), t.c.status.not_in(FINAL_STATUSES))
+    if coordinates is not None:
+        values["coordinates"] = coordinates
+    cond = and_(c.dialect.ids_param(t.c.id, "mark_ids"), t.c.status.not_in(FINAL_STATUSES))
     if "mark_retry_count" in params:
-        cond = and_(cond, t.c.retry_count == params["mark_retry_count"])
+        cond = and_(cond, t.c.retry_count == bindparam("mark_retry_count", type_=Integer()))
     if "mark_claimed_at" in params:
-        cond = and_(cond, t.c.updated_at == params["mark_claimed_at"])
-    values = _published_values()
-    values["coordinates"] = case(dict(where), value=t.c.id, else_=t.c.coordinates)
-    stmt = update(t).where(c.dialect.in_lock_order(t, cond)).values(**values)
-    result = yield Execute(stmt, what="mark published", context=c.ctx(outbox_id=only_id(ids)))
-    return int(result.rowcount)
+        cond = and_(cond, t.c.updated_at == bindparam("mark_claimed_at", type_=t.c.updated_at.type))
+    return update(t).where(c.dialect.in_lock_order(t, cond)).values(**values)
 
 
 def op_release(c: OpContext, ids: Sequence[int], delay: float) -> Op[int]:
