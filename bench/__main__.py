@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from bench import e2e, latency, memory, publish, relay, report, scale
+from bench import e2e, growth, latency, memory, publish, relay, report, scale
 from bench.core import FULL, QUICK, ROOT, TINY, Bench, LogTally, Section, say
 
 MEASURES: dict[str, ModuleType] = {
@@ -28,6 +28,7 @@ MEASURES: dict[str, ModuleType] = {
     "e2e": e2e,
     "latency": latency,
     "scale": scale,
+    "growth": growth,
     "memory": memory,
 }
 

@@ -67,6 +67,14 @@ class Sizes:
     scale_workers: tuple[int, ...]
     cross_process_backends: tuple[str, ...]
     cross_process_kafka: bool
+    growth_consumed: int
+    """Consumed rows in the big table of the growth section."""
+    growth_due: int
+    """Due rows of the deep claim layout (the shallow one has 1,000)."""
+    growth_claims: int
+    """Claims timed per run, layout and batch size."""
+    growth_starts: int
+    """Worker processes started (and stopped) per database."""
     cross_rates: tuple[float, ...] = (20,)
     """Rates (events/s) of the other-process latency layouts, one worker each."""
 
@@ -88,6 +96,10 @@ FULL = Sizes(
     scale_workers=(1, 2, 4),
     cross_process_backends=("postgresql", "mariadb", "sqlite"),
     cross_process_kafka=True,
+    growth_consumed=1_000_000,
+    growth_due=100_000,
+    growth_claims=100,
+    growth_starts=10,
     cross_rates=(20, 200, 1000),
 )
 QUICK = Sizes(
@@ -107,6 +119,10 @@ QUICK = Sizes(
     scale_workers=(1, 2, 4),
     cross_process_backends=("postgresql",),
     cross_process_kafka=False,
+    growth_consumed=100_000,
+    growth_due=10_000,
+    growth_claims=50,
+    growth_starts=5,
     cross_rates=(20, 200),
 )
 TINY = Sizes(
@@ -126,6 +142,10 @@ TINY = Sizes(
     scale_workers=(1, 2),
     cross_process_backends=("postgresql", "mariadb", "sqlite"),
     cross_process_kafka=True,
+    growth_consumed=5_000,
+    growth_due=3_000,
+    growth_claims=10,
+    growth_starts=1,
 )
 
 

@@ -20,7 +20,7 @@ import pytest
 from tests.helpers import ServerDatabase
 
 ROOT = Path(__file__).resolve().parents[2]
-MEASURES = {"publish", "relay", "e2e", "latency", "scale", "memory"}
+MEASURES = {"publish", "relay", "e2e", "latency", "scale", "growth", "memory"}
 
 
 @pytest.mark.slow
