@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from outboxer.aio import in_daemon_thread
+from outboxer.aio import HandlerThread
 from outboxer.cloudevents import envelope_dict, is_cloudevents
 from outboxer.consumer.batch import BatchOutcome, op_dispatch, op_inbox_receive
 from outboxer.database.connections import connection_lost
@@ -70,6 +70,7 @@ class Dispatcher:
         waiting for it (its row is sent again if that worker dies: the relay's lease
         or ``redeliver_after``); False: wait for that worker, as a plain lock would."""
         self._ctx = storage.op_context(route)
+        self._thread = HandlerThread(f"outboxer-handlers-{route.service_name}"[:64])
         self._cloudevents = is_cloudevents(route)
         self._async_types = {e for e, h in handlers.items() if is_async_callable(handler_fn(h))}
         self._headers: dict[str, Mapping[str, bytes]] = {}
@@ -288,7 +289,7 @@ class Dispatcher:
         if is_async:
             return await connector.run_async(op, commit_if=_settled, context=self._ctx.ctx)
         async with connector.writer():
-            return await in_daemon_thread(self._run_sync, op)
+            return await self._thread.run(self._run_sync, op)
 
     def _report(self, out: BatchOutcome) -> None:
         service = self.route.service_name

@@ -80,6 +80,15 @@ class Watchdog:
     @contextlib.contextmanager
     def watch(self, driver_connection: Any, what: str) -> Iterator[None]:
         """Around one call on ``driver_connection`` (a statement, COMMIT, ROLLBACK)."""
+        key = self.enter(driver_connection, what)
+        try:
+            yield
+        finally:
+            self.leave(key)
+
+    def enter(self, driver_connection: Any, what: str) -> int:
+        """A call on ``driver_connection`` begins (:meth:`leave` it once it returned):
+        the plain form of :meth:`watch`, for the path every statement takes."""
         key = id(driver_connection)
         with self._lock:
             self._calls[key] = (time.monotonic() + self.timeout, driver_connection, what)
@@ -88,11 +97,13 @@ class Watchdog:
                     target=self._run, name="outboxer-db-watchdog", daemon=True
                 )
                 self._thread.start()
-        try:
-            yield
-        finally:
-            with self._lock:  # once this returns, the socket is not ours to cut
-                self._calls.pop(key, None)
+        return key
+
+    def leave(self, key: int) -> None:
+        """The call :meth:`enter` returned ``key`` for has returned: once this
+        returns, its socket is not the watchdog's to cut."""
+        with self._lock:
+            self._calls.pop(key, None)
 
     def _run(self) -> None:
         idle = 0
@@ -144,6 +155,8 @@ def install_watchdog(engine: Engine, watchdog: Watchdog) -> None:
         return
     dialect._outboxer_watchdog = watchdog
 
+    enter, leave = watchdog.enter, watchdog.leave
+
     def driver(dbapi_connection: Any) -> Any:
         return getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
 
@@ -154,8 +167,11 @@ def install_watchdog(engine: Engine, watchdog: Watchdog) -> None:
             # The driver's connection: an async adapter's cursor holds it as
             # ``_connection``, a driver's own cursor as ``connection``.
             conn = getattr(cursor, "_connection", None) or getattr(cursor, "connection", None)
-            with watchdog.watch(driver(conn) if conn is not None else cursor, "statement"):
+            key = enter(driver(conn) if conn is not None else cursor, "statement")
+            try:
                 return original(cursor, *args, **kwargs)
+            finally:
+                leave(key)
 
         setattr(dialect, name, call)
 
