@@ -23,6 +23,14 @@ Contenders, interleaved round by round:
   that decodes each event's payload, runs the handler's INSERT and marks the batch
   consumed; at batch 100 and at batch 1000. outboxer (local, also at batch 1000) is
   compared with it each at its best, round by round.
+- **same work and guarantees, raw claim (reference)**: the same at batch 1000, plus
+  the two statements by which outboxer keeps its promises, as SQL on the same
+  connections: the handling mark committed before any handler runs (poison
+  protection: one autocommit UPDATE, ``synchronous_commit`` off as outboxer's) and the
+  batch's rows locked in id order at the start of its transaction (``SELECT ... FOR
+  UPDATE``: a row being handled is seen as such). outboxer's ratio to it is the cost
+  of its Python per event (loops, hand-over, decoding, hooks, guards), with the
+  database's work the same on both sides.
 - **procrastinate** (its own database): the same number of jobs deferred in one
   batch (untimed), then ``run_worker_async(concurrency=20, wait=False)`` timed until
   it returns with the queue empty; its task inserts the same row. Its task's insert
@@ -68,6 +76,7 @@ LOCAL = "outboxer (local)"
 LOCAL_BIG = "outboxer (local), batch 1000"
 CEILING = "same work, raw claim (reference)"
 CEILING_BIG = "same work, raw claim (reference), batch 1000"
+GUARDED = "same work and guarantees, raw claim (reference), batch 1000"
 BIG_BATCH = 1_000
 WORKER_TARGET = 0.90
 BATCH = "outboxer (local, batch handler)"
@@ -174,13 +183,26 @@ UPDATE {table} SET status = 'consumed', consumed_at = statement_timestamp(),
                    updated_at = statement_timestamp(), handling = 0
  WHERE id = ANY(:ids)
 """
+MARK_HANDLING_SQL = """
+UPDATE {table} SET handling = 1
+ WHERE id IN (SELECT id FROM {table}
+               WHERE id = ANY(%(ids)s) AND status NOT IN ('consumed', 'dead') AND handling = 0
+               ORDER BY id FOR UPDATE)
+   AND set_config('synchronous_commit', 'off', true) IS NOT NULL
+RETURNING id
+"""
+LOCK_SQL = """
+SELECT id, status, event_type, retry_count, created_at, message_key FROM {table}
+ WHERE id = ANY(:ids) ORDER BY id FOR UPDATE
+"""
 
 
 class _Reference:
     """The same work without outboxer's loops: raw claim, one Session per batch."""
 
-    def __init__(self, url: str, batch_size: int) -> None:
+    def __init__(self, url: str, batch_size: int, *, guarded: bool = False) -> None:
         self.batch_size = batch_size
+        self.guarded = guarded
         self.service = unique("c")
         self.effects = effects_table(f"{self.service}_effects")
         self.outbox = Outbox(url, transport="local", settings=settings())
@@ -202,6 +224,8 @@ class _Reference:
         )
         quoted = self.engine.dialect.identifier_preparer.quote(table.name)
         consumed = text(CONSUMED_SQL.format(table=quoted))
+        mark = sql.SQL(MARK_HANDLING_SQL).format(table=sql.Identifier(table.name))
+        lock = text(LOCK_SQL.format(table=quoted))
         effects, pid = self.effects, os.getpid()
         lease = self.outbox.settings.lease
         start = time.perf_counter()
@@ -210,7 +234,11 @@ class _Reference:
                 rows = raw.execute(claim, {"lease": lease, "limit": self.batch_size}).fetchall()
                 if not rows:
                     break
+                if self.guarded:
+                    raw.execute(mark, {"ids": [r[0] for r in rows]}).fetchall()
                 with tx.begin():
+                    if self.guarded:
+                        tx.execute(lock, {"ids": [r[0] for r in rows]}).all()
                     for oid, payload in rows:
                         json.loads(payload)  # the event, as a handler receives it
                         started = time.time()
@@ -328,6 +356,7 @@ def run(bench: Bench) -> Section:
             engines[LOCAL_BIG] = _Engine(url, "local", batch_size=BIG_BATCH)
             references[CEILING] = _Reference(url, 100)
             references[CEILING_BIG] = _Reference(url, BIG_BATCH)
+            references[GUARDED] = _Reference(url, BIG_BATCH, guarded=True)
             engines[BATCH] = _Engine(url, "local", batch=True)
             engines[ORDERED] = _Engine(url, "local", ordered=True)
             broker = bench.kafka()
@@ -357,7 +386,7 @@ def run(bench: Bench) -> Section:
             for name in names:
                 size = n_proc if name == PROCRASTINATE else n
                 note = f"version {proc.version}" if name == PROCRASTINATE and proc else ""
-                reference = name in (PROCRASTINATE, CEILING, CEILING_BIG)
+                reference = name in (PROCRASTINATE, CEILING, CEILING_BIG, GUARDED)
                 section.add(name, "events/s", size, note, reference=reference)
             say(f"  e2e: {n:,} events per outboxer run, {n_proc:,} jobs per procrastinate run")
             plan = [(-1, name) for name in names] + list(interleave(bench.rounds, names))
@@ -418,6 +447,8 @@ def _targets(section: Section) -> None:
     worker, reference = best(LOCAL, LOCAL_BIG), best(CEILING, CEILING_BIG)
     wratio = [a / b for a, b in zip(worker, reference, strict=False) if b]
     section.ratios["outboxer local / same work with a raw claim (each at its best batch)"] = wratio
+    gratio = [a / b for a, b in zip(worker, samples(GUARDED), strict=False) if b]
+    section.ratios["outboxer local / same work and guarantees with a raw claim"] = gratio
     mw = median(wratio)
     section.targets.append(
         Target(
@@ -428,6 +459,17 @@ def _targets(section: Section) -> None:
             spread(wratio, "{:.2f}"),
             f">= {WORKER_TARGET:.2f}",
             None if mw is None else mw >= WORKER_TARGET,
+        )
+    )
+    section.targets.append(
+        Target(
+            "the same worker vs the same handler, a raw claim and outboxer's two guarding "
+            "statements (handling mark, row lock): what outboxer's Python costs",
+            spread(worker),
+            f"raw claim + guards {spread(samples(GUARDED))}",
+            spread(gratio, "{:.2f}"),
+            "report only",
+            None,
         )
     )
     m = median(ratio)
