@@ -76,10 +76,10 @@ NAIVE_TARGET = 30.0
 CLAIM_SQL = """
 UPDATE {table} SET next_retry_at = statement_timestamp() + make_interval(secs => %(lease)s),
                    updated_at = statement_timestamp()
- WHERE id = ANY(ARRAY(SELECT id FROM {table}
+ WHERE id IN (SELECT id FROM {table}
                WHERE status = 'pending' AND next_retry_at IS NOT NULL
                  AND next_retry_at <= statement_timestamp()
-               ORDER BY next_retry_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED))
+               ORDER BY next_retry_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
 RETURNING {returning}
 """
 MARK_SQL = """

@@ -291,17 +291,12 @@ class Dialect:
                 pick = pick.with_for_update(skip_locked=True)
             stmt = built["claim"] = (
                 update(table)
-                .where(self.picked(table.c.id, pick))
+                .where(table.c.id.in_(pick.scalar_subquery()))
                 .values(**values)
                 .returning(*(table.c if columns is None else columns))
             )
         result = yield Execute(stmt, params, what="claim", context=context)
         return [(row, {}) for row in result.all()]
-
-    def picked(self, column: ColumnElement[Any], pick: Select[Any]) -> ColumnElement[bool]:
-        """``column`` is one of the values ``pick`` (a sub-select of ids) returns: ``IN
-        (SELECT ...)`` by default."""
-        return column.in_(pick.scalar_subquery())
 
     # ------------------------------------------------------------------ locks
 

@@ -19,7 +19,6 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Insert,
-    Select,
     Table,
     Text,
     any_,
@@ -143,13 +142,6 @@ class PostgreSQLDialect(Dialect):
                 # A peer that vanished answers nothing: bounded (psycopg cancels the
                 # query on timeout, itself bounded), then the caller reconnects.
                 await asyncio.wait_for(conn.execute("SELECT 1"), CONNECT_TIMEOUT)
-
-    def picked(self, column: ColumnElement[Any], pick: Select[Any]) -> ColumnElement[bool]:
-        # = ANY(ARRAY(SELECT ...)): the ids are picked once (an InitPlan), then fetched
-        # by primary key. With IN (SELECT ...) the planner may choose a hash semi-join
-        # over a scan of the whole table once many rows are due (a claim of 1,000 with
-        # 100,000 due: 31 ms instead of 19, docs/decisions.md).
-        return column == any_(func.array(pick.scalar_subquery()))
 
     def in_lock_order(self, table: Table, cond: ColumnElement[bool]) -> ColumnElement[bool]:
         # An UPDATE locks rows in the order it finds them; lock them first, by id.
