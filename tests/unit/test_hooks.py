@@ -124,3 +124,34 @@ def test_wants_names_the_reports_an_observer_overrides() -> None:
     assert not Hooks([plain]).wants("handler_context")
     with pytest.raises(AttributeError):
         plain.wants("no_such_report")
+
+
+def test_a_report_reaches_exactly_the_observers_that_listen_to_it() -> None:
+    """Only observers overriding a report are called for it; one defined on the
+    instance counts, a nested Hooks passes everything on, and remove stops it."""
+    heard: list[str] = []
+
+    class Consumed(Observer):
+        def messages_consumed(self, service: str, count: int) -> None:
+            heard.append(f"class {service} {count}")
+
+    class Silent(Observer):
+        def __getattribute__(self, name: str) -> Any:
+            if name == "messages_consumed":
+                raise AssertionError("a report reached an observer that does not override it")
+            return super().__getattribute__(name)
+
+    by_instance = Observer()
+    by_instance.messages_consumed = lambda service, count: heard.append(  # type: ignore[method-assign]
+        f"instance {service} {count}"
+    )
+    inner = Hooks([Consumed()])
+    hooks = Hooks([Silent(), Consumed(), by_instance, inner])
+    hooks.messages_consumed("svc", 3)
+    assert heard == ["class svc 3", "instance svc 3", "class svc 3"]
+    heard.clear()
+    hooks.remove(inner)
+    hooks.messages_consumed("svc", 1)
+    assert heard == ["class svc 1", "instance svc 1"]
+    assert hooks.wants("messages_consumed")
+    assert not Hooks([Silent()]).wants("messages_consumed")
