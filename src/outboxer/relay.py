@@ -31,7 +31,7 @@ from outboxer.backoff import ErrorBackoff
 from outboxer.cloudevents import PREFIX, WireCloudEvent, encode_for, is_cloudevents
 from outboxer.database.connections import connection_lost
 from outboxer.database.ops.transitions import Claimed
-from outboxer.envelope import WireEvent, wire_event
+from outboxer.envelope import Envelope, WireEvent, wire_event
 from outboxer.errors import EnvelopeDecodeError
 from outboxer.hooks import Observer
 from outboxer.logs import log_dead
@@ -100,6 +100,10 @@ class Relay:
         # Per-message report only when someone listens (tracing).
         self._headers_hook = hooks.wants("message_sending")
         self._cloudevents = is_cloudevents(self.route)
+        # In process, the consumer gets each envelope built, not only its wire form
+        # to parse again.
+        features = getattr(transport, "features", None)  # a transport may predate them
+        self._in_process = bool(getattr(features, "in_process", False)) and not self._cloudevents
         # A transport may name its protocol binding's header prefix (Kafka's: ce_).
         self._ce_prefix: str = getattr(transport, "cloudevents_prefix", PREFIX)
 
@@ -184,6 +188,12 @@ class Relay:
                 self.hooks.message_sending(
                     self.route.service_name, row.id, wire.event_type, headers
                 )
+            envelope = None
+            if self._in_process and isinstance(wire, WireEvent) and wire.decoded is not None:
+                try:
+                    envelope = Envelope.from_dict(wire.decoded)
+                except EnvelopeDecodeError:
+                    envelope = None  # the consumer decodes the bytes and says why
             outgoing.append(
                 OutgoingMessage(
                     row.id,
@@ -194,6 +204,7 @@ class Relay:
                     wire.event_type,
                     wire.event_version,
                     headers,
+                    envelope,
                 )
             )
         await self._bury(broken)

@@ -92,3 +92,29 @@ def test_encode_json_limits() -> None:
     circular.append(circular)
     with pytest.raises(PayloadNotSerializableError):
         encode_json(circular)
+
+
+@pytest.mark.parametrize("event_id", [None, "evt-9"])
+def test_the_wire_forms_parsed_envelope_is_what_its_bytes_decode_to(event_id: str | None) -> None:
+    """The relay's fast path keeps the envelope it parsed (``decoded``); an in-process
+    hand-over builds the consumer's Envelope from it instead of parsing the bytes
+    again, so both must be the same envelope."""
+    from outboxer.envelope import wire_event  # noqa: PLC0415
+
+    stored = json.dumps(
+        {
+            "event_id": event_id,
+            "event_type": "order.paid",
+            "event_version": "v2",
+            "aggregate_id": "order-7",
+            "payload": {"amount": 12.5, "items": [1, 2], "note": "é"},
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    wire = wire_event(stored, 41, "order-7")
+    assert wire.decoded is not None
+    from_bytes = Envelope.from_dict(json.loads(wire.value))
+    assert Envelope.from_dict(wire.decoded) == from_bytes
+    assert from_bytes.outbox_id == 41
+    assert from_bytes.event_id == (event_id or "41")

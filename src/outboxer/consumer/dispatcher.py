@@ -114,6 +114,10 @@ class Dispatcher:
         envelopes: list[Envelope] = []
         for msg in batch:
             try:
+                if msg.envelope is not None and not self._cloudevents:
+                    envelopes.append(msg.envelope)  # handed over in process, checked
+                    self._headers[msg.envelope.event_id] = msg.headers
+                    continue
                 if self._cloudevents:
                     obj: Any = envelope_dict(msg.value, msg.headers)
                 else:

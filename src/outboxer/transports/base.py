@@ -34,6 +34,9 @@ class OutgoingMessage:
     event_version: str
     extra_headers: Mapping[str, str] = field(default_factory=dict)
     """Propagation headers stored with the row (a W3C ``traceparent``)."""
+    envelope: Envelope | None = field(default=None, compare=False, repr=False)
+    """The envelope ``value`` encodes, built by a relay whose transport delivers in
+    process (:attr:`Features.in_process`), so the consumer does not parse it again."""
 
     @classmethod
     def from_envelope(
@@ -111,6 +114,9 @@ class IncomingMessage:
     coordinates: str | None = None
     """Where the message was read, as short text (Kafka: ``topic/partition@offset``);
     an inbox row keeps it."""
+    envelope: Envelope | None = None
+    """The envelope ``value`` encodes, handed over in process with the message (the
+    consumer then does not parse ``value``); None from any broker."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,7 @@ class LocalTransport:
                 key=m.key.encode(),
                 headers=dict(m.headers()),
                 position=m.outbox_id,
+                envelope=m.envelope,
             )
             for m in messages
         ]
