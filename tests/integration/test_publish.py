@@ -782,3 +782,66 @@ async def test_cancel_before_and_after_sending(aoutbox: Outbox, service: str) ->
     assert row.status is Status.CANCELLED
     with Session(engine) as s, pytest.raises(InvalidEventError):
         aoutbox.cancel(s, "  ", service=service)
+
+
+def test_publish_runs_its_insert_as_driver_sql_and_events_still_see_it(
+    pg_database: Any, service: str
+) -> None:
+    """On PostgreSQL the publish INSERT (with its notice) runs as the driver's SQL,
+    compiled once: cursor events (statement guards, tracing) still see it,
+    ``before_execute`` (for constructs) does not, on a Connection, a Session and an
+    AsyncSession alike; a connection with a
+    ``schema_translate_map`` takes SQLAlchemy's own path."""
+    from outboxer.database.ops.writes import _insert_and_notify  # noqa: PLC0415
+    from outboxer.database.runner import driver_form  # noqa: PLC0415
+
+    ob = make_outbox(pg_database.url)
+    ob.register_event(f"{service}.created", service)
+    ob.migrate()
+    app = create_engine(sync_url(pg_database.url))
+    seen: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "INSERT INTO" in statement and "pg_notify" in statement:
+            seen.append(statement)
+
+    kinds: list[type] = []
+
+    def kind(conn: Any, clause: Any, *args: Any) -> None:
+        kinds.append(type(clause))
+
+    event.listen(app, "before_cursor_execute", note)
+    event.listen(app, "before_execute", kind)
+    try:
+        with app.begin() as conn:
+            ob.publish(conn, f"{service}.created", {"n": 1})
+        with Session(app) as session, session.begin():
+            ob.publish(session, f"{service}.created", {"n": 2})
+
+        async def publish_async() -> None:
+            async with AsyncSession(ob.db.async_engine) as session, session.begin():
+                await ob.publish_async(session, f"{service}.created", {"n": 3})
+            await ob.db.dispose_async_only()  # its connections belong to this loop
+
+        import asyncio  # noqa: PLC0415
+
+        asyncio.run(publish_async())
+        assert len(seen) == 2, seen
+        assert len(set(seen)) == 1  # one text: compiled once, prepared by the driver
+        # Driver SQL: no before_execute (SQLAlchemy fires it for constructs only).
+        assert kinds == []
+        assert _rows(ob, service) == 3
+        route = ob.routes.route_for_service(service)
+        context = ob.storage.op_context(route)
+        assert context.channel is not None
+        statement = _insert_and_notify(context, context.channel)
+        form = driver_form(statement, app.dialect, {})
+        assert form is not None
+        assert form[0] == seen[0]
+        assert driver_form(statement, app.dialect, {"schema_translate_map": {None: "x"}}) is None
+    finally:
+        event.remove(app, "before_cursor_execute", note)
+        event.remove(app, "before_execute", kind)
+        app.dispose()
+        drop_tables(ob)
+        ob.close()

@@ -26,6 +26,12 @@ class Execute:
     params: Any = None
     what: str = "statement"
     context: dict[str, Any] = field(default_factory=dict)
+    driver: bool = False
+    """Run it as the driver's SQL text (compiled once per dialect) where that is the
+    same as SQLAlchemy's execution (see ``runner.driver_form``): the publish path's
+    INSERT, where SQLAlchemy's per-call compiled-statement work is a tenth of the
+    call. Cursor events (``before_cursor_execute``: statement guards, tracing) still
+    fire; ``before_execute`` and ORM session events do not."""
 
 
 @dataclass(slots=True)

@@ -19,13 +19,16 @@ import asyncio
 import contextlib
 import inspect
 import re
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, event
+from sqlalchemy.engine import Dialect as SADialect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Executable
 
 from outboxer.database.dialects import dialect_for
 from outboxer.database.instructions import Execute, Invoke, Op
@@ -79,6 +82,45 @@ def install_statement_guard(engine: Engine) -> None:
     connections (idempotent; costs one dict lookup per statement otherwise)."""
     if not event.contains(engine, "before_cursor_execute", _refuse_transaction_control):
         event.listen(engine, "before_cursor_execute", _refuse_transaction_control)
+
+
+_DRIVER_FORMS: weakref.WeakKeyDictionary[
+    Executable, weakref.WeakKeyDictionary[SADialect, tuple[str, dict[str, Any]] | None]
+] = weakref.WeakKeyDictionary()
+
+
+def driver_form(
+    statement: Executable, dialect: SADialect, options: dict[str, Any]
+) -> tuple[str, dict[str, Any]] | None:
+    """``statement`` as the driver's SQL text and the values of its constant
+    parameters, compiled once per dialect; None where running that text is not the
+    same as SQLAlchemy's execution: parameters by position, bind types that convert
+    values, parameters rendered at execution (expanding ``IN``), a
+    ``schema_translate_map`` among the connection's ``options``."""
+    if options.get("schema_translate_map"):
+        return None
+    forms = _DRIVER_FORMS.get(statement)
+    if forms is None:
+        forms = _DRIVER_FORMS[statement] = weakref.WeakKeyDictionary()
+    if dialect in forms:
+        return forms[dialect]
+    form: tuple[str, dict[str, Any]] | None = None
+    compiled: Any = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+    if (
+        dialect.paramstyle in ("pyformat", "named")
+        and not compiled.positional
+        and getattr(compiled, "_bind_processors", None) == {}
+        and not compiled.literal_execute_params
+        and not compiled.post_compile_params
+    ):
+        constants = {
+            name: value
+            for name, value in compiled.params.items()
+            if not compiled.binds[name].required
+        }
+        form = (compiled.string, constants)
+    forms[dialect] = form
+    return form
 
 
 def _driver_in_transaction(conn: Connection) -> bool | None:
@@ -186,6 +228,17 @@ class SyncRunner:
 
     def _execute(self, instr: Execute) -> Any:
         try:
+            if instr.driver:
+                conn = (
+                    self._session.connection(bind_arguments={"clause": instr.statement})
+                    if self._session is not None
+                    else self.executor
+                )
+                assert isinstance(conn, Connection)
+                options = conn.get_execution_options()
+                form = driver_form(instr.statement, conn.dialect, dict(options))
+                if form is not None:
+                    return conn.exec_driver_sql(form[0], {**form[1], **instr.params})
             if self._session is not None:
                 return self._session.execute(instr.statement, instr.params)
             return self.executor.execute(instr.statement, instr.params)
@@ -271,6 +324,18 @@ class AsyncRunner:
 
     async def _execute(self, instr: Execute) -> Any:
         try:
+            if instr.driver:
+                conn = (
+                    await self._session.connection(bind_arguments={"clause": instr.statement})
+                    if self._session is not None
+                    else self.executor
+                )
+                assert isinstance(conn, AsyncConnection)
+                assert conn.sync_connection is not None  # a connected AsyncConnection
+                options = conn.sync_connection.get_execution_options()
+                form = driver_form(instr.statement, conn.dialect, dict(options))
+                if form is not None:
+                    return await conn.exec_driver_sql(form[0], {**form[1], **instr.params})
             if self._session is not None:
                 return await self._session.execute(instr.statement, instr.params)
             return await self.executor.execute(instr.statement, instr.params)

@@ -83,7 +83,7 @@ def op_insert(c: OpContext, values: dict[str, Any]) -> Op[int]:
         stmt = _insert_and_notify(c, c.channel)
         # every bound column needs a value here
         params = {"headers": None, "event_id": None, **values}
-        result = yield Execute(stmt, params, what="insert", context=ctx)
+        result = yield Execute(stmt, params, what="insert", context=ctx, driver=True)
         new_id = result.scalar()  # one row: the INSERT's id (scalar_one costs more)
         if new_id is None:
             raise StoreError("the INSERT returned no id", **ctx)
