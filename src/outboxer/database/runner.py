@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import re
 import weakref
@@ -71,7 +72,8 @@ def _refuse_transaction_control(
     handler = conn.info.get(GUARD_KEY)
     if handler is not None and ends_transaction(statement, conn.dialect.name):
         raise HandlerError(
-            f"{handler} tried to end the transaction it was given ({statement.strip()[:60]!r}); "
+            f"{callable_name(handler)} tried to end the transaction it was given "
+            f"({statement.strip()[:60]!r}); "
             "handlers must leave commit and rollback to outboxer (their writes commit with "
             "the consumed mark)"
         )
@@ -123,10 +125,13 @@ def driver_form(
     return form
 
 
-def _driver_in_transaction(conn: Connection) -> bool | None:
-    """What the driver says of the connection's transaction (None: it does not say)."""
-    driver = conn.connection.driver_connection
-    return dialect_for(conn.dialect.name).in_transaction(driver)
+def _transaction_probe(conn: Connection) -> Callable[[], bool | None]:
+    """Asks what the driver says of ``conn``'s transaction (None: it does not say),
+    on its driver connection as it is now: ready to ask again and again (a runner
+    asks before and after every handler)."""
+    return functools.partial(
+        dialect_for(conn.dialect.name).in_transaction, conn.connection.driver_connection
+    )
 
 
 def _db_error(instr: Execute, exc: SQLAlchemyError) -> StoreError:
@@ -167,21 +172,24 @@ def _close(awaitable: Any) -> None:
 
 
 @contextlib.contextmanager
-def _guarded(conn: Connection, instr: Invoke) -> Iterator[list[bool | None]]:
+def _guarded(
+    conn: Connection, instr: Invoke, probe: Callable[[], bool | None] | None = None
+) -> Iterator[list[bool | None]]:
     """While a guarded callback runs: refuse statements that end the transaction, and
-    yield what the driver said of the transaction before the callback."""
+    yield what the driver said of the transaction before the callback (``probe``:
+    :func:`_transaction_probe` of ``conn``, when the caller keeps one)."""
     if not instr.guard:
         yield [None]
         return
-    conn.info[GUARD_KEY] = callable_name(instr.fn)
+    conn.info[GUARD_KEY] = instr.fn
     try:
-        yield [_driver_in_transaction(conn)]
+        yield [(probe or _transaction_probe(conn))()]
     finally:
         conn.info.pop(GUARD_KEY, None)
 
 
 def _refuse_awaitable(result: Any, fn: Callable[..., Any]) -> None:
-    if inspect.isawaitable(result):
+    if result is not None and inspect.isawaitable(result):
         _close(result)
         raise HandlerError(
             f"{callable_name(fn)} returned an awaitable: declare it `async def` so "
@@ -190,7 +198,11 @@ def _refuse_awaitable(result: Any, fn: Callable[..., Any]) -> None:
 
 
 def _check_transaction(
-    session_open: bool, conn: Connection, fn: Callable[..., Any], before: list[bool | None]
+    session_open: bool,
+    conn: Connection,
+    fn: Callable[..., Any],
+    before: list[bool | None],
+    probe: Callable[[], bool | None] | None = None,
 ) -> None:
     """After a guarded callback: its session and the database transaction are open.
 
@@ -198,7 +210,9 @@ def _check_transaction(
     it has written, so "not in a transaction" before the callback says nothing.
     """
     _check_still_open(session_open, fn)
-    if not conn.in_transaction() or (before[0] is True and _driver_in_transaction(conn) is False):
+    if not conn.in_transaction() or (
+        before[0] is True and (probe or _transaction_probe(conn))() is False
+    ):
         raise _aborted(
             HandlerError(
                 f"{callable_name(fn)} ended the database transaction it was given (through "
@@ -216,6 +230,9 @@ class SyncRunner:
         self._session = executor if isinstance(executor, Session) else None
         self._owns_session = False
         self.callback_error: BaseException | None = None
+        self._guard: tuple[Connection, Callable[[], bool | None]] | None = None
+        """The session's connection and its driver's transaction probe, found at the
+        first handler of a run and kept for the others (one connection per run)."""
 
     def session(self) -> Session:
         if self._session is None:
@@ -247,13 +264,16 @@ class SyncRunner:
 
     def _invoke(self, instr: Invoke) -> BaseException | None:
         session = self.session()
-        conn = session.connection()
+        if self._guard is None:
+            first = session.connection()
+            self._guard = (first, _transaction_probe(first))
+        conn, probe = self._guard
         if not instr.savepoint:
             try:
-                with _guarded(conn, instr) as before:
+                with _guarded(conn, instr, probe) as before:
                     _refuse_awaitable(instr.fn(*instr.args, session), instr.fn)
                 if instr.guard:
-                    _check_transaction(session.in_transaction(), conn, instr.fn, before)
+                    _check_transaction(session.in_transaction(), conn, instr.fn, before, probe)
                 session.flush()
             except TransactionAbortedError:
                 raise
@@ -265,11 +285,11 @@ class SyncRunner:
             return None
         nested = session.begin_nested()
         try:
-            with _guarded(conn, instr) as before:
+            with _guarded(conn, instr, probe) as before:
                 _refuse_awaitable(instr.fn(*instr.args, session), instr.fn)
             _check_still_open(nested.is_active, instr.fn)
             if instr.guard:
-                _check_transaction(True, conn, instr.fn, before)
+                _check_transaction(True, conn, instr.fn, before, probe)
             nested.commit()
         except TransactionAbortedError:
             raise
@@ -298,6 +318,7 @@ class SyncRunner:
             return stop.value  # type: ignore[no-any-return]
         finally:
             op.close()
+            self._guard = None
             if self._owns_session and self._session is not None:
                 self._session.close()
                 self._session = None
