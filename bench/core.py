@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, Table, func, select
+from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, Table, func, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from outboxer import Outbox, OutboxSettings
@@ -278,6 +278,22 @@ def interleave(rounds: int, contenders: Sequence[str]) -> Iterator[tuple[int, st
         shift = r % n if n else 0
         for name in [*contenders[shift:], *contenders[:shift]]:
             yield r, name
+
+
+def warm_then_interleave(rounds: int, contenders: Sequence[str]) -> Iterator[tuple[int, str, str]]:
+    """``(round, contender, run name)``: one untimed warm-up run of every contender
+    (round -1), then :func:`interleave`."""
+    plan = [(-1, name) for name in contenders] + list(interleave(rounds, contenders))
+    for r, name in plan:
+        yield r, name, f"{name}, round {r + 1}" if r >= 0 else f"{name}, warm-up"
+
+
+def truncate(engine: Engine, *names: str, cascade: bool = False) -> None:
+    """Empty the tables ``names`` (one ``TRUNCATE``)."""
+    with engine.begin() as conn:
+        prep = conn.dialect.identifier_preparer
+        tables = ", ".join(prep.quote(n) for n in names)
+        conn.execute(text(f"TRUNCATE {tables}{' CASCADE' if cascade else ''}"))
 
 
 def say(text: str) -> None:

@@ -47,7 +47,7 @@ import os
 import time
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, insert, select, text
+from sqlalchemy import create_engine, insert, select, text
 from sqlalchemy.orm import Session
 
 from bench.core import (
@@ -65,6 +65,7 @@ from bench.core import (
     say,
     settings,
     spread,
+    truncate,
     unique,
 )
 from bench.relay import CLAIM_SQL, StatementCounter, batch_times
@@ -89,13 +90,6 @@ CONCURRENCY = 20
 
 RATIO_TARGET = 50.0
 RATE_TARGET = 10_000.0
-
-
-def _truncate(engine: Engine, *names: str, cascade: bool = False) -> None:
-    with engine.begin() as conn:
-        prep = conn.dialect.identifier_preparer
-        tables = ", ".join(prep.quote(n) for n in names)
-        conn.execute(text(f"TRUNCATE {tables}{' CASCADE' if cascade else ''}"))
 
 
 class _Engine:
@@ -142,7 +136,7 @@ class _Engine:
 
     def run(self, n: int, section: Section, run_name: str) -> tuple[float, int] | None:
         table = self.outbox.table_for(self.service)
-        _truncate(self.outbox.db.sync_engine, table.name, self.effects)
+        truncate(self.outbox.db.sync_engine, table.name, self.effects)
         progress = self.worker.progress
         goal = progress.goal("consumed", progress.counts["consumed"] + n)
         fill_due(self.outbox, self.service, n - 1, event_type=EVENT)
@@ -217,7 +211,7 @@ class _Reference:
         from psycopg import sql  # noqa: PLC0415
 
         table = self.outbox.table_for(self.service)
-        _truncate(self.engine, table.name, self.effects.name)
+        truncate(self.engine, table.name, self.effects.name)
         fill_due(self.outbox, self.service, n, event_type=EVENT)
         claim = sql.SQL(CLAIM_SQL).format(
             table=sql.Identifier(table.name), returning=sql.SQL("id, payload")
@@ -317,7 +311,7 @@ class _Procrastinate:
             return time.perf_counter() - start
 
     def run(self, n: int, section: Section, run_name: str) -> float:
-        _truncate(self.engine, "procrastinate_jobs", "effects", cascade=True)
+        truncate(self.engine, "procrastinate_jobs", "effects", cascade=True)
         took = asyncio.run(self._drain(n))
         with self.engine.connect() as conn:
             counts = count_by_id(conn, effects_table("effects"), 0, 2**62)

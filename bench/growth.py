@@ -65,15 +65,16 @@ from bench.core import (
     effects_table,
     exactly_once,
     have,
-    interleave,
     max_id,
     median,
     percentile,
     say,
     settings,
     spread,
+    truncate,
     unique,
     wait_until,
+    warm_then_interleave,
 )
 from bench.workers import InProcessWorker, WorkerProcess, effect_handler, publish_one
 from outboxer import Outbox, Status
@@ -264,9 +265,7 @@ class _Layout:
             *([self.effects.name] if self.consume else []),
         ]
         if names:
-            prep = self.engine.dialect.identifier_preparer
-            with self.engine.begin() as conn:
-                conn.execute(text(f"TRUNCATE {', '.join(prep.quote(x) for x in names)}"))
+            truncate(self.engine, *names)
         above = max_id(self.engine, self.table)
         progress = self.worker.progress
         goal = progress.goal(what, progress.counts[what] + n)
@@ -340,9 +339,7 @@ def _drain_part(
         for layout in (EMPTY, tables.big_name):
             layouts[label(layout)] = _Layout(tables, layout, consume=consume)
         # One untimed pass of each: connection pools, statement caches, the handler.
-        plan = [(-1, name) for name in names] + list(interleave(bench.rounds, names))
-        for r, name in plan:
-            run_name = f"{name}, round {r + 1}" if r >= 0 else f"{name}, warm-up"
+        for r, name, run_name in warm_then_interleave(bench.rounds, names):
             try:
                 rate = layouts[name].run(min(n, 50) if r < 0 else n, section, run_name)
             except Exception as exc:
@@ -421,11 +418,9 @@ def _claim_part(bench: Bench, section: Section, tables: _Tables, due: int) -> No
             section.add(name, "µs per claim", count)
         batches = ", ".join(f"{b:,}" for b in CLAIM_BATCHES)
         say(f"  growth: claims, {count} per run, layout and batch ({batches})")
-        plan = [(-1, name) for name in names] + list(interleave(bench.rounds, list(names)))
-        for r, name in plan:
+        for r, name, run_name in warm_then_interleave(bench.rounds, list(names)):
             batch, layout = names[name]
             t = claim_tables[layout]
-            run_name = f"{name}, round {r + 1}" if r >= 0 else f"{name}, warm-up"
             try:
                 seconds, taken = t.claims(batch, count if r >= 0 else min(count, 5))
             except Exception as exc:
@@ -553,9 +548,7 @@ def _start_part(bench: Bench, section: Section) -> None:
             for backend, url in zip(BACKENDS, (pg_url, lite_url), strict=True):
                 starts[_start(backend)] = _StartUp(bench, url, backend)
             everything = [*names, IMPORT, BARE]
-            plan = [(-1, name) for name in everything] + list(interleave(rounds, everything))
-            for r, name in plan:
-                run_name = f"{name}, round {r + 1}" if r >= 0 else f"{name}, warm-up"
+            for r, name, run_name in warm_then_interleave(rounds, everything):
                 try:
                     if name == IMPORT:
                         ms: float | None = _spawn_ms("import outboxer")

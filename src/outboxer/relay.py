@@ -18,6 +18,7 @@ after its own acknowledgement; the lease bounds how long a crashed relay holds i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -190,10 +191,8 @@ class Relay:
                 )
             envelope = None
             if self._in_process and isinstance(wire, WireEvent) and wire.decoded is not None:
-                try:
+                with contextlib.suppress(EnvelopeDecodeError):  # the consumer says why
                     envelope = Envelope.from_dict(wire.decoded)
-                except EnvelopeDecodeError:
-                    envelope = None  # the consumer decodes the bytes and says why
             outgoing.append(
                 OutgoingMessage(
                     row.id,

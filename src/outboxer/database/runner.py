@@ -125,6 +125,13 @@ def driver_form(
     return form
 
 
+def _as_driver_sql(instr: Execute, conn: Connection) -> tuple[str, dict[str, Any]] | None:
+    """``instr`` as the driver's SQL and parameters on ``conn`` (:func:`driver_form`;
+    None: run it as SQLAlchemy would)."""
+    form = driver_form(instr.statement, conn.dialect, dict(conn.get_execution_options()))
+    return None if form is None else (form[0], {**form[1], **instr.params})
+
+
 def _transaction_probe(conn: Connection) -> Callable[[], bool | None]:
     """Asks what the driver says of ``conn``'s transaction (None: it does not say),
     on its driver connection as it is now: ready to ask again and again (a runner
@@ -173,17 +180,17 @@ def _close(awaitable: Any) -> None:
 
 @contextlib.contextmanager
 def _guarded(
-    conn: Connection, instr: Invoke, probe: Callable[[], bool | None] | None = None
+    conn: Connection, instr: Invoke, probe: Callable[[], bool | None]
 ) -> Iterator[list[bool | None]]:
     """While a guarded callback runs: refuse statements that end the transaction, and
     yield what the driver said of the transaction before the callback (``probe``:
-    :func:`_transaction_probe` of ``conn``, when the caller keeps one)."""
+    :func:`_transaction_probe` of ``conn``)."""
     if not instr.guard:
         yield [None]
         return
     conn.info[GUARD_KEY] = instr.fn
     try:
-        yield [(probe or _transaction_probe(conn))()]
+        yield [probe()]
     finally:
         conn.info.pop(GUARD_KEY, None)
 
@@ -202,7 +209,7 @@ def _check_transaction(
     conn: Connection,
     fn: Callable[..., Any],
     before: list[bool | None],
-    probe: Callable[[], bool | None] | None = None,
+    probe: Callable[[], bool | None],
 ) -> None:
     """After a guarded callback: its session and the database transaction are open.
 
@@ -210,9 +217,7 @@ def _check_transaction(
     it has written, so "not in a transaction" before the callback says nothing.
     """
     _check_still_open(session_open, fn)
-    if not conn.in_transaction() or (
-        before[0] is True and (probe or _transaction_probe(conn))() is False
-    ):
+    if not conn.in_transaction() or (before[0] is True and probe() is False):
         raise _aborted(
             HandlerError(
                 f"{callable_name(fn)} ended the database transaction it was given (through "
@@ -252,10 +257,9 @@ class SyncRunner:
                     else self.executor
                 )
                 assert isinstance(conn, Connection)
-                options = conn.get_execution_options()
-                form = driver_form(instr.statement, conn.dialect, dict(options))
-                if form is not None:
-                    return conn.exec_driver_sql(form[0], {**form[1], **instr.params})
+                sql = _as_driver_sql(instr, conn)
+                if sql is not None:
+                    return conn.exec_driver_sql(*sql)
             if self._session is not None:
                 return self._session.execute(instr.statement, instr.params)
             return self.executor.execute(instr.statement, instr.params)
@@ -353,10 +357,9 @@ class AsyncRunner:
                 )
                 assert isinstance(conn, AsyncConnection)
                 assert conn.sync_connection is not None  # a connected AsyncConnection
-                options = conn.sync_connection.get_execution_options()
-                form = driver_form(instr.statement, conn.dialect, dict(options))
-                if form is not None:
-                    return await conn.exec_driver_sql(form[0], {**form[1], **instr.params})
+                sql = _as_driver_sql(instr, conn.sync_connection)
+                if sql is not None:
+                    return await conn.exec_driver_sql(*sql)
             if self._session is not None:
                 return await self._session.execute(instr.statement, instr.params)
             return await self.executor.execute(instr.statement, instr.params)
@@ -386,12 +389,13 @@ class AsyncRunner:
         session = self.session()
         conn = (await session.connection()).sync_connection
         assert conn is not None
+        probe = _transaction_probe(conn)
         if not instr.savepoint:
             try:
-                with _guarded(conn, instr) as before:
+                with _guarded(conn, instr, probe) as before:
                     await self._call_handler(instr, session)
                 if instr.guard:
-                    _check_transaction(session.in_transaction(), conn, instr.fn, before)
+                    _check_transaction(session.in_transaction(), conn, instr.fn, before, probe)
                 await session.flush()
             except TransactionAbortedError:
                 raise
@@ -403,11 +407,11 @@ class AsyncRunner:
             return None
         nested = await session.begin_nested()
         try:
-            with _guarded(conn, instr) as before:
+            with _guarded(conn, instr, probe) as before:
                 await self._call_handler(instr, session)
             _check_still_open(nested.is_active, instr.fn)
             if instr.guard:
-                _check_transaction(True, conn, instr.fn, before)
+                _check_transaction(True, conn, instr.fn, before, probe)
             await nested.commit()
         except TransactionAbortedError:
             raise
