@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, inspect
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from outboxer.database.connections import Watchdog, install_watchdog
@@ -85,15 +86,52 @@ def create_sync_engine(
     target = sync_url(url)
     dialect = dialect_of(target)
     # The sync engine serves callers (store methods, the CLI) who should not see an
-    # error for a connection the server closed while it idled; the loops' async
-    # engine skips the ping's round trip and retries a failed round instead.
-    options = {"pool_pre_ping": dialect.pre_ping, **dialect.engine_options(target)}
+    # error for a connection the server closed while it idled: it pings a connection
+    # that idled (install_idle_ping), not one a busy loop returned a moment ago. The
+    # loops' async engine skips the ping and retries a failed round instead.
+    options = dialect.engine_options(target)
     engine = create_engine(target, **{**options, **kwargs})
+    if dialect.pre_ping and "pool_pre_ping" not in kwargs:
+        install_idle_ping(engine)
     dialect.tune(engine)
     install_statement_guard(engine)
     if watchdog is not None:
         install_watchdog(engine, watchdog)
     return engine
+
+
+PING_AFTER_IDLE = 1.0
+"""Seconds a pooled connection may idle before its next checkout pings it."""
+
+
+def install_idle_ping(engine: Engine, idle: float | None = None) -> None:
+    """``pool_pre_ping`` for connections that idled ``idle`` seconds or more.
+
+    A server closes idle connections (its timeouts, a restart, a proxy); a connection
+    checked in a moment ago (``idle`` seconds; default :data:`PING_AFTER_IDLE`) is as alive as a ping would show. So the ping's round
+    trip is paid after idling, not on every checkout of a busy worker's handler
+    transactions. A ping that finds the connection gone raises
+    :class:`~sqlalchemy.exc.DisconnectionError`: the pool replaces the connection and
+    checks out again (SQLAlchemy's "pessimistic" disconnect handling).
+    """
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(dbapi_connection: Any, record: Any) -> None:
+        record.info["outboxer_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idled(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("outboxer_idle_since")
+        limit = PING_AFTER_IDLE if idle is None else idle
+        if since is None or time.monotonic() - since < limit:
+            return  # new, or back from use a moment ago
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            if dialect.is_disconnect(exc, dbapi_connection, None):
+                raise DisconnectionError(f"connection lost while idle: {exc}") from exc
+            raise
 
 
 def create_async(url: str | URL, *, watchdog: Watchdog | None = None, **kwargs: Any) -> AsyncEngine:
