@@ -108,11 +108,12 @@ def install_idle_ping(engine: Engine, idle: float | None = None) -> None:
     """``pool_pre_ping`` for connections that idled ``idle`` seconds or more.
 
     A server closes idle connections (its timeouts, a restart, a proxy); a connection
-    checked in a moment ago (``idle`` seconds; default :data:`PING_AFTER_IDLE`) is as alive as a ping would show. So the ping's round
-    trip is paid after idling, not on every checkout of a busy worker's handler
-    transactions. A ping that finds the connection gone raises
-    :class:`~sqlalchemy.exc.DisconnectionError`: the pool replaces the connection and
-    checks out again (SQLAlchemy's "pessimistic" disconnect handling).
+    checked in less than ``idle`` seconds ago (default :data:`PING_AFTER_IDLE`) is as
+    alive as a ping would show. So the ping's round trip is paid after idling, not on
+    every checkout of a busy worker's handler transactions. A ping that finds the
+    connection gone raises :class:`~sqlalchemy.exc.DisconnectionError`: the pool
+    replaces the connection and checks out again (SQLAlchemy's "pessimistic"
+    disconnect handling).
     """
     dialect = engine.dialect
 
@@ -129,7 +130,7 @@ def install_idle_ping(engine: Engine, idle: float | None = None) -> None:
         try:
             dialect.do_ping(dbapi_connection)
         except Exception as exc:
-            if dialect.is_disconnect(exc, dbapi_connection, None):
+            if dialect.is_disconnect(exc, dbapi_connection, None):  # type: ignore[arg-type]
                 raise DisconnectionError(f"connection lost while idle: {exc}") from exc
             raise
 
