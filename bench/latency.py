@@ -15,6 +15,14 @@ Layouts (each worker started once, warmed up with one event, then fed in rounds)
   the engine has (PostgreSQL's LISTEN/NOTIFY; MariaDB and SQLite have none and poll).
   Targets: PostgreSQL p50 <= 5 ms and p99 <= 25 ms at every rate; MariaDB and SQLite
   p50 <= 15 ms and p99 <= 100 ms from 200/s (at 20/s they are reported only).
+- **the database's floor** (reference, no target; PostgreSQL, every rate):
+  ``bench/rawchain.py`` in a process of its own runs the worker's chain of statements
+  (the claim, the handling mark, then the batch transaction's lock before the handler)
+  on the raw driver, woken by the same notification, the events published by outboxer
+  as in the other layouts: what the statements cost without outboxer's Python.
+- **where it goes** (other process): the worker notes when the relay had each row in
+  hand (the public ``message_sending`` report), which splits commit -> handler start
+  into commit -> claimed (the wake-up and the claim) and claimed -> handler start.
 - **the broker's floor** (reference, no target): confluent-kafka producing and
   consuming in this process with the client settings of outboxer's Kafka transport,
   no database: the part of the Kafka layouts' latency that is the broker's.
@@ -22,6 +30,11 @@ Layouts (each worker started once, warmed up with one event, then fed in rounds)
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from contextlib import ExitStack
@@ -29,9 +42,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import make_url
 
 from bench.core import (
     EVENT,
+    ROOT,
     Bench,
     Section,
     Target,
@@ -54,6 +69,7 @@ from bench.workers import (
     wait_handled,
 )
 from outboxer import Outbox
+from outboxer.database.dialects import dialect_for
 
 P50_TARGET_MS = 5.0
 P99_TARGET_MS = 25.0
@@ -95,6 +111,11 @@ class _Layout:
     proc: WorkerProcess | None = None
     latencies_ms: list[float] = field(default_factory=list)
     per_round: list[dict[str, float]] = field(default_factory=list)
+    timeline: list[tuple[int, float, float]] = field(default_factory=list)
+    """(outbox id, commit returned, handler started) of every event handled."""
+    stages: dict[str, list[float]] = field(default_factory=dict)
+    """Other process: commit -> claimed (the relay holds the row) and claimed -> handler
+    start, ms, from the worker's ``message_sending`` reports (read at its exit)."""
 
     def start(self, bench: Bench, url: str) -> None:
         service = unique("l")
@@ -115,6 +136,7 @@ class _Layout:
             self.inproc = InProcessWorker(outbox).start()
         else:
             env = {f"OUTBOXER_{k.upper()}": "true" for k in wake}
+            self.stages_path = bench.tmp / f"stages-{service}.json"
             self.proc = WorkerProcess(
                 bench,
                 url=url,
@@ -123,6 +145,7 @@ class _Layout:
                 transport=transport,
                 topic_prefix=prefix,
                 outboxer_env=env,
+                bench_env={"BENCH_STAGES": str(self.stages_path)},
             ).start()
 
     def warm_up(self, timeout: float = 90.0) -> None:
@@ -155,6 +178,9 @@ class _Layout:
             f"{len(ids)} events: {len(missing)} missing, {len(twice)} handled twice",
         )
         lat = [(found[oid][0] - committed) * 1000 for oid, committed in sent if oid in found]
+        self.timeline += [
+            (oid, committed, found[oid][0]) for oid, committed in sent if oid in found
+        ]
         if not lat:
             return None
         self.latencies_ms.extend(lat)
@@ -170,11 +196,93 @@ class _Layout:
                 code = self.proc.stop()
                 if code != 0:
                     problems.append(f"{self.name}: worker exited with {code}")
+                self._read_stages()
         finally:
             if self.engine is not None:
                 self.engine.dispose()
             if self.outbox is not None:
                 self.outbox.close()
+        return problems
+
+    def _read_stages(self) -> None:
+        try:
+            claimed = {
+                int(k): float(v) for k, v in json.loads(self.stages_path.read_text()).items()
+            }
+        except (OSError, ValueError):
+            return
+        pairs = [(claimed[oid], c, h) for oid, c, h in self.timeline if oid in claimed]
+        self.stages = {
+            "commit -> claimed": [(at - c) * 1000 for at, c, _ in pairs],
+            "claimed -> handler": [(h - at) * 1000 for at, _, h in pairs],
+        }
+
+
+class _RawChain(_Layout):
+    """The floor of the other-process PostgreSQL layouts: ``bench/rawchain.py`` runs
+    the worker's chain of statements (claim, handling mark, lock + handler + consumed
+    mark) on the raw driver in a process of its own, woken by the same notification;
+    the events are published by outboxer as in every layout."""
+
+    def start(self, bench: Bench, url: str) -> None:
+        service = unique("r")
+        self.effects = f"{service}_effects"
+        self.outbox = outbox = Outbox(
+            url,
+            transport="local",
+            topic_prefix=unique("bench"),
+            settings=settings(**wake_settings()),
+        )
+        route = outbox.register_event(EVENT, service)
+        outbox.migrate()
+        self.engine = create_engine(url)
+        effects_table(self.effects).create(self.engine)
+        channel = dialect_for("postgresql").notify_channel(route.table_name)
+        if channel is None:
+            raise RuntimeError(f"no notification channel for {route.table_name}")
+        conninfo = make_url(url).set(drivername="postgresql").render_as_string(False)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        self.log = bench.tmp / f"rawchain-{service}.log"
+        with self.log.open("wb") as log:
+            self.raw = subprocess.Popen(  # fixed argv, no shell
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.rawchain",
+                    conninfo,
+                    route.table_name,
+                    channel,
+                    self.effects,
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def warm_up(self, timeout: float = 90.0) -> None:
+        if self.raw.poll() is not None:
+            raise RuntimeError(f"raw chain exited: {self.log.read_text()[-600:]}")
+        super().warm_up(timeout)
+
+    def close(self) -> list[str]:
+        problems: list[str] = []
+        try:
+            if self.raw.poll() is None:
+                self.raw.send_signal(signal.SIGTERM)
+                try:
+                    self.raw.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.raw.kill()
+                    self.raw.wait(10)
+            if self.raw.returncode != 0:
+                problems.append(f"{self.name}: exited with {self.raw.returncode}")
+        finally:
+            problems += super().close()
         return problems
 
 
@@ -302,6 +410,9 @@ def _layouts(bench: Bench, section: Section) -> list[_Layout]:
                     p99_target=POLLED_P99_TARGET_MS,
                 )
             out.append(layout)
+            if backend == "postgresql":
+                name = f"other process, postgresql, raw driver chain (the floor), {rate:g}/s"
+                out.append(_RawChain(name, backend, "raw", False, rate, seconds, judged=False))
     if sizes.cross_process_kafka and kafka:
         out.append(_Layout("other process, postgresql, kafka", "postgresql", "kafka", False, *slow))
     return out
@@ -395,6 +506,11 @@ def _summarise(section: Section, layouts: list[_Layout]) -> None:
         where = "in the worker's process" if layout.same_process else "in another process"
         if isinstance(layout, _BrokerFloor):
             measure = f"reference: Kafka produce -> consume, no database, {layout.rate:.0f}/s"
+        elif isinstance(layout, _RawChain):
+            measure = (
+                f"floor: commit -> handler start, the worker's statements on the raw driver "
+                f"in another process, {layout.rate:.0f}/s, postgresql"
+            )
         else:
             measure = (
                 f"commit -> handler start, publisher {where}, {layout.rate:.0f}/s, "
@@ -413,4 +529,27 @@ def _summarise(section: Section, layouts: list[_Layout]) -> None:
                 (p50 <= layout.p50_target and p99 <= layout.p99_target) if judged else None,
             )
         )
+        if layout.stages:
+            parts = [
+                f"{stage} p50 {percentile(v, 50):.1f}, p99 {percentile(v, 99):.1f} ms"
+                for stage, v in layout.stages.items()
+                if v
+            ]
+            dist[layout.name]["stages_ms"] = {
+                stage: {q: percentile(v, q) for q in (50, 90, 99)}
+                for stage, v in layout.stages.items()
+                if v
+            }
+            section.targets.append(
+                Target(
+                    f"where it goes: {measure}",
+                    "; ".join(parts),
+                    "claimed: the relay holds the row (wake-up and claim done); after it, "
+                    "the hand-over (in process, or through the broker), the handling mark "
+                    "and the batch transaction's lock",
+                    "",
+                    "report only",
+                    None,
+                )
+            )
     section.extra["latency"] = dist

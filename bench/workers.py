@@ -202,6 +202,7 @@ class WorkerProcess:
         transport: str = "local",
         topic_prefix: str = "bench",
         outboxer_env: dict[str, str] | None = None,
+        bench_env: dict[str, str] | None = None,
     ) -> None:
         self.tag = f"{service}-{len(list(bench.tmp.glob('worker-*.log')))}"
         self.log_path = bench.tmp / f"worker-{self.tag}.log"
@@ -220,6 +221,7 @@ class WorkerProcess:
                 "OUTBOXER_KAFKA__SESSION_TIMEOUT_MS": str(KAFKA_SESSION_TIMEOUT_MS),
                 "OUTBOXER_KAFKA__CONFIG": json.dumps(BROKER_CONFIG),
                 **(outboxer_env or {}),
+                **(bench_env or {}),
             }
         )
         self._env = env
