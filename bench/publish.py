@@ -21,6 +21,12 @@ same row written by hand: the very SQL ``publish`` sends (its INSERT and
 ``pg_notify``, captured once) run with ``Connection.exec_driver_sql``, the envelope
 built by ``json.dumps`` (the same keys and separators), its id read back. Also the
 median of the call alone.
+
+And what ``pg_notify`` costs publishers at once (report only): ``THREADS`` threads,
+each on a connection of its own, commit business transactions with one publish for
+a fixed time, with ``notify`` on and off (outboxer), and the raw driver sending the
+very SQL of each (the INSERT with and without its ``pg_notify``). NOTIFY takes a
+database-wide lock at commit, so notifying transactions commit one at a time.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ MANY = "business tx + 10 events (publish_many)"
 
 TARGET = 0.90
 ADDED_TARGET = 1.10
+THREADS = 8
 
 
 def run(bench: Bench) -> Section:
@@ -153,6 +160,10 @@ def run(bench: Bench) -> Section:
                 name: [[1e6 * a, 1e6 * b] for a, b in pairs] for name, pairs in added.items()
             }
             _added_targets(section, added)
+            try:
+                _concurrent(bench, section, url, service, orders)
+            except Exception as exc:
+                section.failed(f"{THREADS} publishing threads", exc)
         finally:
             engine.dispose()
             outbox.close()
@@ -167,21 +178,7 @@ def _added(
     no publish, ``Outbox.publish`` and the same row written with the raw driver."""
     import json  # noqa: PLC0415
 
-    from sqlalchemy import event as sa_event  # noqa: PLC0415
-
-    captured: dict[str, Any] = {}
-
-    def grab(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
-        if "sql" not in captured and statement.lstrip().startswith(("INSERT", "WITH")):
-            captured["sql"], captured["params"] = statement, dict(params)
-
-    sa_event.listen(engine, "before_cursor_execute", grab)
-    try:
-        with engine.begin() as conn:
-            outbox.publish(conn, EVENT, {"order": -1}, key="order--1")
-    finally:
-        sa_event.remove(engine, "before_cursor_execute", grab)
-    sql, template = captured["sql"], captured["params"]
+    sql, template = _publish_sql(engine, outbox)
     envelope = json.loads(template["payload"])
 
     def raw(conn: Connection, i: int) -> None:
@@ -217,6 +214,118 @@ def _added(
                 whole.append(time.perf_counter() - began)
         out[name] = (median(whole) or 0.0, median(alone) or 0.0)
     return out
+
+
+def _publish_sql(engine: Engine, outbox: Outbox) -> tuple[str, dict[str, Any]]:
+    """The SQL text and parameters one ``publish`` sends (its INSERT, with its
+    ``pg_notify`` when notify is on), captured once from a real call."""
+    from sqlalchemy import event as sa_event  # noqa: PLC0415
+
+    captured: dict[str, Any] = {}
+
+    def grab(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        if "sql" not in captured and statement.lstrip().startswith(("INSERT", "WITH")):
+            captured["sql"], captured["params"] = statement, dict(params)
+
+    sa_event.listen(engine, "before_cursor_execute", grab)
+    try:
+        with engine.begin() as conn:
+            outbox.publish(conn, EVENT, {"order": -1}, key="order--1")
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", grab)
+    return captured["sql"], captured["params"]
+
+
+def _concurrent(bench: Bench, section: Section, url: str, service: str, orders: Table) -> None:
+    """Business transactions/s of ``THREADS`` threads at once, notify on and off."""
+    import threading  # noqa: PLC0415
+
+    seconds = max(0.5, min(5.0, bench.sizes.publish_tx / 1000))
+    engine = create_engine(url, pool_size=THREADS, max_overflow=0)
+    outboxes = {on: Outbox(url, settings=settings(notify=on)) for on in (True, False)}
+    sql: dict[bool, tuple[str, dict[str, Any]]] = {}
+    try:
+        for on, outbox in outboxes.items():
+            outbox.register_event(EVENT, service)
+            sql[on] = _publish_sql(engine, outbox)
+        if "pg_notify" not in sql[True][0] or "pg_notify" in sql[False][0]:
+            section.skip(f"{THREADS} publishing threads", "notify does not switch pg_notify")
+            return
+
+        def outboxer_body(on: bool) -> Callable[[Connection, int], Any]:
+            outbox = outboxes[on]
+            return lambda conn, i: outbox.publish(conn, EVENT, {"order": i}, key=f"order-{i}")
+
+        def raw_body(on: bool) -> Callable[[Connection, int], Any]:
+            text, template = sql[on]
+            return lambda conn, i: conn.exec_driver_sql(text, dict(template)).scalar()
+
+        contenders = {
+            "outboxer, notify on": outboxer_body(True),
+            "outboxer, notify off": outboxer_body(False),
+            "raw driver, with pg_notify": raw_body(True),
+            "raw driver, without": raw_body(False),
+        }
+
+        def run_threads(body: Callable[[Connection, int], Any]) -> float:
+            done = [0] * THREADS
+            errors: list[BaseException] = []
+            stop = time.perf_counter() + seconds
+
+            def work(n: int) -> None:
+                try:
+                    with engine.connect() as conn:
+                        i = 0
+                        while time.perf_counter() < stop:
+                            with conn.begin():
+                                conn.execute(insert(orders).values(n=i))
+                                body(conn, i)
+                            i += 1
+                        done[n] = i
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=work, args=(n,)) for n in range(THREADS)]
+            began = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+            return sum(done) / (time.perf_counter() - began)
+
+        rates: dict[str, list[float]] = {name: [] for name in contenders}
+        plan = [(-1, name) for name in contenders] + list(
+            interleave(bench.rounds, list(contenders))
+        )
+        for r, name in plan:
+            rate = run_threads(contenders[name])
+            if r >= 0:
+                rates[name].append(rate)
+                say(f"    {THREADS} threads, {name}, round {r + 1}: {rate:,.0f} tx/s")
+        section.extra["concurrent_tx_s"] = rates
+        for who, on, off in (
+            ("outboxer", "outboxer, notify on", "outboxer, notify off"),
+            ("raw driver", "raw driver, with pg_notify", "raw driver, without"),
+        ):
+            ratio = [a / b for a, b in zip(rates[on], rates[off], strict=False) if b]
+            section.ratios[f"{THREADS} threads, {who}: notify on / off"] = ratio
+            section.targets.append(
+                Target(
+                    f"{THREADS} threads publishing at once ({who}), business tx/s, "
+                    f"pg_notify in each vs none",
+                    spread(rates[on]),
+                    f"without {spread(rates[off])}",
+                    spread(ratio, "{:.2f}"),
+                    "report only",
+                    None,
+                )
+            )
+    finally:
+        for outbox in outboxes.values():
+            outbox.close()
+        engine.dispose()
 
 
 def _publish_many(outbox: Outbox, engine: Engine) -> Callable[[Connection, list[Any]], Any] | None:
