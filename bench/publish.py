@@ -305,18 +305,18 @@ def _concurrent(bench: Bench, section: Section, url: str, service: str, orders: 
                 rates[name].append(rate)
                 say(f"    {THREADS} threads, {name}, round {r + 1}: {rate:,.0f} tx/s")
         section.extra["concurrent_tx_s"] = rates
-        for who, on, off in (
+        for who, notifying, silent in (
             ("outboxer", "outboxer, notify on", "outboxer, notify off"),
             ("raw driver", "raw driver, with pg_notify", "raw driver, without"),
         ):
-            ratio = [a / b for a, b in zip(rates[on], rates[off], strict=False) if b]
+            ratio = [a / b for a, b in zip(rates[notifying], rates[silent], strict=False) if b]
             section.ratios[f"{THREADS} threads, {who}: notify on / off"] = ratio
             section.targets.append(
                 Target(
                     f"{THREADS} threads publishing at once ({who}), business tx/s, "
                     f"pg_notify in each vs none",
-                    spread(rates[on]),
-                    f"without {spread(rates[off])}",
+                    spread(rates[notifying]),
+                    f"without {spread(rates[silent])}",
                     spread(ratio, "{:.2f}"),
                     "report only",
                     None,
