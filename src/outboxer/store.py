@@ -468,9 +468,9 @@ class Store:
 
     async def claim_to_send_async(self, limit: int, lease: float) -> list[Claimed]:
         """:meth:`claim_due_async` returning only what the relay sends."""
-        return await self._run_async(
-            op_claim_to_send(self._ctx, limit, lease_seconds(lease)), single=self._single_claim
-        )
+        # In a transaction of its own (no caller's), the claim commits relaxed.
+        op = op_claim_to_send(self._ctx, limit, lease_seconds(lease), relaxed=self._tx is None)
+        return await self._run_async(op, single=self._single_claim)
 
     async def claim_unconsumed_async(self, limit: int, older_than: float) -> list[OutboxMessage]:
         op = op_claim_unconsumed(self._ctx, limit, older_than)

@@ -99,6 +99,14 @@ class Dialect:
         database cannot (then the marks take a short transaction)."""
         return None
 
+    def relaxed_condition(self) -> ColumnElement[bool] | None:
+        """A condition, always true, that makes the one statement carrying it in its
+        WHERE commit without waiting for the disk when it runs as its own (autocommit)
+        transaction; None where the database has no such switch. Only for statements
+        outboxer runs in transactions of its own: inside a caller's transaction it
+        would relax the caller's commit too."""
+        return None
+
     relaxed_commit: ClassVar[str | None] = None
     """A statement that lets the current transaction commit without waiting for the
     disk (the consumer's handling marks: a mark lost with the server is one crash not
@@ -269,12 +277,15 @@ class Dialect:
         *,
         params: dict[str, Any] | None = None,
         built: dict[str, Any] | None = None,
+        relaxed: bool = False,
     ) -> Op[list[tuple[Row[Any], dict[str, Any]]]]:
         """Take up to ``limit`` rows matching ``cond`` (in ``order``) that no other
         claimer holds, set ``values`` on them, and return each row (its ``columns``,
         all by default) with the values it now has (the second item: overrides for
         that read).
 
+        ``relaxed``: the claim runs in a transaction of its own, which may commit
+        without waiting for the disk (:meth:`relaxed_condition`).
         ``params`` are the values of bind parameters in ``cond`` and ``values``.
         ``built`` keeps the statements built for these arguments: a caller that
         passes the same dict (and the same arguments) again runs them without
@@ -289,9 +300,13 @@ class Dialect:
             pick = select_ids(table, cond, order, limit)
             if self.skip_locked:
                 pick = pick.with_for_update(skip_locked=True)
+            where: list[ColumnElement[bool]] = [table.c.id.in_(pick.scalar_subquery())]
+            relax = self.relaxed_condition() if relaxed else None
+            if relax is not None:
+                where.append(relax)
             stmt = built["claim"] = (
                 update(table)
-                .where(table.c.id.in_(pick.scalar_subquery()))
+                .where(*where)
                 .values(**values)
                 .returning(*(table.c if columns is None else columns))
             )

@@ -131,6 +131,7 @@ class MySQLDialect(Dialect):
         *,
         params: dict[str, Any] | None = None,
         built: dict[str, Any] | None = None,
+        relaxed: bool = False,  # no per-statement switch here
     ) -> Op[list[tuple[Row[Any], dict[str, Any]]]]:
         # Read the new values with the locked rows (the clock once), then write them.
         labels = {f"_new_{k}": k for k in values}

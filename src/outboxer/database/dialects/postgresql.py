@@ -148,12 +148,15 @@ class PostgreSQLDialect(Dialect):
         locked = select(table.c.id).where(cond).order_by(table.c.id).with_for_update()
         return table.c.id.in_(locked.scalar_subquery())
 
+    def relaxed_condition(self) -> ColumnElement[bool]:
+        # set_config(..., true) makes this statement's own transaction commit without
+        # waiting for the WAL flush (synchronous_commit is read at commit time).
+        return func.set_config("synchronous_commit", "off", True).is_not(None)
+
     def mark_clean(
         self, table: Table, cond: ColumnElement[bool], values: dict[str, Any]
     ) -> Executable | None:
-        # set_config(..., true) makes this statement's own transaction commit without
-        # waiting for the WAL flush (synchronous_commit is read at commit time).
-        relaxed = func.set_config("synchronous_commit", "off", True).is_not(None)
+        relaxed = self.relaxed_condition()
         return (
             update(table)
             .where(self.in_lock_order(table, cond), relaxed)

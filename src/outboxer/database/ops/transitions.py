@@ -117,12 +117,19 @@ class Claimed(NamedTuple):
     requires it unchanged, so nothing a consumer did meanwhile is overwritten."""
 
 
-def op_claim_to_send(c: OpContext, limit: int, lease: float) -> Op[list[Claimed]]:
+def op_claim_to_send(
+    c: OpContext, limit: int, lease: float, *, relaxed: bool = False
+) -> Op[list[Claimed]]:
     """:func:`op_claim` returning only what the relay sends (no row objects); its
-    statements are built once per table and limit (:func:`hot`), the lease a parameter."""
+    statements are built once per table and limit (:func:`hot`), the lease a parameter.
+
+    ``relaxed`` (the claim is its own transaction): its commit need not wait for the
+    disk. A claim lost with a crashed server only makes its rows due at once instead
+    of after the lease; any later durable commit (the consumer's batch, the relay's
+    published mark) flushes it first."""
     t = c.table
     limit = limit if limit > 0 else DEFAULT_BATCH_SIZE
-    built = hot(c, ("claim to send", limit))
+    built = hot(c, ("claim to send", limit, relaxed))
     args = built.get("args")
     if args is None:
         cols = (t.c.id, t.c.message_key, t.c.payload, t.c.retry_count, t.c.headers, t.c.updated_at)
@@ -139,6 +146,7 @@ def op_claim_to_send(c: OpContext, limit: int, lease: float) -> Op[list[Claimed]
         cols,
         params={"lease": float(lease)},
         built=built,
+        relaxed=relaxed,
     )
     rows = [
         Claimed(
