@@ -105,6 +105,10 @@ class Relay:
         # to parse again.
         features = getattr(transport, "features", None)  # a transport may predate them
         self._in_process = bool(getattr(features, "in_process", False)) and not self._cloudevents
+        # An in-process transport that says when its consumer is idle: a claim made
+        # then also marks the rows as being handled (one statement, not two).
+        idle = getattr(transport, "idle", None)
+        self._consumer_idle = idle if getattr(features, "in_process", False) else None
         # A transport may name its protocol binding's header prefix (Kafka's: ce_).
         self._ce_prefix: str = getattr(transport, "cloudevents_prefix", PREFIX)
 
@@ -154,7 +158,11 @@ class Relay:
                 Claimed(m.id, m.message_key, m.payload, m.retry_count, m.headers, m.updated_at)
                 for m in found
             ]
-        rows = await self.store.claim_to_send_async(size - len(again), self.settings.lease)
+        idle = self._consumer_idle
+        mark = not again and idle is not None and bool(idle(self.route))
+        rows = await self.store.claim_to_send_async(
+            size - len(again), self.settings.lease, mark=mark
+        )
         self.hooks.batch_claimed(self.route.service_name, len(rows), len(again))
         if not rows and not again:
             return None
@@ -204,6 +212,7 @@ class Relay:
                     wire.event_version,
                     headers,
                     envelope,
+                    marked=row.marked,
                 )
             )
         await self._bury(broken)
@@ -294,6 +303,7 @@ class Relay:
         coordinates: dict[int, str] = {}
         handed_over = 0
         handoff_failed: list[str] = []
+        untouched: list[int] = []
         failed: list[tuple[int, str]] = []
         held: list[int] = []
         held_error = ""
@@ -303,6 +313,8 @@ class Relay:
             if d.settled:
                 if d.error is not None:
                     handoff_failed.append(d.error)
+                    if d.transient and msg.marked:
+                        untouched.append(msg.outbox_id)
                 else:
                     handed_over += 1
             elif d.error is None:
@@ -338,6 +350,8 @@ class Relay:
                 extra={"service": service},
             )
             self.hooks.batch_failed(service, len(handoff_failed), 0, handoff_failed[0])
+        if untouched:
+            await self._unmark(untouched)
         if resend_failed:
             self.hooks.resend_failed(service, len(resend_failed), resend_failed[0])
         if failed:
@@ -405,6 +419,21 @@ class Relay:
                 expect_retry_count=retry_count,
                 expect_updated_at=stamp,
                 coordinates=coordinates,
+            )
+
+    async def _unmark(self, ids: list[int]) -> None:
+        """Rows whose claim marked them as being handled, and that no consumer took
+        (it stopped first): due again at once with no mark, so the next delivery
+        does not take the mark for a worker that died handling them. If this fails,
+        the mark stays and the next delivery treats them as a crash's."""
+        try:
+            await self.store.release_async(ids, 0.0, unmark=True)
+        except Exception:  # the lease returns them anyway
+            logger.warning(
+                "could not clear the handling marks of %d row(s) no consumer took",
+                len(ids),
+                exc_info=True,
+                extra={"service": self.route.service_name, "outbox_ids": ids[:20]},
             )
 
     def _report_dead(

@@ -466,10 +466,16 @@ class Store:
         op = op_claim(self._ctx, limit, lease_seconds(lease), _svc(service_name))
         return await self._run_async(op, single=self._single_claim)
 
-    async def claim_to_send_async(self, limit: int, lease: float) -> list[Claimed]:
-        """:meth:`claim_due_async` returning only what the relay sends."""
+    async def claim_to_send_async(
+        self, limit: int, lease: float, *, mark: bool = False
+    ) -> list[Claimed]:
+        """:meth:`claim_due_async` returning only what the relay sends. ``mark``: an
+        in-process consumer is about to handle the rows at once; where the database
+        can, the claim marks them as being handled too (:attr:`Claimed.marked`)."""
         # In a transaction of its own (no caller's), the claim commits relaxed.
-        op = op_claim_to_send(self._ctx, limit, lease_seconds(lease), relaxed=self._tx is None)
+        own = self._tx is None
+        marks = (HANDLING_ALONE, HANDLING_IN_BATCH) if mark and own else None
+        op = op_claim_to_send(self._ctx, limit, lease_seconds(lease), relaxed=own, marks=marks)
         return await self._run_async(op, single=self._single_claim)
 
     async def claim_unconsumed_async(self, limit: int, older_than: float) -> list[OutboxMessage]:
@@ -492,9 +498,13 @@ class Store:
         )
         return int(await self._run_async(op, single=True))
 
-    async def release_async(self, ids: Iterable[int], delay: float = 0.0) -> int:
-        """Claimed rows due again in ``delay`` seconds, no attempt counted."""
-        return int(await self._run_async(op_release(self._ctx, list(ids), delay), single=True))
+    async def release_async(
+        self, ids: Iterable[int], delay: float = 0.0, *, unmark: bool = False
+    ) -> int:
+        """Claimed rows due again in ``delay`` seconds, no attempt counted (``unmark``:
+        their handling mark, set by the claim, cleared too)."""
+        op = op_release(self._ctx, list(ids), delay, unmark=unmark)
+        return int(await self._run_async(op, single=True))
 
     async def store_received_async(self, row: dict[str, Any]) -> int:
         """Store a received event in this inbox (once) and return its row id."""

@@ -50,6 +50,7 @@ SIZES = {
     "ci": {
         "kill-pg-kafka": Size(3_000, 120, 3),
         "kill-mariadb-local": Size(2_000, 100, 3),
+        "kill-pg-local": Size(2_000, 100, 3),
         "broker-replaced": Size(2_000, 80, 1),
         "broker-down": Size(2_000, 40, 1),
         "database-restarted": Size(2_000, 60, 4),
@@ -70,6 +71,7 @@ SIZES = {
     "full": {
         "kill-pg-kafka": Size(50_000, 400, 10, 900),
         "kill-mariadb-local": Size(20_000, 250, 5, 900),
+        "kill-pg-local": Size(20_000, 250, 5, 900),
         "broker-replaced": Size(20_000, 200, 3, 900),
         "broker-down": Size(20_000, 150, 2, 900),
         "database-restarted": Size(20_000, 200, 8, 900),
@@ -135,6 +137,24 @@ def test_workers_sigkilled_mariadb_local(
     size = SIZES["kill-mariadb-local"]
     with scenario(
         "workers SIGKILLed", tmp_path, mariadb_scratch, "local", setup="MariaDB, in-process"
+    ) as sc:
+        sc.start_workers(["both", "both"])
+        sc.publish(size.events, size.rate)
+        _kill_loop(sc, size)
+        sc.finish(size.drain_timeout)
+        sc.check()
+
+
+def test_workers_sigkilled_postgresql_local(
+    pg_scratch: str, tmp_path: Path, fault_results: None
+) -> None:
+    """In process on PostgreSQL the relay's claim also marks the rows as being handled
+    when its consumer is idle: a worker killed between that claim and the handler
+    leaves marks, which the next delivery must read as a crash's, never losing or
+    doubling an effect."""
+    size = SIZES["kill-pg-local"]
+    with scenario(
+        "workers SIGKILLed", tmp_path, pg_scratch, "local", setup="PostgreSQL, in-process"
     ) as sc:
         sc.start_workers(["both", "both"])
         sc.publish(size.events, size.rate)

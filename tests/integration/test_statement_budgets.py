@@ -65,7 +65,7 @@ class Counter:
         head = statement.lstrip().split(None, 1)[0].upper()
         if head == "BEGIN":
             return
-        if head in ("SELECT", "UPDATE", "DELETE") and cursor.rowcount == 0:
+        if head in ("SELECT", "UPDATE", "DELETE", "WITH") and cursor.rowcount == 0:
             return  # matched nothing: an idle poll's empty claim
         self.statements.append(statement)
 
@@ -216,6 +216,57 @@ async def test_worker_statements_per_batch(db_url: str, kind: str) -> None:
     # event would add 200.
     budget = PER_BATCH[backend(app.outbox), kind] * batches + PER_RUN
     assert len(worker) <= budget, "\n".join(s[:120] for s in worker)
+
+
+async def test_an_idle_worker_marks_in_its_claim(db_url: str) -> None:
+    """One event reaching an idle in-process worker: on PostgreSQL the relay's claim
+    also marks it as being handled (its consumer was idle), so the consumer writes
+    no mark of its own: one statement fewer than a batch of a backlog."""
+    app = make_app(db_url)
+    observer = _observer(app.outbox)
+    try:
+        _register(app, "handler")
+        ob, svc = app.outbox, app.services[0]
+        table = ob.table_for(svc)
+        runner = asyncio.create_task(ob.run_async())
+        try:
+            await asyncio.sleep(0.5)  # started, idle
+            assert not runner.done()
+            with counting(ob) as counter:
+                # On outboxer's engine (SQLite's busy timeout); not the worker's.
+                with ob.db.sync_engine.connect() as conn, conn.begin():
+                    ob.publish(conn, app.event(svc), {"n": 0}, key="k")
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 30
+                consumed = select(func.count()).where(table.c.status == Status.CONSUMED.value)
+                while loop.time() < deadline:
+                    with observer.connect() as conn:
+                        if conn.execute(consumed).scalar_one() == 1:
+                            break
+                    await asyncio.sleep(0.02)
+                got = counter.take()
+        finally:
+            ob.stop()
+            await asyncio.wait({runner}, timeout=30)
+        with observer.connect() as conn:
+            row = conn.execute(select(table.c.status, table.c.handling)).one()
+        assert (row.status, row.handling) == (Status.CONSUMED.value, 0)
+    finally:
+        observer.dispose()
+        drop_app(app)
+    handler = [s for s in got if app.effects.name in s]
+    published = [
+        s
+        for s in got
+        if app.effects.name not in s and s.lstrip().upper().startswith(("INSERT", "WITH INS"))
+    ]
+    worker = [s for s in got if app.effects.name not in s and s not in published]
+    assert len(handler) == 1
+    assert len(published) == 1
+    saved = 1 if backend(ob) == "postgresql" else 0
+    assert len(worker) == PER_BATCH[backend(ob), "handler"] - saved, "\n".join(
+        s[:120] for s in worker
+    )
 
 
 # The inbox, per batch of messages from the broker, in two transactions. The start:

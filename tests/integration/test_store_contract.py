@@ -19,6 +19,7 @@ from outboxer import (
     Status,
     TransactionRequiredError,
 )
+from outboxer.database.ops.handling import HANDLING_ALONE, HANDLING_IN_BATCH
 from outboxer.database.ops.tools import RowFilter
 from outboxer.store import Store
 from tests.helpers import backdate, drop_tables, make_outbox
@@ -157,6 +158,42 @@ async def test_relay_mark_skips_a_row_changed_since_its_claim(
     )
     assert marked == 1
     assert _get(aoutbox, service, oid).status is Status.PUBLISHED
+
+
+async def test_a_marking_claim_marks_unmarked_rows_and_says_which(
+    aoutbox: Outbox, service: str
+) -> None:
+    """``claim_to_send_async(mark=True)``: where the database can (PostgreSQL), the
+    claim marks unmarked rows as being handled (alone for a claim of one row, in a
+    batch for several) and leaves a mark found on a row alone (a crash's evidence);
+    elsewhere it is a plain claim. ``release_async(unmark=True)`` clears the marks."""
+    st = _store(aoutbox, service)
+    t = aoutbox.table_for(service)
+    marks = aoutbox.db.sync_engine.dialect.name == "postgresql"
+
+    def handling() -> dict[int, int]:
+        with aoutbox.db.sync_engine.connect() as conn:
+            return {r.id: r.handling for r in conn.execute(select(t.c.id, t.c.handling))}
+
+    one = _create(aoutbox, service)
+    [claimed] = await st.claim_to_send_async(10, 30.0, mark=True)
+    assert (claimed.id, claimed.marked) == (one, marks)
+    assert handling()[one] == (HANDLING_ALONE if marks else 0)
+    assert await st.release_async([one], 0.0, unmark=True) == 1
+    assert handling()[one] == 0
+
+    two, three = _create(aoutbox, service), _create(aoutbox, service)
+    with aoutbox.db.sync_engine.begin() as conn:  # left by a worker that died
+        conn.execute(t.update().where(t.c.id == three).values(handling=HANDLING_ALONE))
+    got = await st.claim_to_send_async(10, 30.0, mark=True)
+    assert [(c.id, c.marked) for c in got] == [(one, marks), (two, marks), (three, False)]
+    expected = HANDLING_IN_BATCH if marks else 0
+    assert handling() == {one: expected, two: expected, three: HANDLING_ALONE}
+    # A plain claim marks nothing.
+    assert await st.release_async([one, two, three], 0.0, unmark=True) == 3
+    got = await st.claim_to_send_async(10, 30.0)
+    assert [c.marked for c in got] == [False, False, False]
+    assert set(handling().values()) == {0}
 
 
 def test_mark_consumed(outbox: Outbox, service: str) -> None:

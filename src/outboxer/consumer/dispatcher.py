@@ -79,6 +79,9 @@ class Dispatcher:
         transaction failed and is tried again): their marks are not crashes."""
         self._losses: dict[Any, int] = {}
         """Connections lost in a row by a message's own transaction (by message)."""
+        self._premarked: set[Any] = set()
+        """Of the batch being dispatched, the rows its in-process claim marked as
+        being handled already (:attr:`IncomingMessage.marked`)."""
         if hooks.wants("handler_context"):
             # Observers (tracing) wrap each handler call: a span continuing the trace
             # in the message's headers.
@@ -158,6 +161,8 @@ class Dispatcher:
         self._headers.clear()
         items = self.decode(batch, report=first_pass)
         total = BatchOutcome()
+        # In process, the claim that took these rows may have marked them already.
+        self._premarked = {m.position for m in batch if m.marked} if first_pass else set()
         ready, suspect = await self._start(items, alone=False)
         if not suspect:
             await self._settle(ready, total)
@@ -178,6 +183,13 @@ class Dispatcher:
             return [], False
         store = self.storage.store(self.route)
         keys = [self._key(i) for i in items]
+        premarked = self._premarked
+        if premarked and not alone:
+            if all(k in premarked for k in keys):
+                # Marked by the claim that took them, a moment ago: nothing to write.
+                self._own.update(keys)
+                return items, False
+            self._own.update(k for k in keys if k in premarked)  # marked: ours
         try:
             started = await store.start_handling_async(
                 keys, alone=alone, own=frozenset(self._own), skip_busy=self.skip_busy

@@ -37,6 +37,9 @@ class OutgoingMessage:
     envelope: Envelope | None = field(default=None, compare=False, repr=False)
     """The envelope ``value`` encodes, built by a relay whose transport delivers in
     process (:attr:`Features.in_process`), so the consumer does not parse it again."""
+    marked: bool = field(default=False, compare=False, repr=False)
+    """In process: the relay's claim already marked the row as being handled (its
+    consumer was idle), so the consumer does not mark it again."""
 
     @classmethod
     def from_envelope(
@@ -84,7 +87,8 @@ class Delivery:
     an attempt; when every message of a batch fails so, the relay treats it as an
     outage and backs off.
     ``settled`` means the consumer side already recorded the outcome in the database
-    (the in-process transport), so the relay must not mark the row published.
+    (the in-process transport), so the relay must not mark the row published; with an
+    ``error`` and ``transient``, the consumer never took the message (nothing ran).
     ``coordinates``: where the broker put an acknowledged message, as short text
     (Kafka: ``topic/partition@offset``); the relay stores it with the published mark.
     """
@@ -117,6 +121,9 @@ class IncomingMessage:
     envelope: Envelope | None = None
     """The envelope ``value`` encodes, handed over in process with the message (the
     consumer then does not parse ``value``); None from any broker."""
+    marked: bool = False
+    """In process: the row is already marked as being handled by the claim that
+    took it (:attr:`OutgoingMessage.marked`); False from any broker."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,10 @@ from outboxer.routing import ServiceRoute
 from outboxer.transports.base import Delivery, Features, IncomingMessage, OutgoingMessage
 
 
+class _NotTaken(TransportError):
+    """The consumer stopped before it took the batch: nothing of it ran."""
+
+
 @dataclass(slots=True)
 class _Batch:
     messages: list[IncomingMessage]
@@ -32,6 +36,11 @@ class LocalSubscription:
         self._queue = queue
         self._pending: list[_Batch] = []
         self.closed = False
+
+    @property
+    def busy(self) -> bool:
+        """A batch taken and not yet acknowledged (being processed)."""
+        return bool(self._pending)
 
     async def receive(self, max_messages: int, timeout: float) -> list[IncomingMessage]:
         if self.closed:
@@ -76,7 +85,7 @@ class LocalSubscription:
         while not self._queue.empty():
             batch = self._queue.get_nowait()
             if not batch.done.done():
-                batch.done.set_exception(TransportError("local consumer stopped"))
+                batch.done.set_exception(_NotTaken("local consumer stopped"))
 
 
 class LocalTransport:
@@ -123,23 +132,43 @@ class LocalTransport:
                 headers=dict(m.headers()),
                 position=m.outbox_id,
                 envelope=m.envelope,
+                marked=m.marked,
             )
             for m in messages
         ]
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # The sender may be gone (cancelled) when the consumer side fails the batch.
         done.add_done_callback(_retrieve)
+        taken = False
         try:
             await asyncio.wait_for(
                 self._queues[route.service_name].put(_Batch(incoming, done)),
                 self.handoff_timeout,
             )
+            taken = True  # or queued: a consumer that stops first fails it _NotTaken
             await asyncio.wait_for(asyncio.shield(done), self.handoff_timeout)
         except (TimeoutError, TransportError) as exc:
             # The rows stay claimed; their lease expires and they are sent again.
             error = f"in-process handoff did not complete: {exc or 'timeout'}"
-            return [Delivery(m.outbox_id, error=error, settled=True) for m in messages]
+            untouched = not taken or isinstance(exc, _NotTaken)
+            return [
+                Delivery(m.outbox_id, error=error, settled=True, transient=untouched)
+                for m in messages
+            ]
         return [Delivery(m.outbox_id, settled=True) for m in messages]
+
+    def idle(self, route: ServiceRoute) -> bool:
+        """Whether ``route``'s consumer is running and has nothing to do: a batch
+        handed over now is taken at once."""
+        sub = self._subscriptions.get(route.service_name)
+        queue = self._queues.get(route.service_name)
+        return (
+            sub is not None
+            and not sub.closed
+            and not sub.busy
+            and queue is not None
+            and queue.empty()
+        )
 
     async def close(self) -> None:
         for sub in self._subscriptions.values():

@@ -107,6 +107,23 @@ class Dialect:
         would relax the caller's commit too."""
         return None
 
+    def claim_marking(
+        self,
+        table: Table,
+        cond: ColumnElement[bool],
+        order: Sequence[ColumnElement[Any]],
+        limit: int,
+        values: dict[str, Any],
+        columns: Sequence[ColumnElement[Any]],
+        marks: tuple[int, int],
+    ) -> Executable | None:
+        """One statement, run as its own transaction, that claims like :meth:`claim`
+        and also marks the claimed rows that carry no handling mark as being handled
+        (``marks``: the value for a claim of one row, then for several), returning
+        ``columns`` and, labelled ``was_handling``, each row's mark before it; None
+        where the database cannot (then the consumer marks them itself)."""
+        return None
+
     relaxed_commit: ClassVar[str | None] = None
     """A statement that lets the current transaction commit without waiting for the
     disk (the consumer's handling marks: a mark lost with the server is one crash not

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     any_,
     bindparam,
+    case,
     cast,
     func,
     literal,
@@ -152,6 +153,36 @@ class PostgreSQLDialect(Dialect):
         # set_config(..., true) makes this statement's own transaction commit without
         # waiting for the WAL flush (synchronous_commit is read at commit time).
         return func.set_config("synchronous_commit", "off", True).is_not(None)
+
+    def claim_marking(
+        self,
+        table: Table,
+        cond: ColumnElement[bool],
+        order: Sequence[ColumnElement[Any]],
+        limit: int,
+        values: dict[str, Any],
+        columns: Sequence[ColumnElement[Any]],
+        marks: tuple[int, int],
+    ) -> Executable | None:
+        # WITH picked AS (SELECT id, handling ... FOR UPDATE SKIP LOCKED) UPDATE ...
+        # FROM picked: the CTE keeps each row's mark from before the UPDATE.
+        picked = (
+            select(table.c.id, table.c.handling)
+            .where(cond)
+            .order_by(*order)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .cte("picked")
+        )
+        alone, in_batch = marks
+        count = select(func.count()).select_from(picked).scalar_subquery()
+        mark = case((count == 1, alone), else_=in_batch)
+        return (
+            update(table)
+            .where(table.c.id == picked.c.id, self.relaxed_condition())
+            .values(**values, handling=case((picked.c.handling == 0, mark), else_=table.c.handling))
+            .returning(*columns, picked.c.handling.label("was_handling"))
+        )
 
     def mark_clean(
         self, table: Table, cond: ColumnElement[bool], values: dict[str, Any]

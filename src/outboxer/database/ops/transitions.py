@@ -115,10 +115,18 @@ class Claimed(NamedTuple):
     claimed_at: datetime | None = None
     """The row's ``updated_at`` as the claim set it: the relay's published mark
     requires it unchanged, so nothing a consumer did meanwhile is overwritten."""
+    marked: bool = False
+    """The claim also marked the row as being handled (it had no mark): an
+    in-process consumer handling it now need not mark it again."""
 
 
 def op_claim_to_send(
-    c: OpContext, limit: int, lease: float, *, relaxed: bool = False
+    c: OpContext,
+    limit: int,
+    lease: float,
+    *,
+    relaxed: bool = False,
+    marks: tuple[int, int] | None = None,
 ) -> Op[list[Claimed]]:
     """:func:`op_claim` returning only what the relay sends (no row objects); its
     statements are built once per table and limit (:func:`hot`), the lease a parameter.
@@ -126,16 +134,41 @@ def op_claim_to_send(
     ``relaxed`` (the claim is its own transaction): its commit need not wait for the
     disk. A claim lost with a crashed server only makes its rows due at once instead
     of after the lease; any later durable commit (the consumer's batch, the relay's
-    published mark) flushes it first."""
+    published mark) flushes it first.
+
+    ``marks`` (the handling marks for one row and for several; an in-process relay
+    whose consumer is idle): where the dialect can (:meth:`Dialect.claim_marking`),
+    the same statement marks the claimed rows as being handled, each row's
+    :attr:`Claimed.marked` saying whether it did; elsewhere a plain claim."""
     t = c.table
     limit = limit if limit > 0 else DEFAULT_BATCH_SIZE
-    built = hot(c, ("claim to send", limit, relaxed))
+    built = hot(c, ("claim to send", limit, relaxed, marks))
     args = built.get("args")
     if args is None:
         cols = (t.c.id, t.c.message_key, t.c.payload, t.c.retry_count, t.c.headers, t.c.updated_at)
         values = _claim_values(bindparam("lease", type_=Float()))
         args = built["args"] = (due_rows(c, None), (t.c.next_retry_at, t.c.id), cols, values)
     cond, order, cols, values = args
+    if marks is not None and relaxed:
+        marking = built.get("marking")
+        if marking is None and not built.get("no marking"):
+            marking = c.dialect.claim_marking(t, cond, order, limit, values, cols, marks)
+            built["marking"] = marking
+            built["no marking"] = marking is None
+        if marking is not None:
+            result = yield Execute(marking, {"lease": float(lease)}, what="claim", context=c.ctx())
+            return sorted(
+                Claimed(
+                    r.id,
+                    r.message_key,
+                    r.payload,
+                    r.retry_count,
+                    r.headers,
+                    r.updated_at,
+                    r.was_handling == 0,
+                )
+                for r in result.all()
+            )
     claimed = yield from c.dialect.claim(
         t,
         cond,
@@ -234,12 +267,16 @@ def _published_mark(
     return update(t).where(c.dialect.in_lock_order(t, cond)).values(**values)
 
 
-def op_release(c: OpContext, ids: Sequence[int], delay: float) -> Op[int]:
+def op_release(c: OpContext, ids: Sequence[int], delay: float, *, unmark: bool = False) -> Op[int]:
     """Give claimed rows back, due again in ``delay`` seconds, without an attempt
-    (the transport was down: nothing was sent). Rows no longer pending are left."""
+    (the transport was down: nothing was sent). Rows no longer pending are left.
+    ``unmark``: also clear the handling mark the claim set (no handler ran)."""
     if not ids:
         return 0
     t = c.table
+    values: dict[str, Any] = {"next_retry_at": db_now_plus(delay), "updated_at": db_now()}
+    if unmark:
+        values["handling"] = 0
     stmt = (
         update(t)
         .where(
@@ -247,7 +284,7 @@ def op_release(c: OpContext, ids: Sequence[int], delay: float) -> Op[int]:
                 t, and_(c.dialect.ids_in(t.c.id, ids), t.c.status == Status.PENDING.value)
             )
         )
-        .values(next_retry_at=db_now_plus(delay), updated_at=db_now())
+        .values(**values)
     )
     result = yield Execute(stmt, what="release", context=c.ctx(outbox_id=only_id(ids)))
     return int(result.rowcount)
