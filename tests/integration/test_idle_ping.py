@@ -1,6 +1,7 @@
-"""The sync engine pings a pooled connection only after it idled (install_idle_ping):
-a busy worker's handler transactions pay no ping round trip, and a connection the
-server closed while it idled is replaced without the caller seeing an error."""
+"""The sync engine's ping (install_idle_ping): every checkout pings, as
+``pool_pre_ping`` does, except on a thread inside ``fresh_connections_trusted`` (a
+worker's handler thread) for a connection checked in a moment ago; a connection the
+server closed is replaced without the caller seeing an error."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from outboxer.database.engines import create_sync_engine
+from outboxer.database.engines import create_sync_engine, fresh_connections_trusted
 
 
 def _backend_id(conn: Any, backend: str) -> int:
@@ -47,15 +48,39 @@ def counted(server_url: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list
     engine.dispose()
 
 
-def test_a_busy_connection_is_not_pinged(counted: tuple[Any, list[float], str]) -> None:
+def test_a_handler_thread_does_not_ping_a_busy_connection(
+    counted: tuple[Any, list[float], str],
+) -> None:
     engine, pings, _ = counted
-    for _ in range(20):
+    with engine.connect() as conn:  # new: no ping
+        conn.execute(text("SELECT 1"))
+    assert pings == []
+    with fresh_connections_trusted():
+        for _ in range(20):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        assert pings == []
+        time.sleep(0.4)
+        with engine.connect() as conn:  # idled: pinged
+            conn.execute(text("SELECT 1"))
+        assert len(pings) == 1
+    # Anywhere else every checkout pings.
+    for _ in range(3):
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-    assert pings == []
-    time.sleep(0.4)
+    assert len(pings) == 4
+
+
+def test_a_connection_killed_a_moment_ago_is_replaced_for_a_caller(
+    counted: tuple[Any, list[float], str], server_url: str
+) -> None:
+    engine, pings, backend = counted
     with engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
+        before = _backend_id(conn, backend)
+    _kill(server_url, backend, before)
+    with engine.connect() as conn:  # at once: the ping finds it gone, no error
+        after = _backend_id(conn, backend)
+    assert after != before
     assert len(pings) == 1
 
 

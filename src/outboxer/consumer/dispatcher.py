@@ -21,6 +21,7 @@ from outboxer.aio import HandlerThread
 from outboxer.cloudevents import envelope_dict, is_cloudevents
 from outboxer.consumer.batch import BatchOutcome, op_dispatch, op_inbox_receive
 from outboxer.database.connections import connection_lost
+from outboxer.database.engines import fresh_connections_trusted
 from outboxer.database.instructions import Op
 from outboxer.database.ops.base import Outcome
 from outboxer.database.ops.handling import Started
@@ -382,7 +383,10 @@ class Dispatcher:
             self._report(out)
 
     def _run_sync(self, op: Op[BatchOutcome]) -> BatchOutcome:
-        return self.storage.connector.run(op, commit_if=_settled, context=self._ctx.ctx)
+        # A connection that died since the last batch fails this one, which runs
+        # again (a loss is no attempt): no ping before each batch.
+        with fresh_connections_trusted():
+            return self.storage.connector.run(op, commit_if=_settled, context=self._ctx.ctx)
 
 
 def _settled(out: BatchOutcome) -> bool:

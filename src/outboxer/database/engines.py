@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
@@ -86,9 +87,9 @@ def create_sync_engine(
     target = sync_url(url)
     dialect = dialect_of(target)
     # The sync engine serves callers (store methods, the CLI) who should not see an
-    # error for a connection the server closed while it idled: it pings a connection
-    # that idled (install_idle_ping), not one a busy loop returned a moment ago. The
-    # loops' async engine skips the ping and retries a failed round instead.
+    # error for a connection the server closed: it pings on checkout, except a
+    # connection a worker's handler thread returned a moment ago (install_idle_ping).
+    # The loops' async engine skips the ping and retries a failed round instead.
     options = dialect.engine_options(target)
     engine = create_engine(target, **{**options, **kwargs})
     if dialect.pre_ping and "pool_pre_ping" not in kwargs:
@@ -101,19 +102,39 @@ def create_sync_engine(
 
 
 PING_AFTER_IDLE = 1.0
-"""Seconds a pooled connection may idle before its next checkout pings it."""
+"""Seconds a pooled connection may idle before a worker's handler thread pings it."""
+
+_trusting = threading.local()
+
+
+@contextlib.contextmanager
+def fresh_connections_trusted() -> Iterator[None]:
+    """On this thread, for the block: a pooled connection checked in less than
+    :data:`PING_AFTER_IDLE` seconds ago is used without a ping (a worker's handler
+    thread: a connection that died meanwhile fails its batch, which the worker runs
+    again without counting an attempt). Elsewhere every checkout pings."""
+    before = getattr(_trusting, "on", False)
+    _trusting.on = True
+    try:
+        yield
+    finally:
+        _trusting.on = before
 
 
 def install_idle_ping(engine: Engine, idle: float | None = None) -> None:
-    """``pool_pre_ping`` for connections that idled ``idle`` seconds or more.
+    """``pool_pre_ping``, except for a connection checked in less than ``idle``
+    seconds ago (default :data:`PING_AFTER_IDLE`) on a thread inside
+    :func:`fresh_connections_trusted`.
 
-    A server closes idle connections (its timeouts, a restart, a proxy); a connection
-    checked in less than ``idle`` seconds ago (default :data:`PING_AFTER_IDLE`) is as
-    alive as a ping would show. So the ping's round trip is paid after idling, not on
-    every checkout of a busy worker's handler transactions. A ping that finds the
-    connection gone raises :class:`~sqlalchemy.exc.DisconnectionError`: the pool
-    replaces the connection and checks out again (SQLAlchemy's "pessimistic"
-    disconnect handling).
+    A server closes connections (its timeouts, a restart, a proxy, an operator's
+    ``pg_terminate_backend``); callers (store methods, the CLI, a worker starting)
+    should not see an error for one, so their checkouts ping, as ``pool_pre_ping``
+    does. A worker's handler transactions reuse a connection a moment after the
+    previous batch returned it; the ping's round trip there was a tenth of the way
+    from an event's claim to its handler. A connection found new (never checked in)
+    is not pinged either. A ping that finds the connection gone raises
+    :class:`~sqlalchemy.exc.DisconnectionError`: the pool replaces the connection and
+    checks out again (SQLAlchemy's "pessimistic" disconnect handling).
     """
     dialect = engine.dialect
 
@@ -124,9 +145,11 @@ def install_idle_ping(engine: Engine, idle: float | None = None) -> None:
     @event.listens_for(engine, "checkout")
     def _ping_if_idled(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         since = record.info.get("outboxer_idle_since")
+        if since is None:
+            return  # new: connected for this checkout
         limit = PING_AFTER_IDLE if idle is None else idle
-        if since is None or time.monotonic() - since < limit:
-            return  # new, or back from use a moment ago
+        if getattr(_trusting, "on", False) and time.monotonic() - since < limit:
+            return  # a handler thread's, back from use a moment ago
         try:
             dialect.do_ping(dbapi_connection)
         except Exception as exc:
